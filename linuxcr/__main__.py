@@ -1,0 +1,3 @@
+from linuxcr.cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""Checkpoint orchestration: the order of things, no resource details.
+
+check (no stop) -> seize + stop -> check again -> inject the few queries
+that /proc cannot answer -> write TASK record -> copy pages -> trailer ->
+kill (default) or resume exactly as before (--leave-running).
+Any failure after the stop puts registers and signal mask back and detaches.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from linuxcr import __version__
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable
+from linuxcr.image.schema import MAGIC, FORMAT_VERSION, ARCH, Header, RecType, Task
+from linuxcr.image.stream import PAGE, ImageWriter
+from linuxcr.procfs import read_smaps, read_stat, read_status
+from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
+from linuxcr.resources import cpu, files, memory, process, signals
+from linuxcr.sys import ptrace
+
+
+@dataclass
+class DumpResult:
+    pid: int
+    pages: int
+    bytes_written: int
+    seconds: float
+    frozen_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_process(pid: int) -> list[str]:
+    """Every reason, known without stopping the process, that it cannot be saved."""
+    if pid == os.getpid():
+        return ["lcr cannot checkpoint itself"]
+    try:
+        st = read_status(pid)
+        smaps = read_smaps(pid)
+    except FileNotFoundError:
+        raise NoSuchProcess(f"pid {pid}: no such process") from None
+    except PermissionError:
+        from linuxcr.remote.task import _explain_eperm
+        raise _explain_eperm(pid) from None
+    reasons = []
+    if st.state == "Z":
+        reasons.append("it is a zombie (it has exited; only its parent can reap it)")
+    if not smaps and st.state != "Z":
+        reasons.append("it is a kernel thread")
+    if st.threads > 1:
+        reasons.append(f"it has {st.threads} threads: multi-threaded processes are not supported yet")
+    if st.tgid != pid:
+        reasons.append(f"it is a thread of process {st.tgid}; checkpoint that pid instead")
+    reasons += memory.check(smaps)
+    reasons += files.check(pid)
+    return reasons
+
+
+def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,
+               name: str = "image", on_written=None, progress=None) -> DumpResult:
+    """Write an image of process pid to fd.  ``on_written`` runs after the
+    trailer is written and before the process is killed (files: rename)."""
+    t0 = time.monotonic()
+    reasons = check_process(pid)
+    if reasons:
+        raise NotCheckpointable(pid, reasons)
+    t = Tracee(pid)
+    t.seize()
+    frozen_at = time.monotonic()
+    old_mask: int | None = None
+    try:
+        t.stop()
+        reasons = check_process(pid)     # it may have changed before we stopped it
+        if reasons:
+            raise NotCheckpointable(pid, reasons)
+        status, stat = read_status(pid), read_stat(pid)
+        smaps = read_smaps(pid)
+        vdso = memory.vdso_area(memory.collect(smaps))
+        t.insn = t.find_syscall_insn(vdso)
+        old_mask = ptrace.get_sigmask(pid)
+        ptrace.set_sigmask(pid, ALL_SIGNALS)   # nothing gets delivered while we work
+        with t.scratch() as addr:
+            arena = Arena(t, addr, PAGE)
+            actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
+            altstack = signals.dump_altstack(t, arena)
+            brk = t.syscall("brk", 0)
+            tinfo = process.dump_threadinfo(t, arena)
+        vmas = memory.collect(read_smaps(pid))   # without our scratch page
+        cpu_state = cpu.dump(t)
+        task = Task(
+            pid=pid, tid=pid, ppid=stat.ppid, pgid=stat.pgrp, sid=stat.session, comm=stat.comm,
+            cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+            creds=process.dump_creds(status), umask=status.umask or 0,
+            personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
+            mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
+            sigmask=old_mask, sigactions=actions, pending=signals.dump_pending(pid),
+            altstack=altstack, **cpu_state, **tinfo)
+        xfeat, xsize = cpu.xstate_features(task.xstate)
+        w = ImageWriter(fd, compress=compress, name=name)
+        w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
+                        page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
+                        tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
+                        root_pid=pid, flags=["compressed"] if compress else []))
+        w.record(RecType.TASK, task)
+        pages = memory.dump_pages(t, vmas, w, progress)
+        w.finish()
+        if on_written:
+            on_written()
+    except BaseException:
+        _let_go(t, old_mask)
+        raise
+    if leave_running:
+        _let_go(t, old_mask)
+    else:
+        _kill(t)
+    done = time.monotonic()
+    return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
+                      frozen_seconds=done - frozen_at)
+
+
+def _let_go(t: Tracee, old_mask: int | None) -> None:
+    """Put the task back exactly as it was and detach."""
+    if not t.attached:
+        return
+    try:
+        if t.saved_regs is not None:
+            t.set_regs(t.resume_regs())
+        if old_mask is not None:
+            ptrace.set_sigmask(t.pid, old_mask)
+    except OSError:
+        pass  # it died; nothing left to put back
+    t.detach()
+
+
+def _kill(t: Tracee) -> None:
+    os.kill(t.pid, signal.SIGKILL)
+    try:
+        while True:   # as its tracer we see its death; the parent still reaps it
+            status = ptrace.wait_stop(t.pid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                break
+    except ChildProcessError:
+        pass
+    t.attached = False
+    t.close()
+
+
+__all__ = ["checkpoint", "check_process", "DumpResult", "LcrError"]

@@ -1,0 +1,224 @@
+"""Restart orchestration: the order of things, no resource details.
+
+Read and validate everything before the pages -> fork a child of lcr with
+the saved pid (clone3 set_tid) -> seize it (EXITKILL: if lcr dies, it dies)
+-> empty its address space but for a trampoline page -> rebuild memory,
+files, signals, identity by injected syscalls -> pour pages in -> check the
+trailer -> unmap the trampoline and return into the saved registers.
+Any failure kills the half-built child: a restart yields a running process
+or nothing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from linuxcr.errors import ImageError, LcrError, PidTaken, RestoreError, KernelError
+from linuxcr.image.schema import Header, Pages, RecType, Task
+from linuxcr.image.stream import PAGE, ImageReader
+from linuxcr.procfs import read_maps, read_status
+from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
+from linuxcr.resources import cpu, files, memory, process, signals
+from linuxcr.sys import ptrace
+from linuxcr.sys.syscalls import TASK_SIZE, clone3_stopped_child
+
+ARCH_MAP_VDSO_64 = 0x2003
+TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
+MIN_ADDR = 0x1000000
+
+
+@dataclass
+class RestoreResult:
+    pid: int
+    original_pid: int
+    pages: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate_task(task: Task) -> None:
+    """Reject layouts the kernel would refuse or that would overlap, before
+    any process exists."""
+    prev_end = 0
+    for v in task.vmas:
+        if v.start % PAGE or v.end % PAGE or not v.start < v.end <= TASK_SIZE or v.start < prev_end:
+            raise ImageError(f"image holds an invalid memory area 0x{v.start:x}-0x{v.end:x}")
+        if v.kind not in ("anon", "file", "shmem") + memory.VDSO_KINDS:
+            raise ImageError(f"image holds a memory area of unknown kind {v.kind!r}")
+        if v.kind == "file" and not v.path.startswith("/"):
+            raise ImageError(f"image holds a file mapping with a relative path {v.path!r}")
+        prev_end = v.end
+    seen = set()
+    for f in task.files:
+        if f.fd in seen or (f.dup_of is not None and f.dup_of not in seen):
+            raise ImageError(f"image holds an inconsistent fd table at fd {f.fd}")
+        if f.kind not in ("reg", "dir", "chr") or not f.path.startswith("/"):
+            raise ImageError(f"image holds fd {f.fd} of unsupported kind {f.kind!r}")
+        seen.add(f.fd)
+    if len(task.regs) != 216 or len(task.altstack) != 3 or len(task.robust_list) != 2 \
+            or len(task.rseq) not in (0, 3) or len(task.creds.uid) != 4 or len(task.creds.gid) != 4:
+        raise ImageError("image holds a malformed task record")
+
+
+def _check_vdso(task: Task) -> None:
+    """The new task gets this kernel's vDSO; glibc holds pointers into the
+    saved one, so both must have the same layout."""
+    saved = [(v.kind, v.end - v.start) for v in task.vmas if v.kind in memory.VDSO_KINDS]
+    local = [(m.path.strip("[]"), m.end - m.start) for m in read_maps(os.getpid())
+             if m.path in ("[vvar]", "[vvar_vclock]", "[vdso]")]
+    if saved and saved != local:
+        raise RestoreError(f"the image's vDSO layout {saved} differs from this kernel's {local}",
+                           "restart on a machine running the same kernel")
+
+
+def _free_gap(task: Task, pid: int) -> int:
+    """An address free both in the image's layout and in the new task."""
+    busy = sorted([(v.start, v.end) for v in task.vmas] + [(m.start, m.end) for m in read_maps(pid)])
+    addr = MIN_ADDR
+    for start, end in busy:
+        if addr + TRAMPOLINE <= start:
+            break
+        addr = max(addr, (end + PAGE - 1) & ~(PAGE - 1))
+    if addr + TRAMPOLINE > TASK_SIZE:
+        raise RestoreError("no free address for the restore trampoline")
+    return addr
+
+
+def _spawn(want_pid: int | None) -> tuple[int, int]:
+    """A child of ours, blocked in read(); the pipe's write end keeps it so."""
+    r, w = os.pipe()
+    try:
+        child = clone3_stopped_child(want_pid)
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        if e.errno == errno.EEXIST:
+            raise PidTaken(f"pid {want_pid} is in use by another process",
+                           "stop that process, or restart with --any-pid") from None
+        if e.errno == errno.EPERM:
+            raise RestoreError(f"not allowed to create a process with pid {want_pid} "
+                               "(needs CAP_CHECKPOINT_RESTORE)", "restart with --any-pid") from None
+        raise KernelError(f"clone3 failed: {e.strerror}") from None
+    if child == 0:   # the child: wait to be taken over, never go back to lcr's code
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(127)
+    os.close(r)
+    return child, w
+
+
+def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreResult:
+    t0 = time.monotonic()
+    reader = ImageReader(fd, name=name)
+    header = reader.read_header()
+    rec = reader.next()
+    if rec.type is not RecType.TASK:
+        raise ImageError(f"{name} is corrupt: expected a task record after the header")
+    task: Task = rec.meta  # type: ignore[assignment]
+    validate_task(task)
+    reason = process.check_creds(task)
+    if reason:
+        raise RestoreError(reason)
+    _check_vdso(task)
+    want = None if any_pid else task.pid
+    if want is not None and os.path.exists(f"/proc/{want}"):
+        raise PidTaken(f"pid {want} is in use by another process",
+                       "stop that process, or restart with --any-pid")
+    pid, keep = _spawn(want)
+    t = Tracee(pid, exitkill=True)
+    try:
+        t.seize()
+        t.stop()
+        pages, warnings = _rebuild(t, task, header, reader)
+    except BaseException as e:
+        _destroy(t)
+        os.close(keep)
+        if isinstance(e, OSError):
+            raise RestoreError(f"restore of pid {task.pid} failed: {e}") from None
+        raise
+    t.detach()
+    os.close(keep)
+    return RestoreResult(pid=pid, original_pid=task.pid, pages=pages,
+                         seconds=time.monotonic() - t0, warnings=warnings)
+
+
+def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tuple[int, list[str]]:
+    pid = t.pid
+    local_xstate = ptrace.get_xstate(pid)
+    reason = cpu.check_restorable(task.xstate, local_xstate)
+    if reason:
+        raise RestoreError(reason, "restart on a machine with the same CPU features")
+    inherited = read_status(pid)
+    t.insn = t.find_syscall_insn(None)
+    ptrace.set_sigmask(pid, ALL_SIGNALS)
+    cpu.unregister_rseq(t)
+    t.syscall("close_range", 0, 0xFFFFFFFF, 0)
+
+    # A trampoline page of our own; then nothing else of lcr's copy stays.
+    tramp = _free_gap(task, pid)
+    t.syscall("mmap", tramp, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)  # RWX, FIXED_NOREPLACE
+    t.write(tramp, b"\x0f\x05")
+    t.insn = tramp
+    arena = Arena(t, tramp + PAGE, TRAMPOLINE - PAGE)
+    t.syscall("munmap", 0, tramp)
+    t.syscall("munmap", tramp + TRAMPOLINE, TASK_SIZE - tramp - TRAMPOLINE)
+    vdso = memory.vdso_area(task.vmas)
+    if vdso:
+        t.syscall("arch_prctl", ARCH_MAP_VDSO_64, vdso[0])
+
+    memory.map_areas(t, task.vmas, arena)
+    pages = _fill_pages(t, task, reader)
+    memory.protect_areas(t, task.vmas)
+    process.restore_mm(t, arena, task.mm)
+    files.restore(t, arena, task.files)
+    files.restore_fs(t, arena, task.cwd, task.root)
+    process.restore_misc(t, arena, task)
+    process.restore_session(t, task)
+    signals.restore_actions(t, arena, task.sigactions, inherited.sig_cgt | inherited.sig_ign)
+    signals.restore_altstack(t, arena, task.altstack)
+    warnings = process.restore_rlimits(pid, task.rlimits)
+    process.restore_creds(t, arena, task.creds)
+    signals.queue_pending(t, arena, task.pending, task.pid if task.pid == pid else pid, pid)
+    cpu.register_rseq(t, task.rseq)
+    t.syscall("munmap", tramp, TRAMPOLINE)      # the last thing the task does for us
+    cpu.restore_fpu(t, task.xstate)
+    t.set_regs(cpu.final_regs(task.regs))
+    ptrace.set_sigmask(pid, task.sigmask)
+    return pages, warnings
+
+
+def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
+    total = 0
+    while True:
+        rec = reader.next()
+        if rec.type is RecType.TRAILER:
+            return total
+        if rec.type is not RecType.PAGES:
+            raise ImageError(f"{reader.name} is corrupt: unexpected {rec.type.name} record among pages")
+        meta: Pages = rec.meta  # type: ignore[assignment]
+        if meta.pid != task.pid or not memory.check_pages_fit(task.vmas, meta.addr, meta.npages):
+            raise ImageError(f"{reader.name} is corrupt: pages at 0x{meta.addr:x} lie outside "
+                             "every saved memory area")
+        t.write(meta.addr, rec.data)
+        total += meta.npages
+
+
+def _destroy(t: Tracee) -> None:
+    try:
+        os.kill(t.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    t.attached = False
+    t.close()
+    try:
+        os.waitpid(t.pid, 0)
+    except ChildProcessError:
+        pass
+
+
+__all__ = ["restart", "RestoreResult", "LcrError"]

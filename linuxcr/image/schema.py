@@ -1,0 +1,186 @@
+"""The image schema: every record type, declared once.
+
+An image is one sequential stream (no seeks, so pipes and sockets work):
+
+    HEADER  TASK+  PAGES*  TRAILER
+
+Each record is a fixed 32-byte frame followed by ``meta_len`` bytes of
+msgpack metadata (decoded strictly into the Struct for its type, with every
+number and string bounded below) and ``data_len`` bytes of raw data (page
+contents, possibly zstd-compressed).  The frame carries an xxh3-64 checksum of
+meta+data; the trailer carries a digest over all frames, so a stream that is
+cut short or spliced never passes as complete.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+MAGIC = b"LINUXCR\x00"
+FORMAT_VERSION = 1
+ARCH = "x86_64"
+
+# Frame: magic(u32) type(u16) flags(u16) meta_len(u32) pad(u32) data_len(u64) checksum(u64)
+FRAME = struct.Struct("<IHHIIQQ")
+FRAME_MAGIC = 0x7243434C  # "LCCr"
+
+# Bounds for untrusted input (see the reader).
+MAX_META = 64 << 20          # one metadata record
+MAX_DATA = 64 << 20          # one page record's data (we write at most 16 MiB)
+MAX_STR = 4096               # paths, names
+MAX_LIST = 1 << 20           # VMAs, fds, siginfos per task
+MAX_TASKS = 4096
+
+U64 = Annotated[int, Meta(ge=0)]  # msgpack cannot hold more than 2**64-1
+I64 = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+U32 = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
+I32 = Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)]
+Pid = Annotated[int, Meta(ge=1, le=(1 << 22))]
+Fd = Annotated[int, Meta(ge=0, le=(1 << 20))]
+Sig = Annotated[int, Meta(ge=1, le=64)]
+Str = Annotated[str, Meta(max_length=MAX_STR)]
+Blob = Annotated[bytes, Meta(max_length=1 << 16)]
+
+
+class RecType(enum.IntEnum):
+    HEADER = 1
+    TASK = 2
+    PAGES = 3
+    TRAILER = 15
+
+
+class Header(Struct, forbid_unknown_fields=True):
+    magic: bytes
+    version: U32
+    arch: Str
+    kernel: Str                  # uname release of the checkpointing machine
+    page_size: U32
+    created: float               # unix time
+    hostname: Str
+    tool: Str                    # "linuxcr 0.1.0"
+    xfeatures: U64               # XCR0 bits used by the saved FPU state
+    xstate_size: U32
+    root_pid: Pid
+    flags: list[Str] = []        # e.g. ["compressed"]
+
+
+class Vma(Struct, forbid_unknown_fields=True):
+    start: U64
+    end: U64
+    prot: Annotated[int, Meta(ge=0, le=7)]
+    shared: bool
+    kind: Str          # anon | file | shmem | vvar | vvar_vclock | vdso
+    path: Str = ""     # file path for kind=file
+    offset: U64 = 0    # file offset
+    name: Str = ""     # [heap], [stack], [anon:x] as shown in maps
+    vmflags: list[Annotated[str, Meta(max_length=2)]] = []
+    pages: bool = False  # PAGES records follow for this area
+
+
+class OpenFile(Struct, forbid_unknown_fields=True):
+    fd: Fd
+    kind: Str          # reg | dir | chr
+    path: Str
+    flags: U32         # open(2) flags as in fdinfo
+    pos: I64
+    cloexec: bool
+    dup_of: Fd | None = None  # same open file description as this earlier fd
+
+
+class SigAction(Struct, forbid_unknown_fields=True):
+    sig: Sig
+    handler: U64
+    flags: U64
+    restorer: U64
+    mask: U64
+
+
+class PendingSignal(Struct, forbid_unknown_fields=True):
+    shared: bool
+    siginfo: Annotated[bytes, Meta(min_length=128, max_length=128)]
+
+
+class Rlimit(Struct, forbid_unknown_fields=True):
+    resource: Annotated[int, Meta(ge=0, le=31)]
+    soft: U64
+    hard: U64
+
+
+class MmFields(Struct, forbid_unknown_fields=True):
+    start_code: U64
+    end_code: U64
+    start_data: U64
+    end_data: U64
+    start_brk: U64
+    brk: U64
+    start_stack: U64
+    arg_start: U64
+    arg_end: U64
+    env_start: U64
+    env_end: U64
+    auxv: Annotated[bytes, Meta(max_length=4096)]
+    exe: Str
+
+
+class Creds(Struct, forbid_unknown_fields=True):
+    uid: list[U32]      # real, effective, saved, fs
+    gid: list[U32]
+    groups: list[U32]
+
+
+class Task(Struct, forbid_unknown_fields=True):
+    pid: Pid
+    tid: Pid
+    ppid: Annotated[int, Meta(ge=0)]
+    pgid: Annotated[int, Meta(ge=0)]
+    sid: Annotated[int, Meta(ge=0)]
+    comm: Str
+    cwd: Str
+    root: Str
+    creds: Creds
+    umask: Annotated[int, Meta(ge=0, le=0o777)]
+    personality: U32
+    rlimits: list[Rlimit]
+    mm: MmFields
+    vmas: list[Vma]
+    files: list[OpenFile]
+    regs: Annotated[bytes, Meta(min_length=216, max_length=216)]   # user_regs_struct
+    xstate: Blob
+    sigmask: U64
+    sigactions: list[SigAction]
+    pending: list[PendingSignal]
+    altstack: list[U64]          # ss_sp, ss_flags, ss_size
+    rseq: list[U64]              # address, length, signature ([] if none)
+    robust_list: list[U64]       # head, length
+    tid_address: U64             # set_tid_address (clear_child_tid)
+
+
+class Pages(Struct, forbid_unknown_fields=True):
+    pid: Pid
+    addr: U64
+    npages: Annotated[int, Meta(ge=1, le=MAX_DATA // 4096)]
+    compressed: bool = False
+
+
+class Trailer(Struct, forbid_unknown_fields=True):
+    records: U64        # records before the trailer, header included
+    pages: U64          # pages stored in all PAGES records
+    digest: U64         # xxh3-64 over all previous frames' checksums
+
+
+META_TYPES: dict[RecType, type[Struct]] = {
+    RecType.HEADER: Header,
+    RecType.TASK: Task,
+    RecType.PAGES: Pages,
+    RecType.TRAILER: Trailer,
+}
+
+# Records that may carry raw data after the metadata.
+DATA_TYPES = {RecType.PAGES}
+
+ENCODER = msgspec.msgpack.Encoder()
+DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in META_TYPES.items()}

@@ -1,0 +1,80 @@
+"""`lcr show`: what is inside an image, as text or JSON (reads the whole
+stream, so it also validates it)."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+from linuxcr.image.schema import Pages, RecType, Task
+from linuxcr.image.stream import PAGE, ImageReader
+
+
+def summarize(fd: int, name: str) -> dict[str, Any]:
+    r = ImageReader(fd, name=name)
+    header = r.read_header()
+    tasks: list[Task] = []
+    pages_by_pid: dict[int, int] = {}
+    stored = 0
+    while not r.done:
+        rec = r.next()
+        if rec.type is RecType.TASK:
+            tasks.append(rec.meta)  # type: ignore[arg-type]
+        elif rec.type is RecType.PAGES:
+            m: Pages = rec.meta  # type: ignore[assignment]
+            pages_by_pid[m.pid] = pages_by_pid.get(m.pid, 0) + m.npages
+    stored = r.offset
+    hdr = msgspec.to_builtins(header)
+    hdr["magic"] = header.magic.decode(errors="replace").rstrip("\0")
+    out_tasks = []
+    for t in tasks:
+        d = msgspec.to_builtins(t)
+        for k in ("regs", "xstate"):
+            d[k] = f"<{len(getattr(t, k))} bytes>"
+        d["mm"]["auxv"] = f"<{len(t.mm.auxv)} bytes>"
+        d["pending"] = [{"shared": p.shared, "signo": int.from_bytes(p.siginfo[:4], "little")}
+                        for p in t.pending]
+        d["pages"] = pages_by_pid.get(t.pid, 0)
+        out_tasks.append(d)
+    return {"image": name, "header": hdr, "tasks": out_tasks,
+            "total_pages": sum(pages_by_pid.values()), "image_bytes": stored}
+
+
+def _prot(p: int) -> str:
+    return ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_text(s: dict[str, Any]) -> str:
+    h = s["header"]
+    created = dt.datetime.fromtimestamp(h["created"]).isoformat(timespec="seconds")
+    lines = [f"{s['image']}: linuxcr image v{h['version']}, {h['arch']}, kernel {h['kernel']}, "
+             f"made {created} on {h['hostname']} by {h['tool']}",
+             f"  {_size(s['image_bytes'])} in all, {s['total_pages']} pages "
+             f"({_size(s['total_pages'] * PAGE)}) of memory"
+             + (", compressed" if "compressed" in h["flags"] else "")]
+    for t in s["tasks"]:
+        lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
+                     f"sid {t['sid']} uid {t['creds']['uid'][0]} cwd {t['cwd']}")
+        lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved")
+        for v in t["vmas"]:
+            what = v["path"] or v["name"] or v["kind"]
+            lines.append(f"    {v['start']:012x}-{v['end']:012x} {_prot(v['prot'])}"
+                         f"{'s' if v['shared'] else 'p'} {_size(v['end'] - v['start']):>10} "
+                         f"{v['kind']:<6} {what}")
+        lines.append(f"  {len(t['files'])} open files")
+        for f in t["files"]:
+            extra = f" (same as fd {f['dup_of']})" if f["dup_of"] is not None else ""
+            lines.append(f"    fd {f['fd']:<3} {f['kind']:<4} {f['path']} flags 0o{f['flags']:o} "
+                         f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
+        lines.append(f"  signals: {len(t['sigactions'])} handlers, mask 0x{t['sigmask']:x}, "
+                     f"{len(t['pending'])} pending")
+    return "\n".join(lines)

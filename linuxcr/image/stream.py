@@ -1,0 +1,257 @@
+"""Writer and strict reader of the image stream (see schema.py for the layout).
+
+The reader treats the image as untrusted: every frame field is bounded before
+anything is allocated, the checksum is verified before the metadata is
+decoded, the metadata is decoded into typed Structs whose fields carry
+bounds, and the trailer must close the stream.  Every failure is an
+ImageError naming what is wrong and where.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import platform
+from dataclasses import dataclass
+
+import msgspec
+import xxhash
+import zstandard
+
+from linuxcr.errors import ImageError, ImageWriteError
+from linuxcr.image.schema import (
+    ARCH, DATA_TYPES, DECODERS, ENCODER, FORMAT_VERSION, FRAME, FRAME_MAGIC, MAGIC,
+    MAX_DATA, MAX_META, Header, Pages, RecType, Trailer,
+)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _digest_bytes(cs: int) -> bytes:
+    return cs.to_bytes(8, "little")
+
+
+class ImageWriter:
+    """Writes records to a file descriptor, sequentially (never seeks)."""
+
+    def __init__(self, fd: int, *, compress: bool = False, level: int = 1, name: str = "image") -> None:
+        self.fd = fd
+        self.name = name
+        self.compress = compress
+        self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
+        self._digest = xxhash.xxh3_64()
+        self.records = 0
+        self.pages = 0
+        self.bytes_written = 0
+
+    def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"") -> None:
+        m = ENCODER.encode(meta)
+        h = xxhash.xxh3_64(m)
+        if data:
+            h.update(data)
+        cs = h.intdigest()
+        frame = FRAME.pack(FRAME_MAGIC, int(rtype), 0, len(m), 0, len(data), cs)
+        self._write_all([frame, m, data] if data else [frame, m])
+        self._digest.update(_digest_bytes(cs))
+        self.records += 1
+
+    def header(self, header: Header) -> None:
+        self.record(RecType.HEADER, header)
+
+    def page_run(self, pid: int, addr: int, data: memoryview) -> None:
+        npages = len(data) // PAGE
+        if self._zstd is not None:
+            packed = self._zstd.compress(data)
+            if len(packed) < len(data):
+                self.record(RecType.PAGES, Pages(pid=pid, addr=addr, npages=npages, compressed=True), packed)
+                self.pages += npages
+                return
+        self.record(RecType.PAGES, Pages(pid=pid, addr=addr, npages=npages), data)
+        self.pages += npages
+
+    def finish(self) -> None:
+        self.record(RecType.TRAILER, Trailer(records=self.records, pages=self.pages,
+                                             digest=self._digest.intdigest()))
+
+    def _write_all(self, bufs: list) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            try:
+                n = os.writev(self.fd, views)
+            except OSError as e:
+                raise _write_error(e, self.name) from None
+            self.bytes_written += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+
+def _write_error(e: OSError, name: str) -> ImageWriteError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ImageWriteError(f"no space left on the device holding {name}",
+                               "free some space or write the image elsewhere")
+    if e.errno == errno.EPIPE:
+        return ImageWriteError(f"the reader of {name} went away (broken pipe)")
+    return ImageWriteError(f"cannot write {name}: {e.strerror}")
+
+
+@dataclass
+class Record:
+    type: RecType
+    meta: msgspec.Struct
+    data: memoryview          # valid until the next read
+
+
+class ImageReader:
+    """Reads and validates records one by one."""
+
+    def __init__(self, fd: int, *, name: str = "image") -> None:
+        self.fd = fd
+        self.name = name
+        self.offset = 0
+        self.records = 0
+        self.pages = 0
+        self.done = False
+        self.header: Header | None = None
+        self._digest = xxhash.xxh3_64()
+        self._buf = bytearray(1 << 20)
+        self._zstd = zstandard.ZstdDecompressor()
+
+    def _fail(self, what: str) -> ImageError:
+        return ImageError(f"{self.name} is corrupt: {what} (at byte {self.offset})",
+                          "the image cannot be used; take a new checkpoint")
+
+    def _read_exact(self, n: int, into: memoryview | None = None) -> memoryview:
+        view = into if into is not None else memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            try:
+                k = os.readv(self.fd, [view[got:n]])
+            except OSError as e:
+                raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
+            if k == 0:
+                raise ImageError(f"{self.name} is truncated: it ends at byte {self.offset + got} "
+                                 "in the middle of a record",
+                                 "the checkpoint did not complete or the copy was cut short")
+            got += k
+        self.offset += n
+        return view[:n]
+
+    def read_header(self) -> Header:
+        first = self._read_frame(allow_eof=True)
+        if first is None:
+            raise ImageError(f"{self.name} is empty")
+        if first[0] != RecType.HEADER:
+            raise self._fail("it does not start with a header")
+        rec = self._read_body(*first)
+        hdr = rec.meta
+        assert isinstance(hdr, Header)
+        if hdr.magic != MAGIC:
+            raise self._fail("bad magic in header")
+        if hdr.version > FORMAT_VERSION:
+            raise ImageError(f"{self.name} has format version {hdr.version}; this lcr reads up to "
+                             f"{FORMAT_VERSION}", "restart it with a newer linuxcr")
+        if hdr.arch != ARCH or platform.machine() != ARCH:
+            raise ImageError(f"{self.name} was made on {hdr.arch}; this machine is {platform.machine()}")
+        if hdr.page_size != PAGE:
+            raise ImageError(f"{self.name} uses {hdr.page_size}-byte pages; this machine uses {PAGE}")
+        self.header = hdr
+        return hdr
+
+    def _read_frame(self, allow_eof: bool = False) -> tuple[RecType, int, int, int] | None:
+        raw = bytearray(FRAME.size)
+        got = 0
+        while got < FRAME.size:
+            try:
+                k = os.readv(self.fd, [memoryview(raw)[got:]])
+            except OSError as e:
+                raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
+            if k == 0:
+                if got == 0 and allow_eof:
+                    return None
+                if got == 0:
+                    raise ImageError(f"{self.name} is truncated: it ends at byte {self.offset} "
+                                     "without its trailer",
+                                     "the checkpoint did not complete or the copy was cut short")
+                raise ImageError(f"{self.name} is truncated: it ends inside a record frame "
+                                 f"at byte {self.offset + got}")
+            got += k
+        magic, rtype, _flags, meta_len, _pad, data_len, cs = FRAME.unpack(raw)
+        if magic != FRAME_MAGIC:
+            if self.offset == 0:
+                raise ImageError(f"{self.name} is not a linuxcr image (bad magic)")
+            raise self._fail("bad record frame")
+        try:
+            rt = RecType(rtype)
+        except ValueError:
+            raise self._fail(f"unknown record type {rtype}") from None
+        if meta_len > MAX_META:
+            raise self._fail(f"metadata length {meta_len} exceeds the limit {MAX_META}")
+        if data_len > MAX_DATA or (data_len and rt not in DATA_TYPES):
+            raise self._fail(f"data length {data_len} not allowed for a {rt.name} record")
+        self.offset += FRAME.size
+        return rt, meta_len, data_len, cs
+
+    def _read_body(self, rt: RecType, meta_len: int, data_len: int, cs: int) -> Record:
+        start = self.offset
+        meta = bytes(self._read_exact(meta_len))
+        if data_len > len(self._buf):
+            self._buf = bytearray(data_len)
+        data = self._read_exact(data_len, memoryview(self._buf)) if data_len else memoryview(b"")
+        h = xxhash.xxh3_64(meta)
+        if data_len:
+            h.update(data)
+        if h.intdigest() != cs:
+            self.offset = start
+            raise self._fail(f"checksum mismatch in a {rt.name} record")
+        try:
+            obj = DECODERS[rt].decode(meta)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            self.offset = start
+            raise self._fail(f"invalid {rt.name} record: {e}") from None
+        if rt is not RecType.TRAILER:
+            self._digest.update(_digest_bytes(cs))
+            self.records += 1
+        return Record(rt, obj, data)
+
+    def next(self) -> Record:
+        """The next record; PAGES data is checked and decompressed."""
+        if self.done:
+            raise self._fail("data after the trailer")
+        frame = self._read_frame()
+        assert frame is not None
+        rec = self._read_body(*frame)
+        if rec.type is RecType.PAGES:
+            rec.data = self._pages_data(rec.meta, rec.data)  # type: ignore[arg-type]
+        elif rec.type is RecType.TRAILER:
+            self._check_trailer(rec.meta)  # type: ignore[arg-type]
+        return rec
+
+    def _pages_data(self, meta: Pages, data: memoryview) -> memoryview:
+        want = meta.npages * PAGE
+        if meta.compressed:
+            try:
+                out = self._zstd.decompress(data, max_output_size=want)
+            except zstandard.ZstdError as e:
+                raise self._fail(f"compressed pages at 0x{meta.addr:x} do not decompress: {e}") from None
+            data = memoryview(out)
+        if len(data) != want:
+            raise self._fail(f"pages record at 0x{meta.addr:x} holds {len(data)} bytes, "
+                             f"expected {want}")
+        if meta.addr % PAGE:
+            raise self._fail(f"pages record address 0x{meta.addr:x} is not page aligned")
+        self.pages += meta.npages
+        return data
+
+    def _check_trailer(self, t: Trailer) -> None:
+        if t.records != self.records or t.pages != self.pages or t.digest != self._digest.intdigest():
+            raise self._fail("trailer does not match the records read (records were lost, "
+                             "duplicated or reordered)")
+        self.done = True
+
+    def expect_end(self) -> None:
+        """After the trailer nothing may follow."""
+        extra = os.read(self.fd, 1)
+        if extra:
+            raise self._fail("data after the trailer")

@@ -1,0 +1,73 @@
+"""Parser for /proc/PID/fdinfo/FD plus the fd-table helpers.
+
+Common lines are pos (decimal), flags (OCTAL), mnt_id, ino; the rest depends
+on the file kind (eventfd-count, tfd for epoll, inotify wd, timerfd it_value,
+lock, ...) and some keys repeat (one 'tfd' per epoll target), so every line
+is also kept in order in `lines`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ._text import as_text, lines, proc_path, read_bytes
+
+_COMMON = ("pos", "flags", "mnt_id", "ino")
+# Lines of the form "inotify wd:1 ino:..." have no 'key:' up front.
+_WORD_KEYS = ("inotify ", "fanotify ")
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    pos: int
+    flags: int  # open flags, O_* bits (printed in octal by the kernel)
+    mnt_id: int = 0
+    ino: int = 0
+    extra: dict[str, str] = field(default_factory=dict, hash=False)  # other keys, first occurrence
+    lines: tuple[tuple[str, str], ...] = ()  # every (key, value) line in order
+
+    def values(self, key: str) -> tuple[str, ...]:
+        """All values of a key that may repeat (e.g. 'tfd', 'inotify', 'lock')."""
+        return tuple(v for k, v in self.lines if k == key)
+
+
+def _split_line(line: str) -> tuple[str, str]:
+    for word in _WORD_KEYS:
+        if line.startswith(word):
+            return word.strip(), line[len(word) :].strip()
+    key, _, value = line.partition(":")
+    return key.strip(), value.strip()
+
+
+def parse_fdinfo(text: str | bytes) -> FdInfo:
+    """Parse one fdinfo file; ValueError if pos/flags are missing or malformed."""
+    pairs = tuple(_split_line(ln) for ln in lines(as_text(text)))
+    first: dict[str, str] = {}
+    for key, value in pairs:
+        first.setdefault(key, value)
+    try:
+        return FdInfo(
+            pos=int(first["pos"]),
+            flags=int(first["flags"], 8),
+            mnt_id=int(first.get("mnt_id", "0")),
+            ino=int(first.get("ino", "0")),
+            extra={k: v for k, v in first.items() if k not in _COMMON},
+            lines=pairs,
+        )
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"bad fdinfo: {e}") from None
+
+
+def read_fdinfo(pid: int | str, fd: int) -> FdInfo:
+    return parse_fdinfo(read_bytes(proc_path(pid, "fdinfo", fd)))
+
+
+def list_fds(pid: int | str) -> list[int]:
+    """Open descriptors of a process, sorted."""
+    return sorted(int(name) for name in os.listdir(proc_path(pid, "fd")) if name.isdigit())
+
+
+def read_fd_link(pid: int | str, fd: int) -> str:
+    """Target of /proc/PID/fd/FD: a path, or 'pipe:[123]', 'anon_inode:[eventfd]', ..."""
+    return os.readlink(proc_path(pid, "fd", fd))

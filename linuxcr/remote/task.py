@@ -1,0 +1,277 @@
+"""A stopped task seen from outside: seize, stop, run syscalls inside it, read
+and write its memory, let it go.
+
+Syscall injection (no parasite code): point rip at any ``0f 05`` bytes mapped
+executable in the task (the vDSO has some; at restore, our trampoline page),
+set the syscall's registers and resume with PTRACE_SYSCALL twice: the task
+stops at syscall entry and at syscall exit, where rax holds the result.  The
+task never runs a single instruction of its own in between.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied
+from linuxcr.sys import ptrace
+from linuxcr.sys.syscalls import (
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
+    process_vm_readv, process_vm_writev, user_regs_struct,
+)
+
+SYSCALL_INSN = b"\x0f\x05"
+ALL_SIGNALS = (1 << 64) - 1
+PAGE = 4096
+
+
+class TaskGone(NoSuchProcess):
+    pass
+
+
+def _to_signed(v: int) -> int:
+    return v - (1 << 64) if v & (1 << 63) else v
+
+
+class Tracee:
+    """A task we have seized with PTRACE_SEIZE and hold in a ptrace-stop."""
+
+    def __init__(self, pid: int, *, exitkill: bool = False) -> None:
+        self.pid = pid
+        self.exitkill = exitkill
+        self.attached = False
+        self.insn: int | None = None          # address of a syscall instruction
+        self.saved_regs: user_regs_struct | None = None
+        self._mem_fd: int | None = None
+
+    # --- attach / stop / detach -------------------------------------------------
+    def seize(self) -> None:
+        opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0)
+        try:
+            ptrace.seize(self.pid, opts)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise NoSuchProcess(f"pid {self.pid}: no such process") from None
+            if e.errno == errno.EPERM:
+                raise _explain_eperm(self.pid) from None
+            raise KernelError(f"pid {self.pid}: ptrace(SEIZE) failed: {e.strerror}") from None
+        self.attached = True
+
+    def stop(self) -> None:
+        """Bring the seized task to a ptrace event-stop (it runs no code after)."""
+        ptrace.interrupt(self.pid)
+        while True:
+            status = ptrace.wait_stop(self.pid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self.attached = False
+                raise TaskGone(f"pid {self.pid} exited while being stopped")
+            if ptrace.is_event_stop(status):
+                break
+            # A signal arrived first (signal-delivery-stop): let it be delivered
+            # as it would have been; the pending INTERRUPT stops it right after.
+            ptrace.cont(self.pid, os.WSTOPSIG(status))
+        self.saved_regs = ptrace.get_regs(self.pid)
+
+    def detach(self) -> None:
+        if self.attached:
+            try:
+                ptrace.detach(self.pid)
+            except ProcessLookupError:
+                pass
+            self.attached = False
+        self.close()
+
+    def close(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+    # --- registers ------------------------------------------------------------
+    def regs(self) -> user_regs_struct:
+        return ptrace.get_regs(self.pid)
+
+    def set_regs(self, regs: user_regs_struct) -> None:
+        ptrace.set_regs(self.pid, regs)
+
+    def resume_regs(self) -> user_regs_struct:
+        """The saved registers made safe to resume after we ran code in the task.
+
+        A task stopped inside a syscall holds -ERESTART* in rax; the kernel
+        only turns that into a restart on its own signal path, which our
+        injections bypassed, so we do what it would have done.
+        """
+        assert self.saved_regs is not None
+        return restartable_regs(self.saved_regs, restart_block_ok=True)
+
+    # --- syscall injection -----------------------------------------------------
+    def find_syscall_insn(self, vdso: tuple[int, int] | None) -> int:
+        """An address holding 0f 05 in an executable mapping of the task."""
+        regs = self.saved_regs
+        assert regs is not None
+        if _to_signed(regs.orig_rax) >= 0 and self.read(regs.rip - 2, 2) == SYSCALL_INSN:
+            return regs.rip - 2
+        if vdso is not None:
+            data = self.read(vdso[0], vdso[1] - vdso[0])
+            at = data.find(SYSCALL_INSN)
+            if at >= 0:
+                return vdso[0] + at
+        raise KernelError(f"pid {self.pid}: no syscall instruction found to run code in the task "
+                          "(no vDSO mapped and not stopped in a syscall)")
+
+    def syscall(self, name: str, *args: int, check: bool = True) -> int:
+        """Run one system call inside the stopped task; returns its result."""
+        assert self.insn is not None and self.saved_regs is not None
+        regs = self.saved_regs.copy()
+        regs.rax = NR[name]
+        regs.orig_rax = (1 << 64) - 1
+        regs.rip = self.insn
+        for reg, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(regs, reg, val & 0xFFFFFFFFFFFFFFFF)
+        ptrace.set_regs(self.pid, regs)
+        for _ in range(2):  # entry stop, then exit stop
+            ptrace.resume_syscall(self.pid)
+            status = ptrace.wait_stop(self.pid)
+            if not ptrace.is_syscall_stop(status):
+                self._unexpected(status, name)
+        ret = _to_signed(ptrace.get_regs(self.pid).rax)
+        if check and -4096 < ret < 0:
+            raise OSError(-ret, f"{name} in pid {self.pid}: {os.strerror(-ret)}")
+        return ret
+
+    def _unexpected(self, status: int, name: str) -> None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self.attached = False
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+            raise TaskGone(f"pid {self.pid} died during injected {name}"
+                           + (f" (signal {signal.Signals(sig).name})" if sig else ""))
+        raise KernelError(f"pid {self.pid}: unexpected stop 0x{status:x} during injected {name}")
+
+    # --- memory ------------------------------------------------------------------
+    def read(self, addr: int, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto(addr, buf)
+        return bytes(buf)
+
+    def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
+        """process_vm_readv; falls back to /proc/PID/mem for unreadable pages."""
+        try:
+            got = process_vm_readv(self.pid, buf, addr)
+        except OSError:
+            got = 0
+        if got < len(buf):
+            mv = memoryview(buf)[got:]
+            n = os.preadv(self.mem_fd(), [mv], addr + got)
+            if n != len(mv):
+                raise KernelError(f"pid {self.pid}: short read of memory at 0x{addr + got:x}")
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """process_vm_writev; falls back to /proc/PID/mem for read-only pages."""
+        try:
+            got = process_vm_writev(self.pid, data, addr)
+        except OSError:
+            got = 0
+        if got < len(data):
+            mv = memoryview(data)[got:]
+            n = os.pwritev(self.mem_fd(), [mv], addr + got)
+            if n != len(mv):
+                raise KernelError(f"pid {self.pid}: short write of memory at 0x{addr + got:x}")
+
+    def mem_fd(self) -> int:
+        if self._mem_fd is None:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._mem_fd
+
+    @contextmanager
+    def scratch(self, size: int = PAGE) -> Iterator[int]:
+        """An anonymous mapping inside the task, removed again afterwards."""
+        addr = self.syscall("mmap", 0, size, 3, 0x22, (1 << 64) - 1, 0)  # RW, PRIVATE|ANON
+        try:
+            yield addr
+        finally:
+            self.syscall("munmap", addr, size, check=False)
+
+
+def restartable_regs(saved: user_regs_struct, *, restart_block_ok: bool) -> user_regs_struct:
+    """Registers that resume an interrupted syscall the way the kernel would.
+
+    -ERESTART_RESTARTBLOCK needs the kernel's restart block; that exists only
+    in the original task (restart_block_ok), a restored one gets -EINTR.
+    """
+    regs = saved.copy()
+    if _to_signed(regs.orig_rax) < 0:
+        return regs
+    rax = _to_signed(regs.rax)
+    if rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
+        regs.rax = regs.orig_rax
+        regs.rip -= 2
+    elif rax == -ERESTART_RESTARTBLOCK:
+        if restart_block_ok:
+            regs.rax = NR["restart_syscall"]
+            regs.rip -= 2
+        else:
+            regs.rax = (-errno.EINTR) & 0xFFFFFFFFFFFFFFFF
+    regs.orig_rax = (1 << 64) - 1
+    return regs
+
+
+def _explain_eperm(pid: int) -> Exception:
+    try:
+        st = os.stat(f"/proc/{pid}")
+    except FileNotFoundError:
+        return NoSuchProcess(f"pid {pid}: no such process")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
+                    return Busy(f"pid {pid} is already traced by pid {line.split()[1]}",
+                                "a debugger or another lcr holds it; wait for it to finish")
+    except OSError:
+        pass
+    me = os.geteuid()
+    if st.st_uid != me and me != 0:
+        return PermissionDenied(f"you may not trace pid {pid}: owned by uid {st.st_uid}",
+                                "run lcr as that user or as root")
+    return PermissionDenied(f"you may not trace pid {pid}: ptrace was refused",
+                            "it may be set-uid, non-dumpable, or protected by a security module")
+
+
+class Arena:
+    """Scratch memory inside a task for syscall arguments (strings, structs).
+
+    Allocation is a bump pointer, reset between unrelated calls.
+    """
+
+    def __init__(self, t: Tracee, addr: int, size: int) -> None:
+        self.t, self.addr, self.size, self.used = t, addr, size, 0
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def put(self, data: bytes) -> int:
+        n = (len(data) + 15) & ~15
+        if self.used + n > self.size:
+            self.reset()
+            if n > self.size:
+                raise KernelError(f"scratch area too small for {len(data)} bytes")
+        at = self.addr + self.used
+        self.t.write(at, data)
+        self.used += n
+        return at
+
+    def alloc(self, n: int) -> int:
+        return self.put(bytes(n))
+
+    def cstr(self, s: str) -> int:
+        return self.put(os.fsencode(s) + b"\0")
+
+    def open(self, path: str, flags: int, mode: int = 0, *, what: str = "file") -> int:
+        """openat() inside the task; errors name the path and what it was for."""
+        try:
+            return self.t.syscall("openat", -100, self.cstr(path), flags | os.O_CLOEXEC, mode)
+        except OSError as e:
+            from linuxcr.errors import RestoreError
+            raise RestoreError(f"cannot open {path} ({what}): {os.strerror(e.errno)}",
+                               "the file must exist at the same path on this machine") from None

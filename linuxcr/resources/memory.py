@@ -1,0 +1,146 @@
+"""Memory: the address space of a process (VMAs, page contents, vDSO).
+
+Dump: classify every mapping from /proc/PID/smaps, then copy only the pages
+that are present or swapped (pagemap), and for private file mappings only
+those that were written (anonymous copies): the rest is re-mapped from the
+file at restore.  Restore: map every area at its address inside the new
+task, then pour the pages in with process_vm_writev.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from linuxcr.image.schema import Vma
+from linuxcr.image.stream import ImageWriter
+from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
+from linuxcr.remote.task import Tracee
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CHUNK = 16 << 20                     # bytes per PAGES record (bounds memory use)
+VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x10, 0x20, 0x100
+MADVISE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # vmflag -> MADV_*
+
+
+@dataclass(frozen=True)
+class Area:
+    """One mapping: what the image records, or why it cannot be saved."""
+    vma: Vma | None
+    reason: str | None = None
+
+
+def _prot(perms: str) -> int:
+    return (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
+        (PROT_EXEC if perms[2] == "x" else 0)
+
+
+def classify(e: SmapsEntry) -> Area | None:
+    """Turn one smaps entry into a Vma, a refusal, or None (not ours to save)."""
+    m = e.map
+    where = f"mapping 0x{m.start:x}-0x{m.end:x}"
+    base = dict(start=m.start, end=m.end, prot=_prot(m.perms), shared=m.shared,
+                vmflags=sorted(e.vmflags))
+    if m.path == "[vsyscall]":
+        return None
+    if m.path in ("[vvar]", "[vvar_vclock]", "[vdso]"):
+        return Area(Vma(kind=m.path.strip("[]"), name=m.path, **base))
+    if "ht" in e.vmflags:
+        return Area(None, f"{where} ({m.path or 'anonymous'}): hugetlbfs memory is not supported yet")
+    if e.vmflags & {"io", "pf"}:
+        return Area(None, f"{where} of {m.path or 'a device'}: device memory is not saved")
+    if m.inode == 0:  # anonymous: heap, stack, [anon:...], plain
+        return Area(Vma(kind="anon", name=m.path, pages=True, **base))
+    if m.path == "/dev/zero" and m.shared:   # MAP_SHARED|MAP_ANONYMOUS shows as this
+        return Area(Vma(kind="shmem", name="", pages=True, **base))
+    if m.path.startswith("/memfd:"):
+        return Area(None, f"{where} of memfd {m.path[7:]!r}: memfd memory is not supported yet")
+    if m.path.startswith("/SYSV"):
+        return Area(None, f"{where}: SysV shared memory is not supported yet")
+    if m.deleted:
+        return Area(None, f"{where} of deleted file {m.path}: mappings of unlinked files "
+                          "are not supported yet")
+    if m.path.startswith("/dev/"):
+        return Area(None, f"{where} of {m.path}: device memory is not saved")
+    return Area(Vma(kind="file", path=m.path, offset=m.offset, pages=not m.shared, **base))
+
+
+def check(smaps: list[SmapsEntry]) -> list[str]:
+    return [a.reason for a in map(classify, smaps) if a is not None and a.reason]
+
+
+def collect(smaps: list[SmapsEntry]) -> list[Vma]:
+    return [a.vma for a in map(classify, smaps) if a is not None and a.vma is not None]
+
+
+def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int:
+    """Copy present pages, run by run, through one reused buffer."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    with PagemapReader(t.pid) as pm:
+        for v in vmas:
+            if not v.pages:
+                continue
+            runs = pm.runs(v.start, v.end, anon_only=(v.kind == "file"))
+            for addr, n in split_runs(runs, CHUNK // PAGE):
+                chunk = view[: n * PAGE]
+                t.readinto(addr, chunk)
+                w.page_run(t.pid, addr, chunk)
+                total += n
+                if progress:
+                    progress(n * PAGE)
+    return total
+
+
+# --- restore ---------------------------------------------------------------
+
+def vdso_area(vmas: list[Vma]) -> tuple[int, int] | None:
+    """(start, end) of the whole vvar+vdso block, as laid out in the image."""
+    parts = [v for v in vmas if v.kind in VDSO_KINDS]
+    if not parts:
+        return None
+    return min(v.start for v in parts), max(v.end for v in parts)
+
+
+def map_areas(t: Tracee, vmas: list[Vma], scratch) -> None:
+    """mmap every saved area at its address in the new task (pages come later)."""
+    fds: dict[tuple[str, bool], int] = {}
+    try:
+        for v in vmas:
+            if v.kind in VDSO_KINDS:
+                continue
+            prot = v.prot | (PROT_WRITE if v.pages else 0)
+            flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
+            fd, off = -1, 0
+            if v.kind == "anon":
+                flags |= MAP_ANONYMOUS | (MAP_GROWSDOWN if "gd" in v.vmflags else 0)
+            elif v.kind == "shmem":
+                flags = MAP_FIXED | MAP_SHARED | MAP_ANONYMOUS
+            else:
+                rw = v.shared and "mw" in v.vmflags
+                key = (v.path, rw)
+                if key not in fds:
+                    fds[key] = scratch.open(v.path, os.O_RDWR if rw else os.O_RDONLY,
+                                            what=f"file mapped at 0x{v.start:x}")
+                fd, off = fds[key], v.offset
+            t.syscall("mmap", v.start, v.end - v.start, prot, flags, fd, off)
+            for flag, advice in MADVISE.items():
+                if flag in v.vmflags:
+                    t.syscall("madvise", v.start, v.end - v.start, advice, check=False)
+    finally:
+        for fd in fds.values():
+            t.syscall("close", fd, check=False)
+
+
+def protect_areas(t: Tracee, vmas: list[Vma]) -> None:
+    """Drop the write permission we added to fill pages in."""
+    for v in vmas:
+        if v.pages and not v.prot & PROT_WRITE and v.kind not in VDSO_KINDS:
+            t.syscall("mprotect", v.start, v.end - v.start, v.prot)
+
+
+def check_pages_fit(vmas: list[Vma], addr: int, npages: int) -> bool:
+    end = addr + npages * PAGE
+    return any(v.pages and v.start <= addr and end <= v.end for v in vmas)

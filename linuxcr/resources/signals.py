@@ -1,0 +1,75 @@
+"""Signals: handlers (with flags, restorer, mask), blocked mask, pending
+signals (private and process-wide), alternate signal stack."""
+from __future__ import annotations
+
+import signal
+import struct
+
+from linuxcr.image.schema import PendingSignal, SigAction
+from linuxcr.remote.task import Arena, Tracee
+from linuxcr.sys import ptrace
+
+SIG_IGN = 1
+_KSIGACTION = struct.Struct("<QQQQ")       # handler, flags, restorer, mask
+_STACK_T = struct.Struct("<QiiQ")          # ss_sp, ss_flags, pad, ss_size
+SS_ONSTACK, SS_DISABLE = 1, 2
+UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def _sigs(mask: int) -> list[int]:
+    return [s for s in range(1, 65) if mask >> (s - 1) & 1 and s not in UNCATCHABLE]
+
+
+def dump_actions(t: Tracee, arena: Arena, caught: int, ignored: int) -> list[SigAction]:
+    """Read the handlers of every non-default signal with rt_sigaction()."""
+    out = []
+    buf = arena.alloc(_KSIGACTION.size)
+    for sig in _sigs(caught | ignored):
+        t.syscall("rt_sigaction", sig, 0, buf, 8)
+        h, fl, rest, mask = _KSIGACTION.unpack(t.read(buf, _KSIGACTION.size))
+        out.append(SigAction(sig=sig, handler=h, flags=fl, restorer=rest, mask=mask))
+    return out
+
+
+def dump_altstack(t: Tracee, arena: Arena) -> list[int]:
+    buf = arena.alloc(_STACK_T.size)
+    t.syscall("sigaltstack", 0, buf)
+    sp, flags, _pad, size = _STACK_T.unpack(t.read(buf, _STACK_T.size))
+    return [sp, flags & 0xFFFFFFFF, size]
+
+
+def dump_pending(pid: int) -> list[PendingSignal]:
+    return [PendingSignal(shared=shared, siginfo=info)
+            for shared in (False, True) for info in ptrace.peek_siginfo(pid, shared)]
+
+
+def restore_actions(t: Tracee, arena: Arena, actions: list[SigAction], inherited: int) -> None:
+    """Install the saved handlers; reset the ones the new task inherited from lcr."""
+    saved = {a.sig for a in actions}
+    for sig in _sigs(inherited):
+        if sig not in saved:
+            t.syscall("rt_sigaction", sig, arena.put(_KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
+    for a in actions:
+        t.syscall("rt_sigaction", a.sig, arena.put(_KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)), 0, 8)
+
+
+def restore_altstack(t: Tracee, arena: Arena, alt: list[int]) -> None:
+    sp, flags, size = alt
+    if flags & SS_DISABLE:
+        return  # the new task starts without one
+    t.syscall("sigaltstack", arena.put(_STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size)), 0)
+
+
+def queue_pending(t: Tracee, arena: Arena, pending: list[PendingSignal], pid: int, tid: int) -> None:
+    """Queue the saved signals again; the task sends them to itself, which the
+    kernel allows for any si_code.  All signals are blocked while we work, so
+    they stay pending until the saved mask is set at the end."""
+    for p in pending:
+        sig = int.from_bytes(p.siginfo[:4], "little", signed=True)
+        if not 1 <= sig <= 64:
+            continue
+        info = arena.put(p.siginfo)
+        if p.shared:
+            t.syscall("rt_sigqueueinfo", pid, sig, info)
+        else:
+            t.syscall("rt_tgsigqueueinfo", pid, tid, sig, info)

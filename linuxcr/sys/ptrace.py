@@ -1,0 +1,156 @@
+"""ptrace(2) requests as Python functions (x86_64)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+from linuxcr.sys.syscalls import NR, iovec, syscall, user_regs_struct
+
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_STOP = 128
+PTRACE_PEEKSIGINFO_SHARED = 1
+
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+
+WALL = 0x40000000  # __WALL: wait for threads and non-SIGCHLD children too
+
+XSTATE_MAX = 16384  # generous upper bound; the kernel tells the real size
+
+
+def _ptrace(req: int, pid: int, addr: int | ctypes.c_void_p = 0, data: object = 0) -> int:
+    return syscall(NR["ptrace"], req, pid, addr, data)
+
+
+def seize(pid: int, options: int) -> None:
+    _ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def interrupt(pid: int) -> None:
+    _ptrace(PTRACE_INTERRUPT, pid)
+
+
+def detach(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_DETACH, pid, 0, sig)
+
+
+def cont(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_CONT, pid, 0, sig)
+
+
+def resume_syscall(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_SYSCALL, pid, 0, sig)
+
+
+def get_regs(pid: int) -> user_regs_struct:
+    regs = user_regs_struct()
+    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.byref(regs))
+    return regs
+
+
+def set_regs(pid: int, regs: user_regs_struct) -> None:
+    _ptrace(PTRACE_SETREGS, pid, 0, ctypes.byref(regs))
+
+
+def get_xstate(pid: int) -> bytes:
+    buf = ctypes.create_string_buffer(XSTATE_MAX)
+    iov = iovec(ctypes.addressof(buf), XSTATE_MAX)
+    _ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ctypes.byref(iov))
+    return buf.raw[: iov.iov_len]
+
+
+def set_xstate(pid: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    iov = iovec(ctypes.addressof(buf), len(data))
+    _ptrace(PTRACE_SETREGSET, pid, NT_X86_XSTATE, ctypes.byref(iov))
+
+
+def get_sigmask(pid: int) -> int:
+    mask = ctypes.c_uint64()
+    _ptrace(PTRACE_GETSIGMASK, pid, 8, ctypes.byref(mask))
+    return mask.value
+
+
+def set_sigmask(pid: int, mask: int) -> None:
+    m = ctypes.c_uint64(mask)
+    _ptrace(PTRACE_SETSIGMASK, pid, 8, ctypes.byref(m))
+
+
+class _PeekSiginfoArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+SIGINFO_SIZE = 128
+
+
+def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
+    """All queued siginfos (private or process-wide), without dequeuing them."""
+    out: list[bytes] = []
+    batch = 32
+    while True:
+        args = _PeekSiginfoArgs(len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0, batch)
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+        n = _ptrace(PTRACE_PEEKSIGINFO, pid, ctypes.byref(args), buf)
+        out.extend(buf.raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n))
+        if n < batch:
+            return out
+
+
+class _RseqConfig(ctypes.Structure):
+    _fields_ = [("rseq_abi_pointer", ctypes.c_uint64), ("rseq_abi_size", ctypes.c_uint32),
+                ("signature", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def get_rseq(pid: int) -> tuple[int, int, int]:
+    """(address, length, signature) of the thread's rseq area; address 0 if none."""
+    cfg = _RseqConfig()
+    _ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, ctypes.sizeof(cfg), ctypes.byref(cfg))
+    return cfg.rseq_abi_pointer, cfg.rseq_abi_size, cfg.signature
+
+
+def peek(pid: int, addr: int) -> int:
+    word = ctypes.c_uint64()
+    _ptrace(PTRACE_PEEKDATA, pid, addr, ctypes.byref(word))
+    return word.value
+
+
+def poke(pid: int, addr: int, value: int) -> None:
+    _ptrace(PTRACE_POKEDATA, pid, addr, value & 0xFFFFFFFFFFFFFFFF)
+
+
+def wait_stop(pid: int) -> int:
+    """waitpid(__WALL) for pid; returns the raw status."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, WALL)
+            return status
+        except InterruptedError:
+            continue
+
+
+def is_event_stop(status: int) -> bool:
+    return os.WIFSTOPPED(status) and (status >> 16) == PTRACE_EVENT_STOP
+
+
+def is_syscall_stop(status: int) -> bool:
+    return os.WIFSTOPPED(status) and os.WSTOPSIG(status) == (signal.SIGTRAP | 0x80)

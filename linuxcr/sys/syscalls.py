@@ -1,0 +1,133 @@
+"""ctypes bindings for the system calls Python does not wrap (x86_64 only).
+
+Everything that builds a raw syscall lives here, so the rest of linuxcr speaks
+Python: functions raise OSError with the real errno, structs are ctypes types.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
+NR = dict(
+    read=0, write=1, open=2, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
+    brk=12, rt_sigaction=13, rt_sigprocmask=14, ioctl=16, mremap=25, madvise=28,
+    dup=32, dup2=33, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
+    ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
+    setresuid=117, setresgid=119, getpgid=121, getsid=124, rt_sigqueueinfo=129,
+    sigaltstack=131, personality=135, prctl=157, arch_prctl=158, chroot=161,
+    gettid=186, set_tid_address=218, restart_syscall=219, clock_nanosleep=230,
+    exit_group=231, set_robust_list=273, get_robust_list=274, dup3=292,
+    rt_tgsigqueueinfo=297, prlimit64=302, process_vm_readv=310,
+    process_vm_writev=311, kcmp=312, rseq=334, pidfd_open=434, clone3=435,
+    close_range=436, pidfd_getfd=438, openat=257,
+)
+
+# The kernel's restart codes, seen in rax of a task stopped inside a syscall.
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+
+TASK_SIZE = 0x7FFFFFFFF000  # 4-level paging user address space end
+
+
+def _check(ret: int) -> int:
+    if ret == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def syscall(nr: int, *args: int | ctypes._SimpleCData | ctypes.Array | None) -> int:
+    """Raw syscall; raises OSError on failure."""
+    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    return _check(_syscall(ctypes.c_long(nr), *cargs))
+
+
+class iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class user_regs_struct(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_ulonglong) for n in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+        "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+        "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")]
+
+    def copy(self) -> "user_regs_struct":
+        return user_regs_struct.from_buffer_copy(self)
+
+
+class clone_args(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+        "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+def process_vm_readv(pid: int, local: memoryview | bytearray, remote_addr: int) -> int:
+    """Copy len(local) bytes from pid's address remote_addr; returns bytes read."""
+    buf = (ctypes.c_char * len(local)).from_buffer(local)
+    liov = iovec(ctypes.addressof(buf), len(local))
+    riov = iovec(remote_addr, len(local))
+    return syscall(NR["process_vm_readv"], pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+
+
+def process_vm_writev(pid: int, local: memoryview | bytes | bytearray, remote_addr: int) -> int:
+    if isinstance(local, bytes):
+        buf = ctypes.create_string_buffer(local, len(local))
+        n = len(local)
+    else:
+        buf = (ctypes.c_char * len(local)).from_buffer(local)
+        n = len(local)
+    liov = iovec(ctypes.addressof(buf), n)
+    riov = iovec(remote_addr, n)
+    return syscall(NR["process_vm_writev"], pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+
+
+def clone3_stopped_child(set_tid: int | None) -> int:
+    """fork() through clone3 so that the child can get a chosen pid.
+
+    Returns 0 in the child (which then runs Python code: keep it minimal).
+    """
+    args = clone_args()
+    args.exit_signal = 17  # SIGCHLD
+    tid_arr = None
+    if set_tid is not None:
+        tid_arr = (ctypes.c_int32 * 1)(set_tid)
+        args.set_tid = ctypes.addressof(tid_arr)
+        args.set_tid_size = 1
+    return syscall(NR["clone3"], ctypes.byref(args), ctypes.sizeof(args))
+
+
+def pidfd_open(pid: int) -> int:
+    return syscall(NR["pidfd_open"], pid, 0)
+
+
+KCMP_FILE = 0
+
+
+def kcmp_file(pid1: int, pid2: int, fd1: int, fd2: int) -> bool:
+    """True when both fds name the same open file description."""
+    return syscall(NR["kcmp"], pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+
+
+def get_robust_list(pid: int) -> tuple[int, int]:
+    head = ctypes.c_void_p()
+    length = ctypes.c_size_t()
+    syscall(NR["get_robust_list"], pid, ctypes.byref(head), ctypes.byref(length))
+    return head.value or 0, length.value
+
+
+def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
+    return syscall(NR["prctl"], option, a2, a3, a4, a5)
+
+
+def errno_name(e: int) -> str:
+    return errno.errorcode.get(e, str(e))
