@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import contextmanager
 from typing import IO, Iterator, Union
 
@@ -40,6 +41,22 @@ def _output(target: Target) -> Iterator[tuple[int, str, callable]]:
         yield target.fileno(), getattr(target, "name", "image"), lambda: None  # type: ignore[union-attr]
         return
     path = os.fspath(target)
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        special = False
+    except OSError as e:
+        raise ImageWriteError(f"cannot write {path}: {e.strerror}") from None
+    if special:   # a FIFO, a device, a socket file: write straight into it
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ImageWriteError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            yield fd, path, lambda: None
+        finally:
+            os.close(fd)
+        return
     tmp = f"{path}.lcr-partial-{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -34,13 +34,13 @@ class DumpResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_process(pid: int) -> list[str]:
+def check_process(pid: int, smaps=None) -> list[str]:
     """Every reason, known without stopping the process, that it cannot be saved."""
     if pid == os.getpid():
         return ["lcr cannot checkpoint itself"]
     try:
         st = read_status(pid)
-        smaps = read_smaps(pid)
+        smaps = read_smaps(pid) if smaps is None else smaps
     except FileNotFoundError:
         raise NoSuchProcess(f"pid {pid}: no such process") from None
     except PermissionError:
@@ -74,12 +74,13 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     old_mask: int | None = None
     try:
         t.stop()
-        reasons = check_process(pid)     # it may have changed before we stopped it
+        smaps = read_smaps(pid)          # final: nothing changes while it is stopped
+        reasons = check_process(pid, smaps)   # it may have changed before we stopped it
         if reasons:
             raise NotCheckpointable(pid, reasons)
         status, stat = read_status(pid), read_stat(pid)
-        smaps = read_smaps(pid)
-        vdso = memory.vdso_area(memory.collect(smaps))
+        vmas = memory.collect(smaps)     # taken before our scratch page exists
+        vdso = memory.vdso_area(vmas)
         t.insn = t.find_syscall_insn(vdso)
         old_mask = ptrace.get_sigmask(pid)
         ptrace.set_sigmask(pid, ALL_SIGNALS)   # nothing gets delivered while we work
@@ -89,7 +90,6 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             altstack = signals.dump_altstack(t, arena)
             brk = t.syscall("brk", 0)
             tinfo = process.dump_threadinfo(t, arena)
-        vmas = memory.collect(read_smaps(pid))   # without our scratch page
         cpu_state = cpu.dump(t)
         task = Task(
             pid=pid, tid=pid, ppid=stat.ppid, pgid=stat.pgrp, sid=stat.session, comm=stat.comm,
@@ -98,7 +98,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
             mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
             sigmask=old_mask, sigactions=actions, pending=signals.dump_pending(pid),
-            altstack=altstack, **cpu_state, **tinfo)
+            altstack=altstack, starttime=stat.starttime, boot_id=_boot_id(), **cpu_state, **tinfo)
         xfeat, xsize = cpu.xstate_features(task.xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
@@ -120,6 +120,11 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
                       frozen_seconds=done - frozen_at)
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 def _let_go(t: Tracee, old_mask: int | None) -> None:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr.errors import ImageError, LcrError, PidTaken, RestoreError, KernelError
+from linuxcr.pipeline import prefetch
 from linuxcr.image.schema import Header, Pages, RecType, Task
 from linuxcr.image.stream import PAGE, ImageReader
-from linuxcr.procfs import read_maps, read_status
+from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import cpu, files, memory, process, signals
 from linuxcr.sys import ptrace
@@ -28,6 +29,7 @@ from linuxcr.sys.syscalls import TASK_SIZE, clone3_stopped_child
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
 MIN_ADDR = 0x1000000
+PID_WAIT = 30.0                 # seconds to wait for the original to be reaped
 
 
 @dataclass
@@ -87,6 +89,49 @@ def _free_gap(task: Task, pid: int) -> int:
     return addr
 
 
+def _is_original(pid: int, task: Task) -> tuple[bool, str]:
+    """Is pid still held by the very process the image was taken from?"""
+    try:
+        st = read_stat(pid)
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return False, ""
+    return st.starttime == task.starttime and boot == task.boot_id, st.state
+
+
+def _claim_pid(pid: int, task: Task, reader: ImageReader) -> None:
+    """Make sure the saved pid is free, waiting for the original to go away.
+
+    `lcr checkpoint P -o - | lcr restart -` kills P only after the trailer,
+    so when the image comes through a pipe and P still runs we take the rest
+    of the stream into memory first, then wait for P to be gone."""
+    if not os.path.exists(f"/proc/{pid}"):
+        return
+    original, state = _is_original(pid, task)
+    if not original:
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        raise PidTaken(f"pid {pid} is in use by another process",
+                       "stop that process, or restart with --any-pid")
+    if state != "Z" and not _seekable(reader.fd):
+        reader.buffer_rest()
+    deadline = time.monotonic() + PID_WAIT
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            raise PidTaken(f"pid {pid} is still held by the process the image was taken from",
+                           "it was checkpointed with --leave-running? kill it, or restart with --any-pid")
+        time.sleep(0.02)
+
+
+def _seekable(fd: int) -> bool:
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+        return True
+    except OSError:
+        return False
+
+
 def _spawn(want_pid: int | None) -> tuple[int, int]:
     """A child of ours, blocked in read(); the pipe's write end keeps it so."""
     r, w = os.pipe()
@@ -126,9 +171,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
         raise RestoreError(reason)
     _check_vdso(task)
     want = None if any_pid else task.pid
-    if want is not None and os.path.exists(f"/proc/{want}"):
-        raise PidTaken(f"pid {want} is in use by another process",
-                       "stop that process, or restart with --any-pid")
+    if want is not None:
+        _claim_pid(want, task, reader)
     pid, keep = _spawn(want)
     t = Tracee(pid, exitkill=True)
     try:
@@ -192,10 +236,19 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
     return pages, warnings
 
 
-def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
-    total = 0
+def _records(reader: ImageReader):
     while True:
         rec = reader.next()
+        yield rec
+        if rec.type is RecType.TRAILER:
+            return
+
+
+def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
+    """Pour pages into the task; a helper thread reads (and checks) the next
+    record from the image meanwhile."""
+    total = 0
+    for rec in prefetch(_records(reader)):
         if rec.type is RecType.TRAILER:
             return total
         if rec.type is not RecType.PAGES:
@@ -206,6 +259,7 @@ def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
                              "every saved memory area")
         t.write(meta.addr, rec.data)
         total += meta.npages
+    raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
 
 
 def _destroy(t: Tracee) -> None:

@@ -157,6 +157,8 @@ class Task(Struct, forbid_unknown_fields=True):
     rseq: list[U64]              # address, length, signature ([] if none)
     robust_list: list[U64]       # head, length
     tid_address: U64             # set_tid_address (clear_child_tid)
+    starttime: U64 = 0           # /proc/PID/stat starttime: tells the original
+    boot_id: Str = ""            # process apart from a later one with its pid
 
 
 class Pages(Struct, forbid_unknown_fields=True):

@@ -20,10 +20,16 @@ import zstandard
 from linuxcr.errors import ImageError, ImageWriteError
 from linuxcr.image.schema import (
     ARCH, DATA_TYPES, DECODERS, ENCODER, FORMAT_VERSION, FRAME, FRAME_MAGIC, MAGIC,
-    MAX_DATA, MAX_META, Header, Pages, RecType, Trailer,
+    MAX_DATA, MAX_META, MAX_TASKS, Header, Pages, RecType, Trailer,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+RING = 3
+
+
+class _Version(msgspec.Struct):
+    """Just the version of a header of any format (unknown fields ignored)."""
+    version: int = 0
 
 
 def _digest_bytes(cs: int) -> bytes:
@@ -114,8 +120,12 @@ class ImageReader:
         self.pages = 0
         self.done = False
         self.header: Header | None = None
+        self.tasks = 0
         self._digest = xxhash.xxh3_64()
-        self._buf = bytearray(1 << 20)
+        # Data buffers rotate, so a record's data stays valid while the next
+        # two are read (the restore reads ahead in a helper thread).
+        self._bufs = [bytearray(0) for _ in range(RING)]
+        self._turn = 0
         self._zstd = zstandard.ZstdDecompressor()
 
     def _fail(self, what: str) -> ImageError:
@@ -150,14 +160,17 @@ class ImageReader:
         if hdr.magic != MAGIC:
             raise self._fail("bad magic in header")
         if hdr.version > FORMAT_VERSION:
-            raise ImageError(f"{self.name} has format version {hdr.version}; this lcr reads up to "
-                             f"{FORMAT_VERSION}", "restart it with a newer linuxcr")
+            raise self._newer(hdr.version)
         if hdr.arch != ARCH or platform.machine() != ARCH:
             raise ImageError(f"{self.name} was made on {hdr.arch}; this machine is {platform.machine()}")
         if hdr.page_size != PAGE:
             raise ImageError(f"{self.name} uses {hdr.page_size}-byte pages; this machine uses {PAGE}")
         self.header = hdr
         return hdr
+
+    def _newer(self, version: int) -> ImageError:
+        return ImageError(f"{self.name} has format version {version}; this lcr reads up to "
+                          f"{FORMAT_VERSION}", "restart it with a newer linuxcr")
 
     def _read_frame(self, allow_eof: bool = False) -> tuple[RecType, int, int, int] | None:
         raw = bytearray(FRAME.size)
@@ -174,10 +187,13 @@ class ImageReader:
                     raise ImageError(f"{self.name} is truncated: it ends at byte {self.offset} "
                                      "without its trailer",
                                      "the checkpoint did not complete or the copy was cut short")
+                head = min(got, 4)
+                if self.offset == 0 and raw[:head] != FRAME_MAGIC.to_bytes(4, "little")[:head]:
+                    raise ImageError(f"{self.name} is not a linuxcr image (bad magic)")
                 raise ImageError(f"{self.name} is truncated: it ends inside a record frame "
                                  f"at byte {self.offset + got}")
             got += k
-        magic, rtype, _flags, meta_len, _pad, data_len, cs = FRAME.unpack(raw)
+        magic, rtype, flags, meta_len, pad, data_len, cs = FRAME.unpack(raw)
         if magic != FRAME_MAGIC:
             if self.offset == 0:
                 raise ImageError(f"{self.name} is not a linuxcr image (bad magic)")
@@ -186,6 +202,8 @@ class ImageReader:
             rt = RecType(rtype)
         except ValueError:
             raise self._fail(f"unknown record type {rtype}") from None
+        if flags or pad:   # reserved, written as 0, and not covered by the checksum
+            raise self._fail(f"reserved frame fields are not zero ({flags:#x}, {pad:#x})")
         if meta_len > MAX_META:
             raise self._fail(f"metadata length {meta_len} exceeds the limit {MAX_META}")
         if data_len > MAX_DATA or (data_len and rt not in DATA_TYPES):
@@ -196,9 +214,12 @@ class ImageReader:
     def _read_body(self, rt: RecType, meta_len: int, data_len: int, cs: int) -> Record:
         start = self.offset
         meta = bytes(self._read_exact(meta_len))
-        if data_len > len(self._buf):
-            self._buf = bytearray(data_len)
-        data = self._read_exact(data_len, memoryview(self._buf)) if data_len else memoryview(b"")
+        data = memoryview(b"")
+        if data_len:
+            self._turn = (self._turn + 1) % RING
+            if data_len > len(self._bufs[self._turn]):
+                self._bufs[self._turn] = bytearray(data_len)
+            data = self._read_exact(data_len, memoryview(self._bufs[self._turn]))
         h = xxhash.xxh3_64(meta)
         if data_len:
             h.update(data)
@@ -209,6 +230,13 @@ class ImageReader:
             obj = DECODERS[rt].decode(meta)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             self.offset = start
+            if rt is RecType.HEADER:   # a newer format may have other header fields
+                try:
+                    version = msgspec.msgpack.decode(meta, type=_Version).version
+                except msgspec.DecodeError:
+                    version = 0
+                if version > FORMAT_VERSION:
+                    raise self._newer(version) from None
             raise self._fail(f"invalid {rt.name} record: {e}") from None
         if rt is not RecType.TRAILER:
             self._digest.update(_digest_bytes(cs))
@@ -221,6 +249,12 @@ class ImageReader:
             raise self._fail("data after the trailer")
         frame = self._read_frame()
         assert frame is not None
+        if frame[0] is RecType.HEADER:
+            raise self._fail("a second header record")
+        if frame[0] is RecType.TASK:
+            if self.tasks >= MAX_TASKS:
+                raise self._fail(f"more than {MAX_TASKS} task records")
+            self.tasks += 1
         rec = self._read_body(*frame)
         if rec.type is RecType.PAGES:
             rec.data = self._pages_data(rec.meta, rec.data)  # type: ignore[arg-type]
@@ -232,6 +266,12 @@ class ImageReader:
         want = meta.npages * PAGE
         if meta.compressed:
             try:
+                # decompress() allocates the size the zstd frame declares, even beyond
+                # max_output_size: check it first (-1: not declared, then bounded)
+                size = zstandard.frame_content_size(data)
+                if size not in (-1, want):
+                    raise self._fail(f"compressed pages at 0x{meta.addr:x} declare {size} bytes, "
+                                     f"expected {want}")
                 out = self._zstd.decompress(data, max_output_size=want)
             except zstandard.ZstdError as e:
                 raise self._fail(f"compressed pages at 0x{meta.addr:x} do not decompress: {e}") from None
@@ -250,8 +290,31 @@ class ImageReader:
                              "duplicated or reordered)")
         self.done = True
 
+    def buffer_rest(self) -> None:
+        """Take the rest of the stream into memory (a memfd) and read from there.
+
+        Used when the writer waits for us to drain it before it can finish."""
+        mem = os.memfd_create("lcr-image", os.MFD_CLOEXEC)
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.fd, 1 << 20)
+                except OSError as e:
+                    raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
+                if not chunk:
+                    break
+                os.write(mem, chunk)
+        except BaseException:
+            os.close(mem)
+            raise
+        os.lseek(mem, 0, os.SEEK_SET)
+        self.fd = mem
+
     def expect_end(self) -> None:
         """After the trailer nothing may follow."""
-        extra = os.read(self.fd, 1)
+        try:
+            extra = os.read(self.fd, 1)
+        except OSError as e:
+            raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
         if extra:
             raise self._fail("data after the trailer")

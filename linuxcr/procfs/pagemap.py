@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-import numpy as np
-
 from ._text import proc_path
 
 PM_PRESENT = 1 << 63
@@ -41,6 +39,8 @@ def page_runs(
     """
     if len(data) % ENTRY_SIZE:
         raise ValueError(f"pagemap data length {len(data)} is not a multiple of {ENTRY_SIZE}")
+    import numpy as np  # lazily: only the fallback path needs it (~100 ms import)
+
     entries = np.frombuffer(data, dtype="<u8")
     flags = (entries >> np.uint64(61)).astype(np.uint8)  # bit2 present, bit1 swap, bit0 file
     keep = (flags & 0b110) != 0
@@ -93,6 +93,7 @@ class PagemapReader:
 
     def __init__(self, pid: int | str, page_size: int = 4096) -> None:
         self.page_size = page_size
+        self.scan_ok = True
         self.fd = os.open(proc_path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self, start: int, end: int) -> bytes:
@@ -103,7 +104,15 @@ class PagemapReader:
     def runs(
         self, start: int, end: int, anon_only: bool = False, chunk_pages: int = DEFAULT_CHUNK_PAGES
     ) -> list[Run]:
-        """page_runs over [start, end), read in bounded chunks (huge PROT_NONE reservations)."""
+        """Runs of present-or-swapped pages in [start, end).
+
+        Asks the kernel with PAGEMAP_SCAN (ranges, no per-page work); on
+        older kernels reads the raw entries in bounded chunks instead."""
+        if self.scan_ok:
+            try:
+                return self._scan(start, end, anon_only)
+            except OSError:
+                self.scan_ok = False
         runs: list[Run] = []
         step = chunk_pages * self.page_size
         base = start - start % self.page_size
@@ -111,6 +120,17 @@ class PagemapReader:
             data = self.read(lo, min(lo + step, end))
             runs += page_runs(data, lo, self.page_size, anon_only=anon_only)
         return _merge_adjacent(runs, self.page_size)
+
+    def _scan(self, start: int, end: int, anon_only: bool) -> list[Run]:
+        from linuxcr.sys.syscalls import (
+            PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, pagemap_scan,
+        )
+        excl = PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0)   # zero page reads as zeros
+        ranges = pagemap_scan(self.fd, start, end, anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                              inverted=excl, mask=excl,
+                              return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+        ps = self.page_size
+        return [(s, (e - s) // ps) for s, e in ranges]
 
     def close(self) -> None:
         if self.fd >= 0:

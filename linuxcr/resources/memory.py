@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from linuxcr.pipeline import RING, prefetch
 from linuxcr.image.schema import Vma
 from linuxcr.image.stream import ImageWriter
 from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
@@ -74,23 +75,33 @@ def collect(smaps: list[SmapsEntry]) -> list[Vma]:
     return [a.vma for a in map(classify, smaps) if a is not None and a.vma is not None]
 
 
-def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int:
-    """Copy present pages, run by run, through one reused buffer."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    total = 0
-    with PagemapReader(t.pid) as pm:
+def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
+    """(address, pages) of every page worth saving, in chunks of at most CHUNK."""
+    out: list[tuple[int, int]] = []
+    with PagemapReader(pid) as pm:
         for v in vmas:
-            if not v.pages:
-                continue
-            runs = pm.runs(v.start, v.end, anon_only=(v.kind == "file"))
-            for addr, n in split_runs(runs, CHUNK // PAGE):
-                chunk = view[: n * PAGE]
-                t.readinto(addr, chunk)
-                w.page_run(t.pid, addr, chunk)
-                total += n
-                if progress:
-                    progress(n * PAGE)
+            if v.pages:
+                out += split_runs(pm.runs(v.start, v.end, anon_only=(v.kind == "file")), CHUNK // PAGE)
+    return out
+
+
+def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int:
+    """Copy the pages: a helper thread reads the next chunk from the task
+    while this one writes the previous one out."""
+    ring = [memoryview(bytearray(CHUNK)) for _ in range(RING)]
+
+    def chunks():
+        for i, (addr, n) in enumerate(page_runs(t.pid, vmas)):
+            view = ring[i % RING][: n * PAGE]
+            t.readinto(addr, view)
+            yield addr, view
+
+    total = 0
+    for addr, view in prefetch(chunks()):
+        w.page_run(t.pid, addr, view)
+        total += len(view) // PAGE
+        if progress:
+            progress(len(view))
     return total
 
 

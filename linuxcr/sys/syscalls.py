@@ -131,3 +131,45 @@ def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> in
 
 def errno_name(e: int) -> str:
     return errno.errorcode.get(e, str(e))
+
+
+# --- PAGEMAP_SCAN (Linux 6.7+): ranges of pages by category, from the kernel --
+PAGEMAP_SCAN = 0xC0606610          # _IOWR('f', 16, struct pm_scan_arg)
+PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PAGE_IS_FILE = 1 << 0, 1 << 1, 1 << 2
+PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = 1 << 3, 1 << 4, 1 << 5
+
+
+class pm_scan_arg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class page_region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+def pagemap_scan(fd: int, start: int, end: int, *, anyof: int, inverted: int = 0, mask: int = 0,
+                 return_mask: int, vec_len: int = 1024) -> list[tuple[int, int]]:
+    """All (start, end) ranges in [start, end) whose pages match; merged by the kernel.
+
+    Raises OSError(ENOTTY/EINVAL) on kernels without PAGEMAP_SCAN."""
+    vec = (page_region * vec_len)()
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), flags=0, start=pos, end=end, walk_end=0,
+                          vec=ctypes.addressof(vec), vec_len=vec_len, max_pages=0,
+                          category_inverted=inverted, category_mask=mask,
+                          category_anyof_mask=anyof, return_mask=return_mask)
+        n = _check(libc.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg)))
+        for i in range(n):
+            r = vec[i]
+            if out and out[-1][1] == r.start:
+                out[-1] = (out[-1][0], r.end)
+            else:
+                out.append((r.start, r.end))
+        if arg.walk_end <= pos:
+            break
+        pos = arg.walk_end
+    return out
