@@ -173,20 +173,23 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
     want = None if any_pid else task.pid
     if want is not None:
         _claim_pid(want, task, reader)
-    pid, keep = _spawn(want)
-    t = Tracee(pid, exitkill=True)
     try:
-        t.seize()
-        t.stop()
-        pages, warnings = _rebuild(t, task, header, reader)
-    except BaseException as e:
-        _destroy(t)
-        os.close(keep)
-        if isinstance(e, OSError):
-            raise RestoreError(f"restore of pid {task.pid} failed: {e}") from None
-        raise
-    t.detach()
-    os.close(keep)
+        pid, keep = _spawn(want)
+        t = Tracee(pid, exitkill=True)
+        try:
+            t.seize()
+            t.stop()
+            pages, warnings = _rebuild(t, task, header, reader)
+        except BaseException as e:
+            _destroy(t)
+            if isinstance(e, OSError):
+                raise RestoreError(f"restore of pid {task.pid} failed: {e}") from None
+            raise
+        finally:
+            os.close(keep)
+        t.detach()
+    finally:
+        reader.close()
     return RestoreResult(pid=pid, original_pid=task.pid, pages=pages,
                          seconds=time.monotonic() - t0, warnings=warnings)
 
@@ -198,6 +201,7 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
     if reason:
         raise RestoreError(reason, "restart on a machine with the same CPU features")
     inherited = read_status(pid)
+    inherited_exe = os.readlink(f"/proc/{pid}/exe")
     t.insn = t.find_syscall_insn(None)
     ptrace.set_sigmask(pid, ALL_SIGNALS)
     cpu.unregister_rseq(t)
@@ -218,7 +222,7 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
     memory.map_areas(t, task.vmas, arena)
     pages = _fill_pages(t, task, reader)
     memory.protect_areas(t, task.vmas)
-    process.restore_mm(t, arena, task.mm)
+    process.restore_mm(t, arena, task.mm, inherited_exe)
     files.restore(t, arena, task.files)
     files.restore_fs(t, arena, task.cwd, task.root)
     process.restore_misc(t, arena, task)
@@ -250,6 +254,7 @@ def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
     total = 0
     for rec in prefetch(_records(reader)):
         if rec.type is RecType.TRAILER:
+            reader.expect_end()
             return total
         if rec.type is not RecType.PAGES:
             raise ImageError(f"{reader.name} is corrupt: unexpected {rec.type.name} record among pages")

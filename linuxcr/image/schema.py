@@ -32,7 +32,8 @@ FRAME_MAGIC = 0x7243434C  # "LCCr"
 MAX_META = 64 << 20          # one metadata record
 MAX_DATA = 64 << 20          # one page record's data (we write at most 16 MiB)
 MAX_STR = 4096               # paths, names
-MAX_LIST = 1 << 20           # VMAs, fds, siginfos per task
+MAX_LIST = 1 << 20           # VMAs, fds, siginfos, groups per task
+MAX_SMALL = 64               # the other lists: ids, rlimits, sigactions, flags
 MAX_TASKS = 4096
 
 U64 = Annotated[int, Meta(ge=0)]  # msgpack cannot hold more than 2**64-1
@@ -44,6 +45,9 @@ Fd = Annotated[int, Meta(ge=0, le=(1 << 20))]
 Sig = Annotated[int, Meta(ge=1, le=64)]
 Str = Annotated[str, Meta(max_length=MAX_STR)]
 Blob = Annotated[bytes, Meta(max_length=1 << 16)]
+# msgpack decodes into objects ~8x its size: lists are bounded too, not only by MAX_META
+Small = Meta(max_length=MAX_SMALL)
+Long = Meta(max_length=MAX_LIST)
 
 
 class RecType(enum.IntEnum):
@@ -65,7 +69,7 @@ class Header(Struct, forbid_unknown_fields=True):
     xfeatures: U64               # XCR0 bits used by the saved FPU state
     xstate_size: U32
     root_pid: Pid
-    flags: list[Str] = []        # e.g. ["compressed"]
+    flags: Annotated[list[Str], Small] = []        # e.g. ["compressed"]
 
 
 class Vma(Struct, forbid_unknown_fields=True):
@@ -77,7 +81,7 @@ class Vma(Struct, forbid_unknown_fields=True):
     path: Str = ""     # file path for kind=file
     offset: U64 = 0    # file offset
     name: Str = ""     # [heap], [stack], [anon:x] as shown in maps
-    vmflags: list[Annotated[str, Meta(max_length=2)]] = []
+    vmflags: Annotated[list[Annotated[str, Meta(max_length=2)]], Small] = []
     pages: bool = False  # PAGES records follow for this area
 
 
@@ -127,9 +131,9 @@ class MmFields(Struct, forbid_unknown_fields=True):
 
 
 class Creds(Struct, forbid_unknown_fields=True):
-    uid: list[U32]      # real, effective, saved, fs
-    gid: list[U32]
-    groups: list[U32]
+    uid: Annotated[list[U32], Small]      # real, effective, saved, fs
+    gid: Annotated[list[U32], Small]
+    groups: Annotated[list[U32], Long]
 
 
 class Task(Struct, forbid_unknown_fields=True):
@@ -144,18 +148,18 @@ class Task(Struct, forbid_unknown_fields=True):
     creds: Creds
     umask: Annotated[int, Meta(ge=0, le=0o777)]
     personality: U32
-    rlimits: list[Rlimit]
+    rlimits: Annotated[list[Rlimit], Small]
     mm: MmFields
-    vmas: list[Vma]
-    files: list[OpenFile]
+    vmas: Annotated[list[Vma], Long]
+    files: Annotated[list[OpenFile], Long]
     regs: Annotated[bytes, Meta(min_length=216, max_length=216)]   # user_regs_struct
     xstate: Blob
     sigmask: U64
-    sigactions: list[SigAction]
-    pending: list[PendingSignal]
-    altstack: list[U64]          # ss_sp, ss_flags, ss_size
-    rseq: list[U64]              # address, length, signature ([] if none)
-    robust_list: list[U64]       # head, length
+    sigactions: Annotated[list[SigAction], Small]
+    pending: Annotated[list[PendingSignal], Long]
+    altstack: Annotated[list[U64], Small]          # ss_sp, ss_flags, ss_size
+    rseq: Annotated[list[U64], Small]              # address, length, signature ([] if none)
+    robust_list: Annotated[list[U64], Small]       # head, length
     tid_address: U64             # set_tid_address (clear_child_tid)
     starttime: U64 = 0           # /proc/PID/stat starttime: tells the original
     boot_id: Str = ""            # process apart from a later one with its pid

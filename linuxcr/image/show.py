@@ -24,6 +24,7 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         elif rec.type is RecType.PAGES:
             m: Pages = rec.meta  # type: ignore[assignment]
             pages_by_pid[m.pid] = pages_by_pid.get(m.pid, 0) + m.npages
+    r.expect_end()
     stored = r.offset
     hdr = msgspec.to_builtins(header)
     hdr["magic"] = header.magic.decode(errors="replace").rstrip("\0")
@@ -53,9 +54,16 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _when(t: float) -> str:
+    try:   # the image says when: any float, NaN and 1e300 included
+        return dt.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return f"at an impossible time ({t})"
+
+
 def render_text(s: dict[str, Any]) -> str:
     h = s["header"]
-    created = dt.datetime.fromtimestamp(h["created"]).isoformat(timespec="seconds")
+    created = _when(h["created"])
     lines = [f"{s['image']}: linuxcr image v{h['version']}, {h['arch']}, kernel {h['kernel']}, "
              f"made {created} on {h['hostname']} by {h['tool']}",
              f"  {_size(s['image_bytes'])} in all, {s['total_pages']} pages "
@@ -63,7 +71,7 @@ def render_text(s: dict[str, Any]) -> str:
              + (", compressed" if "compressed" in h["flags"] else "")]
     for t in s["tasks"]:
         lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
-                     f"sid {t['sid']} uid {t['creds']['uid'][0]} cwd {t['cwd']}")
+                     f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}")
         lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved")
         for v in t["vmas"]:
             what = v["path"] or v["name"] or v["kind"]

@@ -127,6 +127,7 @@ class ImageReader:
         self._bufs = [bytearray(0) for _ in range(RING)]
         self._turn = 0
         self._zstd = zstandard.ZstdDecompressor()
+        self._owned_fd: int | None = None
 
     def _fail(self, what: str) -> ImageError:
         return ImageError(f"{self.name} is corrupt: {what} (at byte {self.offset})",
@@ -309,6 +310,13 @@ class ImageReader:
             raise
         os.lseek(mem, 0, os.SEEK_SET)
         self.fd = mem
+        self._owned_fd = mem
+
+    def close(self) -> None:
+        """Close what the reader opened itself (the caller owns the fd it gave)."""
+        if self._owned_fd is not None:
+            os.close(self._owned_fd)
+            self._owned_fd = None
 
     def expect_end(self) -> None:
         """After the trailer nothing may follow."""

@@ -76,19 +76,34 @@ def check_creds(task: Task) -> str | None:
     return None
 
 
-def restore_mm(t: Tracee, arena: Arena, mm: MmFields) -> None:
-    exe_fd = arena.open(mm.exe, os.O_RDONLY, what="the program's executable")
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def restore_mm(t: Tracee, arena: Arena, mm: MmFields, inherited_exe: str) -> None:
+    """PR_SET_MM_MAP.  The task is a fork of lcr: when lcr runs the very same
+    program (a Python image restored by lcr's Python) its exe link is right
+    already, and the kernel refuses to replace an exe that is still mapped."""
+    if _same_file(inherited_exe, mm.exe):
+        exe_fd = -1
+    else:
+        exe_fd = arena.open(mm.exe, os.O_RDONLY, what="the program's executable")
     auxv = arena.put(mm.auxv)
     mm_map = _MM_MAP.pack(mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk,
                           mm.brk, mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start,
-                          mm.env_end, auxv, len(mm.auxv), exe_fd)
+                          mm.env_end, auxv, len(mm.auxv), exe_fd & 0xFFFFFFFF)
     try:
         t.syscall("prctl", PR_SET_MM, PR_SET_MM_MAP, arena.put(mm_map), _MM_MAP.size, 0)
     except OSError as e:
         raise RestoreError(f"the kernel refused the saved memory layout (PR_SET_MM_MAP): "
                            f"{e.strerror}") from None
     finally:
-        t.syscall("close", exe_fd, check=False)
+        if exe_fd >= 0:
+            t.syscall("close", exe_fd, check=False)
 
 
 def restore_misc(t: Tracee, arena: Arena, task: Task) -> None:

@@ -79,14 +79,21 @@ def process_vm_readv(pid: int, local: memoryview | bytearray, remote_addr: int) 
     return syscall(NR["process_vm_readv"], pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
 
 
+def _buffer_address(buf: memoryview | bytes | bytearray) -> tuple[int, object]:
+    """Address of a buffer's bytes (and an object that keeps it alive), no copy."""
+    if isinstance(buf, memoryview) and buf.readonly:
+        buf = buf.obj if isinstance(buf.obj, bytes) and len(buf.obj) == len(buf) else bytes(buf)
+    if isinstance(buf, bytes):
+        ptr = ctypes.c_char_p(buf)
+        return ctypes.cast(ptr, ctypes.c_void_p).value or 0, (ptr, buf)
+    arr = (ctypes.c_char * len(buf)).from_buffer(buf)
+    return ctypes.addressof(arr), arr
+
+
 def process_vm_writev(pid: int, local: memoryview | bytes | bytearray, remote_addr: int) -> int:
-    if isinstance(local, bytes):
-        buf = ctypes.create_string_buffer(local, len(local))
-        n = len(local)
-    else:
-        buf = (ctypes.c_char * len(local)).from_buffer(local)
-        n = len(local)
-    liov = iovec(ctypes.addressof(buf), n)
+    n = len(local)
+    addr, _keep = _buffer_address(local)
+    liov = iovec(addr, n)
     riov = iovec(remote_addr, n)
     return syscall(NR["process_vm_writev"], pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
 
