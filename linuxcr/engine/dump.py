@@ -80,14 +80,14 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             raise NotCheckpointable(pid, reasons)
         status, stat = read_status(pid), read_stat(pid)
         vmas = memory.collect(smaps)     # taken before our scratch page exists
-        vdso = memory.vdso_area(vmas)
-        t.insn = t.find_syscall_insn(vdso)
+        t.insn = t.find_syscall_insn(memory.vdso_text(vmas))
         old_mask = ptrace.get_sigmask(pid)
         ptrace.set_sigmask(pid, ALL_SIGNALS)   # nothing gets delivered while we work
         with t.scratch() as addr:
             arena = Arena(t, addr, PAGE)
             actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
             altstack = signals.dump_altstack(t, arena)
+            itimers = signals.dump_itimers(t, arena)
             brk = t.syscall("brk", 0)
             tinfo = process.dump_threadinfo(t, arena)
         cpu_state = cpu.dump(t)
@@ -98,7 +98,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
             mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
             sigmask=old_mask, sigactions=actions, pending=signals.dump_pending(pid),
-            altstack=altstack, starttime=stat.starttime, boot_id=_boot_id(), **cpu_state, **tinfo)
+            altstack=altstack, itimers=itimers, starttime=stat.starttime, boot_id=_boot_id(), **cpu_state, **tinfo)
         xfeat, xsize = cpu.xstate_features(task.xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),

@@ -229,6 +229,7 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
     process.restore_session(t, task)
     signals.restore_actions(t, arena, task.sigactions, inherited.sig_cgt | inherited.sig_ign)
     signals.restore_altstack(t, arena, task.altstack)
+    signals.restore_itimers(t, arena, task.itimers)
     warnings = process.restore_rlimits(pid, task.rlimits)
     process.restore_creds(t, arena, task.creds)
     signals.queue_pending(t, arena, task.pending, task.pid if task.pid == pid else pid, pid)

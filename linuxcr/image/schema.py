@@ -161,6 +161,7 @@ class Task(Struct, forbid_unknown_fields=True):
     rseq: Annotated[list[U64], Small]              # address, length, signature ([] if none)
     robust_list: Annotated[list[U64], Small]       # head, length
     tid_address: U64             # set_tid_address (clear_child_tid)
+    itimers: list[list[U64]] = []   # REAL, VIRTUAL, PROF: [it_interval s, us, it_value s, us]
     starttime: U64 = 0           # /proc/PID/stat starttime: tells the original
     boot_id: Str = ""            # process apart from a later one with its pid
 

@@ -111,8 +111,12 @@ class Tracee:
         """An address holding 0f 05 in an executable mapping of the task."""
         regs = self.saved_regs
         assert regs is not None
-        if _to_signed(regs.orig_rax) >= 0 and self.read(regs.rip - 2, 2) == SYSCALL_INSN:
-            return regs.rip - 2
+        if _to_signed(regs.orig_rax) >= 0:
+            try:
+                if self.read(regs.rip - 2, 2) == SYSCALL_INSN:
+                    return regs.rip - 2
+            except (OSError, KernelError):
+                pass   # rip is at the start of a mapping: look elsewhere
         if vdso is not None:
             data = self.read(vdso[0], vdso[1] - vdso[0])
             at = data.find(SYSCALL_INSN)

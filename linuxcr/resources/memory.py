@@ -115,6 +115,11 @@ def vdso_area(vmas: list[Vma]) -> tuple[int, int] | None:
     return min(v.start for v in parts), max(v.end for v in parts)
 
 
+def vdso_text(vmas: list[Vma]) -> tuple[int, int] | None:
+    """The [vdso] code pages (the vvar pages around it cannot be read)."""
+    return next(((v.start, v.end) for v in vmas if v.kind == "vdso"), None)
+
+
 def map_areas(t: Tracee, vmas: list[Vma], scratch) -> None:
     """mmap every saved area at its address in the new task (pages come later)."""
     fds: dict[tuple[str, bool], int] = {}

@@ -38,6 +38,25 @@ def dump_altstack(t: Tracee, arena: Arena) -> list[int]:
     return [sp, flags & 0xFFFFFFFF, size]
 
 
+_ITIMERVAL = struct.Struct("<qqqq")   # it_interval {sec, usec}, it_value {sec, usec}
+
+
+def dump_itimers(t: Tracee, arena: Arena) -> list[list[int]]:
+    """setitimer()/alarm() timers: they deliver signals, so they live here."""
+    buf = arena.alloc(_ITIMERVAL.size)
+    out = []
+    for which in range(3):
+        t.syscall("getitimer", which, buf)
+        out.append(list(_ITIMERVAL.unpack(t.read(buf, _ITIMERVAL.size))))
+    return out
+
+
+def restore_itimers(t: Tracee, arena: Arena, timers: list[list[int]]) -> None:
+    for which, tv in enumerate(timers[:3]):
+        if len(tv) == 4 and (tv[2] or tv[3]):   # armed: same interval, same time left
+            t.syscall("setitimer", which, arena.put(_ITIMERVAL.pack(*tv)), 0)
+
+
 def dump_pending(pid: int) -> list[PendingSignal]:
     return [PendingSignal(shared=shared, siginfo=info)
             for shared in (False, True) for info in ptrace.peek_siginfo(pid, shared)]

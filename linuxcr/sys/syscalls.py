@@ -18,7 +18,7 @@ _syscall.restype = ctypes.c_long
 NR = dict(
     read=0, write=1, open=2, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
     brk=12, rt_sigaction=13, rt_sigprocmask=14, ioctl=16, mremap=25, madvise=28,
-    dup=32, dup2=33, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
+    dup=32, dup2=33, getitimer=36, setitimer=38, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
     ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
     setresuid=117, setresgid=119, getpgid=121, getsid=124, rt_sigqueueinfo=129,
     sigaltstack=131, personality=135, prctl=157, arch_prctl=158, chroot=161,
