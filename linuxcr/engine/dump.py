@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable
 from linuxcr.image.schema import MAGIC, FORMAT_VERSION, ARCH, Header, RecType, Task
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import read_smaps, read_stat, read_status
-from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, files, memory, process, signals
-from linuxcr.sys import ptrace
+from linuxcr.remote.freezer import Frozen
+from linuxcr.remote.task import Arena
+from linuxcr.resources import cpu, files, memory, process, signals, threads
 
 
 @dataclass
@@ -51,8 +50,6 @@ def check_process(pid: int, smaps=None) -> list[str]:
         reasons.append("it is a zombie (it has exited; only its parent can reap it)")
     if not smaps and st.state != "Z":
         reasons.append("it is a kernel thread")
-    if st.threads > 1:
-        reasons.append(f"it has {st.threads} threads: multi-threaded processes are not supported yet")
     if st.tgid != pid:
         reasons.append(f"it is a thread of process {st.tgid}; checkpoint that pid instead")
     reasons += memory.check(smaps)
@@ -68,37 +65,15 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     reasons = check_process(pid)
     if reasons:
         raise NotCheckpointable(pid, reasons)
-    t = Tracee(pid)
-    t.seize()
+    frozen = Frozen(pid)
     frozen_at = time.monotonic()
-    old_mask: int | None = None
     try:
-        t.stop()
+        frozen.freeze()
         smaps = read_smaps(pid)          # final: nothing changes while it is stopped
         reasons = check_process(pid, smaps)   # it may have changed before we stopped it
         if reasons:
             raise NotCheckpointable(pid, reasons)
-        status, stat = read_status(pid), read_stat(pid)
-        vmas = memory.collect(smaps)     # taken before our scratch page exists
-        t.insn = t.find_syscall_insn(memory.vdso_text(vmas))
-        old_mask = ptrace.get_sigmask(pid)
-        ptrace.set_sigmask(pid, ALL_SIGNALS)   # nothing gets delivered while we work
-        with t.scratch() as addr:
-            arena = Arena(t, addr, PAGE)
-            actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
-            altstack = signals.dump_altstack(t, arena)
-            itimers = signals.dump_itimers(t, arena)
-            brk = t.syscall("brk", 0)
-            tinfo = process.dump_threadinfo(t, arena)
-        cpu_state = cpu.dump(t)
-        task = Task(
-            pid=pid, tid=pid, ppid=stat.ppid, pgid=stat.pgrp, sid=stat.session, comm=stat.comm,
-            cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
-            creds=process.dump_creds(status), umask=status.umask or 0,
-            personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
-            mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
-            sigmask=old_mask, sigactions=actions, pending=signals.dump_pending(pid),
-            altstack=altstack, itimers=itimers, starttime=stat.starttime, boot_id=_boot_id(), **cpu_state, **tinfo)
+        task, vmas = _collect(frozen, smaps)
         xfeat, xsize = cpu.xstate_features(task.xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
@@ -106,52 +81,54 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
                         tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
                         root_pid=pid, flags=["compressed"] if compress else []))
         w.record(RecType.TASK, task)
-        pages = memory.dump_pages(t, vmas, w, progress)
+        pages = memory.dump_pages(frozen.leader, vmas, w, progress)
         w.finish()
         if on_written:
             on_written()
     except BaseException:
-        _let_go(t, old_mask)
+        frozen.thaw()
         raise
     if leave_running:
-        _let_go(t, old_mask)
+        frozen.thaw()
     else:
-        _kill(t)
+        frozen.kill()
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
                       frozen_seconds=done - frozen_at)
 
 
+def _collect(frozen: Frozen, smaps) -> tuple[Task, list]:
+    """Everything but the pages, with the process frozen."""
+    pid, t = frozen.pid, frozen.leader
+    status, stat = read_status(pid), read_stat(pid)
+    vmas = memory.collect(smaps)     # taken before our scratch page exists
+    insn = t.find_syscall_insn(memory.vdso_text(vmas))
+    for th in frozen.threads.values():
+        th.insn = insn
+    frozen.block_signals()           # nothing gets delivered while we work
+    with t.scratch() as addr:
+        arena = Arena(t, addr, PAGE)
+        actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
+        altstack = signals.dump_altstack(t, arena)
+        itimers = signals.dump_itimers(t, arena)
+        brk = t.syscall("brk", 0)
+        tinfo = process.dump_threadinfo(t, arena)
+        others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
+    task = Task(
+        pid=pid, tid=pid, ppid=stat.ppid, pgid=stat.pgrp, sid=stat.session, comm=stat.comm,
+        cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+        creds=process.dump_creds(status), umask=status.umask or 0,
+        personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
+        mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
+        sigmask=frozen.masks[pid], sigactions=actions, pending=signals.dump_pending(pid),
+        altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
+        boot_id=_boot_id(), **cpu.dump(t), **tinfo)
+    return task, vmas
+
+
 def _boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
-
-
-def _let_go(t: Tracee, old_mask: int | None) -> None:
-    """Put the task back exactly as it was and detach."""
-    if not t.attached:
-        return
-    try:
-        if t.saved_regs is not None:
-            t.set_regs(t.resume_regs())
-        if old_mask is not None:
-            ptrace.set_sigmask(t.pid, old_mask)
-    except OSError:
-        pass  # it died; nothing left to put back
-    t.detach()
-
-
-def _kill(t: Tracee) -> None:
-    os.kill(t.pid, signal.SIGKILL)
-    try:
-        while True:   # as its tracer we see its death; the parent still reaps it
-            status = ptrace.wait_stop(t.pid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                break
-    except ChildProcessError:
-        pass
-    t.attached = False
-    t.close()
 
 
 __all__ = ["checkpoint", "check_process", "DumpResult", "LcrError"]

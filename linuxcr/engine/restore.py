@@ -22,7 +22,7 @@ from linuxcr.image.schema import Header, Pages, RecType, Task
 from linuxcr.image.stream import PAGE, ImageReader
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, files, memory, process, signals
+from linuxcr.resources import cpu, files, memory, process, signals, threads
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE, clone3_stopped_child
 
@@ -175,11 +175,11 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
         _claim_pid(want, task, reader)
     try:
         pid, keep = _spawn(want)
-        t = Tracee(pid, exitkill=True)
+        t = Tracee(pid, exitkill=True, traceclone=bool(task.threads))
         try:
             t.seize()
             t.stop()
-            pages, warnings = _rebuild(t, task, header, reader)
+            pages, warnings, made = _rebuild(t, task, header, reader)
         except BaseException as e:
             _destroy(t)
             if isinstance(e, OSError):
@@ -187,6 +187,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
             raise
         finally:
             os.close(keep)
+        for th in made:
+            th.detach()
         t.detach()
     finally:
         reader.close()
@@ -194,7 +196,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
                          seconds=time.monotonic() - t0, warnings=warnings)
 
 
-def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tuple[int, list[str]]:
+def _rebuild(t: Tracee, task: Task, header: Header,
+             reader: ImageReader) -> tuple[int, list[str], list[Tracee]]:
     pid = t.pid
     local_xstate = ptrace.get_xstate(pid)
     reason = cpu.check_restorable(task.xstate, local_xstate)
@@ -202,7 +205,8 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
         raise RestoreError(reason, "restart on a machine with the same CPU features")
     inherited = read_status(pid)
     inherited_exe = os.readlink(f"/proc/{pid}/exe")
-    t.insn = t.find_syscall_insn(None)
+    own_vdso = next(((m.start, m.end) for m in read_maps(pid) if m.path == "[vdso]"), None)
+    t.insn = t.find_syscall_insn(own_vdso)
     ptrace.set_sigmask(pid, ALL_SIGNALS)
     cpu.unregister_rseq(t)
     t.syscall("close_range", 0, 0xFFFFFFFF, 0)
@@ -231,14 +235,22 @@ def _rebuild(t: Tracee, task: Task, header: Header, reader: ImageReader) -> tupl
     signals.restore_altstack(t, arena, task.altstack)
     signals.restore_itimers(t, arena, task.itimers)
     warnings = process.restore_rlimits(pid, task.rlimits)
+    made = []
+    for th in task.threads:   # threads share everything restored so far
+        new = threads.create(t, arena, th, tramp)
+        made.append(new)
+        threads.restore_thread(new, arena, th)
     process.restore_creds(t, arena, task.creds)
-    signals.queue_pending(t, arena, task.pending, task.pid if task.pid == pid else pid, pid)
+    signals.queue_pending(t, arena, task.pending, pid, pid)
+    for th, new in zip(task.threads, made):
+        signals.queue_pending(t, arena, th.pending, pid, new.pid)
+        threads.finish_thread(new, th)
     cpu.register_rseq(t, task.rseq)
     t.syscall("munmap", tramp, TRAMPOLINE)      # the last thing the task does for us
     cpu.restore_fpu(t, task.xstate)
     t.set_regs(cpu.final_regs(task.regs))
     ptrace.set_sigmask(pid, task.sigmask)
-    return pages, warnings
+    return pages, warnings, made
 
 
 def _records(reader: ImageReader):

@@ -58,7 +58,7 @@ class RecType(enum.IntEnum):
 
 
 class Header(Struct, forbid_unknown_fields=True):
-    magic: bytes
+    magic: Annotated[bytes, Meta(max_length=64)]
     version: U32
     arch: Str
     kernel: Str                  # uname release of the checkpointing machine
@@ -136,6 +136,20 @@ class Creds(Struct, forbid_unknown_fields=True):
     groups: Annotated[list[U32], Long]
 
 
+class Thread(Struct, forbid_unknown_fields=True):
+    """A thread other than the leader (whose state is in Task itself)."""
+    tid: Pid
+    comm: Str
+    regs: Annotated[bytes, Meta(min_length=216, max_length=216)]
+    xstate: Blob
+    sigmask: U64
+    pending: Annotated[list[PendingSignal], Long]  # private to this thread
+    altstack: Annotated[list[U64], Small]
+    rseq: Annotated[list[U64], Small]
+    robust_list: Annotated[list[U64], Small]
+    tid_address: U64
+
+
 class Task(Struct, forbid_unknown_fields=True):
     pid: Pid
     tid: Pid
@@ -161,7 +175,9 @@ class Task(Struct, forbid_unknown_fields=True):
     rseq: Annotated[list[U64], Small]              # address, length, signature ([] if none)
     robust_list: Annotated[list[U64], Small]       # head, length
     tid_address: U64             # set_tid_address (clear_child_tid)
-    itimers: list[list[U64]] = []   # REAL, VIRTUAL, PROF: [it_interval s, us, it_value s, us]
+    threads: Annotated[list[Thread], Meta(max_length=MAX_TASKS)] = []
+    # REAL, VIRTUAL, PROF: [it_interval s, us, it_value s, us]
+    itimers: Annotated[list[Annotated[list[U64], Small]], Small] = []
     starttime: U64 = 0           # /proc/PID/stat starttime: tells the original
     boot_id: Str = ""            # process apart from a later one with its pid
 

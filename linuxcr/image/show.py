@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from linuxcr.image.schema import Pages, RecType, Task
-from linuxcr.image.stream import PAGE, ImageReader
+from linuxcr.image.stream import PAGE, ImageReader, _printable
 
 
 def summarize(fd: int, name: str) -> dict[str, Any]:
@@ -85,4 +85,5 @@ def render_text(s: dict[str, Any]) -> str:
                          f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
         lines.append(f"  signals: {len(t['sigactions'])} handlers, mask 0x{t['sigmask']:x}, "
                      f"{len(t['pending'])} pending")
-    return "\n".join(lines)
+    # names, paths, hostname come from the image: no newlines or terminal escapes
+    return "\n".join(_printable(line) for line in lines)

@@ -32,6 +32,19 @@ class _Version(msgspec.Struct):
     version: int = 0
 
 
+# msgspec raises UnicodeDecodeError for a map key that is not UTF-8, and
+# RecursionError when it skips deeply nested unknown values (_Version).
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _printable(text: str) -> str:
+    """Text from the image, fit for a one-line message: control characters
+    (newlines, terminal escapes) escaped.  msgspec quotes field names."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _digest_bytes(cs: int) -> bytes:
     return cs.to_bytes(8, "little")
 
@@ -130,7 +143,7 @@ class ImageReader:
         self._owned_fd: int | None = None
 
     def _fail(self, what: str) -> ImageError:
-        return ImageError(f"{self.name} is corrupt: {what} (at byte {self.offset})",
+        return ImageError(f"{self.name} is corrupt: {_printable(what)} (at byte {self.offset})",
                           "the image cannot be used; take a new checkpoint")
 
     def _read_exact(self, n: int, into: memoryview | None = None) -> memoryview:
@@ -163,7 +176,8 @@ class ImageReader:
         if hdr.version > FORMAT_VERSION:
             raise self._newer(hdr.version)
         if hdr.arch != ARCH or platform.machine() != ARCH:
-            raise ImageError(f"{self.name} was made on {hdr.arch}; this machine is {platform.machine()}")
+            raise ImageError(f"{self.name} was made on {_printable(hdr.arch)}; "
+                             f"this machine is {platform.machine()}")
         if hdr.page_size != PAGE:
             raise ImageError(f"{self.name} uses {hdr.page_size}-byte pages; this machine uses {PAGE}")
         self.header = hdr
@@ -229,12 +243,12 @@ class ImageReader:
             raise self._fail(f"checksum mismatch in a {rt.name} record")
         try:
             obj = DECODERS[rt].decode(meta)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        except _DECODE_ERRORS as e:
             self.offset = start
             if rt is RecType.HEADER:   # a newer format may have other header fields
                 try:
                     version = msgspec.msgpack.decode(meta, type=_Version).version
-                except msgspec.DecodeError:
+                except _DECODE_ERRORS:
                     version = 0
                 if version > FORMAT_VERSION:
                     raise self._newer(version) from None

@@ -39,9 +39,10 @@ def _to_signed(v: int) -> int:
 class Tracee:
     """A task we have seized with PTRACE_SEIZE and hold in a ptrace-stop."""
 
-    def __init__(self, pid: int, *, exitkill: bool = False) -> None:
+    def __init__(self, pid: int, *, exitkill: bool = False, traceclone: bool = False) -> None:
         self.pid = pid
         self.exitkill = exitkill
+        self.traceclone = traceclone
         self.attached = False
         self.insn: int | None = None          # address of a syscall instruction
         self.saved_regs: user_regs_struct | None = None
@@ -49,7 +50,8 @@ class Tracee:
 
     # --- attach / stop / detach -------------------------------------------------
     def seize(self) -> None:
-        opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0)
+        opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0) \
+            | (ptrace.PTRACE_O_TRACECLONE if self.traceclone else 0)
         try:
             ptrace.seize(self.pid, opts)
         except OSError as e:
@@ -125,8 +127,7 @@ class Tracee:
         raise KernelError(f"pid {self.pid}: no syscall instruction found to run code in the task "
                           "(no vDSO mapped and not stopped in a syscall)")
 
-    def syscall(self, name: str, *args: int, check: bool = True) -> int:
-        """Run one system call inside the stopped task; returns its result."""
+    def _enter(self, name: str, args: tuple[int, ...]) -> None:
         assert self.insn is not None and self.saved_regs is not None
         regs = self.saved_regs.copy()
         regs.rax = NR[name]
@@ -135,15 +136,43 @@ class Tracee:
         for reg, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(regs, reg, val & 0xFFFFFFFFFFFFFFFF)
         ptrace.set_regs(self.pid, regs)
-        for _ in range(2):  # entry stop, then exit stop
-            ptrace.resume_syscall(self.pid)
-            status = ptrace.wait_stop(self.pid)
-            if not ptrace.is_syscall_stop(status):
-                self._unexpected(status, name)
+        self._step(name)             # to the syscall-entry stop
+
+    def _step(self, name: str) -> None:
+        ptrace.resume_syscall(self.pid)
+        status = ptrace.wait_stop(self.pid)
+        if not ptrace.is_syscall_stop(status):
+            self._unexpected(status, name)
+
+    def _result(self, name: str, check: bool) -> int:
         ret = _to_signed(ptrace.get_regs(self.pid).rax)
         if check and -4096 < ret < 0:
             raise OSError(-ret, f"{name} in pid {self.pid}: {os.strerror(-ret)}")
         return ret
+
+    def syscall(self, name: str, *args: int, check: bool = True) -> int:
+        """Run one system call inside the stopped task; returns its result."""
+        self._enter(name, args)
+        self._step(name)             # to the syscall-exit stop
+        return self._result(name, check)
+
+    def clone_thread(self, args_addr: int, size: int) -> int:
+        """Inject clone3() creating a thread; returns the new tid, which is
+        auto-attached (PTRACE_O_TRACECLONE) and waited for, stopped."""
+        self._enter("clone3", (args_addr, size))
+        ptrace.resume_syscall(self.pid)
+        status = ptrace.wait_stop(self.pid)
+        if not ptrace.is_event(status, ptrace.PTRACE_EVENT_CLONE):
+            if ptrace.is_syscall_stop(status):   # it failed: no event
+                self._result("clone3", True)
+            self._unexpected(status, "clone3")
+        tid = ptrace.get_event_msg(self.pid)
+        self._step("clone3")
+        self._result("clone3", True)
+        while True:
+            st = ptrace.wait_stop(tid)
+            if os.WIFSTOPPED(st):
+                return tid
 
     def _unexpected(self, status: int, name: str) -> None:
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):

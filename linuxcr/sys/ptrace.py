@@ -15,6 +15,7 @@ PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
@@ -26,7 +27,9 @@ PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
 
@@ -60,6 +63,12 @@ def cont(pid: int, sig: int = 0) -> None:
 
 def resume_syscall(pid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_SYSCALL, pid, 0, sig)
+
+
+def get_event_msg(pid: int) -> int:
+    msg = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.byref(msg))
+    return msg.value
 
 
 def get_regs(pid: int) -> user_regs_struct:
@@ -150,6 +159,10 @@ def wait_stop(pid: int) -> int:
 
 def is_event_stop(status: int) -> bool:
     return os.WIFSTOPPED(status) and (status >> 16) == PTRACE_EVENT_STOP
+
+
+def is_event(status: int, event: int) -> bool:
+    return os.WIFSTOPPED(status) and (status >> 16) == event
 
 
 def is_syscall_stop(status: int) -> bool:

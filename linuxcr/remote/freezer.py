@@ -1,0 +1,95 @@
+"""Freeze every thread of a process with ptrace (works for root and for an
+ordinary user alike; no cgroup freezer needed), and let them all go again."""
+from __future__ import annotations
+
+import os
+
+from linuxcr.errors import NoSuchProcess
+from linuxcr.remote.task import ALL_SIGNALS, TaskGone, Tracee
+from linuxcr.sys import ptrace
+
+MAX_ROUNDS = 100
+
+
+def list_tids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise NoSuchProcess(f"pid {pid}: no such process") from None
+
+
+class Frozen:
+    """All threads of ``pid`` seized and stopped; the leader first."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.threads: dict[int, Tracee] = {}
+        self.masks: dict[int, int] = {}
+
+    @property
+    def leader(self) -> Tracee:
+        return self.threads[self.pid]
+
+    def others(self) -> list[Tracee]:
+        return [t for tid, t in sorted(self.threads.items()) if tid != self.pid]
+
+    def freeze(self) -> None:
+        """Seize until no thread appears that we do not hold (threads being
+        created while we work are caught on the next round)."""
+        for _ in range(MAX_ROUNDS):
+            new = [tid for tid in list_tids(self.pid) if tid not in self.threads]
+            if not new:
+                return
+            for tid in new:
+                t = Tracee(tid)
+                try:
+                    t.seize()
+                except NoSuchProcess:
+                    if tid == self.pid:
+                        raise
+                    continue          # a thread that just exited
+                self.threads[tid] = t
+                try:
+                    t.stop()
+                except TaskGone:
+                    if tid == self.pid:
+                        raise
+                    del self.threads[tid]
+        raise NoSuchProcess(f"pid {self.pid} keeps creating threads; cannot freeze it")
+
+    def block_signals(self) -> None:
+        """Keep every signal pending while we run code in the threads."""
+        for tid, t in self.threads.items():
+            self.masks[tid] = ptrace.get_sigmask(tid)
+            ptrace.set_sigmask(tid, ALL_SIGNALS)
+
+    def thaw(self) -> None:
+        """Put every thread back exactly as it was and detach."""
+        for tid, t in self.threads.items():
+            if not t.attached:
+                continue
+            try:
+                if t.saved_regs is not None:
+                    t.set_regs(t.resume_regs())
+                if tid in self.masks:
+                    ptrace.set_sigmask(tid, self.masks[tid])
+            except OSError:
+                pass  # it died; nothing left to put back
+            t.detach()
+
+    def kill(self) -> None:
+        import signal
+        os.kill(self.pid, signal.SIGKILL)
+        # The leader's death is reported only after every other thread's.
+        order = [t for t in self.others()] + [self.leader]
+        for t in order:
+            tid = t.pid
+            try:
+                while True:   # as tracer we see each thread die; the parent reaps
+                    st = ptrace.wait_stop(tid)
+                    if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                        break
+            except ChildProcessError:
+                pass
+            t.attached = False
+            t.close()
