@@ -72,7 +72,10 @@ def restart(image: str, any_pid: bool) -> None:
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid)
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
-        if res.pid != res.original_pid:
+        if res.namespace:
+            click.echo(f"lcr: restored in a new pid namespace: the process sees pid {res.vpid}, "
+                       f"pid {res.pid} from here", err=True)
+        elif res.pid != res.original_pid:
             click.echo(f"lcr: pid {res.original_pid} was in use; restored as pid {res.pid}", err=True)
         click.echo(str(res.pid))
         sys.stdout.flush()

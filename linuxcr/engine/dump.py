@@ -122,6 +122,8 @@ def _collect(frozen: Frozen, smaps) -> tuple[Task, list]:
         mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
         sigmask=frozen.masks[pid], sigactions=actions, pending=signals.dump_pending(pid),
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
+        vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
+        caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
         boot_id=_boot_id(), **cpu.dump(t), **tinfo)
     return task, vmas
 

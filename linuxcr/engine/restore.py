@@ -24,7 +24,8 @@ from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import cpu, files, memory, process, signals, threads
 from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import TASK_SIZE, clone3_stopped_child
+from linuxcr.engine import spawn
+from linuxcr.sys.syscalls import TASK_SIZE
 
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
@@ -34,11 +35,13 @@ PID_WAIT = 30.0                 # seconds to wait for the original to be reaped
 
 @dataclass
 class RestoreResult:
-    pid: int
+    pid: int                  # as lcr sees it
     original_pid: int
     pages: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    vpid: int = 0             # as the process sees itself
+    namespace: bool = False   # restored into a new pid namespace
 
 
 def validate_task(task: Task) -> None:
@@ -132,29 +135,28 @@ def _seekable(fd: int) -> bool:
         return False
 
 
-def _spawn(want_pid: int | None) -> tuple[int, int]:
-    """A child of ours, blocked in read(); the pipe's write end keeps it so."""
-    r, w = os.pipe()
-    try:
-        child = clone3_stopped_child(want_pid)
-    except OSError as e:
-        os.close(r)
-        os.close(w)
-        if e.errno == errno.EEXIST:
-            raise PidTaken(f"pid {want_pid} is in use by another process",
-                           "stop that process, or restart with --any-pid") from None
-        if e.errno == errno.EPERM:
-            raise RestoreError(f"not allowed to create a process with pid {want_pid} "
-                               "(needs CAP_CHECKPOINT_RESTORE)", "restart with --any-pid") from None
-        raise KernelError(f"clone3 failed: {e.strerror}") from None
-    if child == 0:   # the child: wait to be taken over, never go back to lcr's code
-        try:
-            os.close(w)
-            os.read(r, 1)
-        finally:
-            os._exit(127)
-    os.close(r)
-    return child, w
+def restore_mode(task: Task, any_pid: bool) -> str:
+    """host: the saved pid in lcr's pid namespace (root) or any pid;
+    ns-init: a new pid namespace whose pid 1 is the task (`lcr run` images);
+    ns: a new pid namespace (and user namespace) with the saved pid inside."""
+    if task.pidns_init:
+        return "ns-init"
+    if any_pid:
+        return "host"
+    if os.geteuid() == 0 and (task.vpid or task.pid) == task.pid:
+        return "host"
+    return "ns"
+
+
+def _make_blank(task: Task, reader: ImageReader, any_pid: bool) -> spawn.Blank:
+    mode = restore_mode(task, any_pid)
+    vpid = task.vpid or task.pid
+    if mode == "host":
+        want = None if any_pid else vpid
+        if want is not None:
+            _claim_pid(want, task, reader)
+        return spawn.in_host(want)
+    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0)
 
 
 def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreResult:
@@ -170,11 +172,9 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
     if reason:
         raise RestoreError(reason)
     _check_vdso(task)
-    want = None if any_pid else task.pid
-    if want is not None:
-        _claim_pid(want, task, reader)
     try:
-        pid, keep = _spawn(want)
+        blank = _make_blank(task, reader, any_pid)
+        pid = blank.pid
         t = Tracee(pid, exitkill=True, traceclone=bool(task.threads))
         try:
             t.seize()
@@ -186,14 +186,15 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
                 raise RestoreError(f"restore of pid {task.pid} failed: {e}") from None
             raise
         finally:
-            os.close(keep)
+            os.close(blank.keep)
         for th in made:
             th.detach()
         t.detach()
     finally:
         reader.close()
     return RestoreResult(pid=pid, original_pid=task.pid, pages=pages,
-                         seconds=time.monotonic() - t0, warnings=warnings)
+                         seconds=time.monotonic() - t0, warnings=warnings,
+                         vpid=task.vpid or task.pid, namespace=blank.init_pid is not None or task.pidns_init)
 
 
 def _rebuild(t: Tracee, task: Task, header: Header,
@@ -241,16 +242,23 @@ def _rebuild(t: Tracee, task: Task, header: Header,
         made.append(new)
         threads.restore_thread(new, arena, th)
     process.restore_creds(t, arena, task.creds)
-    signals.queue_pending(t, arena, task.pending, pid, pid)
-    for th, new in zip(task.threads, made):
-        signals.queue_pending(t, arena, th.pending, pid, new.pid)
+    vpid = task.vpid or task.pid    # the task names itself so in its namespace
+    signals.queue_pending(t, arena, task.pending, vpid, vpid)
+    for th in task.threads:
+        signals.queue_pending(t, arena, th.pending, vpid, th.vtid)
         threads.finish_thread(new, th)
+    process.restore_caps(t, arena, task.caps, _caps_now(pid))
     cpu.register_rseq(t, task.rseq)
     t.syscall("munmap", tramp, TRAMPOLINE)      # the last thing the task does for us
     cpu.restore_fpu(t, task.xstate)
     t.set_regs(cpu.final_regs(task.regs))
     ptrace.set_sigmask(pid, task.sigmask)
     return pages, warnings, made
+
+
+def _caps_now(pid: int) -> tuple[int, int, int]:
+    st = read_status(pid)
+    return st.cap_inh, st.cap_prm, st.cap_eff
 
 
 def _records(reader: ImageReader):

@@ -131,6 +131,7 @@ class MmFields(Struct, forbid_unknown_fields=True):
 
 
 class Creds(Struct, forbid_unknown_fields=True):
+    """uid/gid as numbers in the checkpointing machine's initial namespace."""
     uid: Annotated[list[U32], Small]      # real, effective, saved, fs
     gid: Annotated[list[U32], Small]
     groups: Annotated[list[U32], Long]
@@ -139,6 +140,7 @@ class Creds(Struct, forbid_unknown_fields=True):
 class Thread(Struct, forbid_unknown_fields=True):
     """A thread other than the leader (whose state is in Task itself)."""
     tid: Pid
+    vtid: Pid                     # the tid the thread sees (its pid namespace)
     comm: Str
     regs: Annotated[bytes, Meta(min_length=216, max_length=216)]
     xstate: Blob
@@ -176,6 +178,9 @@ class Task(Struct, forbid_unknown_fields=True):
     robust_list: Annotated[list[U64], Small]       # head, length
     tid_address: U64             # set_tid_address (clear_child_tid)
     threads: Annotated[list[Thread], Meta(max_length=MAX_TASKS)] = []
+    vpid: Pid | None = None       # the pid the process sees (innermost pid namespace)
+    pidns_init: bool = False      # pid 1 of a pid namespace of its own (`lcr run`)
+    caps: Annotated[list[U64], Meta(max_length=5)] = []   # inh, prm, eff, bnd, amb
     # REAL, VIRTUAL, PROF: [it_interval s, us, it_value s, us]
     itimers: Annotated[list[Annotated[list[U64], Small]], Small] = []
     starttime: U64 = 0           # /proc/PID/stat starttime: tells the original

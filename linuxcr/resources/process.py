@@ -142,6 +142,28 @@ def restore_rlimits(pid: int, limits: list[Rlimit]) -> list[str]:
     return warnings
 
 
+_CAP_HEADER = struct.Struct("<Ii")        # version, pid
+_CAP_DATA = struct.Struct("<IIIIII")       # 2 x (effective, permitted, inheritable)
+CAP_V3 = 0x20080522
+
+
+def restore_caps(t: Tracee, arena: Arena, caps: list[int], current: tuple[int, int, int]) -> None:
+    """Drop to the saved capability sets.  A task restored in a user namespace
+    of ours starts with every capability there; the program had fewer."""
+    if len(caps) < 3:
+        return
+    inh, prm, eff = caps[:3]
+    if (inh, prm, eff) == current:
+        return
+    lo = lambda v: v & 0xFFFFFFFF   # noqa: E731
+    hi = lambda v: v >> 32          # noqa: E731
+    data = _CAP_DATA.pack(lo(eff), lo(prm), lo(inh), hi(eff), hi(prm), hi(inh))
+    try:
+        t.syscall("capset", arena.put(_CAP_HEADER.pack(CAP_V3, 0)), arena.put(data))
+    except OSError as e:
+        raise RestoreError(f"cannot set the saved capabilities: {e.strerror}") from None
+
+
 def restore_creds(t: Tracee, arena: Arena, creds: Creds) -> None:
     """Become the saved user (only reached as root, see check_creds)."""
     if os.geteuid() != 0:

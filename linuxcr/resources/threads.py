@@ -29,7 +29,8 @@ def dump_thread(pid: int, t: Tracee, arena: Arena, sigmask: int) -> Thread:
     altstack = signals.dump_altstack(t, arena)
     info = process.dump_threadinfo(t, arena)
     state = cpu.dump(t)
-    return Thread(tid=t.pid, comm=thread_comm(pid, t.pid), sigmask=sigmask,
+    vtid = read_status(t.pid).ns_pid[-1]
+    return Thread(tid=t.pid, vtid=vtid, comm=thread_comm(pid, t.pid), sigmask=sigmask,
                   pending=[p for p in signals.dump_pending(t.pid) if not p.shared],
                   altstack=altstack, **state, **info)
 
@@ -38,7 +39,7 @@ def create(leader: Tracee, arena: Arena, th: Thread, insn: int) -> Tracee:
     """A new thread of the leader with the saved tid, stopped, under our control."""
     args = clone_args()
     args.flags = THREAD_FLAGS
-    tid_arr = (ctypes.c_int32 * 1)(th.tid)
+    tid_arr = (ctypes.c_int32 * 1)(th.vtid)
     at = arena.put(bytes(tid_arr))
     args.set_tid, args.set_tid_size = at, 1
     tid = leader.clone_thread(arena.put(bytes(args)), ctypes.sizeof(args))

@@ -21,7 +21,7 @@ NR = dict(
     dup=32, dup2=33, getitimer=36, setitimer=38, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
     ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
     setresuid=117, setresgid=119, getpgid=121, getsid=124, rt_sigqueueinfo=129,
-    sigaltstack=131, personality=135, prctl=157, arch_prctl=158, chroot=161,
+    sigaltstack=131, capset=126, personality=135, prctl=157, arch_prctl=158, chroot=161,
     gettid=186, set_tid_address=218, restart_syscall=219, clock_nanosleep=230,
     exit_group=231, set_robust_list=273, get_robust_list=274, dup3=292,
     rt_tgsigqueueinfo=297, prlimit64=302, process_vm_readv=310,

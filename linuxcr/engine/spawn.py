@@ -1,0 +1,178 @@
+"""Creating the blank task a restore rebuilds: where it lives, which pid.
+
+A blank task is a fork of lcr blocked in read() on a pipe whose write end
+lcr holds: lcr seizes it and replaces everything in it.  If lcr dies first,
+read() sees EOF and the blank exits.
+
+Three places it can be made:
+- the host pid namespace, at the saved pid (clone3 set_tid; root), or at
+  any pid;
+- a fresh pid namespace (plus a user namespace when not root) where the
+  blank is pid 1: for images of a namespace's init (`lcr run` trees);
+- a fresh pid namespace (plus user namespace) with a small init of ours as
+  pid 1 and the blank at the saved pid: how an ordinary user gets the saved
+  pid back, since only root may choose pids in the host namespace.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+from dataclasses import dataclass
+
+from linuxcr.errors import KernelError, PidTaken, RestoreError
+from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+REPORT_TIMEOUT = 30.0
+
+
+@dataclass
+class Blank:
+    pid: int                 # host pid of the blank task
+    keep: int                # write end of its pipe: close after taking it over
+    init_pid: int | None = None   # our namespace init, if we made one
+
+
+def _wait_blank(r: int) -> None:
+    """The blank's whole life as lcr code: wait to be taken over."""
+    try:
+        os.read(r, 1)
+    finally:
+        os._exit(127)
+
+
+def in_host(want: int | None) -> Blank:
+    r, w = os.pipe()
+    try:
+        child = clone3_stopped_child(want)
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        if e.errno == errno.EEXIST:
+            raise PidTaken(f"pid {want} is in use by another process",
+                           "stop that process, or restart with --any-pid") from None
+        if e.errno == errno.EPERM:
+            raise RestoreError(f"not allowed to create a process with pid {want} "
+                               "(needs CAP_CHECKPOINT_RESTORE)", "restart with --any-pid") from None
+        raise KernelError(f"clone3 failed: {e.strerror}") from None
+    if child == 0:
+        os.close(w)
+        _wait_blank(r)
+    os.close(r)
+    return Blank(child, w)
+
+
+def _unshare(flags: int) -> None:
+    if libc.unshare(ctypes.c_int(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def enter_namespaces(user_ns: bool) -> None:
+    """unshare a pid namespace (and a user namespace mapping us to ourselves)."""
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0))
+    if user_ns:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+
+
+def become_init() -> None:
+    """pid 1 of our namespace: reap orphans until nobody is left, then go."""
+    prctl(15, ctypes.addressof(ctypes.create_string_buffer(b"lcr-init")))   # PR_SET_NAME
+    fd = os.open("/dev/null", os.O_RDWR)
+    for i in range(3):
+        os.dup2(fd, i)
+    os.closerange(3, 1 << 16)
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+
+
+def _report(fd: int, msg: str) -> None:
+    os.write(fd, msg.encode() + b"\n")
+
+
+def in_new_namespaces(vpid: int, user_ns: bool) -> Blank:
+    """A blank with pid ``vpid`` inside a fresh pid namespace (see module doc)."""
+    r, w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    h = os.fork()
+    if h == 0:   # helper: makes the namespaces, forks into them, leaves
+        try:
+            os.close(w)
+            os.close(rep_r)
+            enter_namespaces(user_ns)
+            first = os.fork()          # pid 1 of the new namespace
+            if first == 0:
+                if vpid == 1:
+                    _wait_blank(r)
+                try:
+                    child = clone3_stopped_child(vpid)
+                except OSError as e:
+                    _report(rep_w, f"ERR clone3 with pid {vpid} in the new namespace: {e.strerror}")
+                    os._exit(1)
+                if child == 0:
+                    _wait_blank(r)
+                os.close(r)
+                _report(rep_w, "INIT")
+                os.close(rep_w)
+                become_init()
+            _report(rep_w, f"FIRST {first}")
+            os._exit(0)
+        except BaseException as e:  # noqa: BLE001 - reported to lcr, never raised here
+            try:
+                _report(rep_w, f"ERR {e}")
+            finally:
+                os._exit(1)
+    os.close(r)
+    os.close(rep_w)
+    try:
+        lines = _read_reports(rep_r, 1 if vpid == 1 else 2)
+    finally:
+        os.close(rep_r)
+        os.waitpid(h, 0)
+    errs = [ln[4:] for ln in lines if ln.startswith("ERR ")]
+    first = next((int(ln.split()[1]) for ln in lines if ln.startswith("FIRST ")), None)
+    if errs or first is None:
+        os.close(w)
+        hint = "unprivileged user namespaces may be disabled" if user_ns else None
+        raise RestoreError(f"cannot create the namespaces to restore into: "
+                           f"{errs[0] if errs else 'no report from the helper'}", hint)
+    if vpid == 1:
+        return Blank(first, w)
+    with open(f"/proc/{first}/task/{first}/children") as f:
+        kids = [int(x) for x in f.read().split()]
+    if len(kids) != 1:
+        os.close(w)
+        raise RestoreError("the namespace init lost its child")
+    return Blank(kids[0], w, init_pid=first)
+
+
+def _read_reports(fd: int, want: int) -> list[str]:
+    buf = b""
+    lines: list[str] = []
+    while len(lines) < want:
+        ready, _, _ = select.select([fd], [], [], REPORT_TIMEOUT)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        lines += [d.decode(errors="replace") for d in done]
+        if any(ln.startswith("ERR ") for ln in lines):
+            break
+    return lines
