@@ -1,9 +1,11 @@
 """Checkpoint orchestration: the order of things, no resource details.
 
-check (no stop) -> seize + stop -> check again -> inject the few queries
-that /proc cannot answer -> write TASK record -> copy pages -> trailer ->
-kill (default) or resume exactly as before (--leave-running).
-Any failure after the stop puts registers and signal mask back and detaches.
+check every process of the tree (no stop) -> freeze the tree top-down (a
+frozen parent cannot fork, so the walk converges) -> check again -> collect
+each task (a few injected queries for what /proc cannot tell) and what they
+share (open files, pipes, shared memory) -> HEADER, TREE, TASK..., PAGES...,
+TRAILER -> kill the tree (default) or thaw it exactly as it was.
+Any failure thaws every thread of every process before it is reported.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from dataclasses import dataclass, field
 
 from linuxcr import __version__
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable
-from linuxcr.image.schema import MAGIC, FORMAT_VERSION, ARCH, Header, RecType, Task
+from linuxcr.image.schema import (
+    ARCH, FORMAT_VERSION, MAGIC, Header, RecType, Task, Tree, Vma, Zombie,
+)
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena
-from linuxcr.resources import cpu, files, memory, process, signals, threads
+from linuxcr.remote.task import Arena, TaskGone
+from linuxcr.resources import cpu, files, memory, process, pstree, signals, threads
 
 
 @dataclass
@@ -30,6 +34,7 @@ class DumpResult:
     bytes_written: int
     seconds: float
     frozen_seconds: float
+    processes: int = 1
     warnings: list[str] = field(default_factory=list)
 
 
@@ -52,53 +57,130 @@ def check_process(pid: int, smaps=None) -> list[str]:
         reasons.append("it is a kernel thread")
     if st.tgid != pid:
         reasons.append(f"it is a thread of process {st.tgid}; checkpoint that pid instead")
+    if pid == 1 and os.path.samefile("/proc/1/ns/pid", "/proc/self/ns/pid"):
+        reasons.append("it is the init of the pid namespace lcr runs in")
     reasons += memory.check(smaps)
     reasons += files.check(pid)
     return reasons
 
 
+def check_tree(root: int) -> list[str]:
+    """Reasons for the root and all its descendants (live processes only)."""
+    reasons = [r for r in check_process(root)]
+    seen = {root}
+    queue = pstree.children(root)
+    while queue:
+        p = queue.pop(0)
+        if p in seen or pstree.is_zombie(p):
+            continue
+        seen.add(p)
+        try:
+            reasons += [f"child pid {p}: {r}" for r in check_process(p)]
+        except NoSuchProcess:
+            continue
+        queue += pstree.children(p)
+    return reasons
+
+
+class FrozenTree:
+    """Every process of the tree frozen, parents before children."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.procs: dict[int, Frozen] = {}
+        self.order: list[int] = []
+        self.parent: dict[int, int] = {}
+        self.zombies: list[Zombie] = []
+
+    def freeze(self) -> None:
+        queue = [self.root]
+        while queue:
+            p = queue.pop(0)
+            f = Frozen(p)
+            try:
+                f.freeze()
+            except (NoSuchProcess, TaskGone):
+                f.thaw()
+                if p == self.root:
+                    raise
+                if pstree.is_zombie(p):
+                    self.zombies.append(pstree.zombie(p, self.parent[p]))
+                continue
+            self.procs[p] = f
+            self.order.append(p)
+            for k in pstree.children(p):
+                if k in self.procs or k in self.parent:
+                    continue
+                self.parent[k] = p
+                if pstree.is_zombie(k):
+                    self.zombies.append(pstree.zombie(k, p))
+                else:
+                    queue.append(k)
+
+    def thaw(self) -> None:
+        for p in reversed(self.order):
+            self.procs[p].thaw()
+
+    def kill(self) -> None:
+        for p in self.order:
+            self.procs[p].kill()
+
+
 def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,
                name: str = "image", on_written=None, progress=None) -> DumpResult:
-    """Write an image of process pid to fd.  ``on_written`` runs after the
-    trailer is written and before the process is killed (files: rename)."""
+    """Write an image of process pid and all its descendants to fd.
+    ``on_written`` runs after the trailer is written and before the tree is
+    killed (files: the rename that makes the image visible)."""
     t0 = time.monotonic()
-    reasons = check_process(pid)
+    reasons = check_tree(pid)
     if reasons:
         raise NotCheckpointable(pid, reasons)
-    frozen = Frozen(pid)
+    tree = FrozenTree(pid)
     frozen_at = time.monotonic()
     try:
-        frozen.freeze()
-        smaps = read_smaps(pid)          # final: nothing changes while it is stopped
-        reasons = check_process(pid, smaps)   # it may have changed before we stopped it
+        tree.freeze()
+        smaps = {p: read_smaps(p) for p in tree.order}   # final: nothing changes now
+        reasons = [r if p == pid else f"child pid {p}: {r}"
+                   for p in tree.order for r in check_process(p, smaps[p])]
         if reasons:
             raise NotCheckpointable(pid, reasons)
-        task, vmas = _collect(frozen, smaps)
-        xfeat, xsize = cpu.xstate_features(task.xstate)
+        table = files.Table()
+        tasks = [_collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        shm, vmas = memory.shm_objects([t.vmas for t in tasks])
+        tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
+        xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
                         page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
                         tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
                         root_pid=pid, flags=["compressed"] if compress else []))
-        w.record(RecType.TASK, task)
-        pages = memory.dump_pages(frozen.leader, vmas, w, progress)
+        w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
+                                    shm=shm, zombies=tree.zombies))
+        for task in tasks:
+            w.record(RecType.TASK, task)
+        pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress) for t in tasks)
         w.finish()
         if on_written:
             on_written()
     except BaseException:
-        frozen.thaw()
+        tree.thaw()
         raise
     if leave_running:
-        frozen.thaw()
+        tree.thaw()
     else:
-        frozen.kill()
+        tree.kill()
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
-                      frozen_seconds=done - frozen_at)
+                      frozen_seconds=done - frozen_at, processes=len(tasks))
 
 
-def _collect(frozen: Frozen, smaps) -> tuple[Task, list]:
-    """Everything but the pages, with the process frozen."""
+def _with_vmas(task: Task, vmas: list[Vma]) -> Task:
+    import msgspec
+    return msgspec.structs.replace(task, vmas=vmas)
+
+
+def _collect(frozen: Frozen, smaps, table: files.Table) -> Task:
+    """Everything of one process but its pages, with it frozen."""
     pid, t = frozen.pid, frozen.leader
     status, stat = read_status(pid), read_stat(pid)
     vmas = memory.collect(smaps)     # taken before our scratch page exists
@@ -114,18 +196,17 @@ def _collect(frozen: Frozen, smaps) -> tuple[Task, list]:
         brk = t.syscall("brk", 0)
         tinfo = process.dump_threadinfo(t, arena)
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
-    task = Task(
-        pid=pid, tid=pid, ppid=stat.ppid, pgid=stat.pgrp, sid=stat.session, comm=stat.comm,
-        cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+    return Task(
+        pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
+        comm=stat.comm, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
         creds=process.dump_creds(status), umask=status.umask or 0,
         personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
-        mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=files.dump(pid),
+        mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=table.task_files(pid),
         sigmask=frozen.masks[pid], sigactions=actions, pending=signals.dump_pending(pid),
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
         boot_id=_boot_id(), **cpu.dump(t), **tinfo)
-    return task, vmas
 
 
 def _boot_id() -> str:
@@ -133,4 +214,4 @@ def _boot_id() -> str:
         return f.read().strip()
 
 
-__all__ = ["checkpoint", "check_process", "DumpResult", "LcrError"]
+__all__ = ["checkpoint", "check_process", "check_tree", "DumpResult", "LcrError"]

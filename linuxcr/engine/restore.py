@@ -1,30 +1,36 @@
 """Restart orchestration: the order of things, no resource details.
 
-Read and validate everything before the pages -> fork a child of lcr with
-the saved pid (clone3 set_tid) -> seize it (EXITKILL: if lcr dies, it dies)
--> empty its address space but for a trampoline page -> rebuild memory,
-files, signals, identity by injected syscalls -> pour pages in -> check the
-trailer -> unmap the trampoline and return into the saved registers.
-Any failure kills the half-built child: a restart yields a running process
+1. Read and validate everything but the pages (HEADER, TREE, TASKs).
+2. lcr opens every shared thing itself: open files, pipes refilled with
+   their bytes, shared-memory objects; the tasks will inherit them.
+3. Make the root's blank task (a fork of lcr, see spawn.py) and seize it
+   (PTRACE_O_EXITKILL: if lcr dies, every task it holds dies).
+4. Build the tree top-down: each blank parent forks its children with the
+   saved pids (injected clone3 set_tid); sessions and groups; zombies.
+5. Empty each blank's address space but for a trampoline page and map the
+   saved areas; pour the pages in from the stream; check the trailer.
+6. Per task: mm fields, fds, cwd, signals, limits, threads, identity, and
+   last the trampoline goes and the saved registers come back.
+Any failure kills every task made so far: a restart yields a running tree
 or nothing.
 """
 from __future__ import annotations
 
-import errno
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
 
-from linuxcr.errors import ImageError, LcrError, PidTaken, RestoreError, KernelError
+from linuxcr.engine import spawn
+from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreError
+from linuxcr.image.schema import Header, Pages, RecType, Task, Tree
+from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.pipeline import prefetch
-from linuxcr.image.schema import Header, Pages, RecType, Task
-from linuxcr.image.stream import PAGE, ImageReader
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, files, memory, process, signals, threads
+from linuxcr.resources import cpu, files, memory, process, pstree, signals, threads
 from linuxcr.sys import ptrace
-from linuxcr.engine import spawn
 from linuxcr.sys.syscalls import TASK_SIZE
 
 ARCH_MAP_VDSO_64 = 0x2003
@@ -35,16 +41,31 @@ PID_WAIT = 30.0                 # seconds to wait for the original to be reaped
 
 @dataclass
 class RestoreResult:
-    pid: int                  # as lcr sees it
+    pid: int                  # root, as lcr sees it
     original_pid: int
     pages: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
-    vpid: int = 0             # as the process sees itself
+    vpid: int = 0             # as the root sees itself
     namespace: bool = False   # restored into a new pid namespace
+    processes: int = 1
 
 
-def validate_task(task: Task) -> None:
+@dataclass
+class Rebuild:
+    """One task being rebuilt."""
+    task: Task
+    t: Tracee
+    tramp: int = 0
+    arena: Arena | None = None
+    inherited_exe: str = ""
+    inherited_sigs: int = 0
+    made: list[Tracee] = field(default_factory=list)
+
+
+# --- validation -------------------------------------------------------------
+
+def validate_task(task: Task, nfiles: int = 1 << 20) -> None:
     """Reject layouts the kernel would refuse or that would overlap, before
     any process exists."""
     prev_end = 0
@@ -58,14 +79,42 @@ def validate_task(task: Task) -> None:
         prev_end = v.end
     seen = set()
     for f in task.files:
-        if f.fd in seen or (f.dup_of is not None and f.dup_of not in seen):
+        if f.fd in seen or f.fid >= nfiles:
             raise ImageError(f"image holds an inconsistent fd table at fd {f.fd}")
-        if f.kind not in ("reg", "dir", "chr") or not f.path.startswith("/"):
-            raise ImageError(f"image holds fd {f.fd} of unsupported kind {f.kind!r}")
         seen.add(f.fd)
     if len(task.regs) != 216 or len(task.altstack) != 3 or len(task.robust_list) != 2 \
             or len(task.rseq) not in (0, 3) or len(task.creds.uid) != 4 or len(task.creds.gid) != 4:
         raise ImageError("image holds a malformed task record")
+    for th in task.threads:
+        if len(th.altstack) != 3 or len(th.robust_list) != 2 or len(th.rseq) not in (0, 3):
+            raise ImageError(f"image holds a malformed record for thread {th.tid}")
+
+
+def validate_tree(tree: Tree, tasks: list[Task]) -> None:
+    if not tasks or tasks[0].pid != tree.root:
+        raise ImageError("image's first task is not the root of its tree")
+    pids = set()
+    for k in tasks:
+        if k.pid in pids:
+            raise ImageError(f"image holds pid {k.pid} twice")
+        if k is not tasks[0] and k.ppid not in pids:
+            raise ImageError(f"image holds pid {k.pid} before its parent {k.ppid}")
+        pids.add(k.pid)
+        validate_task(k, len(tree.files))
+    for z in tree.zombies:
+        if z.ppid not in pids:
+            raise ImageError(f"image holds zombie {z.pid} whose parent is not in the tree")
+    shm = {o.id for o in tree.shm}
+    for k in tasks:
+        for v in k.vmas:
+            if v.kind == "shmem" and v.shm not in shm:
+                raise ImageError(f"image holds a shared memory area 0x{v.start:x} with no object")
+    pipes_ = {p.ino for p in tree.pipes}
+    for d in tree.files:
+        if d.kind == "pipe" and d.pipe not in pipes_:
+            raise ImageError(f"image holds pipe:[{d.pipe}] with no saved state")
+        if d.kind in ("reg", "dir", "chr") and not d.path.startswith("/"):
+            raise ImageError(f"image holds an open file with a relative path {d.path!r}")
 
 
 def _check_vdso(task: Task) -> None:
@@ -77,6 +126,188 @@ def _check_vdso(task: Task) -> None:
     if saved and saved != local:
         raise RestoreError(f"the image's vDSO layout {saved} differs from this kernel's {local}",
                            "restart on a machine running the same kernel")
+
+
+# --- where the tree is born --------------------------------------------------
+
+def restore_mode(task: Task, any_pid: bool) -> str:
+    """host: the saved pids in lcr's pid namespace (root) or any pids;
+    ns-init: a new pid namespace whose pid 1 is the root (`lcr run` trees);
+    ns: a new pid namespace (and user namespace) with the saved pids inside."""
+    if task.pidns_init:
+        return "ns-init"
+    if any_pid:
+        return "host"
+    if os.geteuid() == 0 and (task.vpid or task.pid) == task.pid:
+        return "host"
+    return "ns"
+
+
+def _is_original(pid: int, task: Task) -> tuple[bool, str]:
+    """Is pid still held by the very process the image was taken from?"""
+    try:
+        st = read_stat(pid)
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return False, ""
+    return st.starttime == task.starttime and boot == task.boot_id, st.state
+
+
+def _claim_pids(tasks: list[Task], tree: Tree, reader: ImageReader) -> None:
+    """Make sure every saved pid is free, waiting for the originals to go.
+
+    `lcr checkpoint P -o - | lcr restart -` kills P only after the trailer,
+    so when the image comes through a pipe and P still runs we take the rest
+    of the stream into memory first, then wait for P to be gone."""
+    busy = [k for k in tasks if os.path.exists(f"/proc/{k.pid}")]
+    busy_z = [z.pid for z in tree.zombies if os.path.exists(f"/proc/{z.pid}")]
+    if not busy and not busy_z:
+        return
+    for k in busy:
+        original, state = _is_original(k.pid, k)
+        if not original and os.path.exists(f"/proc/{k.pid}"):
+            raise PidTaken(f"pid {k.pid} is in use by another process",
+                           "stop that process, or restart with --any-pid")
+        if state not in ("Z", "X") and not _seekable(reader.fd):
+            reader.buffer_rest()
+    deadline = time.monotonic() + PID_WAIT
+    for pid in [k.pid for k in busy] + busy_z:
+        while os.path.exists(f"/proc/{pid}"):
+            if time.monotonic() > deadline:
+                raise PidTaken(f"pid {pid} is still held by the process the image was taken from",
+                               "was it checkpointed with --leave-running? kill it, or restart "
+                               "with --any-pid")
+            time.sleep(0.02)
+
+
+def _seekable(fd: int) -> bool:
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+        return True
+    except OSError:
+        return False
+
+
+def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
+                any_pid: bool) -> tuple[spawn.Blank, str]:
+    mode = restore_mode(root, any_pid)
+    vpid = root.vpid or root.pid
+    if mode == "host":
+        if not any_pid:
+            _claim_pids(tasks, tree, reader)
+        return spawn.in_host(None if any_pid else vpid), mode
+    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0), mode
+
+
+# --- the restart --------------------------------------------------------------
+
+def _read_meta(reader: ImageReader) -> tuple[Header, Tree, list[Task], Record]:
+    header = reader.read_header()
+    rec = reader.next()
+    if rec.type is not RecType.TREE:
+        raise ImageError(f"{reader.name} is corrupt: expected the process tree after the header")
+    tree: Tree = rec.meta  # type: ignore[assignment]
+    tasks: list[Task] = []
+    while True:
+        rec = reader.next()
+        if rec.type is not RecType.TASK:
+            return header, tree, tasks, rec
+        tasks.append(rec.meta)  # type: ignore[arg-type]
+
+
+def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreResult:
+    t0 = time.monotonic()
+    reader = ImageReader(fd, name=name)
+    try:
+        header, tree, tasks, first = _read_meta(reader)
+        validate_tree(tree, tasks)
+        for k in tasks:
+            reason = process.check_creds(k)
+            if reason:
+                raise RestoreError(reason)
+        _check_vdso(tasks[0])
+        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.shm) + 64)
+        ours = files.open_all(tree.files, tree.pipes)
+        shm = memory.open_shm(tree.shm)
+        try:
+            blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
+            res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm)
+        finally:
+            files.close_all(ours)
+            files.close_all(shm)
+    finally:
+        reader.close()
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks: list[Task],
+                  reader: ImageReader, first: Record, ours: dict[int, int],
+                  shm: dict[int, int]) -> RestoreResult:
+    root = Tracee(blank.pid, exitkill=True, traceclone=True)
+    made: list[Rebuild] = []
+    try:
+        try:
+            root.seize()
+            root.stop()
+            _build_tree(root, tasks, tree, any_pid, made)
+            for r in made:
+                _prepare(r, shm)
+            pages = _fill_pages(made, reader, first)
+            warnings: list[str] = []
+            for r in made:
+                warnings += _finish(r, ours)
+        finally:
+            os.close(blank.keep)
+    except BaseException as e:
+        _destroy([root] + [r.t for r in made if r.t is not root], blank.init_pid)
+        if isinstance(e, OSError):
+            raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
+        raise
+    for r in reversed(made):
+        for th in r.made:
+            th.detach()
+        r.t.detach()
+    return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
+                         warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
+                         namespace=mode != "host", processes=len(tasks))
+
+
+def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
+                made: list[Rebuild]) -> None:
+    """Every task as a blank, forked by its blank parent; then groups, zombies.
+    ``made`` grows as tasks are made, so a failure can kill them all."""
+    root.insn = root.find_syscall_insn(_own_vdso(root.pid))
+    by_pid: dict[int, Rebuild] = {}
+    for k in tasks:
+        if not made:
+            t = root
+        else:
+            parent = by_pid[k.ppid]
+            t = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else (k.vpid or k.pid))
+        r = Rebuild(task=k, t=t)
+        ptrace.set_sigmask(t.pid, ALL_SIGNALS)
+        pstree.set_session(t, k)
+        by_pid[k.pid] = r
+        made.append(r)
+    pstree.set_groups([(r.t, r.task) for r in made])
+    for z in tree.zombies:
+        parent = by_pid[z.ppid]
+        zt = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else z.vpid)
+        zt.exit_now(z.status)
+
+
+def _blank_arena(r: Rebuild) -> Arena:
+    """Scratch memory in a blank (still lcr's copy): a page of its own."""
+    if r.arena is None:
+        addr = r.t.syscall("mmap", 0, PAGE, 3, 0x22, (1 << 64) - 1, 0)
+        r.arena = Arena(r.t, addr, PAGE)
+    return r.arena
+
+
+def _own_vdso(pid: int) -> tuple[int, int] | None:
+    return next(((m.start, m.end) for m in read_maps(pid) if m.path == "[vdso]"), None)
 
 
 def _free_gap(task: Task, pid: int) -> int:
@@ -92,168 +323,58 @@ def _free_gap(task: Task, pid: int) -> int:
     return addr
 
 
-def _is_original(pid: int, task: Task) -> tuple[bool, str]:
-    """Is pid still held by the very process the image was taken from?"""
-    try:
-        st = read_stat(pid)
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return False, ""
-    return st.starttime == task.starttime and boot == task.boot_id, st.state
-
-
-def _claim_pid(pid: int, task: Task, reader: ImageReader) -> None:
-    """Make sure the saved pid is free, waiting for the original to go away.
-
-    `lcr checkpoint P -o - | lcr restart -` kills P only after the trailer,
-    so when the image comes through a pipe and P still runs we take the rest
-    of the stream into memory first, then wait for P to be gone."""
-    if not os.path.exists(f"/proc/{pid}"):
-        return
-    original, state = _is_original(pid, task)
-    if not original:
-        if not os.path.exists(f"/proc/{pid}"):
-            return
-        raise PidTaken(f"pid {pid} is in use by another process",
-                       "stop that process, or restart with --any-pid")
-    if state != "Z" and not _seekable(reader.fd):
-        reader.buffer_rest()
-    deadline = time.monotonic() + PID_WAIT
-    while os.path.exists(f"/proc/{pid}"):
-        if time.monotonic() > deadline:
-            raise PidTaken(f"pid {pid} is still held by the process the image was taken from",
-                           "it was checkpointed with --leave-running? kill it, or restart with --any-pid")
-        time.sleep(0.02)
-
-
-def _seekable(fd: int) -> bool:
-    try:
-        os.lseek(fd, 0, os.SEEK_CUR)
-        return True
-    except OSError:
-        return False
-
-
-def restore_mode(task: Task, any_pid: bool) -> str:
-    """host: the saved pid in lcr's pid namespace (root) or any pid;
-    ns-init: a new pid namespace whose pid 1 is the task (`lcr run` images);
-    ns: a new pid namespace (and user namespace) with the saved pid inside."""
-    if task.pidns_init:
-        return "ns-init"
-    if any_pid:
-        return "host"
-    if os.geteuid() == 0 and (task.vpid or task.pid) == task.pid:
-        return "host"
-    return "ns"
-
-
-def _make_blank(task: Task, reader: ImageReader, any_pid: bool) -> spawn.Blank:
-    mode = restore_mode(task, any_pid)
-    vpid = task.vpid or task.pid
-    if mode == "host":
-        want = None if any_pid else vpid
-        if want is not None:
-            _claim_pid(want, task, reader)
-        return spawn.in_host(want)
-    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0)
-
-
-def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreResult:
-    t0 = time.monotonic()
-    reader = ImageReader(fd, name=name)
-    header = reader.read_header()
-    rec = reader.next()
-    if rec.type is not RecType.TASK:
-        raise ImageError(f"{name} is corrupt: expected a task record after the header")
-    task: Task = rec.meta  # type: ignore[assignment]
-    validate_task(task)
-    reason = process.check_creds(task)
-    if reason:
-        raise RestoreError(reason)
-    _check_vdso(task)
-    try:
-        blank = _make_blank(task, reader, any_pid)
-        pid = blank.pid
-        t = Tracee(pid, exitkill=True, traceclone=bool(task.threads))
-        try:
-            t.seize()
-            t.stop()
-            pages, warnings, made = _rebuild(t, task, header, reader)
-        except BaseException as e:
-            _destroy(t)
-            if isinstance(e, OSError):
-                raise RestoreError(f"restore of pid {task.pid} failed: {e}") from None
-            raise
-        finally:
-            os.close(blank.keep)
-        for th in made:
-            th.detach()
-        t.detach()
-    finally:
-        reader.close()
-    return RestoreResult(pid=pid, original_pid=task.pid, pages=pages,
-                         seconds=time.monotonic() - t0, warnings=warnings,
-                         vpid=task.vpid or task.pid, namespace=blank.init_pid is not None or task.pidns_init)
-
-
-def _rebuild(t: Tracee, task: Task, header: Header,
-             reader: ImageReader) -> tuple[int, list[str], list[Tracee]]:
-    pid = t.pid
-    local_xstate = ptrace.get_xstate(pid)
-    reason = cpu.check_restorable(task.xstate, local_xstate)
+def _prepare(r: Rebuild, shm: dict[int, int]) -> None:
+    """Empty the blank's address space but for a trampoline; map saved areas."""
+    t, task = r.t, r.task
+    reason = cpu.check_restorable(task.xstate, ptrace.get_xstate(t.pid))
     if reason:
         raise RestoreError(reason, "restart on a machine with the same CPU features")
-    inherited = read_status(pid)
-    inherited_exe = os.readlink(f"/proc/{pid}/exe")
-    own_vdso = next(((m.start, m.end) for m in read_maps(pid) if m.path == "[vdso]"), None)
-    t.insn = t.find_syscall_insn(own_vdso)
-    ptrace.set_sigmask(pid, ALL_SIGNALS)
+    r.inherited_sigs = (lambda st: st.sig_cgt | st.sig_ign)(read_status(t.pid))
+    r.inherited_exe = os.readlink(f"/proc/{t.pid}/exe")
     cpu.unregister_rseq(t)
-    t.syscall("close_range", 0, 0xFFFFFFFF, 0)
-
-    # A trampoline page of our own; then nothing else of lcr's copy stays.
-    tramp = _free_gap(task, pid)
+    r.tramp = tramp = _free_gap(task, t.pid)
     t.syscall("mmap", tramp, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)  # RWX, FIXED_NOREPLACE
     t.write(tramp, b"\x0f\x05")
     t.insn = tramp
-    arena = Arena(t, tramp + PAGE, TRAMPOLINE - PAGE)
+    r.arena = Arena(t, tramp + PAGE, TRAMPOLINE - PAGE)
     t.syscall("munmap", 0, tramp)
     t.syscall("munmap", tramp + TRAMPOLINE, TASK_SIZE - tramp - TRAMPOLINE)
     vdso = memory.vdso_area(task.vmas)
     if vdso:
         t.syscall("arch_prctl", ARCH_MAP_VDSO_64, vdso[0])
+    memory.map_areas(t, task.vmas, r.arena, shm)
 
-    memory.map_areas(t, task.vmas, arena)
-    pages = _fill_pages(t, task, reader)
+
+def _finish(r: Rebuild, ours: dict[int, int]) -> list[str]:
+    """Everything after the pages; last, return into the saved registers."""
+    t, task, arena = r.t, r.task, r.arena
+    assert arena is not None
     memory.protect_areas(t, task.vmas)
-    process.restore_mm(t, arena, task.mm, inherited_exe)
-    files.restore(t, arena, task.files)
+    process.restore_mm(t, arena, task.mm, r.inherited_exe)
+    files.install(t, task.files, ours)
     files.restore_fs(t, arena, task.cwd, task.root)
     process.restore_misc(t, arena, task)
-    process.restore_session(t, task)
-    signals.restore_actions(t, arena, task.sigactions, inherited.sig_cgt | inherited.sig_ign)
+    signals.restore_actions(t, arena, task.sigactions, r.inherited_sigs)
     signals.restore_altstack(t, arena, task.altstack)
     signals.restore_itimers(t, arena, task.itimers)
-    warnings = process.restore_rlimits(pid, task.rlimits)
-    made = []
+    warnings = process.restore_rlimits(t.pid, task.rlimits)
     for th in task.threads:   # threads share everything restored so far
-        new = threads.create(t, arena, th, tramp)
-        made.append(new)
+        new = threads.create(t, arena, th, r.tramp)
+        r.made.append(new)
         threads.restore_thread(new, arena, th)
     process.restore_creds(t, arena, task.creds)
     vpid = task.vpid or task.pid    # the task names itself so in its namespace
     signals.queue_pending(t, arena, task.pending, vpid, vpid)
-    for th in task.threads:
+    for th, new in zip(task.threads, r.made):
         signals.queue_pending(t, arena, th.pending, vpid, th.vtid)
         threads.finish_thread(new, th)
-    process.restore_caps(t, arena, task.caps, _caps_now(pid))
+    process.restore_caps(t, arena, task.caps, _caps_now(t.pid))
     cpu.register_rseq(t, task.rseq)
-    t.syscall("munmap", tramp, TRAMPOLINE)      # the last thing the task does for us
+    t.syscall("munmap", r.tramp, TRAMPOLINE)      # the last thing the task does for us
     cpu.restore_fpu(t, task.xstate)
     t.set_regs(cpu.final_regs(task.regs))
-    ptrace.set_sigmask(pid, task.sigmask)
-    return pages, warnings, made
+    ptrace.set_sigmask(t.pid, task.sigmask)
+    return warnings
 
 
 def _caps_now(pid: int) -> tuple[int, int, int]:
@@ -261,44 +382,61 @@ def _caps_now(pid: int) -> tuple[int, int, int]:
     return st.cap_inh, st.cap_prm, st.cap_eff
 
 
-def _records(reader: ImageReader):
+def _records(reader: ImageReader, first: Record):
+    rec = first
     while True:
-        rec = reader.next()
         yield rec
         if rec.type is RecType.TRAILER:
             return
+        rec = reader.next()
 
 
-def _fill_pages(t: Tracee, task: Task, reader: ImageReader) -> int:
-    """Pour pages into the task; a helper thread reads (and checks) the next
+def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record) -> int:
+    """Pour pages into the tasks; a helper thread reads (and checks) the next
     record from the image meanwhile."""
+    by_pid = {r.task.pid: r for r in made}
     total = 0
-    for rec in prefetch(_records(reader)):
+    for rec in prefetch(_records(reader, first)):
         if rec.type is RecType.TRAILER:
             reader.expect_end()
             return total
         if rec.type is not RecType.PAGES:
             raise ImageError(f"{reader.name} is corrupt: unexpected {rec.type.name} record among pages")
         meta: Pages = rec.meta  # type: ignore[assignment]
-        if meta.pid != task.pid or not memory.check_pages_fit(task.vmas, meta.addr, meta.npages):
+        r = by_pid.get(meta.pid)
+        if r is None or not memory.check_pages_fit(r.task.vmas, meta.addr, meta.npages):
             raise ImageError(f"{reader.name} is corrupt: pages at 0x{meta.addr:x} lie outside "
                              "every saved memory area")
-        t.write(meta.addr, rec.data)
+        r.t.write(meta.addr, rec.data)
         total += meta.npages
     raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
 
 
-def _destroy(t: Tracee) -> None:
-    try:
-        os.kill(t.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    t.attached = False
-    t.close()
-    try:
-        os.waitpid(t.pid, 0)
-    except ChildProcessError:
-        pass
+def _raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need + 3:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need + 3, soft)), hard))
 
 
-__all__ = ["restart", "RestoreResult", "LcrError"]
+def _destroy(ts: list[Tracee], init_pid: int | None) -> None:
+    """Kill everything this restart made (a failed restart leaves nothing)."""
+    for t in ts:
+        try:
+            os.kill(t.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        t.attached = False
+        t.close()
+    if init_pid:
+        try:
+            os.kill(init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for t in ts:
+        try:
+            os.waitpid(t.pid, os.WNOHANG | ptrace.WALL)
+        except ChildProcessError:
+            pass
+
+
+__all__ = ["restart", "RestoreResult", "LcrError", "KernelError"]

@@ -54,6 +54,7 @@ class RecType(enum.IntEnum):
     HEADER = 1
     TASK = 2
     PAGES = 3
+    TREE = 4
     TRAILER = 15
 
 
@@ -83,16 +84,52 @@ class Vma(Struct, forbid_unknown_fields=True):
     name: Str = ""     # [heap], [stack], [anon:x] as shown in maps
     vmflags: Annotated[list[Annotated[str, Meta(max_length=2)]], Small] = []
     pages: bool = False  # PAGES records follow for this area
+    shm: U64 = 0         # kind=shmem: the ShmObject it maps
+
+
+class FileDesc(Struct, forbid_unknown_fields=True):
+    """One open file description; fds of one or more tasks refer to it."""
+    fid: U32
+    kind: Str          # reg | dir | chr | pipe
+    flags: U32         # open(2) flags as in fdinfo (no O_CLOEXEC: that is per fd)
+    path: Str = ""
+    pos: I64 = 0
+    pipe: U64 = 0      # kind=pipe: the pipe's inode (PipeData.ino)
 
 
 class OpenFile(Struct, forbid_unknown_fields=True):
+    """An fd of a task."""
     fd: Fd
-    kind: Str          # reg | dir | chr
-    path: Str
-    flags: U32         # open(2) flags as in fdinfo
-    pos: I64
+    fid: U32
     cloexec: bool
-    dup_of: Fd | None = None  # same open file description as this earlier fd
+
+
+class PipeData(Struct, forbid_unknown_fields=True):
+    ino: U64
+    size: U32          # capacity (F_GETPIPE_SZ)
+    data: Annotated[bytes, Meta(max_length=MAX_META // 2)] = b""   # bytes still unread
+
+
+class ShmObject(Struct, forbid_unknown_fields=True):
+    """A MAP_SHARED|MAP_ANONYMOUS object, possibly mapped by several tasks."""
+    id: U64
+    size: U64
+
+
+class Zombie(Struct, forbid_unknown_fields=True):
+    pid: Pid
+    vpid: Pid
+    ppid: Pid          # host pid of the parent (a task of the tree)
+    status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
+
+
+class Tree(Struct, forbid_unknown_fields=True):
+    """What the tasks share; comes before the TASK records."""
+    root: Pid
+    files: Annotated[list[FileDesc], Meta(max_length=MAX_LIST)] = []
+    pipes: Annotated[list[PipeData], Meta(max_length=MAX_LIST)] = []
+    shm: Annotated[list[ShmObject], Meta(max_length=MAX_LIST)] = []
+    zombies: Annotated[list[Zombie], Meta(max_length=MAX_TASKS)] = []
 
 
 class SigAction(Struct, forbid_unknown_fields=True):
@@ -203,6 +240,7 @@ class Trailer(Struct, forbid_unknown_fields=True):
 META_TYPES: dict[RecType, type[Struct]] = {
     RecType.HEADER: Header,
     RecType.TASK: Task,
+    RecType.TREE: Tree,
     RecType.PAGES: Pages,
     RecType.TRAILER: Trailer,
 }

@@ -15,11 +15,14 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
     r = ImageReader(fd, name=name)
     header = r.read_header()
     tasks: list[Task] = []
+    tree = None
     pages_by_pid: dict[int, int] = {}
     stored = 0
     while not r.done:
         rec = r.next()
-        if rec.type is RecType.TASK:
+        if rec.type is RecType.TREE:
+            tree = rec.meta
+        elif rec.type is RecType.TASK:
             tasks.append(rec.meta)  # type: ignore[arg-type]
         elif rec.type is RecType.PAGES:
             m: Pages = rec.meta  # type: ignore[assignment]
@@ -38,7 +41,10 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
                         for p in t.pending]
         d["pages"] = pages_by_pid.get(t.pid, 0)
         out_tasks.append(d)
-    return {"image": name, "header": hdr, "tasks": out_tasks,
+    tr = msgspec.to_builtins(tree) if tree is not None else {}
+    for p in tr.get("pipes", []):
+        p["data"] = f"<{len(p['data'])} bytes>"
+    return {"image": name, "header": hdr, "tree": tr, "tasks": out_tasks,
             "total_pages": sum(pages_by_pid.values()), "image_bytes": stored}
 
 
@@ -78,11 +84,13 @@ def render_text(s: dict[str, Any]) -> str:
             lines.append(f"    {v['start']:012x}-{v['end']:012x} {_prot(v['prot'])}"
                          f"{'s' if v['shared'] else 'p'} {_size(v['end'] - v['start']):>10} "
                          f"{v['kind']:<6} {what}")
-        lines.append(f"  {len(t['files'])} open files")
+        descs = {d["fid"]: d for d in s.get("tree", {}).get("files", [])}
+        lines.append(f"  {len(t['files'])} open files, {len(t['threads']) + 1} threads")
         for f in t["files"]:
-            extra = f" (same as fd {f['dup_of']})" if f["dup_of"] is not None else ""
-            lines.append(f"    fd {f['fd']:<3} {f['kind']:<4} {f['path']} flags 0o{f['flags']:o} "
-                         f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
+            d = descs.get(f["fid"], {})
+            what = d.get("path") or (f"pipe:[{d.get('pipe')}]" if d.get("kind") == "pipe" else "?")
+            lines.append(f"    fd {f['fd']:<3} {d.get('kind', '?'):<4} {what} flags 0o{d.get('flags', 0):o} "
+                         f"pos {d.get('pos', 0)}{' cloexec' if f['cloexec'] else ''} (file #{f['fid']})")
         lines.append(f"  signals: {len(t['sigactions'])} handlers, mask 0x{t['sigmask']:x}, "
                      f"{len(t['pending'])} pending")
     # names, paths, hostname come from the image: no newlines or terminal escapes

@@ -51,7 +51,7 @@ class Tracee:
     # --- attach / stop / detach -------------------------------------------------
     def seize(self) -> None:
         opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0) \
-            | (ptrace.PTRACE_O_TRACECLONE if self.traceclone else 0)
+            | (ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK if self.traceclone else 0)
         try:
             ptrace.seize(self.pid, opts)
         except OSError as e:
@@ -156,13 +156,14 @@ class Tracee:
         self._step(name)             # to the syscall-exit stop
         return self._result(name, check)
 
-    def clone_thread(self, args_addr: int, size: int) -> int:
-        """Inject clone3() creating a thread; returns the new tid, which is
-        auto-attached (PTRACE_O_TRACECLONE) and waited for, stopped."""
+    def clone(self, args_addr: int, size: int) -> int:
+        """Inject clone3() creating a thread or a process; returns its host
+        tid/pid: it is auto-attached (TRACECLONE/TRACEFORK), stopped."""
         self._enter("clone3", (args_addr, size))
         ptrace.resume_syscall(self.pid)
         status = ptrace.wait_stop(self.pid)
-        if not ptrace.is_event(status, ptrace.PTRACE_EVENT_CLONE):
+        if not (ptrace.is_event(status, ptrace.PTRACE_EVENT_CLONE)
+                or ptrace.is_event(status, ptrace.PTRACE_EVENT_FORK)):
             if ptrace.is_syscall_stop(status):   # it failed: no event
                 self._result("clone3", True)
             self._unexpected(status, "clone3")
@@ -173,6 +174,24 @@ class Tracee:
             st = ptrace.wait_stop(tid)
             if os.WIFSTOPPED(st):
                 return tid
+
+    def exit_now(self, status: int) -> None:
+        """Make the task exit as a process that ended with wait-status ``status``
+        (exit code or deadly signal): it stays a zombie for its parent."""
+        sig = status & 0x7F
+        if sig:
+            self.syscall("rt_sigaction", sig, 0, 0, 8, check=False)   # default action
+            ptrace.set_sigmask(self.pid, 0)
+            self._enter("kill", (0, sig))      # kill(0): ourselves (and our group: alone)
+        else:
+            self._enter("exit_group", ((status >> 8) & 0xFF,))
+        ptrace.resume_syscall(self.pid)
+        while True:
+            st = ptrace.wait_stop(self.pid)
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                self.attached = False
+                return
+            ptrace.resume_syscall(self.pid, os.WSTOPSIG(st) if not ptrace.is_syscall_stop(st) else 0)
 
     def _unexpected(self, status: int, name: str) -> None:
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):

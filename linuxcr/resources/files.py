@@ -1,101 +1,211 @@
-"""Open files: regular files, directories and harmless character devices,
-with fd number, flags, offset, close-on-exec and shared descriptions (dup);
-plus the working directory and root."""
+"""Open files: the fd tables of all tasks and the open file descriptions
+behind them (regular files, directories, harmless character devices, pipes),
+plus each task's working directory and root.
+
+Dump: every fd becomes (fd, description id, close-on-exec); descriptions
+shared by several fds or tasks (dup, fork, same offset moving for all) are
+found with kcmp(KCMP_FILE) and saved once.
+Restore: lcr opens every description itself before it creates the tasks, so
+each new task inherits them; a task then moves them onto its saved fd
+numbers (dup3) and closes everything else.
+"""
 from __future__ import annotations
 
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from linuxcr.errors import RestoreError
-from linuxcr.image.schema import OpenFile
+from linuxcr.image.schema import FileDesc, OpenFile, PipeData
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
 from linuxcr.remote.task import Arena, Tracee
+from linuxcr.resources import pipes
 from linuxcr.sys.syscalls import kcmp_file
 
 O_CLOEXEC = 0o2000000
+F_SETFL, F_DUPFD_CLOEXEC = 4, 1030
 # Flags that open() takes back; creation flags are not in fdinfo anyway.
 REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME |
                 os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
+STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
+KINDS = ("reg", "dir", "chr", "pipe")
 
 
-def _describe(pid: int, fd: int) -> tuple[str, str | None, str]:
-    """(kind, reason-if-unsupported, link target) of one fd."""
+@dataclass(frozen=True)
+class FdView:
+    kind: str
+    reason: str | None
+    link: str
+    key: tuple[int, int]       # (st_dev, st_ino) of the object
+
+
+def describe(pid: int, fd: int) -> FdView:
+    """What an fd is, and why we cannot save it if we cannot."""
     link = read_fd_link(pid, fd)
     try:
         st = os.stat(f"/proc/{pid}/fd/{fd}")
     except FileNotFoundError:
-        return "?", f"fd {fd}: {link}: vanished while being inspected", link
-    mode = st.st_mode
+        return FdView("?", f"fd {fd}: {link}: vanished while being inspected", link, (0, 0))
+    key, mode = (st.st_dev, st.st_ino), st.st_mode
+
+    def no(why: str, kind: str = "?") -> FdView:
+        return FdView(kind, f"fd {fd}: {why}", link, key)
+    if link.startswith("pipe:"):
+        return FdView("pipe", None, link, key)
     if link.endswith(" (deleted)") and link.startswith("/"):
-        return "reg", f"fd {fd}: {link}: open files that were unlinked are not supported yet", link
+        return no(f"{link}: open files that were unlinked are not supported yet")
     if stat.S_ISREG(mode):
-        return "reg", None, link
+        return FdView("reg", None, link, key)
     if stat.S_ISDIR(mode):
-        return "dir", None, link
+        return FdView("dir", None, link, key)
     if stat.S_ISCHR(mode):
         if link in SAFE_DEVICES:
-            return "chr", None, link
-        if link.startswith(("/dev/pts/", "/dev/tty")):
-            return "chr", (f"fd {fd}: terminal {link}: terminals are not supported yet; start the "
-                           "program with its input and output redirected to files"), link
-        return "chr", f"fd {fd}: character device {link}: devices are not saved", link
-    if link.startswith("pipe:"):
-        return "pipe", f"fd {fd}: {link}: pipes are not supported yet", link
+            return FdView("chr", None, link, key)
+        if link.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
+            return no(f"terminal {link}: terminals are not supported yet; start the program "
+                      "with its input and output redirected to files (or /dev/null)")
+        return no(f"character device {link}: devices are not saved")
     if link.startswith("socket:"):
-        return "socket", f"fd {fd}: {link}: sockets are not supported yet", link
+        return no(f"{link}: sockets are not supported yet")
     if link.startswith("anon_inode:"):
-        return "anon", f"fd {fd}: {link[11:]}: this kind of file is not supported yet", link
+        return no(f"{link[11:]}: this kind of file is not supported yet")
     if stat.S_ISFIFO(mode):
-        return "fifo", f"fd {fd}: FIFO {link}: named pipes are not supported yet", link
-    return "?", f"fd {fd}: {link}: unsupported kind of file", link
+        return no(f"FIFO {link}: named pipes are not supported yet")
+    return no(f"{link}: unsupported kind of file")
 
 
 def check(pid: int) -> list[str]:
     reasons = []
     for fd in list_fds(pid):
         try:
-            _kind, reason, _ = _describe(pid, fd)
+            v = describe(pid, fd)
         except FileNotFoundError:
             continue  # closed meanwhile
-        if reason:
-            reasons.append(reason)
+        if v.reason:
+            reasons.append(v.reason)
     return reasons
 
 
-def dump(pid: int) -> list[OpenFile]:
-    out: list[OpenFile] = []
-    for fd in list_fds(pid):
-        kind, reason, link = _describe(pid, fd)
-        if reason:
-            raise RestoreError(reason)  # check() runs first; this is a race
-        info = read_fdinfo(pid, fd)
-        dup_of = next((o.fd for o in out if o.dup_of is None and kcmp_file(pid, pid, o.fd, fd)), None)
-        out.append(OpenFile(fd=fd, kind=kind, path=link, flags=info.flags & ~O_CLOEXEC,
-                            pos=info.pos, cloexec=bool(info.flags & O_CLOEXEC), dup_of=dup_of))
-    return out
+class Table:
+    """Descriptions found so far across the tasks of a tree (dump side)."""
+
+    def __init__(self) -> None:
+        self.descs: list[FileDesc] = []
+        self.pipes: dict[int, PipeData] = {}
+        self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
+
+    def task_files(self, pid: int) -> list[OpenFile]:
+        out = []
+        for fd in list_fds(pid):
+            v = describe(pid, fd)
+            if v.reason:
+                raise RestoreError(v.reason)   # check() ran first: a race, refuse
+            info = read_fdinfo(pid, fd)
+            fid = self._same_as(pid, fd, v.key)
+            if fid is None:
+                fid = self._add(pid, fd, v, info.flags & ~O_CLOEXEC, info.pos)
+            out.append(OpenFile(fd=fd, fid=fid, cloexec=bool(info.flags & O_CLOEXEC)))
+        return out
+
+    def _same_as(self, pid: int, fd: int, key: tuple[int, int]) -> int | None:
+        for p2, fd2, fid in self._seen.get(key, []):
+            if kcmp_file(pid, p2, fd, fd2):
+                return fid
+        return None
+
+    def _add(self, pid: int, fd: int, v: FdView, flags: int, pos: int) -> int:
+        fid = len(self.descs)
+        if v.kind == "pipe":
+            ino = v.key[1]
+            if (flags & os.O_ACCMODE) == os.O_RDONLY and ino not in self.pipes:
+                self.pipes[ino] = pipes.dump(pid, fd, ino)
+            self.descs.append(FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino))
+        else:
+            self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, path=v.link, pos=pos))
+        self._seen.setdefault(v.key, []).append((pid, fd, fid))
+        return fid
+
+    def pipe_list(self) -> list[PipeData]:
+        """Every pipe referenced; those with no read end anywhere keep no bytes."""
+        inos = {d.pipe for d in self.descs if d.kind == "pipe"}
+        return [self.pipes.get(ino) or pipes.empty(ino) for ino in sorted(inos)]
 
 
-def restore(t: Tracee, arena: Arena, files: list[OpenFile]) -> None:
-    """Reopen every fd at its number; the task has no fds when this starts."""
+# --- restore ---------------------------------------------------------------
+
+def open_all(descs: list[FileDesc], pipe_data: list[PipeData]) -> dict[int, int]:
+    """Open every description in lcr (fid -> our fd), before the tasks exist."""
+    ours: dict[int, int] = {}
+    ends: dict[int, tuple[int, int]] = {}
+    used: set[int] = set()
+    try:
+        for p in pipe_data:
+            ends[p.ino] = pipes.create(p)
+        for d in descs:
+            ours[d.fid] = _open_one(d, ends, used)
+            used.add(ours[d.fid])
+    except BaseException:
+        close_all(ours, ends)
+        raise
+    for r, w in ends.values():   # ends nobody uses
+        for x in (r, w):
+            if x not in used:
+                os.close(x)
+    return ours
+
+
+def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> int:
+    if d.kind not in KINDS:
+        raise RestoreError(f"unsupported kind of open file {d.kind!r}")
+    if d.kind == "pipe":
+        if d.pipe not in ends:
+            raise RestoreError(f"pipe:[{d.pipe}] has no saved state")
+        r, w = ends[d.pipe]
+        end = r if (d.flags & os.O_ACCMODE) == os.O_RDONLY else w
+        # a second description of the same end: open the pipe again through /proc
+        fd = end if end not in used else os.open(f"/proc/self/fd/{end}", (d.flags & os.O_ACCMODE) | O_CLOEXEC)
+        os.set_blocking(fd, not d.flags & os.O_NONBLOCK)
+        return fd
+    try:
+        fd = os.open(d.path, (d.flags & REOPEN_FLAGS) | O_CLOEXEC)
+    except OSError as e:
+        raise RestoreError(f"cannot open {d.path}: {e.strerror}",
+                           "the file must exist at the same path on this machine") from None
+    if d.kind in ("reg", "dir") and d.pos:
+        try:
+            os.lseek(fd, d.pos, os.SEEK_SET)
+        except OSError as e:
+            if e.errno != errno.ESPIPE:
+                os.close(fd)
+                raise RestoreError(f"cannot seek {d.path} to offset {d.pos}: {e.strerror}") from None
+    return fd
+
+
+def close_all(ours: dict[int, int], ends: dict[int, tuple[int, int]] | None = None) -> None:
+    fds = set(ours.values())
+    for r, w in (ends or {}).values():
+        fds |= {r, w}
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def install(t: Tracee, files: list[OpenFile], ours: dict[int, int]) -> None:
+    """Put the inherited descriptions on the saved fd numbers; close the rest.
+
+    The task inherited lcr's whole fd table: move what it needs above every
+    number in play, close everything below, dup3 down, close the movers."""
+    need = sorted({ours[f.fid] for f in files})
+    base = max([f.fd for f in files] + need + [2]) + 1
+    moved = {fd: t.syscall("fcntl", fd, F_DUPFD_CLOEXEC, base) for fd in need}
+    t.syscall("close_range", 0, base - 1, 0)
     for f in files:
-        dup_flags = O_CLOEXEC if f.cloexec else 0
-        if f.dup_of is not None:
-            t.syscall("dup3", f.dup_of, f.fd, dup_flags)
-            continue
-        tmp = arena.open(f.path, f.flags & REOPEN_FLAGS, what=f"fd {f.fd}")
-        if tmp != f.fd:
-            t.syscall("dup3", tmp, f.fd, dup_flags)
-            t.syscall("close", tmp)
-        elif not f.cloexec:
-            t.syscall("fcntl", f.fd, 2, 0)  # F_SETFD: clear the O_CLOEXEC arena.open set
-        if f.kind in ("reg", "dir") and f.pos:
-            try:
-                t.syscall("lseek", f.fd, f.pos, os.SEEK_SET)
-            except OSError as e:
-                if e.errno != errno.ESPIPE:
-                    raise RestoreError(f"fd {f.fd}: cannot seek {f.path} to {f.pos}: {e.strerror}") from None
+        t.syscall("dup3", moved[ours[f.fid]], f.fd, O_CLOEXEC if f.cloexec else 0)
+    t.syscall("close_range", base, 0xFFFFFFFF, 0)
 
 
 def restore_fs(t: Tracee, arena: Arena, cwd: str, root: str) -> None:

@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 
 from linuxcr.pipeline import RING, prefetch
-from linuxcr.image.schema import Vma
+import msgspec
+
+from linuxcr.image.schema import ShmObject, Vma
 from linuxcr.image.stream import ImageWriter
 from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
 from linuxcr.remote.task import Tracee
@@ -54,7 +56,7 @@ def classify(e: SmapsEntry) -> Area | None:
     if m.inode == 0:  # anonymous: heap, stack, [anon:...], plain
         return Area(Vma(kind="anon", name=m.path, pages=True, **base))
     if m.path == "/dev/zero" and m.shared:   # MAP_SHARED|MAP_ANONYMOUS shows as this
-        return Area(Vma(kind="shmem", name="", pages=True, **base))
+        return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
     if m.path.startswith("/memfd:"):
         return Area(None, f"{where} of memfd {m.path[7:]!r}: memfd memory is not supported yet")
     if m.path.startswith("/SYSV"):
@@ -120,7 +122,36 @@ def vdso_text(vmas: list[Vma]) -> tuple[int, int] | None:
     return next(((v.start, v.end) for v in vmas if v.kind == "vdso"), None)
 
 
-def map_areas(t: Tracee, vmas: list[Vma], scratch) -> None:
+def shm_objects(all_vmas: list[list[Vma]]) -> tuple[list[ShmObject], list[list[Vma]]]:
+    """Shared anonymous objects of a tree; each one's pages are saved once,
+    with the first area that maps it."""
+    size: dict[int, int] = {}
+    out = []
+    for vmas in all_vmas:
+        fixed = []
+        for v in vmas:
+            if v.kind == "shmem":
+                first = v.shm not in size
+                size[v.shm] = max(size.get(v.shm, 0), v.offset + v.end - v.start)
+                if not first:
+                    v = msgspec.structs.replace(v, pages=False)
+            fixed.append(v)
+        out.append(fixed)
+    return [ShmObject(id=k, size=n) for k, n in size.items()], out
+
+
+def open_shm(objs: list[ShmObject]) -> dict[int, int]:
+    """One memfd per shared object, made by lcr before the tasks (they inherit it).
+    It shows as /memfd:lcr-shm in their maps where it showed /dev/zero."""
+    fds: dict[int, int] = {}
+    for o in objs:
+        fd = os.memfd_create("lcr-shm", os.MFD_CLOEXEC)
+        fds[o.id] = fd
+        os.ftruncate(fd, o.size)
+    return fds
+
+
+def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
     """mmap every saved area at its address in the new task (pages come later)."""
     fds: dict[tuple[str, bool], int] = {}
     try:
@@ -133,7 +164,7 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch) -> None:
             if v.kind == "anon":
                 flags |= MAP_ANONYMOUS | (MAP_GROWSDOWN if "gd" in v.vmflags else 0)
             elif v.kind == "shmem":
-                flags = MAP_FIXED | MAP_SHARED | MAP_ANONYMOUS
+                flags, fd, off = MAP_FIXED | MAP_SHARED, shm[v.shm], v.offset
             else:
                 rw = v.shared and "mw" in v.vmflags
                 key = (v.path, rw)

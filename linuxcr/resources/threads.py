@@ -42,7 +42,7 @@ def create(leader: Tracee, arena: Arena, th: Thread, insn: int) -> Tracee:
     tid_arr = (ctypes.c_int32 * 1)(th.vtid)
     at = arena.put(bytes(tid_arr))
     args.set_tid, args.set_tid_size = at, 1
-    tid = leader.clone_thread(arena.put(bytes(args)), ctypes.sizeof(args))
+    tid = leader.clone(arena.put(bytes(args)), ctypes.sizeof(args))
     t = Tracee(tid, exitkill=True, traceclone=True)
     t.attached = True
     t.saved_regs = ptrace.get_regs(tid)

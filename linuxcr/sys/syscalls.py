@@ -117,6 +117,11 @@ def pidfd_open(pid: int) -> int:
     return syscall(NR["pidfd_open"], pid, 0)
 
 
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """Our own fd for the open file behind another process's fd (O_CLOEXEC)."""
+    return syscall(NR["pidfd_getfd"], pidfd, fd, 0)
+
+
 KCMP_FILE = 0
 
 

@@ -1,0 +1,94 @@
+"""The process tree: who is whose child, sessions and process groups,
+zombies.
+
+Restore builds the tree top-down before anything else is rebuilt: each blank
+parent forks its children with an injected clone3() carrying the saved pid
+(set_tid); a session leader calls setsid() before it forks, so its children
+are born in its session; process groups are joined once everybody exists;
+zombies are forked like the others and made to exit with their saved status.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from linuxcr.errors import RestoreError
+from linuxcr.image.schema import Task, Zombie
+from linuxcr.procfs import read_stat, read_status
+from linuxcr.remote.task import Arena, Tracee
+from linuxcr.sys.syscalls import clone_args
+
+SIGCHLD = 17
+
+
+def children(pid: int) -> list[int]:
+    """Children of every thread of pid."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                continue
+    except FileNotFoundError:
+        pass
+    return sorted(set(out))
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return read_stat(pid).state in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def zombie(pid: int, parent: int) -> Zombie:
+    st = read_stat(pid)
+    try:
+        vpid = read_status(pid).ns_pid[-1]
+    except (FileNotFoundError, IndexError):
+        vpid = pid
+    return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF)
+
+
+def fork_child(parent: Tracee, arena: Arena, vpid: int | None) -> Tracee:
+    """A new process forked by the (blank, stopped) parent, with pid vpid."""
+    args = clone_args()
+    args.exit_signal = SIGCHLD
+    if vpid is not None:
+        tid = (ctypes.c_int32 * 1)(vpid)
+        args.set_tid, args.set_tid_size = arena.put(bytes(tid)), 1
+    try:
+        pid = parent.clone(arena.put(bytes(args)), ctypes.sizeof(args))
+    except OSError as e:
+        raise RestoreError(f"cannot create pid {vpid}: {e.strerror}",
+                           "it may be in use; restart with --any-pid") from None
+    child = Tracee(pid, exitkill=True, traceclone=True)
+    child.attached = True
+    from linuxcr.sys import ptrace
+    child.saved_regs = ptrace.get_regs(pid)
+    child.insn = parent.insn
+    return child
+
+
+def set_session(t: Tracee, task: Task) -> None:
+    """Right after the blank is made, before it forks: session leaders."""
+    vpid = task.vpid or task.pid
+    if task.sid == vpid:
+        t.syscall("setsid")
+
+
+def set_groups(made: list[tuple[Tracee, Task]]) -> None:
+    """Once every task exists: group leaders first, then members join."""
+    def vp(task: Task) -> int:
+        return task.vpid or task.pid
+    leaders = [(t, k) for t, k in made if k.pgid == vp(k) and k.sid != vp(k)]
+    members = [(t, k) for t, k in made if k.pgid != vp(k)]
+    for t, k in leaders + members:
+        if t.syscall("getpgid", 0) == k.pgid:
+            continue
+        try:
+            t.syscall("setpgid", 0, k.pgid)
+        except OSError as e:
+            raise RestoreError(f"pid {vp(k)}: cannot join process group {k.pgid}: {e.strerror}") from None
