@@ -122,9 +122,20 @@ def restart_full(image: Target, *, any_pid: bool = False) -> restore.RestoreResu
         return restore.restart(fd, any_pid=any_pid, name=name)
 
 
-def check(pid: int) -> list[str]:
-    """Reasons why ``pid`` cannot be checkpointed now ([] if it can)."""
-    return dump.check_process(_pid(pid))
+def check(pid: int, tree: bool = True) -> list[str]:
+    """Reasons why ``pid`` (and, with tree, its descendants) cannot be
+    checkpointed now ([] if it can)."""
+    pid = _pid(pid)
+    return dump.check_tree(pid) if tree else dump.check_process(pid)
 
 
-__all__ = ["checkpoint", "restart", "restart_full", "check", "LcrError"]
+def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
+    """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
+    checkpointed as a whole tree; returns its pid."""
+    from linuxcr.engine import spawn
+    if not argv:
+        raise LcrError("nothing to run")
+    return spawn.run_in_namespace(list(argv), log, cwd)
+
+
+__all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]

@@ -82,6 +82,20 @@ def restart(image: str, any_pid: bool) -> None:
     _run(go)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-o", "--output", "log", metavar="LOG", help="Send the command's stdout and stderr to LOG.")
+@click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
+    """Start a command as init of a fresh pid namespace, detached; prints its pid.
+
+    The whole tree it starts can then be checkpointed, and restarts with
+    every pid as it was."""
+    def go() -> None:
+        click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
+    _run(go)
+
+
 @main.command()
 @click.argument("image", metavar="IMAGE|-")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -98,11 +112,12 @@ def show(image: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("pid", type=int)
+@click.option("--tree/--no-tree", default=True, help="Include all descendants (default).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check(pid: int, as_json: bool) -> None:
+def check(pid: int, tree: bool, as_json: bool) -> None:
     """Say whether PID can be checkpointed now, and if not, why."""
     def go() -> None:
-        reasons = api.check(pid)
+        reasons = api.check(pid, tree=tree)
         if as_json:
             click.echo(json.dumps({"pid": pid, "checkpointable": not reasons, "reasons": reasons}))
         elif reasons:

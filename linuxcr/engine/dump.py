@@ -60,7 +60,10 @@ def check_process(pid: int, smaps=None) -> list[str]:
     if pid == 1 and os.path.samefile("/proc/1/ns/pid", "/proc/self/ns/pid"):
         reasons.append("it is the init of the pid namespace lcr runs in")
     reasons += memory.check(smaps)
-    reasons += files.check(pid)
+    try:
+        reasons += files.check(pid)
+    except FileNotFoundError:
+        raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
 
 
@@ -122,8 +125,12 @@ class FrozenTree:
             self.procs[p].thaw()
 
     def kill(self) -> None:
+        """Kill all, then wait deepest first: a namespace's init cannot finish
+        dying before the tasks under it are gone, and those wait for us."""
         for p in self.order:
-            self.procs[p].kill()
+            self.procs[p].send_kill()
+        for p in reversed(self.order):
+            self.procs[p].reap()
 
 
 def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,

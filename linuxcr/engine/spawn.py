@@ -176,3 +176,66 @@ def _read_reports(fd: int, want: int) -> list[str]:
         if any(ln.startswith("ERR ") for ln in lines):
             break
     return lines
+
+
+def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None) -> int:
+    """`lcr run`: start argv as pid 1 of a fresh pid namespace (and user
+    namespace when not root), in its own session, detached; returns its pid
+    as lcr sees it.  Exec failures come back through a close-on-exec pipe."""
+    rep_r, rep_w = os.pipe()
+    h = os.fork()
+    if h == 0:
+        try:
+            os.close(rep_r)
+            enter_namespaces(os.geteuid() != 0)
+            c = os.fork()
+            if c == 0:
+                try:
+                    os.setsid()
+                    if cwd:
+                        os.chdir(cwd)
+                    null = os.open("/dev/null", os.O_RDONLY)
+                    os.dup2(null, 0)
+                    if log:
+                        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                        os.dup2(out, 1)
+                        os.dup2(out, 2)
+                    keep = {0, 1, 2, rep_w}
+                    for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
+                        if fd not in keep:
+                            try:
+                                os.close(fd)
+                            except OSError:
+                                pass
+                    os.set_inheritable(rep_w, False)
+                    os.execvp(argv[0], argv)
+                except BaseException as e:  # noqa: BLE001
+                    _report(rep_w, f"ERR cannot run {argv[0]}: {getattr(e, 'strerror', None) or e}")
+                    os._exit(127)
+            _report(rep_w, f"FIRST {c}")
+            os._exit(0)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                _report(rep_w, f"ERR {e}")
+            finally:
+                os._exit(1)
+    os.close(rep_w)
+    try:
+        # FIRST comes from the helper; an ERR from the command, if exec failed,
+        # arrives before EOF (the pipe closes on exec or exit).
+        lines = []
+        buf = b""
+        while True:
+            chunk = os.read(rep_r, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        lines = [ln.decode(errors="replace") for ln in buf.split(b"\n") if ln]
+    finally:
+        os.close(rep_r)
+        os.waitpid(h, 0)
+    errs = [ln[4:] for ln in lines if ln.startswith("ERR ")]
+    first = next((int(ln.split()[1]) for ln in lines if ln.startswith("FIRST ")), None)
+    if errs or first is None:
+        raise RestoreError(errs[0] if errs else "could not start the command in a new namespace")
+    return first

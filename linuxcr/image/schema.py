@@ -2,7 +2,7 @@
 
 An image is one sequential stream (no seeks, so pipes and sockets work):
 
-    HEADER  TASK+  PAGES*  TRAILER
+    HEADER  TREE  TASK+  PAGES*  TRAILER
 
 Each record is a fixed 32-byte frame followed by ``meta_len`` bytes of
 msgpack metadata (decoded strictly into the Struct for its type, with every

@@ -42,8 +42,8 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         d["pages"] = pages_by_pid.get(t.pid, 0)
         out_tasks.append(d)
     tr = msgspec.to_builtins(tree) if tree is not None else {}
-    for p in tr.get("pipes", []):
-        p["data"] = f"<{len(p['data'])} bytes>"
+    for p, saved in zip(tr.get("pipes", []), tree.pipes if tree is not None else []):
+        p["data"] = f"<{len(saved.data)} bytes>"   # not of its base64 text
     return {"image": name, "header": hdr, "tree": tr, "tasks": out_tasks,
             "total_pages": sum(pages_by_pid.values()), "image_bytes": stored}
 

@@ -3,6 +3,7 @@ ordinary user alike; no cgroup freezer needed), and let them all go again."""
 from __future__ import annotations
 
 import os
+import signal
 
 from linuxcr.errors import NoSuchProcess
 from linuxcr.remote.task import ALL_SIGNALS, TaskGone, Tracee
@@ -78,9 +79,18 @@ class Frozen:
             t.detach()
 
     def kill(self) -> None:
-        import signal
-        os.kill(self.pid, signal.SIGKILL)
-        # The leader's death is reported only after every other thread's.
+        self.send_kill()
+        self.reap()
+
+    def send_kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        """Consume the death of every thread we trace (the parent reaps).
+        The leader's death is reported only after every other thread's."""
         order = [t for t in self.others()] + [self.leader]
         for t in order:
             tid = t.pid

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import signal
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -52,15 +53,24 @@ class Tracee:
     def seize(self) -> None:
         opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0) \
             | (ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK if self.traceclone else 0)
-        try:
-            ptrace.seize(self.pid, opts)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                raise NoSuchProcess(f"pid {self.pid}: no such process") from None
-            if e.errno == errno.EPERM:
-                raise _explain_eperm(self.pid) from None
-            raise KernelError(f"pid {self.pid}: ptrace(SEIZE) failed: {e.strerror}") from None
+        for attempt in range(SEIZE_RETRIES + 1):
+            try:
+                ptrace.seize(self.pid, opts)
+                break
+            except OSError as e:
+                # A task in the middle of execve() is briefly not dumpable:
+                # our own process refuses us for a moment; ask again.
+                if e.errno != errno.EPERM or attempt == SEIZE_RETRIES or not _ours(self.pid):
+                    self._seize_failed(e)
+                time.sleep(0.005)
         self.attached = True
+
+    def _seize_failed(self, e: OSError) -> None:
+        if e.errno == errno.ESRCH:
+            raise NoSuchProcess(f"pid {self.pid}: no such process") from None
+        if e.errno == errno.EPERM:
+            raise _explain_eperm(self.pid) from None
+        raise KernelError(f"pid {self.pid}: ptrace(SEIZE) failed: {e.strerror}") from None
 
     def stop(self) -> None:
         """Bring the seized task to a ptrace event-stop (it runs no code after)."""
@@ -267,6 +277,20 @@ def restartable_regs(saved: user_regs_struct, *, restart_block_ok: bool) -> user
             regs.rax = (-errno.EINTR) & 0xFFFFFFFFFFFFFFFF
     regs.orig_rax = (1 << 64) - 1
     return regs
+
+
+SEIZE_RETRIES = 40
+
+
+def _ours(pid: int) -> bool:
+    """Same owner as us and traced by nobody: an EPERM can only be passing."""
+    try:
+        st = os.stat(f"/proc/{pid}")
+        with open(f"/proc/{pid}/status") as f:
+            tracer = next((ln.split()[1] for ln in f if ln.startswith("TracerPid:")), "0")
+    except OSError:
+        return False
+    return (st.st_uid == os.geteuid() or os.geteuid() == 0) and tracer == "0"
 
 
 def _explain_eperm(pid: int) -> Exception:
