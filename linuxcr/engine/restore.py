@@ -65,7 +65,7 @@ class Rebuild:
 
 # --- validation -------------------------------------------------------------
 
-def validate_task(task: Task, nfiles: int = 1 << 20) -> None:
+def validate_task(task: Task) -> None:
     """Reject layouts the kernel would refuse or that would overlap, before
     any process exists."""
     prev_end = 0
@@ -79,7 +79,7 @@ def validate_task(task: Task, nfiles: int = 1 << 20) -> None:
         prev_end = v.end
     seen = set()
     for f in task.files:
-        if f.fd in seen or f.fid >= nfiles:
+        if f.fd in seen:
             raise ImageError(f"image holds an inconsistent fd table at fd {f.fd}")
         seen.add(f.fd)
     if len(task.regs) != 216 or len(task.altstack) != 3 or len(task.robust_list) != 2 \
@@ -100,7 +100,7 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
         if k is not tasks[0] and k.ppid not in pids:
             raise ImageError(f"image holds pid {k.pid} before its parent {k.ppid}")
         pids.add(k.pid)
-        validate_task(k, len(tree.files))
+        validate_task(k)
     for z in tree.zombies:
         if z.ppid not in pids:
             raise ImageError(f"image holds zombie {z.pid} whose parent is not in the tree")
@@ -109,12 +109,25 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
         for v in k.vmas:
             if v.kind == "shmem" and v.shm not in shm:
                 raise ImageError(f"image holds a shared memory area 0x{v.start:x} with no object")
+    fids = [d.fid for d in tree.files]
+    if len(set(fids)) != len(fids):
+        raise ImageError("image holds an open file description twice")
+    known = set(fids)
+    for k in tasks:
+        for f in k.files:
+            if f.fid not in known:
+                raise ImageError(f"image's pid {k.pid} fd {f.fd} refers to a missing open file")
+    for o in tree.shm:
+        if o.size > TASK_SIZE or o.size % PAGE:
+            raise ImageError(f"image holds a shared memory object of impossible size {o.size}")
     pipes_ = {p.ino for p in tree.pipes}
     for d in tree.files:
         if d.kind == "pipe" and d.pipe not in pipes_:
             raise ImageError(f"image holds pipe:[{d.pipe}] with no saved state")
         if d.kind in ("reg", "dir", "chr") and not d.path.startswith("/"):
             raise ImageError(f"image holds an open file with a relative path {d.path!r}")
+        if d.kind == "chr" and d.path not in files.SAFE_DEVICES:
+            raise ImageError(f"image holds an open device {d.path!r} that lcr does not restore")
 
 
 def _check_vdso(task: Task) -> None:
@@ -432,9 +445,9 @@ def _destroy(ts: list[Tracee], init_pid: int | None) -> None:
             os.kill(init_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for t in ts:
+    for t in reversed(ts):   # deepest first; SIGKILL'ed, so each wait is short
         try:
-            os.waitpid(t.pid, os.WNOHANG | ptrace.WALL)
+            os.waitpid(t.pid, ptrace.WALL)
         except ChildProcessError:
             pass
 

@@ -45,6 +45,18 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _buffer_limit() -> int:
+    """Half the memory available now: the most we buffer of a piped image."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError):
+        pass
+    return 1 << 30
+
+
 def _digest_bytes(cs: int) -> bytes:
     return cs.to_bytes(8, "little")
 
@@ -310,6 +322,8 @@ class ImageReader:
 
         Used when the writer waits for us to drain it before it can finish."""
         mem = os.memfd_create("lcr-image", os.MFD_CLOEXEC)
+        limit = _buffer_limit()
+        held = 0
         try:
             while True:
                 try:
@@ -318,6 +332,11 @@ class ImageReader:
                     raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
                 if not chunk:
                     break
+                held += len(chunk)
+                if held > limit:
+                    raise ImageError(f"{self.name} does not fit in memory while waiting for the "
+                                     f"original process to exit ({limit >> 20} MiB)",
+                                     "write the image to a file first, or restart with --any-pid")
                 os.write(mem, chunk)
         except BaseException:
             os.close(mem)

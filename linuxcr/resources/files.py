@@ -31,6 +31,7 @@ REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 KINDS = ("reg", "dir", "chr", "pipe")
+_KIND_NAMES = {"reg": "regular file", "dir": "directory", "chr": "character device"}
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,19 @@ def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> 
         fd = end if end not in used else os.open(f"/proc/self/fd/{end}", (d.flags & os.O_ACCMODE) | O_CLOEXEC)
         os.set_blocking(fd, not d.flags & os.O_NONBLOCK)
         return fd
-    try:
-        fd = os.open(d.path, (d.flags & REOPEN_FLAGS) | O_CLOEXEC)
+    try:   # O_NONBLOCK: a FIFO where a file was must not hang us; checked below
+        fd = os.open(d.path, (d.flags & REOPEN_FLAGS) | O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise RestoreError(f"cannot open {d.path}: {e.strerror}",
                            "the file must exist at the same path on this machine") from None
+    mode = os.fstat(fd).st_mode
+    want = {"reg": stat.S_ISREG, "dir": stat.S_ISDIR, "chr": stat.S_ISCHR}[d.kind]
+    if not want(mode):
+        os.close(fd)
+        raise RestoreError(f"{d.path} is no longer a {_KIND_NAMES[d.kind]}",
+                           "the file system changed since the checkpoint")
+    if not d.flags & os.O_NONBLOCK:
+        os.set_blocking(fd, True)
     if d.kind in ("reg", "dir") and d.pos:
         try:
             os.lseek(fd, d.pos, os.SEEK_SET)

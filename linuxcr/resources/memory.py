@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from linuxcr.pipeline import RING, prefetch
 import msgspec
 
+from linuxcr.errors import RestoreError
 from linuxcr.image.schema import ShmObject, Vma
 from linuxcr.image.stream import ImageWriter
 from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
@@ -144,10 +145,15 @@ def open_shm(objs: list[ShmObject]) -> dict[int, int]:
     """One memfd per shared object, made by lcr before the tasks (they inherit it).
     It shows as /memfd:lcr-shm in their maps where it showed /dev/zero."""
     fds: dict[int, int] = {}
-    for o in objs:
-        fd = os.memfd_create("lcr-shm", os.MFD_CLOEXEC)
-        fds[o.id] = fd
-        os.ftruncate(fd, o.size)
+    try:
+        for o in objs:
+            fd = os.memfd_create("lcr-shm", os.MFD_CLOEXEC)
+            fds[o.id] = fd
+            os.ftruncate(fd, o.size)
+    except (OSError, OverflowError) as e:
+        for fd in fds.values():
+            os.close(fd)
+        raise RestoreError(f"cannot create a shared memory object of the image: {e}") from None
     return fds
 
 
