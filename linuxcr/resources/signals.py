@@ -53,8 +53,15 @@ def dump_itimers(t: Tracee, arena: Arena) -> list[list[int]]:
 
 def restore_itimers(t: Tracee, arena: Arena, timers: list[list[int]]) -> None:
     for which, tv in enumerate(timers[:3]):
-        if len(tv) == 4 and (tv[2] or tv[3]):   # armed: same interval, same time left
-            t.syscall("setitimer", which, arena.put(_ITIMERVAL.pack(*tv)), 0)
+        if len(tv) != 4:
+            continue
+        isec, iusec, vsec, vusec = tv
+        if not (vsec or vusec) and (isec or iusec):
+            # a periodic timer that just fired (its signal pending) reads as 0
+            # left; setitimer(0) would disarm it, so it fires again at once
+            vusec = 1
+        if vsec or vusec:   # armed: same interval, same time left
+            t.syscall("setitimer", which, arena.put(_ITIMERVAL.pack(isec, iusec, vsec, vusec)), 0)
 
 
 def dump_pending(pid: int) -> list[PendingSignal]:
