@@ -162,7 +162,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
                         tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
                         root_pid=pid, flags=["compressed"] if compress else []))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
-                                    shm=shm, zombies=tree.zombies))
+                                    unix=table.unix_list(), shm=shm, zombies=tree.zombies))
         for task in tasks:
             w.record(RecType.TASK, task)
         pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress) for t in tasks)

@@ -121,7 +121,10 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
         if o.size > TASK_SIZE or o.size % PAGE:
             raise ImageError(f"image holds a shared memory object of impossible size {o.size}")
     pipes_ = {p.ino for p in tree.pipes}
+    socks = {u.ino for u in tree.unix}
     for d in tree.files:
+        if d.kind == "unix" and d.sock not in socks:
+            raise ImageError(f"image holds socket:[{d.sock}] with no saved state")
         if d.kind == "pipe" and d.pipe not in pipes_:
             raise ImageError(f"image holds pipe:[{d.pipe}] with no saved state")
         if d.kind in ("reg", "dir", "chr") and not d.path.startswith("/"):
@@ -240,8 +243,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
             if reason:
                 raise RestoreError(reason)
         _check_vdso(tasks[0])
-        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.shm) + 64)
-        ours = files.open_all(tree.files, tree.pipes)
+        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm) + 64)
+        ours = files.open_all(tree.files, tree.pipes, tree.unix)
         shm = memory.open_shm(tree.shm)
         try:
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)

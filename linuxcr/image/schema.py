@@ -95,6 +95,7 @@ class FileDesc(Struct, forbid_unknown_fields=True):
     path: Str = ""
     pos: I64 = 0
     pipe: U64 = 0      # kind=pipe: the pipe's inode (PipeData.ino)
+    sock: U64 = 0      # kind=unix: the socket's inode (UnixPair.ino)
 
 
 class OpenFile(Struct, forbid_unknown_fields=True):
@@ -108,6 +109,18 @@ class PipeData(Struct, forbid_unknown_fields=True):
     ino: U64
     size: U32          # capacity (F_GETPIPE_SZ)
     data: Annotated[bytes, Meta(max_length=MAX_META // 2)] = b""   # bytes still unread
+
+
+class UnixPair(Struct, forbid_unknown_fields=True):
+    """One end of a connected pair of UNIX sockets held inside the tree."""
+    ino: U64
+    peer: U64
+    type: Annotated[int, Meta(ge=1, le=5)]     # SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+    shutdown: Annotated[int, Meta(ge=0, le=3)]
+    rcvbuf: U32
+    sndbuf: U32
+    passcred: bool = False
+    queue: Annotated[list[Annotated[bytes, Meta(max_length=MAX_META // 4)]], Meta(max_length=MAX_LIST)] = []
 
 
 class ShmObject(Struct, forbid_unknown_fields=True):
@@ -129,6 +142,7 @@ class Tree(Struct, forbid_unknown_fields=True):
     files: Annotated[list[FileDesc], Meta(max_length=MAX_LIST)] = []
     pipes: Annotated[list[PipeData], Meta(max_length=MAX_LIST)] = []
     shm: Annotated[list[ShmObject], Meta(max_length=MAX_LIST)] = []
+    unix: Annotated[list[UnixPair], Meta(max_length=MAX_LIST)] = []
     zombies: Annotated[list[Zombie], Meta(max_length=MAX_TASKS)] = []
 
 

@@ -16,11 +16,11 @@ import os
 import stat
 from dataclasses import dataclass
 
-from linuxcr.errors import RestoreError
-from linuxcr.image.schema import FileDesc, OpenFile, PipeData
+from linuxcr.errors import NotCheckpointable, RestoreError
+from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import pipes
+from linuxcr.resources import pipes, unix_sockets
 from linuxcr.sys.syscalls import kcmp_file
 
 O_CLOEXEC = 0o2000000
@@ -30,7 +30,7 @@ REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_
                 os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-KINDS = ("reg", "dir", "chr", "pipe")
+KINDS = ("reg", "dir", "chr", "pipe", "unix")
 _KIND_NAMES = {"reg": "regular file", "dir": "directory", "chr": "character device"}
 
 
@@ -69,7 +69,8 @@ def describe(pid: int, fd: int) -> FdView:
                       "with its input and output redirected to files (or /dev/null)")
         return no(f"character device {link}: devices are not saved")
     if link.startswith("socket:"):
-        return no(f"{link}: sockets are not supported yet")
+        why = unix_sockets.reason(fd, key[1])
+        return FdView("unix", None, link, key) if why is None else no(why[len(f"fd {fd}: "):], "unix")
     if link.startswith("anon_inode:"):
         return no(f"{link[11:]}: this kind of file is not supported yet")
     if stat.S_ISFIFO(mode):
@@ -95,6 +96,8 @@ class Table:
     def __init__(self) -> None:
         self.descs: list[FileDesc] = []
         self.pipes: dict[int, PipeData] = {}
+        self.unix: dict[int, UnixPair] = {}
+        self.where: dict[int, tuple[int, int]] = {}    # socket ino -> (pid, fd) holding it
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
 
     def task_files(self, pid: int) -> list[OpenFile]:
@@ -123,10 +126,24 @@ class Table:
             if (flags & os.O_ACCMODE) == os.O_RDONLY and ino not in self.pipes:
                 self.pipes[ino] = pipes.dump(pid, fd, ino)
             self.descs.append(FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino))
+        elif v.kind == "unix":
+            ino = v.key[1]
+            self.unix[ino] = unix_sockets.dump(pid, fd, ino)
+            self.where[ino] = (pid, fd)
+            self.descs.append(FileDesc(fid=fid, kind="unix", flags=flags, sock=ino))
         else:
             self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, path=v.link, pos=pos))
         self._seen.setdefault(v.key, []).append((pid, fd, fid))
         return fid
+
+    def unix_list(self) -> list[UnixPair]:
+        """Both ends of every pair; a peer outside the tree cannot be saved."""
+        for ino, u in self.unix.items():
+            if u.peer not in self.unix:
+                pid, fd = self.where[ino]
+                raise NotCheckpointable(pid, [f"fd {fd}: UNIX socket:[{ino}] is connected to "
+                                              f"socket:[{u.peer}], which no process of the tree holds"])
+        return list(self.unix.values())
 
     def pipe_list(self) -> list[PipeData]:
         """Every pipe referenced; those with no read end anywhere keep no bytes."""
@@ -136,16 +153,33 @@ class Table:
 
 # --- restore ---------------------------------------------------------------
 
-def open_all(descs: list[FileDesc], pipe_data: list[PipeData]) -> dict[int, int]:
+def open_all(descs: list[FileDesc], pipe_data: list[PipeData],
+             unix: list[UnixPair] = ()) -> dict[int, int]:
     """Open every description in lcr (fid -> our fd), before the tasks exist."""
     ours: dict[int, int] = {}
     ends: dict[int, tuple[int, int]] = {}
+    socks: dict[int, int] = {}
     used: set[int] = set()
     try:
         for p in pipe_data:
             ends[p.ino] = pipes.create(p)
+        pairs = {u.ino: u for u in unix}
+        for u in unix:
+            if u.ino in socks:
+                continue
+            peer = pairs.get(u.peer)
+            if peer is None or peer.peer != u.ino or peer.type != u.type:
+                raise RestoreError(f"socket:[{u.ino}] has no matching peer in the image")
+            socks[u.ino], socks[peer.ino] = unix_sockets.create(u, peer)
+            ends[-u.ino] = (socks[u.ino], socks[peer.ino])   # closed with the rest
         for d in descs:
-            ours[d.fid] = _open_one(d, ends, used)
+            if d.kind == "unix":
+                if d.sock not in socks or socks[d.sock] in used:
+                    raise RestoreError(f"socket:[{d.sock}] is missing or opened twice in the image")
+                ours[d.fid] = socks[d.sock]
+                os.set_blocking(ours[d.fid], not d.flags & os.O_NONBLOCK)
+            else:
+                ours[d.fid] = _open_one(d, ends, used)
             used.add(ours[d.fid])
     except BaseException:
         close_all(ours, ends)
