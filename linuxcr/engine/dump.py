@@ -149,6 +149,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         smaps = {p: read_smaps(p) for p in tree.order}   # final: nothing changes now
         reasons = [r if p == pid else f"child pid {p}: {r}"
                    for p in tree.order for r in check_process(p, smaps[p])]
+        reasons += pstree.sharing_reasons(tree.order)
         if reasons:
             raise NotCheckpointable(pid, reasons)
         table = files.Table()

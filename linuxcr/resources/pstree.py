@@ -52,6 +52,21 @@ def zombie(pid: int, parent: int) -> Zombie:
     return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF)
 
 
+def sharing_reasons(pids: list[int]) -> list[str]:
+    """Processes (not threads) that share an address space (vfork) or an fd
+    table (clone(CLONE_FILES)): we restore each process on its own."""
+    from linuxcr.sys.syscalls import KCMP_FILES, KCMP_VM, kcmp_same
+    out = []
+    for i, a in enumerate(pids):
+        for b in pids[i + 1:]:
+            if kcmp_same(KCMP_VM, a, b):
+                out.append(f"pid {b} shares its memory with pid {a} (vfork or CLONE_VM): "
+                           "not supported; try again once it has called exec")
+            elif kcmp_same(KCMP_FILES, a, b):
+                out.append(f"pid {b} shares its fd table with pid {a} (CLONE_FILES): not supported yet")
+    return out
+
+
 def fork_child(parent: Tracee, arena: Arena, vpid: int | None) -> Tracee:
     """A new process forked by the (blank, stopped) parent, with pid vpid."""
     args = clone_args()

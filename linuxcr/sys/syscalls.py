@@ -122,12 +122,17 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return syscall(NR["pidfd_getfd"], pidfd, fd, 0)
 
 
-KCMP_FILE = 0
+KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
 
 
 def kcmp_file(pid1: int, pid2: int, fd1: int, fd2: int) -> bool:
     """True when both fds name the same open file description."""
     return syscall(NR["kcmp"], pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+
+
+def kcmp_same(kind: int, pid1: int, pid2: int) -> bool:
+    """True when two processes share the object (KCMP_VM, KCMP_FILES, ...)."""
+    return syscall(NR["kcmp"], pid1, pid2, kind, 0, 0) == 0
 
 
 def get_robust_list(pid: int) -> tuple[int, int]:
