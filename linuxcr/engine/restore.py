@@ -29,7 +29,7 @@ from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.pipeline import prefetch
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, files, memory, process, pstree, signals, threads
+from linuxcr.resources import cpu, fdkinds, files, memory, process, pstree, signals, threads
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 
@@ -127,6 +127,11 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
             raise ImageError(f"image holds socket:[{d.sock}] with no saved state")
         if d.kind == "pipe" and d.pipe not in pipes_:
             raise ImageError(f"image holds pipe:[{d.pipe}] with no saved state")
+        if d.kind not in files.BUILTIN_KINDS and d.kind not in fdkinds.BY_NAME:
+            raise ImageError(f"image holds an open file of unknown kind {d.kind!r}")
+        if d.kind in fdkinds.BY_NAME and (d.state is None or
+                                          getattr(type(d.state), "__struct_config__").tag != d.kind):
+            raise ImageError(f"image holds a {d.kind} whose saved state does not match its kind")
         if d.kind in ("reg", "dir", "chr") and not d.path.startswith("/"):
             raise ImageError(f"image holds an open file with a relative path {d.path!r}")
         if d.kind == "chr" and d.path not in files.SAFE_DEVICES:
@@ -273,7 +278,7 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
             pages = _fill_pages(made, reader, first)
             warnings: list[str] = []
             for r in made:
-                warnings += _finish(r, ours)
+                warnings += _finish(r, ours, tree)
         finally:
             os.close(blank.keep)
     except BaseException as e:
@@ -361,13 +366,14 @@ def _prepare(r: Rebuild, shm: dict[int, int]) -> None:
     memory.map_areas(t, task.vmas, r.arena, shm)
 
 
-def _finish(r: Rebuild, ours: dict[int, int]) -> list[str]:
+def _finish(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
     """Everything after the pages; last, return into the saved registers."""
     t, task, arena = r.t, r.task, r.arena
     assert arena is not None
     memory.protect_areas(t, task.vmas)
     process.restore_mm(t, arena, task.mm, r.inherited_exe)
     files.install(t, task.files, ours)
+    files.after_install(t, arena, task.files, tree.files)
     files.restore_fs(t, arena, task.cwd, task.root)
     process.restore_misc(t, arena, task)
     signals.restore_actions(t, arena, task.sigactions, r.inherited_sigs)

@@ -17,8 +17,12 @@ import enum
 import struct
 from typing import Annotated
 
+from typing import Union
+
 import msgspec
 from msgspec import Meta, Struct
+
+from linuxcr.image.kinds import KIND_STATES
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 1
@@ -87,6 +91,9 @@ class Vma(Struct, forbid_unknown_fields=True):
     shm: U64 = 0         # kind=shmem: the ShmObject it maps
 
 
+KindState = Union[tuple(KIND_STATES)]  # type: ignore[valid-type]
+
+
 class FileDesc(Struct, forbid_unknown_fields=True):
     """One open file description; fds of one or more tasks refer to it."""
     fid: U32
@@ -96,6 +103,7 @@ class FileDesc(Struct, forbid_unknown_fields=True):
     pos: I64 = 0
     pipe: U64 = 0      # kind=pipe: the pipe's inode (PipeData.ino)
     sock: U64 = 0      # kind=unix: the socket's inode (UnixPair.ino)
+    state: KindState | None = None   # kinds of resources/fdkinds/: their saved state
 
 
 class OpenFile(Struct, forbid_unknown_fields=True):

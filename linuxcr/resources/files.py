@@ -20,7 +20,7 @@ from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import pipes, unix_sockets
+from linuxcr.resources import fdkinds, pipes, unix_sockets
 from linuxcr.sys.syscalls import kcmp_file
 
 O_CLOEXEC = 0o2000000
@@ -30,7 +30,7 @@ REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_
                 os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-KINDS = ("reg", "dir", "chr", "pipe", "unix")
+BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix")
 _KIND_NAMES = {"reg": "regular file", "dir": "directory", "chr": "character device"}
 
 
@@ -68,14 +68,39 @@ def describe(pid: int, fd: int) -> FdView:
             return no(f"terminal {link}: terminals are not supported yet; start the program "
                       "with its input and output redirected to files (or /dev/null)")
         return no(f"character device {link}: devices are not saved")
+    kind = _registered(pid, fd, link, st)
+    if kind is not None:
+        return kind
     if link.startswith("socket:"):
         why = unix_sockets.reason(fd, key[1])
         return FdView("unix", None, link, key) if why is None else no(why[len(f"fd {fd}: "):], "unix")
     if link.startswith("anon_inode:"):
-        return no(f"{link[11:]}: this kind of file is not supported yet")
+        what = link[11:].strip("[]")
+        return no(f"{what}: {UNSUPPORTED.get(what, 'this kind of file is not supported yet')}", what)
     if stat.S_ISFIFO(mode):
         return no(f"FIFO {link}: named pipes are not supported yet")
     return no(f"{link}: unsupported kind of file")
+
+
+UNSUPPORTED = {
+    "io_uring": "io_uring instances cannot be checkpointed (kernel-side queues and "
+                "in-flight requests)",
+    "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
+    "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
+    "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
+    "pidfd": "pidfds are not supported yet", "[pidfd]": "pidfds are not supported yet",
+    "fanotify": "fanotify is not supported", "kvm-vm": "KVM virtual machines are not saved",
+}
+
+
+def _registered(pid: int, fd: int, link: str, st: os.stat_result) -> FdView | None:
+    """A kind handled by a module of resources/fdkinds."""
+    ctx = fdkinds.FdContext(pid, fd, link, st, read_fdinfo(pid, fd))
+    k = fdkinds.find(ctx)
+    if k is None:
+        return None
+    why = k.reason(ctx)
+    return FdView(k.name, f"fd {fd}: {why}" if why else None, link, (st.st_dev, st.st_ino))
 
 
 def check(pid: int) -> list[str]:
@@ -126,6 +151,13 @@ class Table:
             if (flags & os.O_ACCMODE) == os.O_RDONLY and ino not in self.pipes:
                 self.pipes[ino] = pipes.dump(pid, fd, ino)
             self.descs.append(FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino))
+        elif v.kind in fdkinds.BY_NAME:
+            ctx = fdkinds.FdContext(pid, fd, v.link, os.stat(f"/proc/{pid}/fd/{fd}"), read_fdinfo(pid, fd))
+            try:
+                state = fdkinds.BY_NAME[v.kind].dump(ctx)
+            finally:
+                ctx.close()
+            self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, state=state))
         elif v.kind == "unix":
             ino = v.key[1]
             self.unix[ino] = unix_sockets.dump(pid, fd, ino)
@@ -192,7 +224,14 @@ def open_all(descs: list[FileDesc], pipe_data: list[PipeData],
 
 
 def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> int:
-    if d.kind not in KINDS:
+    if d.kind in fdkinds.BY_NAME:
+        if d.state is None:
+            raise RestoreError(f"open file #{d.fid} ({d.kind}) has no saved state")
+        try:
+            return fdkinds.BY_NAME[d.kind].open(d.state, d.flags)
+        except OSError as e:
+            raise RestoreError(f"cannot recreate a {d.kind}: {e.strerror}") from None
+    if d.kind not in BUILTIN_KINDS:
         raise RestoreError(f"unsupported kind of open file {d.kind!r}")
     if d.kind == "pipe":
         if d.pipe not in ends:
@@ -249,6 +288,18 @@ def install(t: Tracee, files: list[OpenFile], ours: dict[int, int]) -> None:
     for f in files:
         t.syscall("dup3", moved[ours[f.fid]], f.fd, O_CLOEXEC if f.cloexec else 0)
     t.syscall("close_range", base, 0xFFFFFFFF, 0)
+
+
+def after_install(t: Tracee, arena: Arena, files: list[OpenFile], descs: list[FileDesc]) -> None:
+    """Per-task work of kinds that refer to the task's own fd numbers (epoll...)."""
+    by_fid = {d.fid: d for d in descs}
+    table = {f.fd: by_fid[f.fid] for f in files}
+    for f in files:
+        d = by_fid[f.fid]
+        kind = fdkinds.BY_NAME.get(d.kind)
+        hook = getattr(kind, "after_install", None)
+        if hook is not None:
+            hook(t, arena, f.fd, d.state, table)
 
 
 def restore_fs(t: Tracee, arena: Arena, cwd: str, root: str) -> None:

@@ -1,0 +1,58 @@
+"""Kinds of open files beyond regular files, directories, devices, pipes and
+UNIX socket pairs (see files.py): one module each, listed in REGISTRY.
+
+A kind is an object with:
+  name                       short name stored in FileDesc.kind
+  matches(ctx) -> bool       is this fd of my kind (ctx: FdContext)
+  reason(ctx) -> str | None  why it cannot be saved (None: it can)
+  dump(ctx) -> Struct        its state (a Struct from image/kinds.py); may use
+                             ctx.grab() for our own copy of the file, never
+                             consuming anything the program would see
+  open(state, flags) -> int  an fd of lcr's holding the same thing, made
+                             before the tasks exist (they inherit it)
+  after_install(t, arena, fd, state, fds)   optional: work done inside the
+                             task once its fds are in place (fds: the task's
+                             fd -> FileDesc), e.g. epoll watches
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from linuxcr.procfs import FdInfo
+from linuxcr.sys.syscalls import pidfd_getfd, pidfd_open
+
+
+@dataclass
+class FdContext:
+    pid: int
+    fd: int
+    link: str                 # readlink of /proc/PID/fd/N
+    st: os.stat_result        # stat of the open file
+    info: FdInfo              # /proc/PID/fdinfo/N
+    _grabbed: list[int] = field(default_factory=list)
+
+    def grab(self) -> int:
+        """Our own fd for the same open file (pidfd_getfd); closed by close()."""
+        pfd = pidfd_open(self.pid)
+        try:
+            fd = pidfd_getfd(pfd, self.fd)
+        finally:
+            os.close(pfd)
+        self._grabbed.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._grabbed:
+            os.close(fd)
+        self._grabbed.clear()
+
+
+from linuxcr.resources.fdkinds import eventfd  # noqa: E402
+
+REGISTRY = [eventfd.KIND]
+BY_NAME = {k.name: k for k in REGISTRY}
+
+
+def find(ctx: FdContext):
+    return next((k for k in REGISTRY if k.matches(ctx)), None)
