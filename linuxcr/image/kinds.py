@@ -20,3 +20,6 @@ class EventfdState(Struct, tag="eventfd", forbid_unknown_fields=True):
 
 
 KIND_STATES: list[type[Struct]] = [EventfdState]
+
+# Each kind's module adds its states below, one line per module (keep this
+# list at the end of the file).

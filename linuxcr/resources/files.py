@@ -53,6 +53,9 @@ def describe(pid: int, fd: int) -> FdView:
 
     def no(why: str, kind: str = "?") -> FdView:
         return FdView(kind, f"fd {fd}: {why}", link, key)
+    kind = _registered(pid, fd, link, st)   # modules of fdkinds come first
+    if kind is not None:
+        return kind
     if link.startswith("pipe:"):
         return FdView("pipe", None, link, key)
     if link.endswith(" (deleted)") and link.startswith("/"):
@@ -68,9 +71,6 @@ def describe(pid: int, fd: int) -> FdView:
             return no(f"terminal {link}: terminals are not supported yet; start the program "
                       "with its input and output redirected to files (or /dev/null)")
         return no(f"character device {link}: devices are not saved")
-    kind = _registered(pid, fd, link, st)
-    if kind is not None:
-        return kind
     if link.startswith("socket:"):
         why = unix_sockets.reason(fd, key[1])
         return FdView("unix", None, link, key) if why is None else no(why[len(f"fd {fd}: "):], "unix")

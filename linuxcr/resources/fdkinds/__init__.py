@@ -50,6 +50,8 @@ class FdContext:
 
 from linuxcr.resources.fdkinds import eventfd  # noqa: E402
 
+# One line per kind module; order matters only where two kinds could match
+# the same fd (the first one wins).
 REGISTRY = [eventfd.KIND]
 BY_NAME = {k.name: k for k in REGISTRY}
 
