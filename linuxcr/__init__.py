@@ -3,6 +3,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from linuxcr.api import checkpoint, restart, check  # noqa: E402
+from linuxcr.api import (  # noqa: E402
+    check, checkpoint, restart, run, snapshot, snapshots, transaction,
+)
 
-__all__ = ["checkpoint", "restart", "check", "__version__"]
+__all__ = ["checkpoint", "restart", "check", "run", "snapshot", "snapshots", "transaction",
+           "__version__"]

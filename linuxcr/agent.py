@@ -1,0 +1,579 @@
+"""The per-user snapshot agent, and its client.
+
+Snapshots (engine/snapshots.py) outlive the lcr command that took them: a
+small daemon per user holds them.  It is the ptrace tracer of every
+snapshot child (ptrace belongs to the tracer thread, so the agent serves
+requests from one thread, one at a time); PTRACE_O_EXITKILL makes the kernel
+kill every snapshot child when the agent dies.
+
+Where: $LCR_AGENT_DIR, else $XDG_RUNTIME_DIR/lcr, else /tmp/lcr-$UID (mode
+0700), holding agent.sock (0600), agent.lock, agent.pid and agent.log.
+
+Protocol: one JSON object per line each way over the UNIX stream socket;
+an image's fd travels with its request as SCM_RIGHTS.  Every request is
+authenticated with SO_PEERCRED: only root or the owner of the process may
+snapshot it or use its crids.
+
+    {"op": "snapshot", "pid": P}                 -> {"ok": true, "crid": C, ...}
+    {"op": "list", "pid": P|null}                -> {"ok": true, "snapshots": [...]}
+    {"op": "writeback", "crid": C, "compress": b} + fd
+    {"op": "rollback", "crid": C, "memory_only": b, "note": s}
+    {"op": "discard", "crid": C}
+    {"op": "ping"} / {"op": "quit"}
+errors: {"ok": false, "class": "NoSuchProcess", "error": msg, "hint": h, ...}
+
+Rolling back a process that took its own snapshot (linuxcr.transaction):
+it was frozen inside the recv() waiting for the snapshot's reply, and that
+is where the rollback brings it back.  The agent then sends, on that same
+connection, the reply it reads: {"ok": true, "crid": C, "rolled_back": true,
+"note": ...}; the snapshot call "returns twice", like setjmp.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from linuxcr import errors
+from linuxcr.errors import LcrError, NotCheckpointable, PermissionDenied
+
+MAX_LINE = 1 << 20
+IDLE_EXIT = float(os.environ.get("LCR_AGENT_IDLE", "600"))   # seconds, with no snapshot held
+START_TIMEOUT = 15.0
+
+
+class AgentError(LcrError):
+    exit_code = 13
+
+
+class SnapshotLimit(LcrError):
+    exit_code = 14
+
+
+class RolledBack(LcrError):
+    """Raised by ``transaction().__enter__`` when the process comes back from
+    a rollback: the state is the one before the ``with`` block."""
+    exit_code = 15
+
+
+def runtime_dir() -> Path:
+    env = os.environ.get("LCR_AGENT_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.geteuid():
+        return Path(xdg) / "lcr"
+    return Path(f"/tmp/lcr-{os.geteuid()}")
+
+
+def _ensure_dir(d: Path) -> None:
+    try:
+        d.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = d.lstat()
+    if not d.is_dir() or d.is_symlink() or st.st_uid != os.geteuid():
+        raise AgentError(f"{d} is not a directory of ours", "remove it or set LCR_AGENT_DIR")
+
+
+def _limits() -> tuple[int, int]:
+    n = int(os.environ.get("LCR_MAX_SNAPSHOTS", "16"))
+    mem = os.environ.get("LCR_MAX_SNAPSHOT_MEMORY")
+    if mem:
+        return n, int(mem)
+    with open("/proc/meminfo") as f:
+        total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
+    return n, total // 2
+
+
+# ==========================================================================
+# the server
+
+class _Conn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        self.pid, self.uid = pid, uid
+        self.open = True
+
+    def send(self, obj: dict) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+
+class Agent:
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.snaps: dict = {}                 # crid -> engine Snapshot
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}
+        self.max_snaps, self.max_mem = _limits()
+        self.last_busy = time.monotonic()
+        self.quit = False
+
+    def log(self, msg: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", flush=True)
+
+    def serve(self, listener: socket.socket) -> None:
+        self.sel.register(listener, selectors.EVENT_READ, None)
+        self.log(f"agent pid {os.getpid()} serving {self.dir}")
+        while not self.quit:
+            for key, _ in self.sel.select(timeout=1.0):
+                if key.data is None:
+                    s, _ = listener.accept()
+                    try:
+                        c = _Conn(s)
+                    except OSError:
+                        s.close()
+                        continue
+                    self.conns[s.fileno()] = c
+                    self.sel.register(s, selectors.EVENT_READ, c)
+                else:
+                    self._readable(key.data)
+            self._reap()
+            if self.snaps or self.conns:
+                self.last_busy = time.monotonic()
+            elif time.monotonic() - self.last_busy > IDLE_EXIT:
+                self.log("idle: exiting")
+                break
+
+    def _close(self, c: _Conn) -> None:
+        if c.open:
+            c.open = False
+            self.sel.unregister(c.sock)
+            self.conns.pop(c.sock.fileno(), None)
+            for fd in c.take_fds():
+                os.close(fd)
+            c.sock.close()
+
+    def _readable(self, c: _Conn) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(c.sock, 65536, 16)
+        except OSError:
+            data, fds = b"", []
+        c.fds += fds
+        if not data:
+            self._close(c)
+            return
+        c.buf += data
+        while c.open and b"\n" in c.buf:
+            line, _, rest = bytes(c.buf).partition(b"\n")
+            c.buf = bytearray(rest)
+            self._request(c, line)
+        if len(c.buf) > MAX_LINE:
+            self._close(c)
+
+    def _request(self, c: _Conn, line: bytes) -> None:
+        try:
+            req = json.loads(line)
+            op = req.get("op")
+            fn = getattr(self, f"op_{op}", None)
+            if fn is None or not isinstance(req, dict):
+                raise AgentError(f"unknown request {op!r}")
+            reply = fn(c, req)
+        except LcrError as e:
+            reply = dict(ok=False, error=e.message, hint=e.hint, code=e.exit_code,
+                         **{"class": type(e).__name__})
+            if isinstance(e, NotCheckpointable):
+                reply.update(pid=e.pid, reasons=e.reasons)
+        except Exception as e:
+            self.log("internal error:\n" + traceback.format_exc())
+            reply = dict(ok=False, error=f"internal error in the agent: {type(e).__name__}: {e}",
+                         hint=f"see {self.dir / 'agent.log'}", code=70, **{"class": "AgentError"})
+        finally:
+            for fd in c.take_fds():
+                os.close(fd)
+        if reply is not None and c.open:
+            c.send(reply)
+
+    # --- helpers ----------------------------------------------------------
+    def _reap(self) -> None:
+        """Snapshot children killed from outside: forget their snapshots."""
+        from linuxcr.sys import ptrace
+        while True:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG | ptrace.WALL)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                for crid, s in list(self.snaps.items()):
+                    if s.child.pid == pid:
+                        s.child.attached = False
+                        del self.snaps[crid]
+                        self.log(f"snapshot {crid}: its process {pid} died; forgotten")
+
+    def _owner(self, pid: int) -> int:
+        try:
+            return os.stat(f"/proc/{pid}").st_uid
+        except FileNotFoundError:
+            raise errors.NoSuchProcess(f"pid {pid}: no such process") from None
+
+    def _may(self, c: _Conn, owner: int, what: str) -> None:
+        if c.uid != 0 and c.uid != owner:
+            raise PermissionDenied(f"{what} belongs to uid {owner}; you are uid {c.uid}",
+                                   "only its owner or root may use it")
+
+    def _snap(self, c: _Conn, req: dict):
+        crid = str(req.get("crid", ""))
+        s = self.snaps.get(crid)
+        if s is None:
+            raise errors.NoSuchProcess(f"no snapshot {crid!r}", "lcr snapshots lists them")
+        self._may(c, s.uid, f"snapshot {crid}")
+        return s
+
+    def held(self) -> int:
+        return sum(s.held() for s in self.snaps.values())
+
+    # --- operations -------------------------------------------------------
+    def op_ping(self, c: _Conn, req: dict) -> dict:
+        return dict(ok=True, pid=os.getpid(), snapshots=len(self.snaps))
+
+    def op_quit(self, c: _Conn, req: dict) -> dict:
+        if c.uid not in (0, os.geteuid()):
+            raise PermissionDenied("only the agent's owner may stop it")
+        self.quit = True
+        return dict(ok=True)
+
+    def op_snapshot(self, c: _Conn, req: dict) -> dict:
+        from linuxcr.engine import snapshots
+        pid = int(req["pid"])
+        self._may(c, self._owner(pid), f"pid {pid}")
+        if len(self.snaps) >= self.max_snaps:
+            raise SnapshotLimit(f"too many snapshots: {len(self.snaps)} held, the limit is "
+                                f"{self.max_snaps}", "lcr discard some, or set LCR_MAX_SNAPSHOTS "
+                                "for the agent")
+        held = self.held()
+        if held >= self.max_mem:
+            raise SnapshotLimit(f"snapshots hold {held >> 20} MiB, the limit is {self.max_mem >> 20} MiB",
+                                "lcr discard some, or set LCR_MAX_SNAPSHOT_MEMORY for the agent")
+        s = snapshots.take(pid)
+        s.extra["conn"] = c if c.pid == pid else None     # a process snapshotting itself
+        self.snaps[s.crid] = s
+        self.log(f"snapshot {s.crid} of pid {pid} (frozen {s.frozen_seconds * 1e3:.1f} ms, "
+                 f"child {s.child.pid})")
+        return dict(ok=True, **s.info())
+
+    def op_list(self, c: _Conn, req: dict) -> dict:
+        pid = req.get("pid")
+        out = [s.info() for s in self.snaps.values()
+               if (c.uid in (0, s.uid)) and (pid is None or s.pid == int(pid))]
+        return dict(ok=True, snapshots=out)
+
+    def op_discard(self, c: _Conn, req: dict) -> dict:
+        from linuxcr.engine import snapshots
+        s = self._snap(c, req)
+        snapshots.discard(s)
+        del self.snaps[s.crid]
+        self.log(f"snapshot {s.crid} discarded")
+        return dict(ok=True, crid=s.crid)
+
+    def op_writeback(self, c: _Conn, req: dict) -> dict:
+        from linuxcr.engine import snapshots
+        s = self._snap(c, req)
+        fds = c.take_fds()
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise AgentError("writeback needs exactly one fd to write the image to")
+        try:
+            res = snapshots.writeback(s, fds[0], compress=bool(req.get("compress")),
+                                      name=str(req.get("name", "image")))
+        finally:
+            os.close(fds[0])
+        return dict(ok=True, crid=s.crid, **res)
+
+    def op_rollback(self, c: _Conn, req: dict) -> dict | None:
+        from linuxcr.engine import snapshots
+        s = self._snap(c, req)
+        self_conn = s.extra.get("conn")
+        res = snapshots.rollback(s, memory_only=bool(req.get("memory_only")))
+        self.log(f"snapshot {s.crid}: pid {s.pid} rolled back in {res['seconds'] * 1e3:.1f} ms")
+        if self_conn is not None and self_conn.open:
+            # it is back in the recv() of its snapshot call: that call returns again
+            self._drain(self_conn)
+            self_conn.send(dict(ok=True, rolled_back=True, note=req.get("note"), **s.info()))
+            if self_conn is c:
+                return None
+        return dict(ok=True, crid=s.crid, **res)
+
+    def _drain(self, c: _Conn) -> None:
+        """Drop whatever the rolled-back process had sent since (it never did)."""
+        c.buf = bytearray()
+        c.sock.setblocking(False)
+        try:
+            while True:
+                data, fds, _f, _a = socket.recv_fds(c.sock, 65536, 16)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    break
+        except (BlockingIOError, OSError):
+            pass
+        c.sock.setblocking(True)
+
+
+def run_agent(foreground: bool = False) -> None:
+    """``lcr agent``: become the agent of this user (unless one runs already)."""
+    d = runtime_dir()
+    _ensure_dir(d)
+    lock = os.open(d / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return                      # another agent serves this user
+    if not foreground:
+        if os.fork():
+            os._exit(0)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        logfd = os.open(d / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(null)
+        os.close(logfd)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        os.chdir("/")
+    path = d / "agent.sock"
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o077)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.umask(old)
+    listener.listen(64)
+    (d / "agent.pid").write_text(f"{os.getpid()}\n")
+    agent = Agent(d)
+    try:
+        agent.serve(listener)
+    finally:
+        from linuxcr.engine import snapshots
+        for s in list(agent.snaps.values()):
+            snapshots.discard(s)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(lock)
+
+
+# ==========================================================================
+# the client
+
+_ERRORS = {name: getattr(errors, name) for name in dir(errors)
+           if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), LcrError)}
+_ERRORS.update(AgentError=AgentError, SnapshotLimit=SnapshotLimit, RolledBack=RolledBack)
+
+
+def _raise(reply: dict) -> None:
+    cls = reply.get("class")
+    if cls == "NotCheckpointable":
+        raise NotCheckpointable(reply.get("pid", 0), reply.get("reasons") or [reply.get("error")])
+    if cls == "RollbackRefused":
+        from linuxcr.engine.snapshots import RollbackRefused
+        raise RollbackRefused(reply.get("error", "?"), reply.get("hint"))
+    raise _ERRORS.get(cls, AgentError)(reply.get("error", "agent error"), reply.get("hint"))
+
+
+class Client:
+    """One connection to this user's agent (started on demand)."""
+
+    def __init__(self, start: bool = True) -> None:
+        self.dir = runtime_dir()
+        self.sock = self._connect(start)
+
+    def _connect(self, start: bool) -> socket.socket:
+        path = str(self.dir / "agent.sock")
+        deadline = None
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                s.settimeout(None)
+                return s
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                s.close()
+                if not start:
+                    raise AgentError(f"no lcr agent is running ({path})") from None
+                if deadline is None:
+                    deadline = time.monotonic() + START_TIMEOUT
+                    self._start()
+                elif time.monotonic() > deadline:
+                    raise AgentError(f"the lcr agent did not start ({e.strerror}); see "
+                                     f"{self.dir / 'agent.log'}") from None
+                time.sleep(0.02)
+            except PermissionError:
+                s.close()
+                raise PermissionDenied(f"you may not talk to the lcr agent at {path}") from None
+
+    def _start(self) -> None:
+        _ensure_dir(self.dir)
+        env = dict(os.environ, LCR_AGENT_DIR=str(self.dir))
+        subprocess.run([sys.executable, "-m", "linuxcr", "agent"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                       close_fds=True, check=False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, op: str, *, fds: tuple[int, ...] = (), **args) -> dict:
+        data = (json.dumps(dict(op=op, **args)) + "\n").encode()
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+        reply = self._read_line()
+        if not reply.get("ok"):
+            _raise(reply)
+        return reply
+
+    def _read_line(self) -> dict:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AgentError("the lcr agent closed the connection (did it die?)",
+                                 f"see {self.dir / 'agent.log'}")
+            buf += chunk
+        return json.loads(buf)
+
+
+def agent_pid() -> int | None:
+    try:
+        return int((runtime_dir() / "agent.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Snapshot:
+    """A handle on an in-memory checkpoint held by the agent."""
+
+    def __init__(self, info: dict) -> None:
+        self.info = info
+        self.crid: str = info["crid"]
+        self.pid: int = info["pid"]
+
+    def __repr__(self) -> str:
+        return f"<Snapshot {self.crid} of pid {self.pid}>"
+
+    def writeback(self, out, *, compress: bool = False) -> dict:
+        return writeback(self.crid, out, compress=compress)
+
+    def rollback(self, *, memory_only: bool = False) -> dict:
+        return rollback(self.crid, memory_only=memory_only)
+
+    def discard(self) -> None:
+        discard(self.crid)
+
+
+def snapshot(pid: int) -> Snapshot:
+    with Client() as c:
+        return Snapshot(c.call("snapshot", pid=int(pid)))
+
+
+def snapshots(pid: int | None = None) -> list[dict]:
+    with Client() as c:
+        return c.call("list", pid=pid)["snapshots"]
+
+
+def writeback(crid: str, out, *, compress: bool = False) -> dict:
+    from linuxcr.api import _output
+    with _output(out) as (fd, name, commit):
+        with Client() as c:
+            res = c.call("writeback", fds=(fd,), crid=crid, compress=compress, name=name)
+        commit()
+    return res
+
+
+def rollback(crid: str, *, memory_only: bool = False) -> dict:
+    with Client() as c:
+        return c.call("rollback", crid=crid, memory_only=memory_only)
+
+
+def discard(crid: str) -> None:
+    with Client() as c:
+        c.call("discard", crid=crid)
+
+
+class Transaction:
+    """``with transaction() as t: ...`` about the calling process itself.
+
+    ``t.rollback()`` never returns: the process goes back to the moment its
+    snapshot was taken, and ``__enter__`` then raises RolledBack (so the
+    ``with`` body is skipped the second time).  An exception escaping the
+    body rolls back too (unless ``rollback_on_error=False``); leaving the
+    body normally keeps the changes and discards the snapshot."""
+
+    def __init__(self, *, memory_only: bool = False, rollback_on_error: bool = True) -> None:
+        self.memory_only = memory_only
+        self.rollback_on_error = rollback_on_error
+        self.crid: str | None = None
+        self._client: Client | None = None
+
+    def __enter__(self) -> "Transaction":
+        self._client = Client()
+        reply = self._client.call("snapshot", pid=os.getpid())
+        # a rollback brings us back right here, with another reply
+        self.crid = reply["crid"]
+        if reply.get("rolled_back"):
+            self._end()
+            raise RolledBack(f"rolled back to snapshot {self.crid}"
+                             + (f": {reply['note']}" if reply.get("note") else ""))
+        return self
+
+    def rollback(self, note: str | None = None) -> None:
+        assert self._client is not None and self.crid is not None
+        self._client.call("rollback", crid=self.crid, memory_only=self.memory_only, note=note)
+        raise AgentError("rollback returned: the agent did not bring this process back")
+
+    def _end(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.call("discard", crid=self.crid)
+            except LcrError:
+                pass
+            self._client.close()
+            self._client = None
+
+    def __exit__(self, et, ev, tb) -> bool:
+        if et is not None and self.rollback_on_error and not issubclass(et, RolledBack):
+            self.rollback(note=f"{et.__name__}: {ev}")
+        self._end()
+        return False
+
+
+def transaction(*, memory_only: bool = False, rollback_on_error: bool = True) -> Transaction:
+    return Transaction(memory_only=memory_only, rollback_on_error=rollback_on_error)
