@@ -2,15 +2,31 @@
 """bench.py -- linuxcr checkpoint/restart benchmark, with CRIU and
 process_vm_readv measured in the same run for reference.
 
-    python3 bench/bench.py [--sizes 256,1024] [--runs 3] [--json out.json]
-                           [--modes lcr,api,criu] [--dir /var/tmp/lcr-bench]
-                           [--install-criu] [--no-prewarm] [--keep-images]
+    python3 bench/bench.py [--cases memhog,tree,threads,rootless]
+                           [--sizes 256,1024] [--tree 8x64] [--threads 8x32]
+                           [--rootless-size 1024] [--rootless-user lcrtest]
+                           [--runs 3] [--json out.json] [--modes lcr,api,criu]
+                           [--dir /var/tmp/lcr-bench] [--install-criu]
+                           [--no-prewarm] [--keep-images]
 
-Workload: the shared memhog (N MiB of incompressible private anonymous memory,
-a running checksum, answers SIGUSR1 with "counter=N ... OK|MISMATCH").
+Workloads (cases):
 
-For every size and every run, one step per mode, in an order that rotates
-from run to run (interleaving):
+  memhog    the shared memhog (N MiB of incompressible private anonymous
+            memory, a running checksum, answers SIGUSR1 with
+            "counter=N ... OK|MISMATCH"), one process, for every --sizes N
+  tree      bench/treehog.c: a tree of P processes (root + P-1 children),
+            M MiB each (--tree PxM, default 8x64); SIGUSR1 to the root
+            -> one checksum line per process
+  threads   bench/threadhog.c: one process, T worker threads with M MiB of
+            their own each (--threads TxM, default 8x32); SIGUSR1 -> one
+            checksum line per thread
+  rootless  memhog --rootless-size MiB checkpointed and restarted with the
+            lcr CLI as root and as --rootless-user (default lcrtest), each
+            on a memhog started by the same user, image in a directory of
+            that user: the cost of running without root
+
+For every workload and every run, one step per mode, in an order that
+rotates from run to run (interleaving):
 
   lcr    `lcr checkpoint PID -o IMG` and `lcr restart IMG` as subprocesses
          (wall clock around each, interpreter start-up included)
@@ -21,15 +37,20 @@ from run to run (interleaving):
          engine cannot take the benchmark with it)
   criu   `criu dump -t PID -D DIR`, `criu restore -d -D DIR` (as
          shared/anchors/bench-criu.sh does), when the criu binary exists
-  pvr    `rawbw pvr PID ADDR BYTES 4096 3` on a fresh memhog: the
-         process_vm_readv throughput, i.e. the copy limit of a checkpointer
+  pvr    (memhog only) `rawbw pvr PID ADDR BYTES 4096 3` on a fresh memhog:
+         the process_vm_readv throughput, i.e. the copy limit of a
+         checkpointer
+  root / user  (rootless only) `lcr` as root / as the unprivileged user
 
-Each checkpoint/restart step: start memhog, probe (SIGUSR1), sync + pre-warm
-(write and delete a scratch file of size+64 MiB, untimed), time the
-checkpoint, wait until /proc/PID is gone, measure the image, pre-warm, time
-the restart, probe again.  The step is OK only if the checksum matches and
-the counter advanced; a failed step is reported as FAIL and is not timed.
-Medians are over the OK runs.  Every process started here is killed by pid.
+Each checkpoint/restart step: start the workload, probe (SIGUSR1), sync +
+pre-warm (write and delete a scratch file of size+64 MiB, untimed), time the
+checkpoint, wait until every pid of the workload is gone, measure the image,
+pre-warm, time the restart, probe again.  The step is OK only if every
+checksum matches and every counter advanced; a failed step is reported as
+FAIL and is not timed.  Medians are over the OK runs.  The benchmark is a
+child subreaper, so orphans (detached workloads, restored trees, lcr's
+namespace init) are reaped by it; every process started here is killed by
+pid.
 """
 from __future__ import annotations
 
@@ -68,17 +89,75 @@ def find_shared(explicit: str | None) -> Path:
 
 
 def build_workloads(shared: Path, out: Path) -> dict[str, Path]:
-    """Compile memhog and rawbw from the (read-only) shared dir into OUT."""
+    """Compile memhog and rawbw from the (read-only) shared dir, and treehog
+    and threadhog from bench/, into OUT (world-readable: the rootless case
+    runs memhog as another user)."""
     out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o755)
     cc = os.environ.get("CC", "gcc")
     res = {}
-    for name in ("memhog", "rawbw"):
-        src = shared / "workloads" / f"{name}.c"
+    for name, src, extra in (("memhog", shared / "workloads" / "memhog.c", []),
+                             ("rawbw", shared / "workloads" / "rawbw.c", []),
+                             ("treehog", HERE / "treehog.c", []),
+                             ("threadhog", HERE / "threadhog.c", ["-pthread"])):
         exe = out / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-            subprocess.run([cc, "-O2", "-g", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True)
+            subprocess.run([cc, "-O2", "-g", "-Wall", "-Wextra", *extra, "-o", str(exe), str(src)], check=True)
+        exe.chmod(0o755)
         res[name] = exe
     return res
+
+
+def set_subreaper() -> bool:
+    """Become a child subreaper: orphans of our descendants (detached
+    workloads, restored processes, lcr's namespace init) are reparented to
+    us and reaped at once, instead of by pid 1, which reaps lazily here."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0        # PR_SET_CHILD_SUBREAPER
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """PID and all its descendants (pre-order), from /proc/*/task/*/children."""
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        if p in out:
+            continue
+        out.append(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                stack += [int(x) for x in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def status_field(pid: int, key: str) -> str | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def ns_init_parent(pid: int) -> int | None:
+    """The parent of PID if it is pid 1 of a child pid namespace (lcr's
+    namespace init after a rootless restart), else None."""
+    pp = status_field(pid, "PPid")
+    if not pp or int(pp) in (0, 1, os.getpid()):
+        return None
+    ns = (status_field(int(pp), "NSpid") or "").split()
+    return int(pp) if len(ns) > 1 and ns[-1] == "1" else None
 
 
 def proc_alive(pid: int) -> bool:
@@ -133,6 +212,24 @@ def tree_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def git_describe() -> str | None:
+    """The commit measured (+ '-dirty' with uncommitted changes)."""
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pwd_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -146,22 +243,27 @@ def last_line(text: str) -> str:
 # ------------------------------------------------------------------- workload
 
 
-class Memhog:
-    def __init__(self, exe: Path, mib: int, logfile: Path):
-        self.exe, self.mib, self.log = exe, mib, logfile
+class Hog:
+    """A workload that detaches (prints "PID ready") and answers SIGUSR1 with
+    one "counter=N ... OK|MISMATCH" line per member in its log (memhog: one
+    line; treehog: one per process, threadhog: one per thread, tagged idx=I).
+
+    ARGV is the command without "-o LOG SIZE"; KW (e.g. user=, group=) goes
+    to subprocess.run, to start it as another user."""
+
+    def __init__(self, argv: list[str], size: int, logfile: Path, members: int = 1, **kw):
+        self.argv, self.size, self.log, self.members, self.kw = argv, size, logfile, members, kw
         self.pid = 0
-        self.addr = 0
 
     def start(self) -> int:
         self.log.unlink(missing_ok=True)
-        r = subprocess.run([str(self.exe), "-o", str(self.log), str(self.mib)],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(self.argv + ["-o", str(self.log), str(self.size)],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                           cwd=str(self.log.parent), **self.kw)
         m = re.match(r"(\d+) ready", r.stdout)
         if r.returncode != 0 or not m:
-            raise RuntimeError(f"memhog {self.mib} failed: {r.stdout!r} {r.stderr!r}")
+            raise RuntimeError(f"{Path(self.argv[0]).name} {self.size} failed: {r.stdout!r} {r.stderr!r}")
         self.pid = int(m.group(1))
-        m = re.search(r"addr=(0x[0-9a-f]+)", self.log.read_text())
-        self.addr = int(m.group(1), 16) if m else 0
         return self.pid
 
     def _lines(self) -> list[str]:
@@ -170,26 +272,53 @@ class Memhog:
         except OSError:
             return []
 
-    def probe(self, pid: int | None = None, timeout: float = 60.0) -> tuple[int, str]:
-        """SIGUSR1 -> (counter, 'OK'|'MISMATCH'|'DEAD'|'NOREPLY')."""
+    def probe(self, pid: int | None = None, timeout: float = 60.0) -> tuple[dict[int, int], str]:
+        """SIGUSR1 -> ({member: counter}, 'OK'|'MISMATCH'|'INCOMPLETE'|'DEAD'|'NOREPLY')."""
         pid = pid or self.pid
         n = len(self._lines())
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
-            return 0, "DEAD"
+            return {}, "DEAD"
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            lines = self._lines()
-            if len(lines) > n:
-                line = lines[-1]
-                m = re.search(r"counter=(\d+)", line)
-                st = "OK" if line.rstrip().endswith(" OK") else "MISMATCH"
-                return int(m.group(1)), st
+            new = self._lines()[n:]
+            if len(new) >= self.members:
+                counters, bad = {}, False
+                for line in new[:self.members]:
+                    m = re.search(r"idx=(\d+)", line)
+                    c = re.search(r"counter=(\d+)", line)
+                    counters[int(m.group(1)) if m else 0] = int(c.group(1))
+                    bad |= not line.rstrip().endswith(" OK")
+                if bad:
+                    return counters, "MISMATCH"
+                if sorted(counters) != list(range(self.members)):
+                    return counters, "INCOMPLETE"
+                return counters, "OK"
             if not proc_alive(pid):
-                return 0, "DEAD"
+                return {}, "DEAD"
             time.sleep(0.02)
-        return 0, "NOREPLY"
+        return {}, "NOREPLY"
+
+
+class Memhog(Hog):
+    def __init__(self, exe: Path, mib: int, logfile: Path, **kw):
+        super().__init__([str(exe)], mib, logfile, 1, **kw)
+        self.mib = mib
+        self.addr = 0
+
+    def start(self) -> int:
+        pid = super().start()
+        m = re.search(r"addr=(0x[0-9a-f]+)", self.log.read_text())
+        self.addr = int(m.group(1), 16) if m else 0
+        return pid
+
+
+class Workload:
+    """One line of the table: what to start, how big, which modes."""
+
+    def __init__(self, case: str, label: str, tag: str, mib: int, modes: list[str], make):
+        self.case, self.label, self.tag, self.mib, self.modes, self.make = case, label, tag, mib, modes, make
 
 
 # ---------------------------------------------------------------------- tools
@@ -304,8 +433,10 @@ class Bench:
         self.a = args
         self.root = Path(args.dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)     # the rootless case's user needs to reach its dirs
         self.shared = find_shared(args.shared)
         self.exe = build_workloads(self.shared, self.root / "bin")
+        self.subreaper = set_subreaper()
         self.live: set[int] = set()          # pids we started and have not seen gone
         self.lcr = shlex.split(args.lcr) if args.lcr else [sys.executable, "-m", "linuxcr"]
         self.criu = args.criu
@@ -314,6 +445,7 @@ class Bench:
         self.records: list[dict] = []
         self.meta: dict | None = None
         self.modes: list[str] = []
+        self.workloads: list[Workload] = []
 
     # ---- process bookkeeping
     def kill(self, pid: int, reaper=None) -> None:
@@ -325,11 +457,48 @@ class Bench:
         if pid and wait_gone(pid, reaper=reaper):
             self.live.discard(pid)
 
+    def kill_all(self, pids, reaper=None) -> None:
+        """SIGKILL all of PIDS first, then wait for each (a tree dies at once)."""
+        pids = [p for p in dict.fromkeys(pids) if p]
+        for p in pids:
+            if proc_alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in pids:
+            self.kill(p, reaper)
+        self.reap_orphans()
+
+    def reap_orphans(self) -> None:
+        """Reap zombie children we did not start ourselves (orphans handed to
+        us as subreaper, e.g. helpers of criu or lcr); never the API worker."""
+        keep = {self.worker.p.pid} if self.worker and self.worker.p else set()
+        try:
+            kids = [int(x) for t in os.listdir("/proc/self/task")
+                    for x in Path(f"/proc/self/task/{t}/children").read_text().split()]
+        except OSError:
+            return
+        for k in kids:
+            if k not in keep and (status_field(k, "State") or "").startswith("Z"):
+                try_reap(k)
+
     def cleanup(self) -> None:
-        for pid in sorted(self.live):
-            self.kill(pid, reaper=self.worker.reap if self.worker else None)
+        self.kill_all(sorted(self.live), reaper=self.worker.reap if self.worker else None)
         if self.worker:
             self.worker.stop()
+
+    def user_kw(self, user: str | None, home: Path | None = None) -> dict:
+        """subprocess kwargs that run a command as USER (None: as ourselves),
+        with the same environment either way (PYTHONPATH = the repo)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if user is None:
+            return {"env": env}
+        import pwd
+        pw = pwd.getpwnam(user)
+        env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=str(home or pw.pw_dir))
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "env": env}
 
     def run_cmd(self, argv, save: Path | None = None, **kw):
         """-> (rc or None on timeout, wall seconds, stdout, stderr); SAVE.{out,err} kept."""
@@ -348,13 +517,13 @@ class Bench:
         return rc, dt, out, err
 
     # ---- one mode's checkpoint + restart
-    def ckpt(self, mode, pid, img):
-        """-> (ok, seconds, error)"""
+    def ckpt(self, mode, pid, img, ukw=None):
+        """-> (ok, seconds, error); UKW: subprocess kwargs for lcr (another user)"""
         if mode in ("lcr", "lcrz"):
             argv = self.lcr + ["checkpoint", str(pid), "-o", str(img)]
             if mode == "lcrz":
                 argv.append("--compress")
-            rc, dt, out, err = self.run_cmd(argv, save=img.parent / "checkpoint")
+            rc, dt, out, err = self.run_cmd(argv, save=img.parent / "checkpoint", **(ukw or {}))
             if rc != 0:
                 return False, dt, f"lcr checkpoint rc={rc}: {last_line(err) or last_line(out)}"
             return True, dt, None
@@ -374,10 +543,11 @@ class Bench:
             return True, dt, None
         raise ValueError(mode)
 
-    def restart(self, mode, img, pid):
+    def restart(self, mode, img, pid, ukw=None):
         """-> (ok, seconds, restored_pid, error)"""
         if mode in ("lcr", "lcrz"):
-            rc, dt, out, err = self.run_cmd(self.lcr + ["restart", str(img)], save=img.parent / "restart")
+            rc, dt, out, err = self.run_cmd(self.lcr + ["restart", str(img)], save=img.parent / "restart",
+                                            **(ukw or {}))
             if rc != 0:
                 return False, dt, None, f"lcr restart rc={rc}: {last_line(err) or last_line(out)}"
             try:
@@ -428,61 +598,86 @@ class Bench:
                 pass
         return out
 
-    def step(self, mode: str, mib: int, run: int) -> dict:
-        d = self.root / f"{mib}.{run}.{mode}"
+    def step(self, wl: Workload, mode: str, run: int) -> dict:
+        d = self.root / f"{wl.tag}.{run}.{mode}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        img = d / ("img" if mode == "criu" else "image.lcr")
-        rec = {"size_mib": mib, "run": run, "mode": mode, "ok": False, "verify": "FAIL",
+        d.chmod(0o755)
+        # rootless case: mode root / user = the lcr CLI as root / as the user
+        tool = "lcr" if mode in ("root", "user") else mode
+        user = self.a.rootless_user if mode == "user" else None
+        ukw = self.user_kw(user, d) if wl.case == "rootless" else None
+        if user:
+            os.chown(d, ukw["user"], ukw["group"])
+            ukw["cwd"] = str(d)     # not our cwd: the user may not be allowed in
+        img = d / ("img" if tool == "criu" else "image.lcr")
+        rec = {"case": wl.case, "workload": wl.label, "size_mib": wl.mib, "run": run, "mode": mode,
+               "user": user or pwd_name(os.geteuid()), "ok": False, "verify": "FAIL",
                "ckpt_s": None, "restart_s": None, "img_bytes": None, "error": None}
-        reaper = self.worker.reap if mode == "api" else None
-        hog = Memhog(self.exe["memhog"], mib, d / "memhog.log")
+        reaper = self.worker.reap if tool == "api" else None
+        hkw = {k: v for k, v in (ukw or {}).items() if k in ("user", "group", "extra_groups", "env")}
+        hog = wl.make(d / "workload.log", **hkw)
         pid = rpid = 0
+        pids: list[int] = []       # the workload's pids (restored at the same pids as root)
+        rpids: list[int] = []      # the restored pids as we see them, + lcr's namespace init
         try:
             pid = hog.start()
             self.live.add(pid)
-            rec["pid"] = pid
+            pids = descendants(pid)
+            self.live.update(pids)
+            rec.update(pid=pid, nproc=len(pids), nthreads=len(os.listdir(f"/proc/{pid}/task")))
             c0, s0 = hog.probe()
             if s0 != "OK":
-                raise StepFail(f"memhog probe before checkpoint: {s0}")
+                raise StepFail(f"{wl.case} probe before checkpoint: {s0}")
             if self.a.prewarm:
                 os.sync()
-                prewarm(self.root, mib + 64)
-            ok, dt, err = self.ckpt(mode, pid, img)
+                prewarm(self.root, wl.mib + 64)
+            ok, dt, err = self.ckpt(tool, pid, img, ukw)
             if not ok:
                 raise StepFail(err)
             rec["ckpt_wall_s"] = dt
-            if not wait_gone(pid, self.a.gone_timeout):
-                raise StepFail(f"pid {pid} still exists {self.a.gone_timeout:.0f}s after checkpoint "
-                               "(not killed, or not reaped)")
-            self.live.discard(pid)
+            left = [p for p in pids if not wait_gone(p, self.a.gone_timeout)]
+            if left:
+                raise StepFail(f"pid(s) {' '.join(map(str, left))} still exist {self.a.gone_timeout:.0f}s "
+                               "after checkpoint (not killed, or not reaped)")
+            self.live.difference_update(pids)
             rec["img_bytes"] = tree_bytes(img)
             if self.a.prewarm:
-                prewarm(self.root, mib + 64)
-            # the restore brings the process back at its saved pid: count it as
-            # ours from now on, so an interrupt during the restore still kills it
-            self.live.add(pid)
-            ok, rt, rpid, err = self.restart(mode, img, pid)
+                prewarm(self.root, wl.mib + 64)
+            # the restore brings the processes back at their saved pids: count
+            # them as ours from now on, so an interrupt during the restore
+            # still kills them
+            self.live.update(pids)
+            ok, rt, rpid, err = self.restart(tool, img, pid, ukw)
             if rpid:
-                self.live.add(rpid)
+                rpids = descendants(rpid)
+                init = ns_init_parent(rpid)
+                if init:
+                    rpids.append(init)
+                    rec["ns_init"] = init
+                self.live.update(rpids)
             if not ok:
                 raise StepFail(err)
             rec["restored_pid"] = rpid
+            rec["restored_nproc"] = len(descendants(rpid))
+            rec["restored_nthreads"] = len(os.listdir(f"/proc/{rpid}/task")) if proc_alive(rpid) else 0
             c1, s1 = hog.probe(rpid)
+            rpids += [p for p in descendants(rpid) if p not in rpids]
+            self.live.update(rpids)
             rec["counter"] = [c0, c1]
-            if s1 != "OK" or c1 <= c0:
-                raise StepFail(f"verify after restart: {s1} counter {c0}->{c1}")
+            stuck = sorted(i for i, c in c0.items() if c1.get(i, 0) <= c)
+            if s1 != "OK" or stuck:
+                raise StepFail(f"verify after restart: {s1}, {len(c1)}/{len(c0)} members answered"
+                               + (f", counter not advanced for member(s) {stuck}" if stuck and c1 else ""))
             rec.update(ok=True, verify="OK", ckpt_s=dt, restart_s=rt)
-            if mode == "criu":
+            if tool == "criu":
                 rec["crit"] = self.crit_stats(img)
         except StepFail as e:
             rec["error"] = str(e)
         except Exception as e:  # harness trouble: report, go on
             rec["error"] = f"{type(e).__name__}: {e}"
         finally:
-            for p in (rpid, pid):
-                if p in self.live:
-                    self.kill(p, reaper)
+            self.kill_all([p for p in rpids + pids + [rpid, pid] if p in self.live], reaper)
             if not self.a.keep_images:
                 shutil.rmtree(img, ignore_errors=True) if img.is_dir() else img.unlink(missing_ok=True)
         return rec
@@ -490,8 +685,9 @@ class Bench:
     def pvr_step(self, mib: int, run: int) -> dict:
         d = self.root / f"{mib}.{run}.pvr"
         d.mkdir(parents=True, exist_ok=True)
-        hog = Memhog(self.exe["memhog"], mib, d / "memhog.log")
-        rec = {"size_mib": mib, "run": run, "mode": "pvr", "ok": False, "error": None}
+        hog = Memhog(self.exe["memhog"], mib, d / "workload.log")
+        rec = {"case": "memhog", "workload": f"memhog {mib}", "size_mib": mib, "run": run, "mode": "pvr",
+               "ok": False, "error": None}
         pid = 0
         try:
             pid = hog.start()
@@ -526,6 +722,48 @@ class Bench:
         return res
 
     # ---- the whole run
+    def rootless_check(self) -> str | None:
+        """Why the rootless case cannot run here (None if it can)."""
+        user = self.a.rootless_user
+        if os.geteuid() != 0:
+            return "needs root (it runs lcr as root and as another user)"
+        try:
+            kw = self.user_kw(user)
+        except KeyError:
+            return f"no user {user!r} (useradd -m {user})"
+        kw["cwd"] = str(self.root)
+        rc, _, out, err = self.run_cmd(self.lcr + ["--version"], **kw)
+        if rc != 0:
+            return f"{user} cannot run {shlex.join(self.lcr)}: {last_line(err) or last_line(out)}"
+        return None
+
+    def plan(self, modes: list[str]) -> list[Workload]:
+        a, ex = self.a, self.exe
+        wls = []
+        if "memhog" in a.cases:
+            for mib in a.sizes:
+                wls.append(Workload("memhog", f"memhog {mib}", str(mib), mib,
+                                    modes + (["pvr"] if a.pvr else []),
+                                    lambda log, mib=mib, **kw: Memhog(ex["memhog"], mib, log, **kw)))
+        if "tree" in a.cases:
+            n, m = a.tree
+            wls.append(Workload("tree", f"tree {n}x{m}", f"tree{n}x{m}", n * m, list(modes),
+                                lambda log, n=n, m=m, **kw: Hog([str(ex["treehog"]), "-n", str(n)], m, log, n, **kw)))
+        if "threads" in a.cases:
+            t, m = a.threads
+            wls.append(Workload("threads", f"threads {t}x{m}", f"threads{t}x{m}", t * m, list(modes),
+                                lambda log, t=t, m=m, **kw: Hog([str(ex["threadhog"]), "-t", str(t)], m, log, t, **kw)))
+        if "rootless" in a.cases:
+            why = self.rootless_check()
+            if why:
+                log(f"bench: rootless case skipped: {why}")
+                self.meta["rootless_skipped"] = why
+            else:
+                mib = a.rootless_size
+                wls.append(Workload("rootless", f"rootless {mib}", f"rootless{mib}", mib, ["root", "user"],
+                                    lambda log, mib=mib, **kw: Memhog(ex["memhog"], mib, log, **kw)))
+        return wls
+
     def run(self) -> dict:
         a = self.a
         modes = list(a.modes)
@@ -538,37 +776,44 @@ class Bench:
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "python": sys.version.split()[0], "lcr_cmd": self.lcr,
             "criu": self._criu_version() if "criu" in modes else None,
-            "sizes_mib": a.sizes, "runs": a.runs, "modes": modes, "prewarm": a.prewarm, "pvr": a.pvr,
-            "dir": str(self.root),
+            "cases": a.cases, "sizes_mib": a.sizes, "tree": a.tree, "threads": a.threads,
+            "rootless_size_mib": a.rootless_size, "rootless_user": a.rootless_user,
+            "runs": a.runs, "modes": modes, "prewarm": a.prewarm, "pvr": a.pvr,
+            "dir": str(self.root), "subreaper": self.subreaper,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "git": git_describe(),
         }
         log(f"# kernel {meta['kernel']}, {meta['cpus']} cpus, python {meta['python']}, "
             f"criu {meta['criu']}, images in {self.root}")
         self.meta, self.modes = meta, modes
         meta["startup"] = self.startup()
-        steps = modes + (["pvr"] if a.pvr else [])
-        for mib in a.sizes:
+        self.workloads = self.plan(modes)
+        t_start = time.monotonic()
+        for wl in self.workloads:
             for run in range(1, a.runs + 1):
-                k = (run - 1) % len(steps)
-                for mode in steps[k:] + steps[:k]:           # rotate: interleave the tools
+                k = (run - 1) % len(wl.modes)
+                for mode in wl.modes[k:] + wl.modes[:k]:        # rotate: interleave the tools
+                    name = f"  {wl.label:14s} run {run} {mode:5s}"
                     if mode == "pvr":
-                        rec = self.pvr_step(mib, run)
+                        rec = self.pvr_step(wl.mib, run)
                         self.records.append(rec)
-                        log(f"  {mib:5d} MiB run {run} pvr   " + (
-                            f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}"))
+                        log(f"{name} " + (f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}"))
                         continue
-                    rec = self.step(mode, mib, run)
+                    rec = self.step(wl, mode, run)
                     self.records.append(rec)
                     if rec["ok"]:
-                        log(f"  {mib:5d} MiB run {run} {mode:5s} checkpoint {rec['ckpt_s']*1e3:8.1f} ms  "
-                            f"restart {rec['restart_s']*1e3:8.1f} ms  image {rec['img_bytes']/MiB:7.1f} MiB  OK")
+                        log(f"{name} checkpoint {rec['ckpt_s']*1e3:8.1f} ms  restart {rec['restart_s']*1e3:8.1f} ms  "
+                            f"image {rec['img_bytes']/MiB:7.1f} MiB  OK")
                     else:
-                        log(f"  {mib:5d} MiB run {run} {mode:5s} FAIL: {rec['error']}")
+                        log(f"{name} FAIL: {rec['error']}")
+        meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         return self.result()
 
     def result(self) -> dict | None:
         if self.meta is None:
             return None
-        return {"meta": self.meta, "records": self.records, "summary": self.summarize(self.modes)}
+        return {"meta": self.meta, "records": self.records, "summary": self.summarize()}
 
     def _criu_version(self):
         try:
@@ -578,13 +823,17 @@ class Bench:
         except Exception as e:
             return f"? ({e})"
 
-    def summarize(self, modes) -> dict:
+    def summarize(self) -> dict:
         out = {}
-        for mib in self.a.sizes:
-            recs = [r for r in self.records if r["size_mib"] == mib]
+        all_pvr = median([r["bytes_per_s"] for r in self.records if r["mode"] == "pvr" and r["ok"]])
+        for wl in self.workloads:
+            recs = [r for r in self.records if r["workload"] == wl.label]
             pv = [r for r in recs if r["mode"] == "pvr" and r["ok"]]
-            pvr_bps = median([r["bytes_per_s"] for r in pv])
-            s = {"pvr_bytes_per_s": pvr_bps, "pvr_runs": len(pv), "modes": {}}
+            # the copy limit: process_vm_readv of this memhog size, else of all sizes measured
+            pvr_bps = median([r["bytes_per_s"] for r in pv]) if pv else all_pvr
+            s = {"case": wl.case, "size_mib": wl.mib, "pvr_bytes_per_s": pvr_bps, "pvr_runs": len(pv),
+                 "pvr_from": "this size" if pv else ("all memhog sizes" if all_pvr else None), "modes": {}}
+            modes = [m for m in wl.modes if m != "pvr"]
             for mode in modes:
                 rs = [r for r in recs if r["mode"] == mode]
                 ok = [r for r in rs if r["ok"]]
@@ -592,25 +841,33 @@ class Bench:
                      "ckpt_s": median([r["ckpt_s"] for r in ok]),
                      "restart_s": median([r["restart_s"] for r in ok]),
                      "img_bytes": median([r["img_bytes"] for r in ok]),
+                     "ckpt_min_s": min([r["ckpt_s"] for r in ok], default=None),
+                     "restart_min_s": min([r["restart_s"] for r in ok], default=None),
                      "errors": sorted({r["error"] for r in rs if r["error"]})}
                 # checkpoint throughput in image bytes/s (per run, then median)
                 m["ckpt_bytes_per_s"] = median([r["img_bytes"] / r["ckpt_s"] for r in ok if r["ckpt_s"]])
                 m["ckpt_vs_pvr"] = (m["ckpt_bytes_per_s"] / pvr_bps
                                     if m["ckpt_bytes_per_s"] and pvr_bps else None)
                 s["modes"][mode] = m
-            c = s["modes"].get("criu")
+            # ratios: ours / CRIU; rootless: as the user / as root
+            ref = "criu" if "criu" in modes else ("root" if wl.case == "rootless" else None)
+            c = s["modes"].get(ref) if ref else None
             ratios = {}
             for mode in modes:
-                if mode == "criu" or not c:
+                if mode == ref or not c:
                     continue
                 m = s["modes"][mode]
-                ratios[mode] = {
-                    "ckpt_vs_criu": m["ckpt_s"] / c["ckpt_s"] if m["ckpt_s"] and c["ckpt_s"] else None,
-                    "restart_vs_criu": (m["restart_s"] / c["restart_s"]
-                                        if m["restart_s"] and c["restart_s"] else None),
-                }
+                ck = m["ckpt_s"] / c["ckpt_s"] if m["ckpt_s"] and c["ckpt_s"] else None
+                rs = m["restart_s"] / c["restart_s"] if m["restart_s"] and c["restart_s"] else None
+                ratios[mode] = {"ref": ref, "ckpt": ck, "restart": rs,
+                                f"ckpt_vs_{ref}": ck, f"restart_vs_{ref}": rs,
+                                # best run against best run: less sensitive to other load
+                                "ckpt_best": (m["ckpt_min_s"] / c["ckpt_min_s"]
+                                              if m["ckpt_min_s"] and c["ckpt_min_s"] else None),
+                                "restart_best": (m["restart_min_s"] / c["restart_min_s"]
+                                                 if m["restart_min_s"] and c["restart_min_s"] else None)}
             s["ratios"] = ratios
-            out[str(mib)] = s
+            out[wl.label] = s
         return out
 
 
@@ -630,36 +887,55 @@ def report(res: dict) -> str:
     meta = res["meta"]
     st = meta.get("startup", {})
     L.append(f"# linuxcr bench {meta['date']}  kernel {meta['kernel']}  {meta['cpus']} cpus  "
-             f"python {meta['python']}  criu {meta['criu'] or '-'}  runs={meta['runs']}  "
-             f"prewarm={meta['prewarm']}")
+             f"python {meta['python']}  criu {meta['criu'] or '-'}  lcr {meta.get('git') or '?'}  runs={meta['runs']}  "
+             f"prewarm={meta['prewarm']}" + (f"  ({meta['elapsed_s']:.0f} s)" if meta.get("elapsed_s") else ""))
+    if meta.get("loadavg_start"):
+        L.append(f"# load average (1/5/15 min) at start {' '.join(map(str, meta['loadavg_start']))}"
+                 + (f", at end {' '.join(map(str, meta['loadavg_end']))}" if meta.get("loadavg_end") else "")
+                 + " (anything else running shows up in the times)")
     L.append(f"# interpreter start-up: python -c pass {fmt(st.get('python_s'), '.0f', 1e3)} ms, "
              f"import linuxcr.cli {fmt(st.get('import_linuxcr_cli_s'), '.0f', 1e3)} ms"
              + (f" ({st['import_linuxcr_cli_error']})" if st.get("import_linuxcr_cli_error") else ""))
     L.append("# medians over OK runs; ckpt GiB/s = image bytes / checkpoint time; "
-             "/pvr = that / process_vm_readv GiB/s")
+             "/pvr = that / process_vm_readv GiB/s; ckpt/ref, rst/ref = time / CRIU's time "
+             "(rootless: as the user / as root)")
     L.append("")
-    hdr = f"{'size':>6} {'tool':6} {'ok':>5} {'ckpt ms':>9} {'restart ms':>10} {'image MiB':>9} " \
-          f"{'ckpt GiB/s':>10} {'/pvr':>6} {'ckpt/CRIU':>9} {'rst/CRIU':>9}"
+    hdr = f"{'workload':14} {'tool':7} {'ok':>5} {'ckpt ms':>9} {'restart ms':>10} {'image MiB':>9} " \
+          f"{'ckpt GiB/s':>10} {'/pvr':>6} {'ckpt/ref':>9} {'rst/ref':>9}"
     L.append(hdr)
     L.append("-" * len(hdr))
-    for size, s in res["summary"].items():
+    user = meta.get("rootless_user") or "user"
+    for label, s in res["summary"].items():
         for mode, m in s["modes"].items():
             r = s["ratios"].get(mode, {})
-            L.append(f"{size:>6} {mode:6} {m['ok']:>2}/{m['runs']:<2} {fmt(m['ckpt_s'], '9.1f', 1e3):>9} "
+            r = r.get("ckpt"), r.get("restart")
+            tool = {"root": "root", "user": user}.get(mode, mode)
+            L.append(f"{label:14} {tool:7} {m['ok']:>2}/{m['runs']:<2} {fmt(m['ckpt_s'], '9.1f', 1e3):>9} "
                      f"{fmt(m['restart_s'], '10.1f', 1e3):>10} {fmt(m['img_bytes'], '9.1f', 1 / MiB):>9} "
                      f"{fmt(m['ckpt_bytes_per_s'], '10.2f', 1 / GiB):>10} {fmt(m['ckpt_vs_pvr'], '6.2f'):>6} "
-                     f"{fmt(r.get('ckpt_vs_criu'), '9.2f'):>9} {fmt(r.get('restart_vs_criu'), '9.2f'):>9}")
-        if not meta.get("pvr", True):
-            continue
-        L.append(f"{size:>6} {'pvr':6} {s['pvr_runs']:>2}/{meta['runs']:<2} "
-                 f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s (rawbw pvr, 4 MiB chunks, best of 3)")
-    errs = [(size, mode, e) for size, s in res["summary"].items()
+                     f"{fmt(r[0], '9.2f'):>9} {fmt(r[1], '9.2f'):>9}")
+        if s["case"] == "memhog" and meta.get("pvr", True):
+            L.append(f"{label:14} {'pvr':7} {s['pvr_runs']:>2}/{meta['runs']:<2} "
+                     f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s "
+                     "(rawbw pvr, 4 MiB chunks, best of 3)")
+    for label, s in res["summary"].items():
+        r = s["ratios"].get("user")
+        if s["case"] == "rootless" and r:
+            L.append("")
+            L.append(f"# {label}: lcr as {user} / as root: checkpoint {fmt(r['ckpt_vs_root'], '.2f')}, "
+                     f"restart {fmt(r['restart_vs_root'], '.2f')} (medians; best runs: "
+                     f"{fmt(r['ckpt_best'], '.2f')}, {fmt(r['restart_best'], '.2f')}; target <= 1.1)")
+    if any(s["case"] != "memhog" and s["pvr_from"] == "all memhog sizes" for s in res["summary"].values()):
+        L.append("# /pvr of tree, threads, rootless: against the median process_vm_readv rate of all memhog sizes")
+    if meta.get("rootless_skipped"):
+        L.append(f"# rootless case skipped: {meta['rootless_skipped']}")
+    errs = [(label, mode, e) for label, s in res["summary"].items()
             for mode, m in s["modes"].items() for e in m["errors"]]
     if errs:
         L.append("")
         L.append("# failures (distinct messages)")
-        for size, mode, e in errs:
-            L.append(f"  {size} MiB {mode}: {e}")
+        for label, mode, e in errs:
+            L.append(f"  {label} {mode}: {e}")
     return "\n".join(L)
 
 
@@ -669,8 +945,14 @@ def report(res: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="memhog,tree,threads,rootless",
+                   help="workloads, comma separated: memhog, tree, threads, rootless (default all)")
     p.add_argument("--sizes", default="256,1024", help="memhog sizes in MiB, comma separated (default 256,1024)")
-    p.add_argument("--runs", type=int, default=3, help="runs per size and tool (default 3)")
+    p.add_argument("--tree", default="8x64", help="tree: PROCESSESxMiB each (default 8x64)")
+    p.add_argument("--threads", default="8x32", help="threads: THREADSxMiB each (default 8x32)")
+    p.add_argument("--rootless-size", type=int, default=1024, help="rootless: memhog MiB (default 1024)")
+    p.add_argument("--rootless-user", default="lcrtest", help="rootless: the unprivileged user (default lcrtest)")
+    p.add_argument("--runs", type=int, default=3, help="runs per workload and tool (default 3)")
     p.add_argument("--modes", default="lcr,api,criu",
                    help="tools to time, comma separated: lcr (CLI), lcrz (CLI --compress), "
                         "api (Python API, warm interpreter), criu (default lcr,api,criu)")
@@ -690,11 +972,20 @@ def parse_args(argv=None):
     p.add_argument("--keep-images", action="store_true", help="keep the images (default: delete)")
     a = p.parse_args(argv)
     a.sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
+    a.cases = [x.strip() for x in a.cases.split(",") if x.strip()]
+    badc = set(a.cases) - {"memhog", "tree", "threads", "rootless"}
+    if badc:
+        p.error(f"unknown case(s): {', '.join(sorted(badc))}")
+    for opt in ("tree", "threads"):
+        m = re.fullmatch(r"(\d+)x(\d+)", getattr(a, opt))
+        if not m or not (1 <= int(m.group(1)) <= 256) or int(m.group(2)) < 1:
+            p.error(f"--{opt}: want NxMIB, e.g. 8x64")
+        setattr(a, opt, (int(m.group(1)), int(m.group(2))))
     a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
     bad = set(a.modes) - {"lcr", "lcrz", "api", "criu"}
     if bad:
         p.error(f"unknown mode(s): {', '.join(sorted(bad))}")
-    if a.runs < 1 or not a.sizes:
+    if a.runs < 1 or ("memhog" in a.cases and not a.sizes):
         p.error("need --runs >= 1 and at least one size")
     return a
 

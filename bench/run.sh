@@ -1,6 +1,6 @@
 #!/bin/bash
 # run.sh -- run the benchmark with the usual settings and keep the results.
-#   bench/run.sh [bench.py options]     e.g. bench/run.sh --sizes 256 --runs 5
+#   bench/run.sh [bench.py options]     e.g. bench/run.sh --cases memhog,tree --runs 5
 # Writes $OUT/<date>.txt (the table) and .json (everything); OUT defaults to
 # /var/tmp/lcr-bench/results (outside the repo).
 # Installs CRIU (root only, Debian trixie build in /opt/criu-trixie) if missing.

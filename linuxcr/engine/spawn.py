@@ -86,7 +86,8 @@ def enter_namespaces(user_ns: bool) -> None:
 
 def become_init() -> None:
     """pid 1 of our namespace: reap orphans until nobody is left, then go."""
-    prctl(15, ctypes.addressof(ctypes.create_string_buffer(b"lcr-init")))   # PR_SET_NAME
+    name = ctypes.create_string_buffer(b"lcr-init")   # kept alive across the call
+    prctl(15, ctypes.addressof(name))                  # PR_SET_NAME
     fd = os.open("/dev/null", os.O_RDWR)
     for i in range(3):
         os.dup2(fd, i)
