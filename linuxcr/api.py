@@ -6,13 +6,21 @@
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import stat
 from contextlib import contextmanager
-from typing import IO, Iterator, Union
+from typing import IO, Iterable, Iterator, Union
 
+from linuxcr import faults
 from linuxcr.engine import dump, restore
 from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess
+from linuxcr.image import sign as _sign
+from linuxcr.image import stream
+from linuxcr.resources import process
+
+KeyArg = Union[str, os.PathLike, _sign.Key, None]
 
 Target = Union[int, str, os.PathLike, IO[bytes]]
 
@@ -29,10 +37,11 @@ def _pid(pid: object) -> int:
 
 @contextmanager
 def _output(target: Target) -> Iterator[tuple[int, str, callable]]:
-    """fd to write to, its name, and the commit step (rename for files).
+    """fd to write to, its name, and the commit step (naming the file).
 
-    Files are written under a temporary name and renamed only once complete:
-    a failed checkpoint never leaves something that looks like an image."""
+    Files are written unnamed (O_TMPFILE) or under a temporary name, and get
+    their name only once complete: a failed checkpoint never leaves
+    something that looks like an image."""
     if isinstance(target, int):
         yield target, f"fd {target}", lambda: None
         return
@@ -57,26 +66,66 @@ def _output(target: Target) -> Iterator[tuple[int, str, callable]]:
         finally:
             os.close(fd)
         return
+    # An unnamed file (O_TMPFILE) given its name only once complete: if lcr
+    # dies (even by SIGKILL) nothing is left.  Filesystems without O_TMPFILE
+    # get a visible temporary name instead, removed on every error.
     tmp = f"{path}.lcr-partial-{os.getpid()}"
+    named: str | None = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.dirname(path) or ".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise ImageWriteError(f"cannot create {path}: {e.strerror}") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise ImageWriteError(f"cannot create {path}: {e.strerror}") from None
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e2:
+            raise ImageWriteError(f"cannot create {path}: {e2.strerror}") from None
+        named = tmp
     done = False
 
     def commit() -> None:
         nonlocal done
-        os.rename(tmp, path)
+        faults.point("dump.rename")
+        try:
+            if named is not None:
+                os.rename(named, path)
+            elif not _link_fd(fd, path):      # path exists: replace it atomically
+                _remove(tmp)
+                if not _link_fd(fd, tmp):
+                    raise FileExistsError(errno.EEXIST, "exists", tmp)
+                os.rename(tmp, path)
+        except OSError as e:
+            _remove(tmp)
+            raise ImageWriteError(f"cannot give {path} its name: {e.strerror}") from None
         done = True
     try:
         yield fd, path, commit
     finally:
         os.close(fd)
-        if not done:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        if not done and named is not None:
+            _remove(named)
+
+
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def _link_fd(fd: int, path: str) -> bool:
+    """linkat() an O_TMPFILE file to path; False if path exists."""
+    from linuxcr.sys.syscalls import libc
+    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path),
+                   _AT_SYMLINK_FOLLOW) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e == errno.EEXIST:
+        return False
+    raise OSError(e, os.strerror(e), path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager
@@ -98,28 +147,68 @@ def _input(source: Target) -> Iterator[tuple[int, str]]:
         os.close(fd)
 
 
+def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
+    return None if key is None else _sign.load_key(key, signing=signing)
+
+
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
-               progress=None) -> dump.DumpResult:
+               progress=None, sign: KeyArg = None) -> dump.DumpResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
-    ``leave_running``; on any error it is left running as it was."""
+    ``leave_running``; on any error it is left running as it was.
+    ``sign``: a key file (HMAC secret or Ed25519 private key, see
+    image/sign.py) to sign the image with."""
     pid = _pid(pid)
-    with _output(out) as (fd, name, commit):
+    signer = _key(sign, signing=True)       # a bad key fails before the process is touched
+    with _output(out) as (fd, name, commit), stream.options(signer=signer):
         return dump.checkpoint(pid, fd, leave_running=leave_running, compress=compress,
                                name=name, on_written=commit, progress=progress)
 
 
-def restart(image: Target, *, any_pid: bool = False) -> int:
+def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
+            trust: Iterable[str] | str = ()) -> int:
     """Restart the process saved in ``image``; returns its pid.
 
-    The restored process is a child of the caller until the caller exits."""
-    return restart_full(image, any_pid=any_pid).pid
+    The restored process is a child of the caller until the caller exits.
+    ``verify``: a key file; the image must carry a good signature by it.
+    ``trust`` (root): what the image may be granted: "uid", "caps",
+    "setuid", "files" or "all" (see resources/process.py)."""
+    return restart_full(image, any_pid=any_pid, verify=verify, trust=trust).pid
 
 
-def restart_full(image: Target, *, any_pid: bool = False) -> restore.RestoreResult:
+def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
+                 trust: Iterable[str] | str = ()) -> restore.RestoreResult:
+    verifier = _key(verify, signing=False)
+    trusted = process.parse_trust(trust)
     with _input(image) as (fd, name):
-        return restore.restart(fd, any_pid=any_pid, name=name)
+        policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=_owner(fd),
+                                       image_name=name)
+        with stream.options(verifier=verifier, observer=policy.observe), \
+                process.restore_policy(policy):
+            return restore.restart(fd, any_pid=any_pid, name=name)
+
+
+def show(image: Target, *, verify: KeyArg = None) -> dict:
+    """What ``image`` holds (``lcr show``); reads and checks all of it, and
+    its signatures with ``verify``."""
+    from linuxcr.image.show import summarize
+    verifier = _key(verify, signing=False)
+    with _input(image) as (fd, name), stream.options(verifier=verifier):
+        s = summarize(fd, name)
+    if verifier is not None:
+        s["signature"] = {"verified": True, "alg": verifier.alg,
+                          "key_id": _sign.key_id_hex(verifier.key_id)}
+    return s
+
+
+def _owner(fd: int) -> int | None:
+    """Who owns the image file (None for pipes and sockets: nobody to ask)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_uid if stat.S_ISREG(st.st_mode) else None
 
 
 def check(pid: int, tree: bool = True) -> list[str]:
@@ -139,3 +228,67 @@ def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> i
 
 
 __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]
+
+
+# --- in-memory checkpoints (crid snapshots, held by the per-user agent) -----
+
+def snapshot(pid: int):
+    """Snapshot process ``pid`` in memory (copy-on-write); returns a handle
+    with .crid, .writeback(out), .rollback(), .discard()."""
+    from linuxcr import agent
+    return agent.snapshot(_pid(pid))
+
+
+def snapshots(pid: int | None = None) -> list[dict]:
+    """The snapshots you may use (of ``pid`` only, if given)."""
+    from linuxcr import agent
+    return agent.snapshots(None if pid is None else _pid(pid))
+
+
+def writeback(crid: str, out: Target, *, compress: bool = False) -> dict:
+    from linuxcr import agent
+    return agent.writeback(crid, out, compress=compress)
+
+
+def rollback(crid: str, *, memory_only: bool = False) -> dict:
+    from linuxcr import agent
+    return agent.rollback(crid, memory_only=memory_only)
+
+
+def discard(crid: str) -> None:
+    from linuxcr import agent
+    agent.discard(crid)
+
+
+def transaction(*, memory_only: bool = False, rollback_on_error: bool = True):
+    """``with linuxcr.transaction() as t: ...; t.rollback()`` for the calling
+    process itself; after a rollback the ``with`` raises agent.RolledBack."""
+    from linuxcr import agent
+    return agent.transaction(memory_only=memory_only, rollback_on_error=rollback_on_error)
+
+
+def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = False,
+                            compress: bool = False, progress=None) -> dump.DumpResult:
+    """checkpoint() frozen only for a copy-on-write snapshot: the image is
+    written from the snapshot while the process runs on (lcr itself holds
+    the snapshot; no agent).  Then the process is killed unless leave_running."""
+    import time
+    from linuxcr.engine import snapshots as snaps
+    pid = _pid(pid)
+    t0 = time.monotonic()
+    snap = snaps.take(pid)
+    try:
+        with _output(out) as (fd, name, commit):
+            res = snaps.writeback(snap, fd, compress=compress, name=name, progress=progress)
+            commit()
+    finally:
+        snaps.discard(snap)
+    if not leave_running:
+        import signal as _signal
+        try:
+            if dump.read_stat(pid).starttime == snap.starttime:
+                os.kill(pid, _signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return dump.DumpResult(pid=pid, pages=res["pages"], bytes_written=res["bytes"],
+                           seconds=time.monotonic() - t0, frozen_seconds=snap.frozen_seconds)

@@ -48,16 +48,32 @@ def main() -> None:
               help="Image file, or - for standard output.")
 @click.option("--leave-running", is_flag=True, help="Keep the process running after the dump.")
 @click.option("--compress", is_flag=True, help="Compress memory pages with zstd.")
-def checkpoint(pid: int, output: str, leave_running: bool, compress: bool) -> None:
+@click.option("--low-downtime", is_flag=True,
+              help="Freeze only for an in-memory snapshot; write the image while it runs on.")
+@click.option("--sign", "sign_key", metavar="KEYFILE",
+              help="Sign the image: an HMAC-SHA256 secret or an Ed25519 private key (PEM).")
+def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
+               low_downtime: bool = False, sign_key: str | None = None) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         if output == "-":
             if sys.stdout.isatty():
                 raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
-            res = api.checkpoint(pid, 1, leave_running=leave_running, compress=compress)
+            out = 1
         else:
-            res = api.checkpoint(pid, output, leave_running=leave_running, compress=compress)
-        if os.environ.get("LCR_VERBOSE"):
+            out = output
+        if low_downtime:
+            from linuxcr.image import stream
+            with stream.options(signer=api._key(sign_key, signing=True)):
+                res = api.checkpoint_low_downtime(pid, out, leave_running=leave_running,
+                                                  compress=compress)
+        else:
+            res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
+                                 sign=sign_key)
+        if low_downtime:
+            click.echo(f"lcr: pid {pid} frozen {res.frozen_seconds * 1e3:.1f} ms "
+                       f"(image written in {res.seconds:.3f} s)", err=True)
+        elif os.environ.get("LCR_VERBOSE"):
             click.echo(f"lcr: pid {pid}: {res.pages} pages, {res.bytes_written} bytes in "
                        f"{res.seconds:.3f} s (frozen {res.frozen_seconds:.3f} s)", err=True)
     _run(go)
@@ -66,10 +82,17 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool) -> No
 @main.command()
 @click.argument("image", metavar="IMAGE|-")
 @click.option("--any-pid", is_flag=True, help="Take any free pid if the saved one is in use.")
-def restart(image: str, any_pid: bool) -> None:
+@click.option("--verify", "verify_key", metavar="KEYFILE",
+              help="Refuse the image unless it is signed with this key (HMAC secret or Ed25519 key).")
+@click.option("--trust", multiple=True, metavar="WHAT",
+              help="(root) Let the image have: uid, caps, setuid, files, or all (comma-separated "
+                   "or repeated).")
+def restart(image: str, any_pid: bool, verify_key: str | None = None,
+            trust: tuple[str, ...] = ()) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     def go() -> None:
-        res = api.restart_full(0 if image == "-" else image, any_pid=any_pid)
+        res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
+                               trust=trust)
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
         if res.namespace:
@@ -99,14 +122,22 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("image", metavar="IMAGE|-")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(image: str, as_json: bool) -> None:
+@click.option("--verify", "verify_key", metavar="KEYFILE",
+              help="Also check the image's signatures with this key.")
+def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
     """Show what an image holds (and validate it)."""
-    from linuxcr.image.show import render_text, summarize
+    from linuxcr.image.show import render_text
 
     def go() -> None:
-        with api._input(0 if image == "-" else image) as (fd, name):
-            s = summarize(fd, name)
-        click.echo(json.dumps(s, indent=2) if as_json else render_text(s))
+        s = api.show(0 if image == "-" else image, verify=verify_key)
+        if as_json:
+            click.echo(json.dumps(s, indent=2))
+            return
+        click.echo(render_text(s))
+        if "signed" in s["header"].get("flags", []):
+            sig = s.get("signature")
+            click.echo(f"  signed: signature good ({sig['alg']}, key {sig['key_id']})" if sig
+                       else "  signed (not checked: give --verify KEYFILE)")
     _run(go)
 
 
@@ -128,3 +159,80 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
         if reasons:
             sys.exit(5)
     _run(go)
+
+
+# --- in-memory checkpoints (see linuxcr/agent.py) ------------------------------
+
+@main.command(hidden=True)
+@click.option("--foreground", is_flag=True, help="Do not detach.")
+def agent(foreground: bool) -> None:
+    """Run this user's snapshot agent (started on demand by the commands below)."""
+    from linuxcr.agent import run_agent
+    _run(lambda: run_agent(foreground))
+
+
+@main.command()
+@click.argument("pid", type=int)
+def snapshot(pid: int) -> None:
+    """Take an in-memory (copy-on-write) checkpoint of PID; prints its crid."""
+    def go() -> None:
+        s = api.snapshot(pid)
+        if os.environ.get("LCR_VERBOSE"):
+            click.echo(f"lcr: pid {pid} frozen {s.info['frozen_seconds'] * 1e3:.1f} ms", err=True)
+        click.echo(s.crid)
+    _run(go)
+
+
+@main.command()
+@click.argument("pid", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def snapshots(pid: int | None, as_json: bool) -> None:
+    """List in-memory checkpoints (of PID only, if given)."""
+    import time as _time
+
+    def go() -> None:
+        rows = api.snapshots(pid)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'CRID':<12} {'PID':>7}  {'TAKEN':<19} {'FROZEN':>9} {'HELD':>10}")
+        for r in rows:
+            taken = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["time"]))
+            click.echo(f"{r['crid']:<12} {r['pid']:>7}  {taken:<19} "
+                       f"{r['frozen_seconds'] * 1e3:>7.1f}ms {r['held'] / 2**20:>8.1f}MiB")
+    _run(go)
+
+
+@main.command()
+@click.argument("crid")
+@click.option("-o", "--output", required=True, metavar="PATH|-", help="Image file, or - for stdout.")
+@click.option("--compress", is_flag=True, help="Compress memory pages with zstd.")
+def writeback(crid: str, output: str, compress: bool) -> None:
+    """Write in-memory checkpoint CRID out as a normal image."""
+    def go() -> None:
+        if output == "-" and sys.stdout.isatty():
+            raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
+        api.writeback(crid, 1 if output == "-" else output, compress=compress)
+    _run(go)
+
+
+@main.command()
+@click.argument("crid")
+@click.option("--memory-only", is_flag=True,
+              help="Memory and registers only (signal handlers, fds and offsets stay as they are now).")
+def rollback(crid: str, memory_only: bool) -> None:
+    """Bring the process of CRID (same pid) back to the snapshot's state."""
+    def go() -> None:
+        res = api.rollback(crid, memory_only=memory_only)
+        for w in res.get("warnings", []):
+            click.echo(f"lcr: warning: {w}", err=True)
+        if os.environ.get("LCR_VERBOSE"):
+            click.echo(f"lcr: pid {res['pid']} rolled back in {res['seconds'] * 1e3:.1f} ms", err=True)
+    _run(go)
+
+
+@main.command()
+@click.argument("crid")
+def discard(crid: str) -> None:
+    """Free in-memory checkpoint CRID."""
+    _run(lambda: api.discard(crid))

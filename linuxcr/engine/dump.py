@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from linuxcr import __version__
+from linuxcr import __version__, faults
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable
 from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, Header, RecType, Task, Tree, Vma, Zombie,
@@ -24,7 +24,7 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone
-from linuxcr.resources import cpu, files, memory, process, pstree, signals, threads
+from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
 
 
 @dataclass
@@ -62,6 +62,7 @@ def check_process(pid: int, smaps=None) -> list[str]:
     reasons += memory.check(smaps)
     try:
         reasons += files.check(pid)
+        reasons += locks.check(pid)
     except FileNotFoundError:
         raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
@@ -111,6 +112,7 @@ class FrozenTree:
                 continue
             self.procs[p] = f
             self.order.append(p)
+            faults.point("dump.seized")
             for k in pstree.children(p):
                 if k in self.procs or k in self.parent:
                     continue
@@ -152,10 +154,13 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         reasons += pstree.sharing_reasons(tree.order)
         if reasons:
             raise NotCheckpointable(pid, reasons)
+        faults.point("dump.frozen")
         table = files.Table()
         tasks = [_collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        faults.point("dump.collected")
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
+        mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
@@ -163,7 +168,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
                         tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
                         root_pid=pid, flags=["compressed"] if compress else []))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
-                                    unix=table.unix_list(), shm=shm, zombies=tree.zombies))
+                                    unix=table.unix_list(), shm=shm, zombies=tree.zombies,
+                                    mapped=mapped))
         for task in tasks:
             w.record(RecType.TASK, task)
         pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress) for t in tasks)
@@ -173,6 +179,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     except BaseException:
         tree.thaw()
         raise
+    faults.point("dump.kill")
     if leave_running:
         tree.thaw()
     else:
@@ -180,6 +187,25 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
                       frozen_seconds=done - frozen_at, processes=len(tasks))
+
+
+def write_image(fd: int, root_pid: int, tasks: list[Task], tree: Tree, write_pages, *,
+                compress: bool = False, name: str = "image") -> ImageWriter:
+    """HEADER, TREE, TASK..., the pages (``write_pages(writer)`` writes the
+    PAGES records and returns how many pages), TRAILER: an image made from
+    Task records collected earlier (in-memory snapshots write theirs so)."""
+    xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
+    w = ImageWriter(fd, compress=compress, name=name)
+    w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
+                    page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
+                    tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
+                    root_pid=root_pid, flags=["compressed"] if compress else []))
+    w.record(RecType.TREE, tree)
+    for task in tasks:
+        w.record(RecType.TASK, task)
+    write_pages(w)
+    w.finish()
+    return w
 
 
 def _with_vmas(task: Task, vmas: list[Vma]) -> Task:
@@ -199,11 +225,13 @@ def _collect(frozen: Frozen, smaps, table: files.Table) -> Task:
     with t.scratch() as addr:
         arena = Arena(t, addr, PAGE)
         actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
+        faults.point("dump.inject")
         altstack = signals.dump_altstack(t, arena)
         itimers = signals.dump_itimers(t, arena)
         brk = t.syscall("brk", 0)
         tinfo = process.dump_threadinfo(t, arena)
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
+        ptimers = posix_timers.dump(t, arena)
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
         comm=stat.comm, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
@@ -214,7 +242,7 @@ def _collect(frozen: Frozen, smaps, table: files.Table) -> Task:
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
-        boot_id=_boot_id(), **cpu.dump(t), **tinfo)
+        boot_id=_boot_id(), posix_timers=ptimers, locks=locks.dump(pid), **cpu.dump(t), **tinfo)
 
 
 def _boot_id() -> str:

@@ -22,6 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from linuxcr import faults
 from linuxcr.engine import spawn
 from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreError
 from linuxcr.image.schema import Header, Pages, RecType, Task, Tree
@@ -29,7 +30,8 @@ from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.pipeline import prefetch
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, fdkinds, files, memory, process, pstree, signals, threads
+from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, process, pstree,
+                               signals, threads)
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 
@@ -72,7 +74,7 @@ def validate_task(task: Task) -> None:
     for v in task.vmas:
         if v.start % PAGE or v.end % PAGE or not v.start < v.end <= TASK_SIZE or v.start < prev_end:
             raise ImageError(f"image holds an invalid memory area 0x{v.start:x}-0x{v.end:x}")
-        if v.kind not in ("anon", "file", "shmem") + memory.VDSO_KINDS:
+        if v.kind not in ("anon", "file", "shmem") + memory.VDSO_KINDS + memory.OBJECT_KINDS:
             raise ImageError(f"image holds a memory area of unknown kind {v.kind!r}")
         if v.kind == "file" and not v.path.startswith("/"):
             raise ImageError(f"image holds a file mapping with a relative path {v.path!r}")
@@ -249,8 +251,9 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
                 raise RestoreError(reason)
         _check_vdso(tasks[0])
         _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm) + 64)
+        memory.forget_objects()
         ours = files.open_all(tree.files, tree.pipes, tree.unix)
-        shm = memory.open_shm(tree.shm)
+        shm = memory.open_shm(tree.shm, tree.mapped)
         try:
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
             res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm)
@@ -270,6 +273,7 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
     made: list[Rebuild] = []
     try:
         try:
+            faults.point("restore.spawned")
             root.seize()
             root.stop()
             _build_tree(root, tasks, tree, any_pid, made)
@@ -279,6 +283,7 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
             warnings: list[str] = []
             for r in made:
                 warnings += _finish(r, ours, tree)
+            faults.point("restore.finished")
         finally:
             os.close(blank.keep)
     except BaseException as e:
@@ -312,6 +317,7 @@ def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         pstree.set_session(t, k)
         by_pid[k.pid] = r
         made.append(r)
+        faults.point("restore.tree")
     pstree.set_groups([(r.t, r.task) for r in made])
     for z in tree.zombies:
         parent = by_pid[z.ppid]
@@ -374,6 +380,7 @@ def _finish(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
     process.restore_mm(t, arena, task.mm, r.inherited_exe)
     files.install(t, task.files, ours)
     files.after_install(t, arena, task.files, tree.files)
+    locks.restore(t, arena, task.locks, task.files)
     files.restore_fs(t, arena, task.cwd, task.root)
     process.restore_misc(t, arena, task)
     signals.restore_actions(t, arena, task.sigactions, r.inherited_sigs)
@@ -384,6 +391,7 @@ def _finish(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
         new = threads.create(t, arena, th, r.tramp)
         r.made.append(new)
         threads.restore_thread(new, arena, th)
+    posix_timers.restore(t, arena, task.posix_timers)
     process.restore_creds(t, arena, task.creds)
     vpid = task.vpid or task.pid    # the task names itself so in its namespace
     signals.queue_pending(t, arena, task.pending, vpid, vpid)
@@ -431,6 +439,7 @@ def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record) -> int:
                              "every saved memory area")
         r.t.write(meta.addr, rec.data)
         total += meta.npages
+        faults.point("restore.pages")
     raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
 
 

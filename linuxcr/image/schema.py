@@ -2,7 +2,7 @@
 
 An image is one sequential stream (no seeks, so pipes and sockets work):
 
-    HEADER  TREE  TASK+  PAGES*  TRAILER
+    HEADER  TREE  TASK+  [SIGNATURE]  PAGES*  [SIGNATURE]  TRAILER
 
 Each record is a fixed 32-byte frame followed by ``meta_len`` bytes of
 msgpack metadata (decoded strictly into the Struct for its type, with every
@@ -10,6 +10,13 @@ number and string bounded below) and ``data_len`` bytes of raw data (page
 contents, possibly zstd-compressed).  The frame carries an xxh3-64 checksum of
 meta+data; the trailer carries a digest over all frames, so a stream that is
 cut short or spliced never passes as complete.
+
+A signed image (header flag "signed", `lcr checkpoint --sign`) has two
+SIGNATURE records (image/sign.py): scope "meta" right after the last TASK
+(covers every byte before it: what restore reads before it creates any
+process) and scope "image" right before the TRAILER (covers every byte
+before it).  Records restore needs before creating processes must come
+before the "meta" signature.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from typing import Union
 import msgspec
 from msgspec import Meta, Struct
 
-from linuxcr.image.kinds import KIND_STATES
+from linuxcr.image.kinds import KIND_STATES, MemfdState, UnlinkedState
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 1
@@ -39,6 +46,7 @@ MAX_STR = 4096               # paths, names
 MAX_LIST = 1 << 20           # VMAs, fds, siginfos, groups per task
 MAX_SMALL = 64               # the other lists: ids, rlimits, sigactions, flags
 MAX_TASKS = 4096
+MAX_TOTAL_META = 128 << 20   # all metadata of an image (held in memory until the pages)
 
 U64 = Annotated[int, Meta(ge=0)]  # msgpack cannot hold more than 2**64-1
 I64 = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
@@ -59,6 +67,7 @@ class RecType(enum.IntEnum):
     TASK = 2
     PAGES = 3
     TREE = 4
+    SIGNATURE = 5
     TRAILER = 15
 
 
@@ -89,6 +98,7 @@ class Vma(Struct, forbid_unknown_fields=True):
     vmflags: Annotated[list[Annotated[str, Meta(max_length=2)]], Small] = []
     pages: bool = False  # PAGES records follow for this area
     shm: U64 = 0         # kind=shmem: the ShmObject it maps
+    dev: U64 = 0         # kind=memfd|deleted: st_dev of the object mapped (shm: its inode)
 
 
 KindState = Union[tuple(KIND_STATES)]  # type: ignore[valid-type]
@@ -152,6 +162,8 @@ class Tree(Struct, forbid_unknown_fields=True):
     shm: Annotated[list[ShmObject], Meta(max_length=MAX_LIST)] = []
     unix: Annotated[list[UnixPair], Meta(max_length=MAX_LIST)] = []
     zombies: Annotated[list[Zombie], Meta(max_length=MAX_TASKS)] = []
+    # memfds and unlinked files that are mapped but held by no fd of the tree
+    mapped: Annotated[list[Union[MemfdState, UnlinkedState]], Meta(max_length=MAX_LIST)] = []
 
 
 class SigAction(Struct, forbid_unknown_fields=True):
@@ -211,6 +223,30 @@ class Thread(Struct, forbid_unknown_fields=True):
     tid_address: U64
 
 
+class PosixTimer(Struct, forbid_unknown_fields=True):
+    """A timer_create() timer of the process (resources/posix_timers.py)."""
+    id: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+    clock: I32                   # clockid as given to timer_create
+    notify: Annotated[int, Meta(ge=0, le=7)]   # sigev_notify: SIGNAL 0, NONE 1, THREAD 2, |THREAD_ID 4
+    signo: Annotated[int, Meta(ge=0, le=64)]
+    sigval: U64                  # sigev_value: si_value of its signals
+    tid: Annotated[int, Meta(ge=0, le=1 << 22)] = 0   # SIGEV_THREAD_ID: the thread (as the process sees it)
+    interval_s: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    interval_ns: Annotated[int, Meta(ge=0, le=999_999_999)] = 0
+    left_s: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0     # time left; 0 and 0: disarmed
+    left_ns: Annotated[int, Meta(ge=0, le=999_999_999)] = 0
+    overrun: I32 = 0             # informative only: a restored timer's overrun starts at 0
+
+
+class FileLock(Struct, forbid_unknown_fields=True):
+    """A file lock the process holds, through fd (resources/locks.py)."""
+    fd: Fd
+    kind: Annotated[str, Meta(max_length=8)]    # flock | posix | ofd
+    write: bool                  # exclusive / F_WRLCK, else shared / F_RDLCK
+    start: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    length: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0   # 0: to the end of the file
+
+
 class Task(Struct, forbid_unknown_fields=True):
     pid: Pid
     tid: Pid
@@ -244,6 +280,8 @@ class Task(Struct, forbid_unknown_fields=True):
     itimers: Annotated[list[Annotated[list[U64], Small]], Small] = []
     starttime: U64 = 0           # /proc/PID/stat starttime: tells the original
     boot_id: Str = ""            # process apart from a later one with its pid
+    posix_timers: Annotated[list[PosixTimer], Meta(max_length=MAX_LIST)] = []
+    locks: Annotated[list[FileLock], Meta(max_length=MAX_LIST)] = []
 
 
 class Pages(Struct, forbid_unknown_fields=True):
@@ -251,6 +289,14 @@ class Pages(Struct, forbid_unknown_fields=True):
     addr: U64
     npages: Annotated[int, Meta(ge=1, le=MAX_DATA // 4096)]
     compressed: bool = False
+
+
+class Signature(Struct, forbid_unknown_fields=True):
+    """A signature over the SHA-256 of every byte before this record."""
+    scope: Annotated[str, Meta(pattern="^(meta|image)$", max_length=5)]
+    alg: Annotated[str, Meta(max_length=32)]        # hmac-sha256 | ed25519
+    key_id: Annotated[bytes, Meta(max_length=32)]   # names the key (sign.py)
+    sig: Annotated[bytes, Meta(max_length=512)]
 
 
 class Trailer(Struct, forbid_unknown_fields=True):
@@ -264,6 +310,7 @@ META_TYPES: dict[RecType, type[Struct]] = {
     RecType.TASK: Task,
     RecType.TREE: Tree,
     RecType.PAGES: Pages,
+    RecType.SIGNATURE: Signature,
     RecType.TRAILER: Trailer,
 }
 

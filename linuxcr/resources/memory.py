@@ -9,20 +9,28 @@ task, then pour the pages in with process_vm_writev.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from linuxcr.pipeline import RING, prefetch
 import msgspec
 
-from linuxcr.errors import RestoreError
-from linuxcr.image.schema import ShmObject, Vma
+from linuxcr.errors import ImageError, NotCheckpointable, RestoreError
+from linuxcr.image.kinds import MAX_CONTENT, MemfdState, UnlinkedState
+from linuxcr.image.schema import FileDesc, ShmObject, Vma
 from linuxcr.image.stream import ImageWriter
 from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
 from linuxcr.remote.task import Tracee
+from linuxcr.resources.fdkinds import memfd as memfds, unlinked
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CHUNK = 16 << 20                     # bytes per PAGES record (bounds memory use)
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
+# a memfd, or a file unlinked since it was mapped: one object per (dev, inode),
+# restored by lcr (fdkinds/memfd.py, unlinked.py) and mapped by its fd
+OBJECT_KINDS = ("memfd", "deleted")
+MAX_OBJECTS_TOTAL = 3 * MAX_CONTENT  # data of all memfds and unlinked files of a tree
+LCR_SHM = "/memfd:lcr-shm"           # shared anonymous memory as open_shm restores it
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x10, 0x20, 0x100
 MADVISE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # vmflag -> MADV_*
@@ -58,13 +66,16 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(Vma(kind="anon", name=m.path, pages=True, **base))
     if m.path == "/dev/zero" and m.shared:   # MAP_SHARED|MAP_ANONYMOUS shows as this
         return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
-    if m.path.startswith("/memfd:"):
-        return Area(None, f"{where} of memfd {m.path[7:]!r}: memfd memory is not supported yet")
+    if m.path == LCR_SHM and m.deleted and m.shared:   # the same, once restored (open_shm)
+        return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
     if m.path.startswith("/SYSV"):
         return Area(None, f"{where}: SysV shared memory is not supported yet")
-    if m.deleted:
-        return Area(None, f"{where} of deleted file {m.path}: mappings of unlinked files "
-                          "are not supported yet")
+    if m.path == "/secretmem" and m.deleted:
+        return Area(None, f"{where}: memfd_secret memory cannot be read")
+    if m.deleted and m.path.startswith("/"):   # memfd, or a file unlinked since: the object
+        kind = "memfd" if m.path.startswith(memfds.PREFIX) else "deleted"
+        return Area(Vma(kind=kind, path=m.path, offset=m.offset, pages=not m.shared,
+                        shm=m.inode, dev=os.makedev(m.dev_major, m.dev_minor), **base))
     if m.path.startswith("/dev/"):
         return Area(None, f"{where} of {m.path}: device memory is not saved")
     return Area(Vma(kind="file", path=m.path, offset=m.offset, pages=not m.shared, **base))
@@ -84,7 +95,8 @@ def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
-                out += split_runs(pm.runs(v.start, v.end, anon_only=(v.kind == "file")), CHUNK // PAGE)
+                private_file = v.kind == "file" or v.kind in OBJECT_KINDS   # only COWed pages
+                out += split_runs(pm.runs(v.start, v.end, anon_only=private_file), CHUNK // PAGE)
     return out
 
 
@@ -141,20 +153,102 @@ def shm_objects(all_vmas: list[list[Vma]]) -> tuple[list[ShmObject], list[list[V
     return [ShmObject(id=k, size=n) for k, n in size.items()], out
 
 
-def open_shm(objs: list[ShmObject]) -> dict[int, int]:
+def open_shm(objs: list[ShmObject], mapped: list[MemfdState | UnlinkedState] = ()) -> dict:
     """One memfd per shared object, made by lcr before the tasks (they inherit it).
-    It shows as /memfd:lcr-shm in their maps where it showed /dev/zero."""
-    fds: dict[int, int] = {}
+    It shows as /memfd:lcr-shm in their maps where it showed /dev/zero.
+    Then the memfds and unlinked files only mapped; last, every such object
+    (also those the fd kinds made in files.open_all) is finished (mode,
+    seals) and its fd joins the others, keyed (dev, inode) as saved."""
+    fds: dict = {}
     try:
         for o in objs:
-            fd = os.memfd_create("lcr-shm", os.MFD_CLOEXEC)
+            fd = os.memfd_create(LCR_SHM[7:], os.MFD_CLOEXEC)
             fds[o.id] = fd
             os.ftruncate(fd, o.size)
-    except (OSError, OverflowError) as e:
+        for st in mapped:
+            (memfds.make if isinstance(st, MemfdState) else unlinked.make)(st)
+        fds.update(unlinked.OBJECTS.finish())
+    except BaseException as e:
         for fd in fds.values():
             os.close(fd)
-        raise RestoreError(f"cannot create a shared memory object of the image: {e}") from None
+        unlinked.OBJECTS.forget()
+        if isinstance(e, (OSError, OverflowError)):
+            raise RestoreError(f"cannot create a shared memory object of the image: {e}") from None
+        raise
     return fds
+
+
+def forget_objects() -> None:
+    """Before a restart: drop objects a failed restart may have left (see open_shm)."""
+    unlinked.OBJECTS.forget()
+
+
+# --- dump: memfds and unlinked files that are mapped ---------------------------
+
+def mapped_objects(root: int, tasks: list[tuple[int, list[Vma]]], descs: list[FileDesc]
+                   ) -> list[MemfdState | UnlinkedState]:
+    """The memfds and unlinked files mapped by the tree but held by none of its
+    fds (those are saved with their fd), read through /proc/PID/map_files."""
+    seals: dict[tuple[int, int], int] = {}
+    total = 0
+    for d in descs:
+        if isinstance(d.state, (MemfdState, UnlinkedState)):
+            c = d.state.content
+            seals[(c.dev, c.ino)] = getattr(d.state, "seals", 0)
+            total += sum(len(e.data) for e in c.extents)
+    held_shm = {d.state.content.ino for d in descs
+                if isinstance(d.state, MemfdState) and d.state.name == LCR_SHM[7:]}
+    out: dict[tuple[int, int], MemfdState | UnlinkedState] = {}
+    reasons = []
+    for pid, vmas in tasks:
+        for v in vmas:
+            if v.kind == "shmem" and v.shm in held_shm:
+                reasons.append(f"mapping 0x{v.start:x}-0x{v.end:x}: a memfd named lcr-shm, held by "
+                               "an fd, is mapped as shared memory: not supported")
+            if v.kind not in OBJECT_KINDS:
+                continue
+            key = (v.dev, v.shm)
+            where = f"mapping 0x{v.start:x}-0x{v.end:x} of {v.path}"
+            if key not in seals:
+                got = _read_mapped(pid, v, where)
+                if isinstance(got, str):
+                    reasons.append(got if pid == root else f"child pid {pid}: {got}")
+                    seals[key] = 0
+                    continue
+                out[key] = got
+                seals[key] = getattr(got, "seals", 0)
+                total += sum(len(e.data) for e in got.content.extents)
+            if v.shared and v.prot & PROT_WRITE and seals[key] & memfds.WRITE_SEALS:
+                reasons.append(f"{where}: a writable shared mapping of a memfd sealed against "
+                               "writes (F_SEAL_FUTURE_WRITE) cannot be made again")
+    if total > MAX_OBJECTS_TOTAL:
+        reasons.append(f"the memfds and unlinked files of the tree hold {total} bytes of data, "
+                       f"more than the {MAX_OBJECTS_TOTAL >> 20} MiB lcr saves in all")
+    if reasons:
+        raise NotCheckpointable(root, reasons)
+    return list(out.values())
+
+
+def _read_mapped(pid: int, v: Vma, where: str) -> MemfdState | UnlinkedState | str:
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return (f"{where}: cannot read it through /proc/{pid}/map_files ({e.strerror}): "
+                "that needs root, or an fd of the tree holding it")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"{where}: not a regular file"
+        what = f"{where} ({'memfd' if v.kind == 'memfd' else 'unlinked file'})"
+        why = unlinked.too_big(what, unlinked.data_runs(fd, st.st_size), st.st_size)
+        if why:
+            return why
+        c = unlinked.read_content(fd, st, key=(v.dev, v.shm))
+        if v.kind == "memfd":
+            return MemfdState(name=memfds.name_of(v.path), content=c, seals=memfds.seals_of(fd))
+        return UnlinkedState(path=v.path, content=c)
+    finally:
+        os.close(fd)
 
 
 def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
@@ -171,6 +265,11 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
                 flags |= MAP_ANONYMOUS | (MAP_GROWSDOWN if "gd" in v.vmflags else 0)
             elif v.kind == "shmem":
                 flags, fd, off = MAP_FIXED | MAP_SHARED, shm[v.shm], v.offset
+            elif v.kind in OBJECT_KINDS:
+                if (v.dev, v.shm) not in shm:
+                    raise ImageError(f"image holds a mapping at 0x{v.start:x} of {v.path} "
+                                     "whose content was not saved")
+                fd, off = shm[(v.dev, v.shm)], v.offset
             else:
                 rw = v.shared and "mw" in v.vmflags
                 key = (v.path, rw)
