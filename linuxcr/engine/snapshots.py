@@ -102,6 +102,7 @@ class Snapshot:
     shm: list[ShmObject]
     child: Tracee                 # the stopped fork holding the COW pages
     copies: list[tuple[int, bytearray]] = field(default_factory=list)   # non-COW areas
+    mapped: list = field(default_factory=list)   # memfd/unlinked objects only mapped
     tracer_tid: int = 0
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
 
@@ -169,6 +170,7 @@ def take(pid: int, *, crid: str | None = None) -> Snapshot:
         task = dump._collect(fz, smaps, table)
         shm, vmas = memory.shm_objects([task.vmas])
         task = msgspec.structs.replace(task, vmas=vmas[0])
+        mapped = memory.mapped_objects(pid, [(pid, task.vmas)], table.descs)
         copies = _copy_special(fz.leader, task.vmas)
         child = _fork(fz)
     except BaseException:
@@ -179,7 +181,7 @@ def take(pid: int, *, crid: str | None = None) -> Snapshot:
     return Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
                     starttime=task.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, task=task, table=table, shm=shm,
-                    child=child, copies=copies, tracer_tid=_gettid())
+                    child=child, copies=copies, mapped=mapped, tracer_tid=_gettid())
 
 
 def _gettid() -> int:
@@ -282,7 +284,7 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
     task = snap.task
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
-                unix=snap.table.unix_list(), shm=snap.shm, zombies=[])
+                unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped, zombies=[])
     normal = [v for v in task.vmas if v.pages and not _special(v)]
     child = snap.child
     ring = [memoryview(bytearray(memory.CHUNK)) for _ in range(RING)]
