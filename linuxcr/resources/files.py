@@ -96,10 +96,13 @@ UNSUPPORTED = {
 def _registered(pid: int, fd: int, link: str, st: os.stat_result) -> FdView | None:
     """A kind handled by a module of resources/fdkinds."""
     ctx = fdkinds.FdContext(pid, fd, link, st, read_fdinfo(pid, fd))
-    k = fdkinds.find(ctx)
-    if k is None:
-        return None
-    why = k.reason(ctx)
+    try:
+        k = fdkinds.find(ctx)
+        if k is None:
+            return None
+        why = k.reason(ctx)
+    finally:
+        ctx.close()      # copies a kind took to answer (ctx.grab())
     return FdView(k.name, f"fd {fd}: {why}" if why else None, link, (st.st_dev, st.st_ino))
 
 

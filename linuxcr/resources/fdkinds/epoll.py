@@ -1,0 +1,189 @@
+"""epoll: every watch (target fd number, events, data).
+
+An epoll set keys its watches by (open file, fd number) of the task that
+added them: fdinfo shows one line per watch, 'tfd: N events: X data: Y
+pos: ino: sdev:'.  Readiness is not saved: the kernel polls each target
+again when the watch is added back, so level-triggered events come back by
+themselves (an edge-triggered one that is still pending is reported once
+more: a spurious wake-up at worst).
+
+Dump: kcmp(KCMP_EPOLL_TFD) tells whether the task's fd N is still the very
+file the watch is on.  A watch can outlive its fd (the fd closed, its file
+kept open through a dup or by another process): then the watch has no fd
+number to be added back with, and the process is refused.
+A one-shot watch that fired and was not re-armed yet shows only its flag
+bits (EPOLLONESHOT, EPOLLET...): EPOLL_CTL_ADD cannot make such a watch
+(it always adds EPOLLERR|EPOLLHUP), only letting it fire can.  That needs
+its target to be ready for something (poll), checked at the checkpoint:
+a disabled one-shot watch on a target ready for nothing is refused.
+
+Restore: an empty epoll_create1 in lcr (open); once the task's fds are in
+place, injected into the task (after_install): first each disabled
+one-shot watch, added for what its target is ready for and fired with
+epoll_wait(timeout 0) while nothing else is in the set, then EPOLL_CTL_ADD
+of every other watch; then fdinfo is read back to check the kernel took
+every watch as saved (EPOLLWAKEUP is silently dropped without
+CAP_BLOCK_SUSPEND)."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import select
+import struct
+from collections import Counter
+
+from linuxcr.errors import RestoreError
+from linuxcr.image.kinds import EpollState, EpollWatch
+from linuxcr.procfs import read_fdinfo
+from linuxcr.sys.syscalls import NR, libc, pidfd_getfd, pidfd_open, syscall
+
+EPOLL_CLOEXEC = os.O_CLOEXEC
+EPOLL_CTL_ADD = 1
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
+PRIVATE_BITS = EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET   # the kernel's EP_PRIVATE_BITS
+# everything poll() can be asked for (POLLIN PRI OUT RDNORM RDBAND WRNORM WRBAND MSG RDHUP)
+POLL_ALL = 0x1 | 0x2 | 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000
+POLL_ERR_HUP = 0x8 | 0x10
+KCMP_EPOLL_TFD = 7
+_TFD = re.compile(r"^(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+)"
+                  r"(?:\s+pos:\s*(-?\d+)\s+ino:\s*([0-9a-fA-F]+)\s+sdev:\s*([0-9a-fA-F]+))?")
+
+
+class _kcmp_epoll_slot(ctypes.Structure):
+    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
+
+
+def watches(info) -> list[tuple[int, int, int]]:
+    """(tfd, events, data) of every watch in an epoll fdinfo, in its order."""
+    out = []
+    for v in info.values("tfd"):
+        m = _TFD.match(v)
+        if m is None:
+            raise ValueError(f"unexpected epoll fdinfo line 'tfd: {v}'")
+        out.append((int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)))
+    return out
+
+
+def disabled(events: int) -> bool:
+    """A one-shot watch that fired and waits for EPOLL_CTL_MOD."""
+    return bool(events & EPOLLONESHOT) and not events & ~PRIVATE_BITS
+
+
+def _ready_now(pid: int, fd: int) -> int:
+    """poll() revents of a process's fd, through our own copy (poll consumes nothing)."""
+    pfd = pidfd_open(pid)
+    try:
+        ours = pidfd_getfd(pfd, fd)
+    finally:
+        os.close(pfd)
+    try:
+        p = select.poll()
+        p.register(ours, POLL_ALL)
+        return sum(ev for _, ev in p.poll(0))
+    finally:
+        os.close(ours)
+
+
+def _same_target(pid: int, epfd: int, tfd: int, toff: int) -> int:
+    """0: fd tfd of pid is the file the toff-th watch on tfd watches;
+    errno.EBADF: fd tfd is not open; any other value: it is another file."""
+    slot = _kcmp_epoll_slot(epfd, tfd, toff)
+    try:
+        return 0 if syscall(NR["kcmp"], pid, pid, KCMP_EPOLL_TFD, tfd, ctypes.byref(slot)) == 0 else -1
+    except OSError as e:
+        return e.errno
+
+
+class Epoll:
+    name = "epoll"
+
+    def matches(self, ctx) -> bool:
+        return ctx.link == "anon_inode:[eventpoll]"
+
+    def reason(self, ctx) -> str | None:
+        try:
+            ws = watches(ctx.info)
+        except ValueError as e:
+            return f"epoll: {e}"
+        seen: Counter[int] = Counter()
+        for tfd, events, _data in ws:
+            toff, seen[tfd] = seen[tfd], seen[tfd] + 1
+            r = _same_target(ctx.pid, ctx.fd, tfd, toff)
+            if r == errno.EBADF:
+                return (f"epoll watches fd {tfd}, which is closed (the watched file is still open "
+                        "elsewhere): the watch cannot be added back without its fd number")
+            if r == errno.ENOENT:
+                continue          # the watch went away meanwhile
+            if r != 0:
+                return (f"epoll watches a file that fd {tfd} no longer refers to (fd {tfd} was "
+                        "closed and reused): the watch cannot be added back")
+            if disabled(events) and not _ready_now(ctx.pid, tfd):
+                return (f"epoll holds a one-shot watch of fd {tfd} that fired and was not re-armed, "
+                        f"and fd {tfd} is ready for nothing now: lcr can only make such a watch "
+                        "again by letting it fire (checkpoint once it is re-armed)")
+        return None
+
+    def dump(self, ctx) -> EpollState:
+        return EpollState(watches=[EpollWatch(fd=tfd, events=ev, data=data)
+                                   for tfd, ev, data in watches(ctx.info)])
+
+    def open(self, state: EpollState, flags: int) -> int:
+        fd = libc.epoll_create1(EPOLL_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise RestoreError(f"cannot create an epoll instance: {os.strerror(e)}")
+        os.set_blocking(fd, not flags & os.O_NONBLOCK)
+        return fd
+
+    def after_install(self, t, arena, fd: int, state: EpollState, fds) -> None:
+        """Add the watches from inside the task: they must name its fds."""
+        if not state.watches or watches(read_fdinfo(t.pid, fd)):
+            return   # nothing to add, or done already through another fd of this epoll
+        for w in state.watches:
+            if w.fd not in fds:
+                raise RestoreError(f"epoll (fd {fd}) watches fd {w.fd}, which the image does "
+                                   "not open in that process")
+        for w in state.watches:       # first, while nothing else can fire
+            if disabled(w.events):
+                _add_disabled(t, arena, fd, w)
+        for w in state.watches:
+            if not disabled(w.events):
+                _add(t, arena, fd, w, w.events)
+        want = Counter((w.fd, w.events, w.data) for w in state.watches)
+        got = Counter(watches(read_fdinfo(t.pid, fd)))
+        if want != got:
+            lost = want - got
+            tfd, ev, _ = next(iter(lost)) if lost else (0, 0, 0)
+            hint = ("EPOLLWAKEUP needs CAP_BLOCK_SUSPEND" if ev & EPOLLWAKEUP else None)
+            raise RestoreError(f"epoll fd {fd}: the watch of fd {tfd} (events 0x{ev:x}) did not "
+                               "come back as saved", hint)
+
+
+def _add(t, arena, epfd: int, w: EpollWatch, events: int) -> None:
+    try:
+        t.syscall("epoll_ctl", epfd, EPOLL_CTL_ADD, w.fd, arena.put(struct.pack("<IQ", events, w.data)))
+    except OSError as e:
+        raise RestoreError(f"cannot add fd {w.fd} (events 0x{w.events:x}) to epoll fd {epfd}: "
+                           f"{os.strerror(e.errno)}") from None
+
+
+def _add_disabled(t, arena, epfd: int, w: EpollWatch) -> None:
+    """A one-shot watch that already fired: add it for what its target is
+    ready for and let it fire once (the set holds only such watches yet)."""
+    pfd = arena.put(struct.pack("<ihh", w.fd, POLL_ALL, 0))
+    t.syscall("poll", pfd, 1, 0)
+    ready = struct.unpack("<ihh", t.read(pfd, 8))[2] & (POLL_ALL | POLL_ERR_HUP)
+    if not ready:
+        raise RestoreError(f"epoll fd {epfd}: fd {w.fd} is ready for nothing, so its fired "
+                           "one-shot watch cannot be made again")
+    _add(t, arena, epfd, w, w.events | ready)
+    buf = arena.alloc(12 * 4)
+    n = t.syscall("epoll_wait", epfd, buf, 4, 0)
+    got = [struct.unpack_from("<IQ", t.read(buf, 12 * n), 12 * i) for i in range(n)]
+    if n != 1 or got[0][1] != w.data:
+        raise RestoreError(f"epoll fd {epfd}: the fired one-shot watch of fd {w.fd} did not "
+                           f"fire again as expected ({n} events)")
+
+KIND = Epoll()
