@@ -5,22 +5,37 @@ anything is allocated, the checksum is verified before the metadata is
 decoded, the metadata is decoded into typed Structs whose fields carry
 bounds, and the trailer must close the stream.  Every failure is an
 ImageError naming what is wrong and where.
+
+Signatures (image/sign.py): a writer given a signing key (``options``, or
+``signer=``) hashes every byte it writes with SHA-256, flags the header
+"signed", writes a "meta" SIGNATURE record before the first record that is
+not HEADER/TREE/TASK and an "image" one right before the TRAILER.  A reader
+given a key (``verifier``) refuses an unsigned image at its header and
+checks each signature as it comes; without a key it only checks that a
+signed image has both, in their places.  SIGNATURE records never reach the
+caller of ``next()``.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import platform
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import msgspec
 import xxhash
 import zstandard
 
+from linuxcr import faults
 from linuxcr.errors import ImageError, ImageWriteError
+from linuxcr.image import sign
 from linuxcr.image.schema import (
     ARCH, DATA_TYPES, DECODERS, ENCODER, FORMAT_VERSION, FRAME, FRAME_MAGIC, MAGIC,
-    MAX_DATA, MAX_META, MAX_TASKS, Header, Pages, RecType, Trailer,
+    MAX_DATA, MAX_META, MAX_TASKS, MAX_TOTAL_META, Header, Pages, RecType, Signature, Trailer,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -61,10 +76,37 @@ def _digest_bytes(cs: int) -> bytes:
     return cs.to_bytes(8, "little")
 
 
+SIGNED = "signed"                       # header flag of a signed image
+META_RECORDS = (RecType.HEADER, RecType.TREE, RecType.TASK)   # under the "meta" signature
+
+
+@dataclass(frozen=True)
+class Options:
+    """What writers and readers made in this context use by default."""
+    signer: sign.Key | None = None       # writers sign with it
+    verifier: sign.Key | None = None     # readers check signatures with it
+    observer: Callable[[RecType, msgspec.Struct], None] | None = None  # readers report metadata
+
+
+_OPTIONS: ContextVar[Options] = ContextVar("linuxcr_stream_options", default=Options())
+
+
+@contextmanager
+def options(**kw) -> Iterator[None]:
+    """``with options(signer=key): dump.checkpoint(...)``: the engine makes its
+    ImageWriter/ImageReader itself; this is how api.py hands them keys."""
+    token = _OPTIONS.set(Options(**kw))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
 class ImageWriter:
     """Writes records to a file descriptor, sequentially (never seeks)."""
 
-    def __init__(self, fd: int, *, compress: bool = False, level: int = 1, name: str = "image") -> None:
+    def __init__(self, fd: int, *, compress: bool = False, level: int = 1, name: str = "image",
+                 signer: sign.Key | None = None) -> None:
         self.fd = fd
         self.name = name
         self.compress = compress
@@ -73,22 +115,43 @@ class ImageWriter:
         self.records = 0
         self.pages = 0
         self.bytes_written = 0
+        self.signer = signer if signer is not None else _OPTIONS.get().signer
+        self._sha = hashlib.sha256() if self.signer is not None else None
+        self._meta_signed = False
 
     def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"") -> None:
+        if self._sha is not None and not self._meta_signed and rtype not in META_RECORDS:
+            self._sign("meta")
         m = ENCODER.encode(meta)
         h = xxhash.xxh3_64(m)
         if data:
             h.update(data)
         cs = h.intdigest()
         frame = FRAME.pack(FRAME_MAGIC, int(rtype), 0, len(m), 0, len(data), cs)
-        self._write_all([frame, m, data] if data else [frame, m])
+        bufs = [frame, m, data] if data else [frame, m]
+        if self._sha is not None:
+            for b in bufs:
+                self._sha.update(b)
+        self._write_all(bufs)
         self._digest.update(_digest_bytes(cs))
         self.records += 1
 
+    def _sign(self, scope: str) -> None:
+        """A SIGNATURE record over the SHA-256 of everything written so far."""
+        assert self.signer is not None and self._sha is not None
+        if scope == "meta":
+            self._meta_signed = True
+        sig = self.signer.sign(sign.message(scope, self._sha.digest()))
+        self.record(RecType.SIGNATURE, Signature(scope=scope, alg=self.signer.alg,
+                                                 key_id=self.signer.key_id, sig=sig))
+
     def header(self, header: Header) -> None:
+        if self.signer is not None and SIGNED not in header.flags:
+            header = msgspec.structs.replace(header, flags=[*header.flags, SIGNED])
         self.record(RecType.HEADER, header)
 
     def page_run(self, pid: int, addr: int, data: memoryview) -> None:
+        faults.point("dump.pages")
         npages = len(data) // PAGE
         if self._zstd is not None:
             packed = self._zstd.compress(data)
@@ -100,6 +163,11 @@ class ImageWriter:
         self.pages += npages
 
     def finish(self) -> None:
+        faults.point("dump.trailer")
+        if self._sha is not None:
+            if not self._meta_signed:
+                self._sign("meta")
+            self._sign("image")
         self.record(RecType.TRAILER, Trailer(records=self.records, pages=self.pages,
                                              digest=self._digest.intdigest()))
 
@@ -137,7 +205,16 @@ class Record:
 class ImageReader:
     """Reads and validates records one by one."""
 
-    def __init__(self, fd: int, *, name: str = "image") -> None:
+    def __init__(self, fd: int, *, name: str = "image", verifier: sign.Key | None = None,
+                 observer: Callable[[RecType, msgspec.Struct], None] | None = None) -> None:
+        opts = _OPTIONS.get()
+        self.verifier = verifier if verifier is not None else opts.verifier
+        self._observer = observer if observer is not None else opts.observer
+        self._sha = hashlib.sha256() if self.verifier is not None else None
+        self._sig_digest = b""          # SHA-256 of the stream before the SIGNATURE frame
+        self.signed = False             # the header says so
+        self.meta_total = 0             # bytes of metadata of all records but PAGES
+        self.scopes: set[str] = set()   # signatures seen (checked if we have a verifier)
         self.fd = fd
         self.name = name
         self.offset = 0
@@ -192,7 +269,14 @@ class ImageReader:
                              f"this machine is {platform.machine()}")
         if hdr.page_size != PAGE:
             raise ImageError(f"{self.name} uses {hdr.page_size}-byte pages; this machine uses {PAGE}")
+        self.signed = SIGNED in hdr.flags
+        if self.verifier is not None and not self.signed:
+            raise ImageError(f"{self.name} is not signed, and --verify asks for a signature",
+                             "it was made without --sign; use it without --verify only if you "
+                             "trust where it came from")
         self.header = hdr
+        if self._observer is not None:
+            self._observer(RecType.HEADER, hdr)
         return hdr
 
     def _newer(self, version: int) -> ImageError:
@@ -235,6 +319,14 @@ class ImageReader:
             raise self._fail(f"metadata length {meta_len} exceeds the limit {MAX_META}")
         if data_len > MAX_DATA or (data_len and rt not in DATA_TYPES):
             raise self._fail(f"data length {data_len} not allowed for a {rt.name} record")
+        if rt not in DATA_TYPES:    # metadata the caller keeps (tree, tasks): bounded in all
+            self.meta_total += meta_len
+            if self.meta_total > MAX_TOTAL_META:
+                raise self._fail(f"its metadata records total more than {MAX_TOTAL_META >> 20} MiB")
+        if self._sha is not None:
+            if rt is RecType.SIGNATURE:
+                self._sig_digest = self._sha.digest()
+            self._sha.update(raw)
         self.offset += FRAME.size
         return rt, meta_len, data_len, cs
 
@@ -247,6 +339,10 @@ class ImageReader:
             if data_len > len(self._bufs[self._turn]):
                 self._bufs[self._turn] = bytearray(data_len)
             data = self._read_exact(data_len, memoryview(self._bufs[self._turn]))
+        if self._sha is not None:
+            self._sha.update(meta)
+            if data_len:
+                self._sha.update(data)
         h = xxhash.xxh3_64(meta)
         if data_len:
             h.update(data)
@@ -271,23 +367,73 @@ class ImageReader:
         return Record(rt, obj, data)
 
     def next(self) -> Record:
-        """The next record; PAGES data is checked and decompressed."""
-        if self.done:
-            raise self._fail("data after the trailer")
-        frame = self._read_frame()
-        assert frame is not None
-        if frame[0] is RecType.HEADER:
-            raise self._fail("a second header record")
-        if frame[0] is RecType.TASK:
-            if self.tasks >= MAX_TASKS:
-                raise self._fail(f"more than {MAX_TASKS} task records")
-            self.tasks += 1
-        rec = self._read_body(*frame)
-        if rec.type is RecType.PAGES:
-            rec.data = self._pages_data(rec.meta, rec.data)  # type: ignore[arg-type]
-        elif rec.type is RecType.TRAILER:
-            self._check_trailer(rec.meta)  # type: ignore[arg-type]
-        return rec
+        """The next record; PAGES data is checked and decompressed.
+        SIGNATURE records are checked here and never returned."""
+        while True:
+            if self.done:
+                raise self._fail("data after the trailer")
+            frame = self._read_frame()
+            assert frame is not None
+            if frame[0] is RecType.HEADER:
+                raise self._fail("a second header record")
+            if frame[0] is RecType.TASK:
+                if self.tasks >= MAX_TASKS:
+                    raise self._fail(f"more than {MAX_TASKS} task records")
+                self.tasks += 1
+            self._check_place(frame[0])
+            rec = self._read_body(*frame)
+            if rec.type is RecType.SIGNATURE:
+                self._check_signature(rec.meta)  # type: ignore[arg-type]
+                continue
+            if rec.type is RecType.PAGES:
+                rec.data = self._pages_data(rec.meta, rec.data)  # type: ignore[arg-type]
+            elif rec.type is RecType.TRAILER:
+                self._check_trailer(rec.meta)  # type: ignore[arg-type]
+            elif self._observer is not None and rec.type in META_RECORDS:
+                self._observer(rec.type, rec.meta)
+            return rec
+
+    def _check_place(self, rt: RecType) -> None:
+        """A signed image has a "meta" signature right after its metadata
+        records and an "image" signature right before its trailer."""
+        if rt is RecType.SIGNATURE:
+            if not self.signed:
+                raise self._fail("a signature record in an image whose header does not say "
+                                 "it is signed")
+            return
+        if not self.signed:
+            return
+        if rt in META_RECORDS:
+            if self.scopes:
+                raise self._fail(f"a {rt.name} record after the metadata signature")
+        elif "meta" not in self.scopes:
+            raise self._fail("the signature of the metadata is missing after the last task record")
+        elif rt is RecType.TRAILER and "image" not in self.scopes:
+            raise self._fail("the image signature is missing before the trailer")
+        elif rt is not RecType.TRAILER and "image" in self.scopes:
+            raise self._fail(f"a {rt.name} record after the image signature")
+
+    def _check_signature(self, sig: Signature) -> None:
+        if sig.scope in self.scopes:
+            raise self._fail(f"a second {sig.scope} signature")
+        if sig.scope == "image" and "meta" not in self.scopes:
+            raise self._fail("the image signature comes before the metadata signature")
+        self.scopes.add(sig.scope)
+        v = self.verifier
+        if v is None:
+            return
+        what = "metadata" if sig.scope == "meta" else "whole-image"
+        if sig.alg != v.alg:
+            raise ImageError(f"{self.name} is signed with {_printable(sig.alg)}, but {v.path} "
+                             f"holds {v.what}", "give the key it was signed with")
+        if sig.key_id != v.key_id:
+            raise ImageError(f"{self.name} was signed with another key (key id "
+                             f"{sign.key_id_hex(sig.key_id)}; {v.path} has key id "
+                             f"{sign.key_id_hex(v.key_id)})", "give the key it was signed with")
+        if not v.verify(sign.message(sig.scope, self._sig_digest), sig.sig):
+            raise ImageError(f"{self.name} fails its {what} signature check (record ending at byte "
+                             f"{self.offset}): it was modified after it was signed",
+                             "do not use it; take a new checkpoint")
 
     def _pages_data(self, meta: Pages, data: memoryview) -> memoryview:
         want = meta.npages * PAGE

@@ -7,8 +7,14 @@ left running reads them all the same.  Restore: lcr makes a socketpair of the
 same type and sends each queued message again from the other end, message by
 message, so datagram and seqpacket boundaries are kept.
 
-Not yet: bound or listening sockets, a peer outside the tree, queued file
-descriptors (SCM_RIGHTS): refused with a reason."""
+A connection accepted from a listener is such a pair too (the client's end
+and the accepted end): it is restored as a socketpair, so getsockname() of
+the accepted end and getpeername() of the client's end no longer return the
+listener's name.  Listening, bound and unconnected UNIX sockets are the
+kind resources/fdkinds/unix_bound.py.
+
+Not yet: a peer outside the tree, a datagram socket both bound and
+connected, queued file descriptors (SCM_RIGHTS): refused with a reason."""
 from __future__ import annotations
 
 import os
@@ -30,15 +36,17 @@ def reason(fd: int, ino: int) -> str | None:
     d = unix_diag(ino)
     where = f"fd {fd}: UNIX socket:[{ino}]"
     if d is None:
-        return f"fd {fd}: socket:[{ino}]: only UNIX sockets connected inside the tree are supported yet"
+        return (f"fd {fd}: socket:[{ino}]: this kind of socket is not supported (UNIX, TCP "
+                "and UDP sockets are)")
     if d.type not in TYPES:
         return f"{where} of type {d.type}: not supported"
     if d.state == TCP_LISTEN:
         return f"{where} is listening{_named(d.name)}: listening sockets are not supported yet"
-    if d.name:
-        return f"{where} is bound{_named(d.name)}: bound sockets are not supported yet"
     if not d.peer:
         return f"{where} is not connected: unconnected sockets are not supported yet"
+    if d.name and d.type == socket.SOCK_DGRAM:   # stream: an accepted end carries the listener's name
+        return (f"{where} is bound{_named(d.name)} and connected: bound and connected "
+                "datagram sockets are not supported yet")
     return None
 
 
@@ -77,6 +85,7 @@ def _peek_all(s: socket.socket, pid: int, fd: int, ino: int) -> list[bytes]:
     """Every queued message, in order, none consumed (SO_PEEK_OFF walks the queue)."""
     msgs: list[bytes] = []
     total = 0
+    before = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)   # the program's own, put back
     s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     try:
         while True:
@@ -94,13 +103,19 @@ def _peek_all(s: socket.socket, pid: int, fd: int, ino: int) -> list[bytes]:
                                    "(SCM_RIGHTS): not supported yet")
             if not data and s.type == socket.SOCK_STREAM:
                 return msgs
+            if flags & socket.MSG_TRUNC:
+                raise RestoreError(f"pid {pid} fd {fd}: socket:[{ino}] holds a message of more "
+                                   "than 1 MiB: not supported")
             msgs.append(data)
             total += len(data)
             if total > MAX_QUEUE:
                 raise RestoreError(f"pid {pid} fd {fd}: socket:[{ino}] holds more than "
                                    f"{MAX_QUEUE >> 20} MiB of queued data")
     finally:
-        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, before)
+
+
+peek_all = _peek_all    # for the other socket kinds (resources/fdkinds/unix_bound.py, udp.py)
 
 
 def create(a: UnixPair, b: UnixPair) -> tuple[int, int]:

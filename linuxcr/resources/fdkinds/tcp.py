@@ -46,12 +46,14 @@ data, TCP_MD5SIG keys, congestion control and IP-level options."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
 import struct
 import subprocess
 import sys
+import time
 
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import MAX_SOCK_QUEUE, InetAddr, TcpState
@@ -62,7 +64,7 @@ from linuxcr.sys.syscalls import pidfd_open
 
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 HOLD_SECONDS = 300.0
-CLAIM_TIMEOUT = 5.0
+CLAIM_TIMEOUT = 15.0
 
 
 # --- addresses ---------------------------------------------------------------
@@ -341,18 +343,14 @@ def _read_queue(s: socket.socket, q: int, length: int, where: str) -> tuple[int,
 
 # The keeper: a tiny process of its own (no linuxcr import, so it starts in
 # a few ms) holding lcr's copy of one connection after the dump.
-#   argv: socket fd, pidfd of the owner, name (hex), owner pid, hold seconds
+#   argv: socket fd, pidfd of the owner, listening fd (bound to the name a
+#   restore asks at; -1: none), owner pid, hold seconds
 KEEPER = r"""
 import os, select, socket, struct, sys, time
-sfd, pidfd = int(sys.argv[1]), int(sys.argv[2])
-name, pid, hold = bytes.fromhex(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+sfd, pidfd, lfd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+pid, hold = int(sys.argv[4]), float(sys.argv[5])
 sk = socket.socket(fileno=sfd)
-try:
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ls.bind(name)
-    ls.listen(8)
-except OSError:
-    ls = None
+ls = socket.socket(fileno=lfd) if lfd >= 0 else None
 def exited(timeout):
     return bool(select.select([pidfd], [], [], timeout)[0])
 def status():
@@ -392,6 +390,7 @@ while ls is not None:
             continue
         c.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sfd))])
         sk.close()                              # the message holds it now, then the claimer alone
+        c.send(b"closed")
         c.recv(16)                              # until the claimer closes
     except OSError:
         c.close()
@@ -401,18 +400,31 @@ while ls is not None:
 
 
 def _hand_to_keeper(pid: int, s: socket.socket, name: bytes) -> None:
+    """Start the keeper with lcr's copy of the socket.  Its name is bound
+    here, before the keeper runs: a restore that comes early waits in the
+    backlog instead of missing it."""
     hold = os.environ.get("LCR_TCP_HOLD", str(HOLD_SECONDS))
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ls.bind(name)
+        ls.listen(8)
+    except OSError:          # an earlier keeper of this very connection is still there
+        ls.close()
+        ls = None
     pfd = pidfd_open(pid)
     try:
+        keep = (s.fileno(), pfd) + ((ls.fileno(),) if ls else ())
         subprocess.Popen([sys.executable, "-I", "-S", "-c", KEEPER, str(s.fileno()), str(pfd),
-                          name.hex(), str(pid), hold],
+                          str(ls.fileno() if ls else -1), str(pid), hold],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, pass_fds=(s.fileno(), pfd), close_fds=True,
+                         stderr=subprocess.DEVNULL, pass_fds=keep, close_fds=True,
                          start_new_session=True, cwd="/")
     except OSError as e:
         raise RestoreError(f"cannot start the process that holds TCP connections: {e}") from None
     finally:
         os.close(pfd)
+        if ls:
+            ls.close()
 
 
 # --- established: restore -----------------------------------------------------
@@ -429,10 +441,14 @@ def _claim(state: TcpState) -> socket.socket | None:
             _, anc, _, _ = c.recvmsg(16, socket.CMSG_SPACE(4))
         except OSError:
             return None
+        held = None
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(blob) >= 4:
-                return socket.socket(fileno=int.from_bytes(blob[:4], "little"))
-    return None
+                held = socket.socket(fileno=int.from_bytes(blob[:4], "little"))
+        if held is not None:
+            with contextlib.suppress(OSError):
+                c.recv(16)          # "closed": the keeper has let go of its copy
+        return held
 
 
 def _send_all(s: socket.socket, data: bytes, what: str) -> None:
@@ -467,12 +483,18 @@ def _open_established(s: socket.socket, st: TcpState) -> None:
     held = _claim(st)
     if held is not None:
         held.close()             # in repair mode: gone without a word to the peer
-    try:
-        s.connect(sockaddr(st.family, st.peer))
-    except OSError as e:
-        raise RestoreError(f"cannot restore {conn}: {e.strerror}",
-                           "the original connection must be gone first (was the checkpoint taken "
-                           "with --leave-running?)") from None
+    deadline = time.monotonic() + (CLAIM_TIMEOUT if held is not None else 0)
+    while True:
+        try:
+            s.connect(sockaddr(st.family, st.peer))
+            break
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL and time.monotonic() < deadline:
+                time.sleep(0.01)     # the original is on its way out
+                continue
+            raise RestoreError(f"cannot restore {conn}: {e.strerror}",
+                               "the original connection must be gone first (was the checkpoint "
+                               "taken with --leave-running?)") from None
     opts = [(sd.TCPOPT_MAXSEG, st.mss_clamp)]
     if st.opt_mask & sd.TCPI_OPT_SACK:
         opts.append((sd.TCPOPT_SACK_PERM, 0))
