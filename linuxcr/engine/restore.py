@@ -177,7 +177,7 @@ def _is_original(pid: int, task: Task) -> tuple[bool, str]:
     return st.starttime == task.starttime and boot == task.boot_id, st.state
 
 
-def _claim_pids(tasks: list[Task], tree: Tree, reader: ImageReader) -> None:
+def _claim_pids(tasks: list[Task], tree: Tree, reader: ImageReader, need_pids: bool = True) -> None:
     """Make sure every saved pid is free, waiting for the originals to go.
 
     `lcr checkpoint P -o - | lcr restart -` kills P only after the trailer,
@@ -187,13 +187,22 @@ def _claim_pids(tasks: list[Task], tree: Tree, reader: ImageReader) -> None:
     busy_z = [z.pid for z in tree.zombies if os.path.exists(f"/proc/{z.pid}")]
     if not busy and not busy_z:
         return
+    if not need_pids:
+        # Only the pipe case matters (the originals die once we have read the
+        # trailer); from a file, a running original is no obstacle here.
+        if _seekable(reader.fd):
+            return
+        busy = [k for k in busy if _is_original(k.pid, k)[0]]
+        busy_z = []
+    buffered = False
     for k in busy:
         original, state = _is_original(k.pid, k)
         if not original and os.path.exists(f"/proc/{k.pid}"):
             raise PidTaken(f"pid {k.pid} is in use by another process",
                            "stop that process, or restart with --any-pid")
-        if state not in ("Z", "X") and not _seekable(reader.fd):
+        if state not in ("Z", "X") and not buffered and not _seekable(reader.fd):
             reader.buffer_rest()
+            buffered = True
     deadline = time.monotonic() + PID_WAIT
     for pid in [k.pid for k in busy] + busy_z:
         while os.path.exists(f"/proc/{pid}"):
@@ -217,8 +226,6 @@ def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
     mode = restore_mode(root, any_pid)
     vpid = root.vpid or root.pid
     if mode == "host":
-        if not any_pid:
-            _claim_pids(tasks, tree, reader)
         return spawn.in_host(None if any_pid else vpid), mode
     return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0), mode
 
@@ -252,6 +259,10 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
         _check_vdso(tasks[0])
         _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm) + 64)
         memory.forget_objects()
+        # Before anything is opened: the originals may still hold the pids,
+        # the addresses their sockets are bound to, their locks.
+        _claim_pids(tasks, tree, reader,
+                    need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
         ours = files.open_all(tree.files, tree.pipes, tree.unix)
         shm = memory.open_shm(tree.shm, tree.mapped)
         try:
