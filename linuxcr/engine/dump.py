@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr import __version__, faults
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied
 from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, Header, RecType, Task, Tree, Vma, Zombie,
 )
@@ -25,6 +25,9 @@ from linuxcr.procfs import read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
+
+
+PF_KTHREAD = 0x00200000
 
 
 @dataclass
@@ -44,8 +47,9 @@ def check_process(pid: int, smaps=None) -> list[str]:
         return ["lcr cannot checkpoint itself"]
     try:
         st = read_status(pid)
+        stat = read_stat(pid)
         smaps = read_smaps(pid) if smaps is None else smaps
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped after open()
         raise NoSuchProcess(f"pid {pid}: no such process") from None
     except PermissionError:
         from linuxcr.remote.task import _explain_eperm
@@ -53,8 +57,10 @@ def check_process(pid: int, smaps=None) -> list[str]:
     reasons = []
     if st.state == "Z":
         reasons.append("it is a zombie (it has exited; only its parent can reap it)")
-    if not smaps and st.state != "Z":
+    if stat.flags & PF_KTHREAD:
         reasons.append("it is a kernel thread")
+    elif not smaps and st.state not in ("Z", "X"):
+        raise NoSuchProcess(f"pid {pid} is exiting")    # its memory is gone already
     if st.tgid != pid:
         reasons.append(f"it is a thread of process {st.tgid}; checkpoint that pid instead")
     if pid == 1 and os.path.samefile("/proc/1/ns/pid", "/proc/self/ns/pid"):
@@ -63,9 +69,17 @@ def check_process(pid: int, smaps=None) -> list[str]:
     try:
         reasons += files.check(pid)
         reasons += locks.check(pid)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
+
+
+def _gone_or_dying(pid: int) -> bool:
+    """A child that exited (or is exiting) while we looked: not an obstacle."""
+    try:
+        return read_stat(pid).state in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def check_tree(root: int) -> list[str]:
@@ -79,9 +93,14 @@ def check_tree(root: int) -> list[str]:
             continue
         seen.add(p)
         try:
-            reasons += [f"child pid {p}: {r}" for r in check_process(p)]
-        except NoSuchProcess:
-            continue
+            found = check_process(p)
+        except (NoSuchProcess, PermissionDenied):
+            if _gone_or_dying(p):
+                continue
+            raise
+        if found and _gone_or_dying(p):
+            continue        # what it "holds" is what it is letting go of
+        reasons += [f"child pid {p}: {r}" for r in found]
         queue += pstree.children(p)
     return reasons
 
@@ -103,9 +122,11 @@ class FrozenTree:
             f = Frozen(p)
             try:
                 f.freeze()
-            except (NoSuchProcess, TaskGone):
+            except (NoSuchProcess, TaskGone, PermissionDenied):
+                # A child that exits as we seize it (an exiting task refuses
+                # ptrace with EPERM) is gone or a zombie, not an obstacle.
                 f.thaw()
-                if p == self.root:
+                if p == self.root or not _gone_or_dying(p):
                     raise
                 if pstree.is_zombie(p):
                     self.zombies.append(pstree.zombie(p, self.parent[p]))
