@@ -349,11 +349,6 @@ def test_session_groups_zombie(bins, trees, tmp_path):
     assert pass_field(assert_pass(root, log, "tree_session"), "probes") == 2
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "engine bug: a zombie that was killed by a signal is restored with "
-    "kill(0, sig) (Tracee.exit_now), which signals the whole process group "
-    "the zombie was born in -- its parent's -- so the restored parent and its "
-    "group die of that signal"))
 def test_session_signal_zombie(bins, trees, tmp_path):
     ids, log = _start_session(bins, trees, tmp_path, "k")
     root = ids["pid"]

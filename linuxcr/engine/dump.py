@@ -253,6 +253,7 @@ def _collect(frozen: Frozen, smaps, table: files.Table) -> Task:
         tinfo = process.dump_threadinfo(t, arena)
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
         ptimers = posix_timers.dump(t, arena)
+    frozen.unblock_signals()         # masks and registers back: safe to die from here on
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
         comm=stat.comm, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),

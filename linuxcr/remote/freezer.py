@@ -59,10 +59,21 @@ class Frozen:
         raise NoSuchProcess(f"pid {self.pid} keeps creating threads; cannot freeze it")
 
     def block_signals(self) -> None:
-        """Keep every signal pending while we run code in the threads."""
+        """Keep every signal pending while we run code in the threads: blocked
+        only around each injected call (Tracee.own_mask), so that a lcr that
+        dies between calls leaves the threads with their own masks."""
         for tid, t in self.threads.items():
             self.masks[tid] = ptrace.get_sigmask(tid)
-            ptrace.set_sigmask(tid, ALL_SIGNALS)
+            t.own_mask = self.masks[tid]
+
+    def unblock_signals(self) -> None:
+        """Registers and masks back as they were: from here on lcr may die
+        at any moment and the threads run on untouched."""
+        for tid, t in self.threads.items():
+            if t.attached and t.saved_regs is not None:
+                t.set_regs(t.saved_regs)
+            if tid in self.masks:
+                ptrace.set_sigmask(tid, self.masks[tid])
 
     def thaw(self) -> None:
         """Put every thread back exactly as it was and detach."""

@@ -47,6 +47,7 @@ class Tracee:
         self.attached = False
         self.insn: int | None = None          # address of a syscall instruction
         self.saved_regs: user_regs_struct | None = None
+        self.own_mask: int | None = None      # live task: its signal mask between our calls
         self._mem_fd: int | None = None
 
     # --- attach / stop / detach -------------------------------------------------
@@ -161,14 +162,29 @@ class Tracee:
         return ret
 
     def syscall(self, name: str, *args: int, check: bool = True) -> int:
-        """Run one system call inside the stopped task; returns its result."""
+        """Run one system call inside the stopped task; returns its result.
+
+        On a live task (own_mask set) signals are blocked only for the call,
+        and its own registers are put back right after: if lcr dies between
+        two calls, the kernel lets the task go exactly as it was."""
+        own = self.own_mask
+        if own is not None:
+            ptrace.set_sigmask(self.pid, ALL_SIGNALS)
         self._enter(name, args)
         self._step(name)             # to the syscall-exit stop
-        return self._result(name, check)
+        try:
+            return self._result(name, check)
+        finally:
+            if own is not None:
+                ptrace.set_sigmask(self.pid, own)
+                if self.saved_regs is not None:
+                    ptrace.set_regs(self.pid, self.saved_regs)
 
     def clone(self, args_addr: int, size: int) -> int:
         """Inject clone3() creating a thread or a process; returns its host
         tid/pid: it is auto-attached (TRACECLONE/TRACEFORK), stopped."""
+        if self.own_mask is not None:        # a live task: nothing delivered meanwhile
+            ptrace.set_sigmask(self.pid, ALL_SIGNALS)
         self._enter("clone3", (args_addr, size))
         ptrace.resume_syscall(self.pid)
         status = ptrace.wait_stop(self.pid)
@@ -180,6 +196,10 @@ class Tracee:
         tid = ptrace.get_event_msg(self.pid)
         self._step("clone3")
         self._result("clone3", True)
+        if self.own_mask is not None:
+            ptrace.set_sigmask(self.pid, self.own_mask)
+            if self.saved_regs is not None:
+                ptrace.set_regs(self.pid, self.saved_regs)
         while True:
             st = ptrace.wait_stop(tid)
             if os.WIFSTOPPED(st):
@@ -192,7 +212,8 @@ class Tracee:
         if sig:
             self.syscall("rt_sigaction", sig, 0, 0, 8, check=False)   # default action
             ptrace.set_sigmask(self.pid, 0)
-            self._enter("kill", (0, sig))      # kill(0): ourselves (and our group: alone)
+            me = self.syscall("gettid")        # our tid as we see it (pid namespace)
+            self._enter("tkill", (me, sig))    # only ourselves, not our process group
         else:
             self._enter("exit_group", ((status >> 8) & 0xFF,))
         ptrace.resume_syscall(self.pid)

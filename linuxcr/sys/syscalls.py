@@ -22,7 +22,7 @@ NR = dict(
     ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
     setresuid=117, setresgid=119, getpgid=121, getsid=124, rt_sigqueueinfo=129,
     sigaltstack=131, capset=126, personality=135, prctl=157, arch_prctl=158, chroot=161,
-    gettid=186, set_tid_address=218, restart_syscall=219, clock_nanosleep=230,
+    gettid=186, tkill=200, set_tid_address=218, restart_syscall=219, clock_nanosleep=230,
     exit_group=231, set_robust_list=273, get_robust_list=274, dup3=292,
     rt_tgsigqueueinfo=297, prlimit64=302, process_vm_readv=310,
     process_vm_writev=311, kcmp=312, rseq=334, pidfd_open=434, clone3=435,
