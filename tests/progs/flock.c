@@ -280,8 +280,12 @@ int main(int argc, char **argv)
 			if (write(ready[1], "x", 1) != 1)
 				_exit(1);
 			close(ready[1]);
-			for (;;)
-				pause();
+			pid_t pp = getppid();
+			for (;;) {          /* never outlive the parent (tests kill it by pid) */
+				sleep(1);
+				if (getppid() != pp)
+					_exit(0);
+			}
 		}
 		close(ready[1]);
 		char x;
