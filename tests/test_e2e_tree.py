@@ -463,11 +463,6 @@ STORM_RACES = (
     "after open())")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "engine bug: `lcr checkpoint` of a forking tree sometimes ends in 'lcr: internal "
-    "error: ProcessLookupError: [Errno 3] No such process' (exit 70): "
-    "dump.check_process catches FileNotFoundError around read_status(), but a "
-    "child reaped between open() and read() of /proc/PID/status gives ESRCH"))
 def test_fork_storm_no_internal_error(bins, trees, tmp_path):
     root, log = _forkstorm(bins, trees, tmp_path)
     internal = []
@@ -478,7 +473,6 @@ def test_fork_storm_no_internal_error(bins, trees, tmp_path):
     assert not internal, f"{len(internal)} of 20 checkpoints hit an internal error: {internal}"
 
 
-@pytest.mark.xfail(strict=False, reason=STORM_RACES)
 def test_fork_storm_checkpoints_all_succeed(bins, trees, tmp_path):
     root, log = _forkstorm(bins, trees, tmp_path)
     errors = []

@@ -94,7 +94,9 @@ def check_tree(root: int) -> list[str]:
         seen.add(p)
         try:
             found = check_process(p)
-        except (NoSuchProcess, PermissionDenied):
+        except NoSuchProcess:
+            continue                # gone, or on its way out
+        except PermissionDenied:
             if _gone_or_dying(p):
                 continue
             raise
@@ -143,6 +145,14 @@ class FrozenTree:
                 else:
                     queue.append(k)
 
+    def drop_exiting(self, p: int) -> None:
+        """A child caught on its way out: let it finish; it is not saved."""
+        if any(self.parent.get(k) == p for k in self.order):
+            raise NotCheckpointable(self.root, [f"child pid {p} exited while being checkpointed "
+                                                "(its children stay): try again"])
+        self.procs.pop(p).thaw()
+        self.order.remove(p)
+
     def thaw(self) -> None:
         for p in reversed(self.order):
             self.procs[p].thaw()
@@ -170,8 +180,16 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     try:
         tree.freeze()
         smaps = {p: read_smaps(p) for p in tree.order}   # final: nothing changes now
-        reasons = [r if p == pid else f"child pid {p}: {r}"
-                   for p in tree.order for r in check_process(p, smaps[p])]
+        reasons = []
+        for p in list(tree.order):
+            try:
+                found = check_process(p, smaps[p])
+            except NoSuchProcess:
+                if p == pid:
+                    raise
+                tree.drop_exiting(p)       # seized while it was already exiting
+                continue
+            reasons += [r if p == pid else f"child pid {p}: {r}" for r in found]
         reasons += pstree.sharing_reasons(tree.order)
         if reasons:
             raise NotCheckpointable(pid, reasons)
