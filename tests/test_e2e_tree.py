@@ -450,6 +450,7 @@ def test_fork_storm_leave_running(bins, trees, tmp_path):
     cp = helpers.lcr("restart", good[-1], check=False)
     if cp.returncode == 9:
         new, _ = restart_tree(good[-1], trees, "--any-pid")
+        root = new                      # the whole tree took other pids
     else:
         if cp.returncode == 0:
             new = helpers.parse_restored_pid(cp.stdout)
