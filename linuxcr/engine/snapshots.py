@@ -287,7 +287,7 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
                 unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped, zombies=[])
     normal = [v for v in task.vmas if v.pages and not _special(v)]
     child = snap.child
-    ring = [memoryview(bytearray(memory.CHUNK)) for _ in range(RING)]
+    ring = memory._ring()
 
     def chunks():
         for i, (addr, n) in enumerate(memory.page_runs(child.pid, normal)):
@@ -473,7 +473,7 @@ def _rollback_frozen(snap: Snapshot, fz: Frozen, pairs, memory_only: bool,
 def _pour(snap: Snapshot, t: Tracee, normal: list[Vma]) -> None:
     """Pages from the snapshot child into the live process, then the copies."""
     child = snap.child
-    ring = [memoryview(bytearray(memory.CHUNK)) for _ in range(RING)]
+    ring = memory._ring()
 
     def chunks():
         for i, (addr, n) in enumerate(memory.page_runs(child.pid, normal)):

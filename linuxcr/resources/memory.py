@@ -100,10 +100,21 @@ def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
     return out
 
 
+_RING: list[memoryview] = []
+
+
+def _ring() -> list[memoryview]:
+    """The copy buffers, made once per lcr process: fresh memory is costly
+    (zeroing, and on VMs a host fault per page), a tree has many tasks."""
+    if not _RING:
+        _RING.extend(memoryview(bytearray(CHUNK)) for _ in range(RING))
+    return _RING
+
+
 def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int:
     """Copy the pages: a helper thread reads the next chunk from the task
     while this one writes the previous one out."""
-    ring = [memoryview(bytearray(CHUNK)) for _ in range(RING)]
+    ring = _ring()
 
     def chunks():
         for i, (addr, n) in enumerate(page_runs(t.pid, vmas)):
