@@ -137,25 +137,43 @@ def keeper_name(boot_id: str, ino: int, local: InetAddr, peer: InetAddr) -> byte
 
 # --- the kind ----------------------------------------------------------------
 
-class Tcp:
-    name = "tcp"
+class InetKind:
+    """What TCP and UDP kinds share: which sockets are theirs, and the check
+    (their module's _reason, on our own copy of the socket)."""
+    name = label = ""
+    sock_type = proto = 0
 
     def matches(self, ctx) -> bool:
         ident = inet_identity(ctx)
-        return ident is not None and ident[1] == socket.SOCK_STREAM and ident[2] == socket.IPPROTO_TCP
+        return ident is not None and ident[1] == self.sock_type and ident[2] == self.proto
+
+    def why(self, ctx, s) -> str | None:
+        raise NotImplementedError
 
     def reason(self, ctx) -> str | None:
         try:
             with sd.grab_socket(ctx.pid, ctx.fd) as s:
-                return _reason(ctx, s)
+                return self.why(ctx, s)
         except OSError as e:
-            return f"TCP socket: cannot inspect it: {e.strerror}"
+            return f"{self.label} socket: cannot inspect it: {e.strerror}"
+
+    def refuse(self, ctx, s) -> None:
+        """dump() calls it first: the state may have changed since the check."""
+        why = self.why(ctx, s)
+        if why:
+            raise RestoreError(f"pid {ctx.pid} fd {ctx.fd}: {why}")
+
+
+class Tcp(InetKind):
+    name, label = "tcp", "TCP"
+    sock_type, proto = socket.SOCK_STREAM, socket.IPPROTO_TCP
+
+    def why(self, ctx, s) -> str | None:
+        return _reason(ctx, s)
 
     def dump(self, ctx) -> TcpState:
         with sd.grab_socket(ctx.pid, ctx.fd) as s:
-            why = _reason(ctx, s)
-            if why:
-                raise RestoreError(f"pid {ctx.pid} fd {ctx.fd}: {why}")
+            self.refuse(ctx, s)
             family = sd.identity(s)[0]
             ti = sd.tcp_info(s)
             base = dict(family=family, local=to_addr(s.getsockname()), opts=read_opts(s),

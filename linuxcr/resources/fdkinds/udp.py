@@ -21,32 +21,23 @@ import time
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import UdpState
 from linuxcr.resources import unix_sockets
-from linuxcr.resources.fdkinds.tcp import FAMILIES, inet_identity, shown, sockaddr, to_addr, v6only
+from linuxcr.resources.fdkinds.tcp import FAMILIES, InetKind, inet_identity, shown, sockaddr, to_addr, v6only
 from linuxcr.resources.fdkinds.unix_bound import apply_opts, read_opts, set_peek_off
 from linuxcr.sys import sockdiag as sd
 
 DELIVERY_WAIT = 2.0       # seconds for refilled datagrams to arrive (loopback: at once)
 
 
-class Udp:
-    name = "udp"
+class Udp(InetKind):
+    name, label = "udp", "UDP"
+    sock_type, proto = socket.SOCK_DGRAM, socket.IPPROTO_UDP
 
-    def matches(self, ctx) -> bool:
-        ident = inet_identity(ctx)
-        return ident is not None and ident[1] == socket.SOCK_DGRAM and ident[2] == socket.IPPROTO_UDP
-
-    def reason(self, ctx) -> str | None:
-        try:
-            with sd.grab_socket(ctx.pid, ctx.fd) as s:
-                return _reason(ctx, s)
-        except OSError as e:
-            return f"UDP socket: cannot inspect it: {e.strerror}"
+    def why(self, ctx, s) -> str | None:
+        return _reason(ctx, s)
 
     def dump(self, ctx) -> UdpState:
         with sd.grab_socket(ctx.pid, ctx.fd) as s:
-            why = _reason(ctx, s)
-            if why:
-                raise RestoreError(f"pid {ctx.pid} fd {ctx.fd}: {why}")
+            self.refuse(ctx, s)
             family = sd.identity(s)[0]
             try:
                 peer = to_addr(s.getpeername())
