@@ -235,6 +235,7 @@ def _fork(fz: Frozen) -> Tracee:
         _set_options(t.pid, base)
     c = Tracee(cpid, exitkill=True)
     c.attached = True
+    c.cow_shared = True          # read it without pinning (which would unshare it)
     c.saved_regs = ptrace.get_regs(cpid)
     c.insn = t.insn
     try:

@@ -48,6 +48,7 @@ class Tracee:
         self.insn: int | None = None          # address of a syscall instruction
         self.saved_regs: user_regs_struct | None = None
         self.own_mask: int | None = None      # live task: its signal mask between our calls
+        self.cow_shared = False               # a snapshot child: read without pinning
         self._mem_fd: int | None = None
 
     # --- attach / stop / detach -------------------------------------------------
@@ -239,11 +240,18 @@ class Tracee:
         return bytes(buf)
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
-        """process_vm_readv; falls back to /proc/PID/mem for unreadable pages."""
-        try:
-            got = process_vm_readv(self.pid, buf, addr)
-        except OSError:
-            got = 0
+        """process_vm_readv; falls back to /proc/PID/mem for unreadable pages.
+
+        A snapshot child (cow_shared) is read through /proc/PID/mem only:
+        process_vm_readv pins pages, and pinning an anonymous page shared
+        copy-on-write makes the kernel copy it (slow, and the snapshot would
+        stop sharing memory with the process)."""
+        got = 0
+        if not self.cow_shared:
+            try:
+                got = process_vm_readv(self.pid, buf, addr)
+            except OSError:
+                got = 0
         if got < len(buf):
             mv = memoryview(buf)[got:]
             n = os.preadv(self.mem_fd(), [mv], addr + got)
