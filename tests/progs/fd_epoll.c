@@ -43,19 +43,7 @@
 
 #define NAME "fd_epoll"
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static int ra, wa, rb, wb, rb2, ev, ep1, ep2;
 static int closed_mode, oneshot_mode, stray_fd, stray_ep;

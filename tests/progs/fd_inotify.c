@@ -46,19 +46,7 @@
 
 #define NAME "fd_inotify"
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static const char *dir;
 static char p_f1[PATH_MAX], p_f2[PATH_MAX], p_sub[PATH_MAX], p_deep[PATH_MAX], p_deep2[PATH_MAX];

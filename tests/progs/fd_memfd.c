@@ -51,19 +51,7 @@
 #define SEALS2 (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 #define TEXT2 "sealed content\n"
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static unsigned char pattern(long i) { return (unsigned char)((i * 131 + 7) % 251); }
 static void die(const char *what) { fprintf(stderr, NAME ": %s: %s\n", what, strerror(errno)); exit(1); }

@@ -42,19 +42,7 @@
 #define MS 1000000LL
 #define SEC 1000000000LL
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static int t_per, t_one, t_abs, t_boot, t_fired, t_many, t_off;
 static long long one_set_at;     /* CLOCK_MONOTONIC when 'one' was set */

@@ -49,19 +49,7 @@
 #define MMARK 100         /* marker offset in maponly.dat */
 #define BIG (20L << 20)
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static unsigned char pattern(long i) { return (unsigned char)((i * 131 + 7) % 251); }
 static unsigned char pattern2(long i) { return (unsigned char)((i * 17 + 3) % 253); }

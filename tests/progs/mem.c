@@ -41,19 +41,7 @@
 #define PG 4096UL
 #define FIXED_ADDR ((void *)0x600000000000UL)
 
-static volatile sig_atomic_t probe_req;
-static void on_usr1(int sig) { (void)sig; probe_req = 1; }
-
-static char fails[8192];
-static void fail(const char *fmt, ...)
-{
-	size_t n = strlen(fails);
-	va_list ap;
-	if (n && n < sizeof(fails) - 2) { strcat(fails, "; "); n += 2; }
-	va_start(ap, fmt);
-	vsnprintf(fails + n, sizeof(fails) - n, fmt, ap);
-	va_end(ap);
-}
+#include "probe.h"
 
 static uint64_t pat(uint64_t tag, size_t i)
 {
