@@ -207,3 +207,35 @@ def test_locks_live(tmp_path):
     finally:
         for fd in (a, b, c):
             os.close(fd)
+
+
+def test_parse_limits_sample():
+    from linuxcr.procfs.limits import parse_limits
+    text = ("Limit                     Soft Limit           Hard Limit           Units     \n"
+            "Max cpu time              unlimited            unlimited            seconds   \n"
+            "Max file size             unlimited            unlimited            bytes     \n"
+            "Max data size             unlimited            unlimited            bytes     \n"
+            "Max stack size            8388608              unlimited            bytes     \n")
+    assert parse_limits(text, unlimited=-1) == [(-1, -1), (-1, -1), (-1, -1), (8388608, -1)]
+
+
+def test_read_limits_matches_getrlimit():
+    import os
+    import resource
+    from linuxcr.procfs.limits import read_limits
+    got = read_limits(os.getpid(), unlimited=resource.RLIM_INFINITY)
+    assert got[resource.RLIMIT_NOFILE] == resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert got[resource.RLIMIT_STACK] == resource.getrlimit(resource.RLIMIT_STACK)
+
+
+def test_epoll_and_inotify_fdinfo_lines():
+    from linuxcr.procfs.fdinfo import epoll_watches, inotify_watches, parse_fdinfo
+    ep = parse_fdinfo("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n"
+                      "tfd:        5 events:       1c data:                5  pos:0 ino:40e sdev:10\n"
+                      "tfd:        7 events:       19 data:               ff  pos:0 ino:29e0 sdev:f\n")
+    assert epoll_watches(ep) == [(5, 0x1c, 5), (7, 0x19, 0xff)]
+    ino = parse_fdinfo("pos:\t0\nflags:\t00\nmnt_id:\t15\nino:\t1057\n"
+                       "inotify wd:1 ino:2a sdev:10 mask:100 ignored_mask:0 fhandle-bytes:8 "
+                       "fhandle-type:1 f_handle:2a00000012345678\n")
+    (w,) = inotify_watches(ino)
+    assert (w["wd"], w["ino"], w["mask"], w["f_handle"]) == ("1", "2a", "100", "2a00000012345678")

@@ -9,6 +9,7 @@ is also kept in order in `lines`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from ._text import as_text, lines, proc_path, read_bytes
@@ -71,3 +72,25 @@ def list_fds(pid: int | str) -> list[int]:
 def read_fd_link(pid: int | str, fd: int) -> str:
     """Target of /proc/PID/fd/FD: a path, or 'pipe:[123]', 'anon_inode:[eventfd]', ..."""
     return os.readlink(proc_path(pid, "fd", fd))
+
+
+# Lines some kinds of file add to their fdinfo (parsed here, like all /proc text).
+EPOLL_TFD = re.compile(r"^(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+)"
+                  r"(?:\s+pos:\s*(-?\d+)\s+ino:\s*([0-9a-fA-F]+)\s+sdev:\s*([0-9a-fA-F]+))?")
+
+
+def epoll_watches(info: FdInfo) -> list[tuple[int, int, int]]:
+    """(tfd, events, data) of every watch in an epoll fdinfo, in its order
+    ('tfd: N events: X data: Y pos: ino: sdev:' lines)."""
+    out = []
+    for v in info.values("tfd"):
+        m = EPOLL_TFD.match(v)
+        if m is None:
+            raise ValueError(f"unexpected epoll fdinfo line 'tfd: {v}'")
+        out.append((int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)))
+    return out
+
+
+def inotify_watches(info: FdInfo) -> list[dict[str, str]]:
+    """The key:value fields of every 'inotify wd:N ino:I sdev:D mask:M ...' line."""
+    return [dict(p.split(":", 1) for p in v.split() if ":" in p) for v in info.values("inotify")]

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from linuxcr.errors import LcrError, PermissionDenied, RestoreError
 from linuxcr.image.schema import Creds, MmFields, RecType, Rlimit, Task, Tree
+from linuxcr.procfs.limits import read_limits
 from linuxcr.procfs import ProcStat, ProcStatus, read_auxv, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.sys.syscalls import get_robust_list
@@ -49,18 +50,8 @@ def dump_rlimits(pid: int) -> list[Rlimit]:
 
 
 def _rlimits_from_proc(pid: int) -> list[Rlimit]:
-    """/proc/PID/limits: a header, then one fixed-width line per limit in
-    RLIMIT order (name 26 columns, soft 21, hard 21, units)."""
-    # TODO(lead): belongs in procfs/ (a parser of /proc text), kept here to
-    # stay within this change's files.
-    with open(f"/proc/{pid}/limits") as f:
-        lines = f.read().splitlines()[1:1 + RLIM_NLIMITS]
-
-    def value(text: str) -> int:
-        text = text.strip()
-        return RLIM_INF if text == "unlimited" else int(text)
-    return [Rlimit(resource=res, soft=value(line[26:47]), hard=value(line[47:68]))
-            for res, line in enumerate(lines)]
+    limits = read_limits(pid, unlimited=RLIM_INF)[:RLIM_NLIMITS]
+    return [Rlimit(resource=res, soft=soft, hard=hard) for res, (soft, hard) in enumerate(limits)]
 
 
 def dump_mm(pid: int, stat: ProcStat, brk: int) -> MmFields:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import select
 import struct
 from collections import Counter
@@ -37,6 +36,7 @@ from collections import Counter
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import EpollState, EpollWatch
 from linuxcr.procfs import read_fdinfo
+from linuxcr.procfs.fdinfo import epoll_watches as watches
 from linuxcr.sys.syscalls import NR, libc, pidfd_getfd, pidfd_open, syscall
 
 EPOLL_CLOEXEC = os.O_CLOEXEC
@@ -47,23 +47,10 @@ PRIVATE_BITS = EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET   # the ker
 POLL_ALL = 0x1 | 0x2 | 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000
 POLL_ERR_HUP = 0x8 | 0x10
 KCMP_EPOLL_TFD = 7
-_TFD = re.compile(r"^(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+)"
-                  r"(?:\s+pos:\s*(-?\d+)\s+ino:\s*([0-9a-fA-F]+)\s+sdev:\s*([0-9a-fA-F]+))?")
 
 
 class _kcmp_epoll_slot(ctypes.Structure):
     _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
-
-
-def watches(info) -> list[tuple[int, int, int]]:
-    """(tfd, events, data) of every watch in an epoll fdinfo, in its order."""
-    out = []
-    for v in info.values("tfd"):
-        m = _TFD.match(v)
-        if m is None:
-            raise ValueError(f"unexpected epoll fdinfo line 'tfd: {v}'")
-        out.append((int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)))
-    return out
 
 
 def disabled(events: int) -> bool:

@@ -34,6 +34,7 @@ import os
 import struct
 import termios
 
+from linuxcr.procfs.fdinfo import inotify_watches
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import InotifyState, InotifyWatch
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo, read_status
@@ -70,12 +71,11 @@ class _Watch:
 def parse(info) -> list[_Watch]:
     """The watches of an inotify fdinfo; ValueError if a line is malformed."""
     out = []
-    for v in info.values("inotify"):
-        fields = dict(p.split(":", 1) for p in v.split() if ":" in p)
+    for fields in inotify_watches(info):
         try:
             out.append(_Watch(fields))
         except (KeyError, ValueError):
-            raise ValueError(f"unexpected inotify fdinfo line 'inotify {v}'") from None
+            raise ValueError(f"unexpected inotify fdinfo line {fields}") from None
     return out
 
 
