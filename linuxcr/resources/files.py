@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
-from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
+from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import fdkinds, pipes, unix_sockets
 from linuxcr.sys.syscalls import kcmp_file
@@ -40,6 +40,8 @@ class FdView:
     reason: str | None
     link: str
     key: tuple[int, int]       # (st_dev, st_ino) of the object
+    st: os.stat_result | None = None   # what describe() read, for the dump to reuse
+    info: FdInfo | None = None
 
 
 def describe(pid: int, fd: int) -> FdView:
@@ -51,11 +53,19 @@ def describe(pid: int, fd: int) -> FdView:
         return FdView("?", f"fd {fd}: {link}: vanished while being inspected", link, (0, 0))
     key, mode = (st.st_dev, st.st_ino), st.st_mode
 
+    info = read_fdinfo(pid, fd)
+
     def no(why: str, kind: str = "?") -> FdView:
-        return FdView(kind, f"fd {fd}: {why}", link, key)
-    kind = _registered(pid, fd, link, st)   # modules of fdkinds come first
+        return FdView(kind, f"fd {fd}: {why}", link, key, st, info)
+    kind = _registered(pid, fd, link, st, info)   # modules of fdkinds come first
     if kind is not None:
         return kind
+    v = _builtin(fd, link, st, key, mode, no)
+    return FdView(v.kind, v.reason, link, key, st, info)
+
+
+def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode: int, no) -> FdView:
+    """The kinds files.py handles itself (and the refusals without a module)."""
     if link.startswith("pipe:"):
         return FdView("pipe", None, link, key)
     if link.endswith(" (deleted)") and link.startswith("/"):
@@ -93,9 +103,9 @@ UNSUPPORTED = {
 }
 
 
-def _registered(pid: int, fd: int, link: str, st: os.stat_result) -> FdView | None:
+def _registered(pid: int, fd: int, link: str, st: os.stat_result, info: FdInfo) -> FdView | None:
     """A kind handled by a module of resources/fdkinds."""
-    ctx = fdkinds.FdContext(pid, fd, link, st, read_fdinfo(pid, fd))
+    ctx = fdkinds.FdContext(pid, fd, link, st, info)
     try:
         k = fdkinds.find(ctx)
         if k is None:
@@ -103,7 +113,7 @@ def _registered(pid: int, fd: int, link: str, st: os.stat_result) -> FdView | No
         why = k.reason(ctx)
     finally:
         ctx.close()      # copies a kind took to answer (ctx.grab())
-    return FdView(k.name, f"fd {fd}: {why}" if why else None, link, (st.st_dev, st.st_ino))
+    return FdView(k.name, f"fd {fd}: {why}" if why else None, link, (st.st_dev, st.st_ino), st, info)
 
 
 def check(pid: int) -> list[str]:
@@ -134,7 +144,7 @@ class Table:
             v = describe(pid, fd)
             if v.reason:
                 raise RestoreError(v.reason)   # check() ran first: a race, refuse
-            info = read_fdinfo(pid, fd)
+            info = v.info       # read once, by describe()
             fid = self._same_as(pid, fd, v.key)
             if fid is None:
                 fid = self._add(pid, fd, v, info.flags & ~O_CLOEXEC, info.pos)
@@ -155,7 +165,7 @@ class Table:
                 self.pipes[ino] = pipes.dump(pid, fd, ino)
             self.descs.append(FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino))
         elif v.kind in fdkinds.BY_NAME:
-            ctx = fdkinds.FdContext(pid, fd, v.link, os.stat(f"/proc/{pid}/fd/{fd}"), read_fdinfo(pid, fd))
+            ctx = fdkinds.FdContext(pid, fd, v.link, v.st, v.info)
             try:
                 state = fdkinds.BY_NAME[v.kind].dump(ctx)
             finally:
