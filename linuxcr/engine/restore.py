@@ -257,18 +257,20 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
             if reason:
                 raise RestoreError(reason)
         _check_vdso(tasks[0])
-        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm) + 64)
+        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm)
+                      + len(tree.mapped) + 64)
         memory.forget_objects()
         # Before anything is opened: the originals may still hold the pids,
         # the addresses their sockets are bound to, their locks.
         _claim_pids(tasks, tree, reader,
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
         ours = files.open_all(tree.files, tree.pipes, tree.unix)
-        shm = memory.open_shm(tree.shm, tree.mapped)
+        shm: dict[int, int] = {}
         try:
+            shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
             res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm)
-        finally:
+        finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
     finally:
