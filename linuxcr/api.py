@@ -152,33 +152,51 @@ def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
 
 
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
-               progress=None, sign: KeyArg = None) -> dump.DumpResult:
+               progress=None, sign: KeyArg = None, parent: str | os.PathLike | None = None,
+               track: bool = False, images_dir: str | None = None,
+               trackers=None) -> dump.DumpResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
     ``leave_running``; on any error it is left running as it was.
     ``sign``: a key file (HMAC secret or Ed25519 private key, see
-    image/sign.py) to sign the image with."""
+    image/sign.py) to sign the image with.
+    ``parent``: an earlier image of this process: write only the pages that
+    changed since (an incremental image; engine/incremental.py).
+    ``track``: keep counting the pages the process writes (userfaultfd), so
+    that the next incremental checkpoint need not compare contents."""
+    from linuxcr.engine import incremental
     pid = _pid(pid)
     signer = _key(sign, signing=True)       # a bad key fails before the process is touched
+    parent = os.fspath(parent) if parent is not None else None
+    if parent is not None and not isinstance(out, int) and not hasattr(out, "fileno") \
+            and os.path.exists(os.fspath(out)) and os.path.exists(parent) \
+            and os.path.samefile(os.fspath(out), parent):
+        raise ImageWriteError(f"{parent} cannot be both the parent and the new image")
     with _output(out) as (fd, name, commit), stream.options(signer=signer):
-        return dump.checkpoint(pid, fd, leave_running=leave_running, compress=compress,
-                               name=name, on_written=commit, progress=progress)
+        return incremental.checkpoint(pid, fd, parent=parent, track=track,
+                                      leave_running=leave_running, images_dir=images_dir,
+                                      name=name, compress=compress, on_written=commit,
+                                      progress=progress, trackers=trackers)
 
 
 def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
-            trust: Iterable[str] | str = ()) -> int:
+            trust: Iterable[str] | str = (), images_dir: str | None = None) -> int:
     """Restart the process saved in ``image``; returns its pid.
 
     The restored process is a child of the caller until the caller exits.
     ``verify``: a key file; the image must carry a good signature by it.
     ``trust`` (root): what the image may be granted: "uid", "caps",
     "setuid", "files" or "all" (see resources/process.py)."""
-    return restart_full(image, any_pid=any_pid, verify=verify, trust=trust).pid
+    return restart_full(image, any_pid=any_pid, verify=verify, trust=trust,
+                        images_dir=images_dir).pid
 
 
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
-                 trust: Iterable[str] | str = ()) -> restore.RestoreResult:
+                 trust: Iterable[str] | str = (), images_dir: str | None = None
+                 ) -> restore.RestoreResult:
+    """As restart(); an incremental image finds its parents beside it (the
+    paths it recorded), or in ``images_dir``."""
     verifier = _key(verify, signing=False)
     trusted = process.parse_trust(trust)
     with _input(image) as (fd, name):
@@ -186,7 +204,7 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
                                        image_name=name)
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy):
-            return restore.restart(fd, any_pid=any_pid, name=name)
+            return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
 
 
 def show(image: Target, *, verify: KeyArg = None) -> dict:

@@ -45,23 +45,49 @@ def main() -> None:
 @main.command()
 @click.argument("pid", type=int)
 @click.option("-o", "--output", required=True, metavar="PATH|-",
-              help="Image file, or - for standard output.")
+              help="Image file, or - for standard output (with --interval: a directory).")
 @click.option("--leave-running", is_flag=True, help="Keep the process running after the dump.")
 @click.option("--compress", is_flag=True, help="Compress memory pages with zstd.")
 @click.option("--low-downtime", is_flag=True,
               help="Freeze only for an in-memory snapshot; write the image while it runs on.")
 @click.option("--sign", "sign_key", metavar="KEYFILE",
               help="Sign the image: an HMAC-SHA256 secret or an Ed25519 private key (PEM).")
+@click.option("--parent", metavar="IMAGE",
+              help="Incremental: store only the pages changed since IMAGE (an earlier image of "
+                   "this process); restart finds IMAGE by the path recorded, or --images-dir.")
+@click.option("--track", is_flag=True,
+              help="Keep counting the pages the process writes (userfaultfd), so that the next "
+                   "--parent checkpoint knows them without comparing contents.")
+@click.option("--images-dir", metavar="DIR", help="Where the parents of --parent IMAGE are.")
+@click.option("--interval", metavar="DURATION",
+              help="Periodic: a checkpoint every DURATION (30s, 10m, 1h) into the directory -o, "
+                   "full then incremental, the process running on, until it exits or ^C.")
+@click.option("--keep", type=click.IntRange(min=0), default=0, metavar="N",
+              help="With --interval: keep the N newest images (and the parents they need).")
+@click.option("--full-every", type=click.IntRange(min=1), default=10, metavar="M",
+              help="With --interval: every M-th image is a full one (default 10).")
+@click.option("--count", type=click.IntRange(min=0), default=0, metavar="N",
+              help="With --interval: stop after N checkpoints.")
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
-               low_downtime: bool = False, sign_key: str | None = None) -> None:
+               low_downtime: bool = False, sign_key: str | None = None,
+               parent: str | None = None, track: bool = False, images_dir: str | None = None,
+               interval: str | None = None, keep: int = 0, full_every: int = 10,
+               count: int = 0) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
+        if interval is not None:
+            _interval(pid, output, interval, keep, full_every, count, compress,
+                      bad=[n for n, v in (("--parent", parent), ("--low-downtime", low_downtime),
+                                          ("--sign", sign_key)) if v])
+            return
         if output == "-":
             if sys.stdout.isatty():
                 raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
             out = 1
         else:
             out = output
+        if low_downtime and (parent or track):
+            raise LcrError("--low-downtime does not combine with --parent or --track yet")
         if low_downtime:
             from linuxcr.image import stream
             with stream.options(signer=api._key(sign_key, signing=True)):
@@ -69,14 +95,48 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                                                   compress=compress)
         else:
             res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
-                                 sign=sign_key)
+                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir)
+        for w in getattr(res, "warnings", []):
+            click.echo(f"lcr: warning: {w}", err=True)
+        inc = getattr(res, "incremental", None)
         if low_downtime:
             click.echo(f"lcr: pid {pid} frozen {res.frozen_seconds * 1e3:.1f} ms "
                        f"(image written in {res.seconds:.3f} s)", err=True)
+        elif inc:
+            methods = sorted(set(inc.get("method", {}).values()))
+            click.echo(f"lcr: pid {pid}: incremental image: {inc['stored']} pages stored, "
+                       f"{inc['inherited']} left to its parents ({', '.join(methods)}), "
+                       f"{res.bytes_written} bytes in {res.seconds:.3f} s", err=True)
         elif os.environ.get("LCR_VERBOSE"):
             click.echo(f"lcr: pid {pid}: {res.pages} pages, {res.bytes_written} bytes in "
                        f"{res.seconds:.3f} s (frozen {res.frozen_seconds:.3f} s)", err=True)
     _run(go)
+
+
+def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, count: int,
+              compress: bool, bad: list[str]) -> None:
+    from linuxcr.engine import incremental
+    if bad:
+        raise LcrError(f"--interval does not combine with {', '.join(bad)}")
+    try:
+        every = incremental.parse_duration(interval)
+    except ValueError as e:
+        raise LcrError(f"--interval: {e}") from None
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise LcrError(f"{outdir} is not a directory", "with --interval, -o names a directory")
+    api._pid(pid)
+
+    def saved(s, note: str) -> None:
+        if s is None:
+            click.echo(f"lcr: warning: {note}", err=True)
+            return
+        kind = "full" if s.full else "incremental"
+        click.echo(f"lcr: {s.path}: {kind}, {s.pages} pages, {s.bytes} bytes, {s.seconds:.3f} s"
+                   + (f" ({note})" if note else ""), err=True)
+    run = incremental.run_interval(pid, outdir, every, keep=keep, full_every=full_every,
+                                   compress=compress, count=count, on_saved=saved)
+    click.echo(f"lcr: pid {pid}: {len(run.saved)} images kept in {outdir}, "
+               f"{len(run.removed)} removed; {run.reason}", err=True)
 
 
 @main.command()
@@ -87,12 +147,15 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
 @click.option("--trust", multiple=True, metavar="WHAT",
               help="(root) Let the image have: uid, caps, setuid, files, or all (comma-separated "
                    "or repeated).")
+@click.option("--images-dir", metavar="DIR",
+              help="Where the parents of an incremental image are (default: the paths it "
+                   "recorded, beside it).")
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
-            trust: tuple[str, ...] = ()) -> None:
+            trust: tuple[str, ...] = (), images_dir: str | None = None) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     def go() -> None:
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
-                               trust=trust)
+                               trust=trust, images_dir=images_dir)
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
         if res.namespace:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from linuxcr import __version__, faults
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied
 from linuxcr.image.schema import (
-    ARCH, FORMAT_VERSION, MAGIC, Header, RecType, Task, Tree, Vma, Zombie,
+    ARCH, FORMAT_VERSION, MAGIC, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import read_smaps, read_stat, read_status
@@ -28,6 +28,7 @@ from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, 
 
 
 PF_KTHREAD = 0x00200000
+PAGEMAP_RUNS = 100_000      # runs per PAGEMAP record
 
 
 @dataclass
@@ -39,6 +40,9 @@ class DumpResult:
     frozen_seconds: float
     processes: int = 1
     warnings: list[str] = field(default_factory=list)
+    image_id: bytes = b""
+    digest: int = 0              # the trailer's: what a child image names its parent by
+    incremental: dict = field(default_factory=dict)   # stored/inherited pages, method per pid
 
 
 def check_process(pid: int, smaps=None) -> list[str]:
@@ -167,14 +171,21 @@ class FrozenTree:
 
 
 def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,
-               name: str = "image", on_written=None, progress=None) -> DumpResult:
+               name: str = "image", on_written=None, progress=None, base=None,
+               on_frozen=None) -> DumpResult:
     """Write an image of process pid and all its descendants to fd.
     ``on_written`` runs after the trailer is written and before the tree is
-    killed (files: the rename that makes the image visible)."""
+    killed (files: the rename that makes the image visible); if it raises,
+    the tree is thawed.  ``on_frozen(tree)`` runs once every task is
+    collected, the tree still frozen (write trackers start there).
+    ``base`` (engine/incremental.py) makes an incremental image: what the
+    reader already holds, and how to tell what changed since."""
     t0 = time.monotonic()
     reasons = check_tree(pid)
     if reasons:
         raise NotCheckpointable(pid, reasons)
+    image_id = os.urandom(16)
+    stats: dict = {}
     tree = FrozenTree(pid)
     frozen_at = time.monotonic()
     try:
@@ -200,18 +211,25 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
+        if on_frozen:
+            on_frozen(tree)
         xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
                         page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
                         tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
-                        root_pid=pid, flags=["compressed"] if compress else []))
+                        root_pid=pid, flags=["compressed"] if compress else [],
+                        image_id=image_id, parent=base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
                                     mapped=mapped))
         for task in tasks:
             w.record(RecType.TASK, task)
-        pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress) for t in tasks)
+        if base is None:
+            pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress)
+                        for t in tasks)
+        else:
+            pages = _dump_changed(tree, tasks, w, base, progress, stats)
         w.finish()
         if on_written:
             on_written()
@@ -225,7 +243,29 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         tree.kill()
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
-                      frozen_seconds=done - frozen_at, processes=len(tasks))
+                      frozen_seconds=done - frozen_at, processes=len(tasks),
+                      image_id=image_id, digest=w.digest, incremental=stats)
+
+
+def _dump_changed(tree: FrozenTree, tasks: list[Task], w: ImageWriter, base, progress,
+                  stats: dict) -> int:
+    """PAGES of what changed since ``base``, then every task's PAGEMAP."""
+    stored = inherited = 0
+    maps = []
+    for t in tasks:
+        written = base.written(t.pid)
+        ch = memory.dump_changed(tree.procs[t.pid].leader, t.vmas, w, base.held(t.pid), written,
+                                 None if written is not None else base.hashes(t.pid), progress)
+        maps.append((t.pid, ch.runs))
+        stored += ch.stored
+        inherited += ch.inherited
+        stats.setdefault("method", {})[t.pid] = base.method(t.pid)
+    for p, rr in maps:
+        for i in range(0, max(len(rr), 1), PAGEMAP_RUNS):
+            w.record(RecType.PAGEMAP, PageMap(pid=p, runs=[
+                PageRun(addr=s, npages=(e - s) // PAGE, depth=d) for s, e, d in rr[i:i + PAGEMAP_RUNS]]))
+    stats.update(stored=stored, inherited=inherited)
+    return stored
 
 
 def write_image(fd: int, root_pid: int, tasks: list[Task], tree: Tree, write_pages, *,

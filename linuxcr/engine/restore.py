@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from linuxcr import faults
 from linuxcr.engine import spawn
 from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreError
-from linuxcr.image.schema import Header, Pages, RecType, Task, Tree
+from linuxcr.image import runs
+from linuxcr.image.chain import Chain
+from linuxcr.image.schema import Header, PageMap, Pages, RecType, Task, Tree
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.pipeline import prefetch
 from linuxcr.procfs import read_maps, read_stat, read_status
@@ -246,12 +248,16 @@ def _read_meta(reader: ImageReader) -> tuple[Header, Tree, list[Task], Record]:
         tasks.append(rec.meta)  # type: ignore[arg-type]
 
 
-def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreResult:
+def restart(fd: int, *, any_pid: bool = False, name: str = "image",
+            images_dir: str | None = None) -> RestoreResult:
     t0 = time.monotonic()
     reader = ImageReader(fd, name=name)
+    chain: Chain | None = None
     try:
         header, tree, tasks, first = _read_meta(reader)
         validate_tree(tree, tasks)
+        if header.parent is not None:      # all parents found and matched before any process
+            chain = Chain.open(header.parent, name, images_dir)
         for k in tasks:
             reason = process.check_creds(k)
             if reason:
@@ -269,19 +275,21 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image") -> RestoreRe
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
-            res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm)
+            res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm, chain)
         finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
     finally:
         reader.close()
+        if chain is not None:
+            chain.close()
     res.seconds = time.monotonic() - t0
     return res
 
 
 def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks: list[Task],
                   reader: ImageReader, first: Record, ours: dict[int, int],
-                  shm: dict[int, int]) -> RestoreResult:
+                  shm: dict[int, int], chain: Chain | None = None) -> RestoreResult:
     root = Tracee(blank.pid, exitkill=True, traceclone=True)
     made: list[Rebuild] = []
     try:
@@ -292,7 +300,7 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
             _build_tree(root, tasks, tree, any_pid, made)
             for r in made:
                 _prepare(r, shm)
-            pages = _fill_pages(made, reader, first)
+            pages = _fill_pages(made, reader, first, chain)
             warnings: list[str] = []
             for r in made:
                 warnings += _finish(r, ours, tree)
@@ -434,26 +442,70 @@ def _records(reader: ImageReader, first: Record):
         rec = reader.next()
 
 
-def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record) -> int:
+def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record,
+                chain: Chain | None = None) -> int:
     """Pour pages into the tasks; a helper thread reads (and checks) the next
-    record from the image meanwhile."""
+    record from the image meanwhile.  An incremental image's PAGEMAP then
+    says which pages its parents hold: those come from the chain."""
     by_pid = {r.task.pid: r for r in made}
     total = 0
+    stored: dict[int, list[tuple[int, int]]] = {}
+    maps: dict[int, list[tuple[int, int, int]]] = {}
     for rec in prefetch(_records(reader, first)):
         if rec.type is RecType.TRAILER:
             reader.expect_end()
+            if chain is not None:
+                total += _fill_from_chain(by_pid, chain, stored, maps, reader.name)
+            elif maps:
+                raise ImageError(f"{reader.name} is corrupt: a page map in a full image")
             return total
+        if rec.type is RecType.PAGEMAP:
+            pm: PageMap = rec.meta  # type: ignore[assignment]
+            if pm.pid not in by_pid:
+                raise ImageError(f"{reader.name} is corrupt: a page map of pid {pm.pid}, "
+                                 "which it does not hold")
+            maps.setdefault(pm.pid, []).extend(
+                (r.addr, r.addr + r.npages * PAGE, r.depth) for r in pm.runs)
+            continue
         if rec.type is not RecType.PAGES:
             raise ImageError(f"{reader.name} is corrupt: unexpected {rec.type.name} record among pages")
+        if maps:
+            raise ImageError(f"{reader.name} is corrupt: pages after its page map")
         meta: Pages = rec.meta  # type: ignore[assignment]
         r = by_pid.get(meta.pid)
         if r is None or not memory.check_pages_fit(r.task.vmas, meta.addr, meta.npages):
             raise ImageError(f"{reader.name} is corrupt: pages at 0x{meta.addr:x} lie outside "
                              "every saved memory area")
         r.t.write(meta.addr, rec.data)
+        stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
         total += meta.npages
         faults.point("restore.pages")
     raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
+
+
+def _fill_from_chain(by_pid: dict[int, Rebuild], chain: Chain, stored, maps, name: str) -> int:
+    """The pages an incremental image left to its parents."""
+    total = 0
+    for pid, r in by_pid.items():
+        try:
+            rr = runs.merge_tagged(maps.get(pid, []))
+        except ValueError as e:
+            raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
+        if runs.normalize(s for s in stored.get(pid, [])) != \
+                runs.normalize((s, e) for s, e, d in rr if d == 0):
+            raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
+                             "match its page map")
+        for s, e, d in rr:
+            if d == 0:
+                continue
+            if not memory.check_pages_fit(r.task.vmas, s, (e - s) // PAGE):
+                raise ImageError(f"{name} is corrupt: its page map puts pages at 0x{s:x} "
+                                 "outside every saved memory area")
+            for addr, data in chain.read(d, pid, s, e):
+                r.t.write(addr, data)
+                total += len(data) // PAGE
+                faults.point("restore.pages")
+    return total
 
 
 def _raise_nofile(need: int) -> None:

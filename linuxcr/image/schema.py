@@ -2,7 +2,13 @@
 
 An image is one sequential stream (no seeks, so pipes and sockets work):
 
-    HEADER  TREE  TASK+  [SIGNATURE]  PAGES*  [SIGNATURE]  TRAILER
+    HEADER  TREE  TASK+  [SIGNATURE]  PAGES*  PAGEMAP*  [SIGNATURE]  TRAILER
+
+An incremental image (``lcr checkpoint --parent``) names its parent in the
+header (ParentRef) and stores only the pages that changed; its PAGEMAP
+records list, per task, every page of the process at checkpoint time and
+which image of the chain holds it (depth 0: this one, 1: the parent, ...).
+A full image has no PAGEMAP: its PAGES are the whole memory.
 
 Each record is a fixed 32-byte frame followed by ``meta_len`` bytes of
 msgpack metadata (decoded strictly into the Struct for its type, with every
@@ -32,7 +38,8 @@ from msgspec import Meta, Struct
 from linuxcr.image.kinds import KIND_STATES, MemfdState, UnlinkedState
 
 MAGIC = b"LINUXCR\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: image_id, parent, PAGEMAP (incremental images)
+MAX_CHAIN = 64             # images in a chain of incremental images, the full one included
 ARCH = "x86_64"
 
 # Frame: magic(u32) type(u16) flags(u16) meta_len(u32) pad(u32) data_len(u64) checksum(u64)
@@ -68,7 +75,16 @@ class RecType(enum.IntEnum):
     PAGES = 3
     TREE = 4
     SIGNATURE = 5
+    PAGEMAP = 6
     TRAILER = 15
+
+
+class ParentRef(Struct, forbid_unknown_fields=True):
+    """The image an incremental image builds on."""
+    id: Annotated[bytes, Meta(min_length=16, max_length=16)]   # its Header.image_id
+    digest: U64          # its Trailer.digest: the very same bytes, not a rewrite
+    path: Str            # where it was: relative to this image's directory, or absolute
+    depth: Annotated[int, Meta(ge=1, le=MAX_CHAIN - 1)]   # 1: the parent is a full image
 
 
 class Header(Struct, forbid_unknown_fields=True):
@@ -84,6 +100,8 @@ class Header(Struct, forbid_unknown_fields=True):
     xstate_size: U32
     root_pid: Pid
     flags: Annotated[list[Str], Small] = []        # e.g. ["compressed"]
+    image_id: Annotated[bytes, Meta(max_length=16)] = b""   # random; names it to its children
+    parent: ParentRef | None = None                # incremental images only
 
 
 class Vma(Struct, forbid_unknown_fields=True):
@@ -291,6 +309,18 @@ class Pages(Struct, forbid_unknown_fields=True):
     compressed: bool = False
 
 
+class PageRun(Struct, array_like=True, forbid_unknown_fields=True):
+    addr: U64
+    npages: Annotated[int, Meta(ge=1, le=1 << 36)]
+    depth: Annotated[int, Meta(ge=0, le=MAX_CHAIN - 1)]   # 0: in this image's PAGES, k: k parents up
+
+
+class PageMap(Struct, forbid_unknown_fields=True):
+    """Of an incremental image: where every saved page of task pid is."""
+    pid: Pid
+    runs: Annotated[list[PageRun], Long]      # sorted by address, not overlapping
+
+
 class Signature(Struct, forbid_unknown_fields=True):
     """A signature over the SHA-256 of every byte before this record."""
     scope: Annotated[str, Meta(pattern="^(meta|image)$", max_length=5)]
@@ -311,6 +341,7 @@ META_TYPES: dict[RecType, type[Struct]] = {
     RecType.TREE: Tree,
     RecType.PAGES: Pages,
     RecType.SIGNATURE: Signature,
+    RecType.PAGEMAP: PageMap,
     RecType.TRAILER: Trailer,
 }
 

@@ -118,6 +118,7 @@ class ImageWriter:
         self.signer = signer if signer is not None else _OPTIONS.get().signer
         self._sha = hashlib.sha256() if self.signer is not None else None
         self._meta_signed = False
+        self.digest = 0              # the trailer's, once finish() wrote it
 
     def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"") -> None:
         if self._sha is not None and not self._meta_signed and rtype not in META_RECORDS:
@@ -168,8 +169,9 @@ class ImageWriter:
             if not self._meta_signed:
                 self._sign("meta")
             self._sign("image")
+        self.digest = self._digest.intdigest()
         self.record(RecType.TRAILER, Trailer(records=self.records, pages=self.pages,
-                                             digest=self._digest.intdigest()))
+                                             digest=self.digest))
 
     def _write_all(self, bufs: list) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
@@ -200,13 +202,20 @@ class Record:
     type: RecType
     meta: msgspec.Struct
     data: memoryview          # valid until the next read
+    # a skimmed PAGES record (ImageReader(skim=True)): its data was skipped,
+    # read_skimmed() fetches and checks it later
+    data_offset: int = -1
+    data_len: int = 0
+    raw_meta: bytes = b""
+    checksum: int = 0
 
 
 class ImageReader:
     """Reads and validates records one by one."""
 
     def __init__(self, fd: int, *, name: str = "image", verifier: sign.Key | None = None,
-                 observer: Callable[[RecType, msgspec.Struct], None] | None = None) -> None:
+                 observer: Callable[[RecType, msgspec.Struct], None] | None = None,
+                 skim: bool = False) -> None:
         opts = _OPTIONS.get()
         self.verifier = verifier if verifier is not None else opts.verifier
         self._observer = observer if observer is not None else opts.observer
@@ -230,6 +239,10 @@ class ImageReader:
         self._turn = 0
         self._zstd = zstandard.ZstdDecompressor()
         self._owned_fd: int | None = None
+        # skim: seek over PAGES data (an image of a chain is indexed, and only
+        # the pages needed are read later).  Not with signatures: those cover
+        # every byte, so every byte must be read.
+        self.skim = skim and self.verifier is None
 
     def _fail(self, what: str) -> ImageError:
         return ImageError(f"{self.name} is corrupt: {_printable(what)} (at byte {self.offset})",
@@ -330,6 +343,54 @@ class ImageReader:
         self.offset += FRAME.size
         return rt, meta_len, data_len, cs
 
+    def _skim_body(self, rt: RecType, meta_len: int, data_len: int, cs: int) -> Record:
+        """A PAGES record whose data is skipped: its checksum is checked when
+        read_skimmed() reads it; the trailer digest covers the checksum."""
+        start = self.offset
+        meta = bytes(self._read_exact(meta_len))
+        try:
+            obj = DECODERS[rt].decode(meta)
+        except _DECODE_ERRORS as e:
+            self.offset = start
+            raise self._fail(f"invalid {rt.name} record: {e}") from None
+        try:
+            os.lseek(self.fd, data_len, os.SEEK_CUR)
+        except OSError as e:
+            raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
+        data_at = self.offset
+        self.offset += data_len
+        self._digest.update(_digest_bytes(cs))
+        self.records += 1
+        self.pages += obj.npages  # type: ignore[attr-defined]
+        return Record(rt, obj, memoryview(b""), data_offset=data_at, data_len=data_len,
+                      raw_meta=meta, checksum=cs)
+
+    def read_skimmed(self, rec: Record) -> memoryview:
+        """The pages of a record skim() passed over, checked and decompressed."""
+        data = bytearray(rec.data_len)
+        got = 0
+        while got < rec.data_len:
+            try:
+                k = os.preadv(self.fd, [memoryview(data)[got:]], rec.data_offset + got)
+            except OSError as e:
+                raise ImageError(f"cannot read {self.name}: {e.strerror}") from None
+            if k == 0:
+                raise ImageError(f"{self.name} is truncated: it ends at byte "
+                                 f"{rec.data_offset + got} in the middle of a record",
+                                 "the image was changed or cut short after it was indexed")
+            got += k
+        h = xxhash.xxh3_64(rec.raw_meta)
+        h.update(data)
+        if h.intdigest() != rec.checksum:
+            raise ImageError(f"{self.name} is corrupt: checksum mismatch in a PAGES record "
+                             f"(at byte {rec.data_offset})",
+                             "the image cannot be used; take a new checkpoint")
+        pages = self.pages
+        try:
+            return self._pages_data(rec.meta, memoryview(data))  # type: ignore[arg-type]
+        finally:
+            self.pages = pages
+
     def _read_body(self, rt: RecType, meta_len: int, data_len: int, cs: int) -> Record:
         start = self.offset
         meta = bytes(self._read_exact(meta_len))
@@ -364,7 +425,8 @@ class ImageReader:
         if rt is not RecType.TRAILER:
             self._digest.update(_digest_bytes(cs))
             self.records += 1
-        return Record(rt, obj, data)
+        return Record(rt, obj, data, data_offset=self.offset - data_len, data_len=data_len,
+                      raw_meta=meta, checksum=cs)
 
     def next(self) -> Record:
         """The next record; PAGES data is checked and decompressed.
@@ -381,6 +443,11 @@ class ImageReader:
                     raise self._fail(f"more than {MAX_TASKS} task records")
                 self.tasks += 1
             self._check_place(frame[0])
+            if self.skim and frame[0] is RecType.PAGES:
+                rec = self._skim_body(*frame)
+                if rec.meta.addr % PAGE:  # type: ignore[attr-defined]
+                    raise self._fail(f"pages record address 0x{rec.meta.addr:x} is not page aligned")  # type: ignore[attr-defined]
+                return rec
             rec = self._read_body(*frame)
             if rec.type is RecType.SIGNATURE:
                 self._check_signature(rec.meta)  # type: ignore[arg-type]

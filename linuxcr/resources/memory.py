@@ -8,6 +8,7 @@ task, then pour the pages in with process_vm_writev.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import msgspec
 from linuxcr.errors import ImageError, NotCheckpointable, RestoreError
 from linuxcr.image.kinds import MAX_CONTENT, MemfdState, UnlinkedState
 from linuxcr.image.schema import FileDesc, ShmObject, Vma
+from linuxcr.image import runs
 from linuxcr.image.stream import ImageWriter
 from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
 from linuxcr.remote.task import Tracee
@@ -129,6 +131,113 @@ def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int
         if progress:
             progress(len(view))
     return total
+
+
+# --- incremental dump ----------------------------------------------------------
+
+@dataclass
+class Changed:
+    """What an incremental dump of one task wrote."""
+    stored: int                      # pages written as PAGES
+    inherited: int                   # pages left to the parents
+    runs: list[tuple[int, int, int]]   # the task's page map: (start, end, depth)
+
+
+def _present(pid: int, vmas: list[Vma]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Byte ranges of the pages worth saving: (of private areas, of shared ones).
+    Shared pages are always stored in full: another process may have written
+    them, which no per-process tracker sees."""
+    private: list[tuple[int, int]] = []
+    shared: list[tuple[int, int]] = []
+    with PagemapReader(pid) as pm:
+        for v in vmas:
+            if v.pages:
+                got = pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
+                (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
+    return runs.normalize(private), runs.normalize(shared)
+
+
+def dump_changed(t: Tracee, vmas: list[Vma], w: ImageWriter, held: list[tuple[int, int, int]],
+                 written=None, hashes=None, progress=None) -> Changed:
+    """The pages of one task that differ from what the parent images hold.
+
+    ``held``: (start, end, depth) of the pages the parents hold.  With a
+    write tracker's ``written`` (resources/dirty.py Dirty), a held page is
+    inherited unless it was written or lies in an untracked area; without
+    one, ``hashes`` (addresses, xxh3 of the parent's pages) decide: a page is
+    inherited if its content hashes the same."""
+    private, shared = _present(t.pid, vmas)
+    if written is not None:
+        dirty = runs.normalize([(a, a + n * PAGE) for a, n in written.written] + list(written.untracked))
+        keep = runs.intersect_tagged(runs.subtract(private, dirty), held)
+        store = runs.subtract(runs.normalize(private + shared), runs.normalize((s, e) for s, e, _ in keep))
+        stored = _write_ranges(t, store, w, progress)
+        return Changed(stored, runs.total(keep) // PAGE,
+                       runs.merge_tagged([(s, e, 0) for s, e in store] + keep))
+    return _dump_by_content(t, private, shared, w, held, hashes, progress)
+
+
+def _write_ranges(t: Tracee, ranges: list[tuple[int, int]], w: ImageWriter, progress) -> int:
+    ring = _ring()
+
+    def chunks():
+        for i, (s, e) in enumerate(runs.split(ranges, CHUNK)):
+            view = ring[i % RING][: e - s]
+            t.readinto(s, view)
+            yield s, view
+
+    n = 0
+    for addr, view in prefetch(chunks()):
+        w.page_run(t.pid, addr, view)
+        n += len(view) // PAGE
+        if progress:
+            progress(len(view))
+    return n
+
+
+def _dump_by_content(t: Tracee, private, shared, w: ImageWriter, held, hashes, progress) -> Changed:
+    import numpy as np
+    import xxhash
+
+    h = xxhash.xxh3_64_intdigest
+    paddr, phash = hashes if hashes is not None else (np.empty(0, np.uint64), np.empty(0, np.uint64))
+    ring = _ring()
+    out: list[tuple[int, int, int]] = []
+    stored = inherited = 0
+
+    def chunks():
+        for i, (s, e) in enumerate(runs.split(private, CHUNK)):
+            view = ring[i % RING][: e - s]
+            t.readinto(s, view)
+            yield s, view
+
+    for s, view in prefetch(chunks()):
+        n = len(view) // PAGE
+        addrs = np.arange(s, s + n * PAGE, PAGE, dtype=np.uint64)
+        same = np.zeros(n, dtype=bool)
+        if len(paddr):
+            mine = np.fromiter((h(view[i:i + PAGE]) for i in range(0, len(view), PAGE)),
+                               dtype=np.uint64, count=n)
+            idx = np.minimum(np.searchsorted(paddr, addrs), len(paddr) - 1)
+            same = (paddr[idx] == addrs) & (phash[idx] == mine)
+        # runs of equal "same" values
+        edges = np.flatnonzero(np.diff(same.astype(np.int8))) + 1
+        bounds = [0, *edges.tolist(), n]
+        for a, b in zip(bounds, bounds[1:]):
+            lo, hi = s + a * PAGE, s + b * PAGE
+            if same[a]:
+                for x, y, d in runs.intersect_tagged([(lo, hi)], held):
+                    out.append((x, y, d))
+                inherited += b - a
+            else:
+                w.page_run(t.pid, lo, view[a * PAGE: b * PAGE])
+                out.append((lo, hi, 0))
+                stored += b - a
+        if progress:
+            progress(len(view))
+    stored += _write_ranges(t, shared, w, progress)
+    out += [(s, e, 0) for s, e in shared]
+    return Changed(stored, inherited, runs.merge_tagged(out))
 
 
 # --- restore ---------------------------------------------------------------
@@ -305,5 +414,16 @@ def protect_areas(t: Tracee, vmas: list[Vma]) -> None:
 
 
 def check_pages_fit(vmas: list[Vma], addr: int, npages: int) -> bool:
+    """Do saved areas with pages cover [addr, addr + npages pages) without a
+    gap?  (An incremental image's runs may span adjacent areas.)  ``vmas``
+    are sorted and disjoint (restore.validate_task)."""
     end = addr + npages * PAGE
-    return any(v.pages and v.start <= addr and end <= v.end for v in vmas)
+    i = bisect.bisect_right([v.start for v in vmas], addr) - 1
+    cur = addr
+    while 0 <= i < len(vmas) and cur < end:
+        v = vmas[i]
+        if not v.pages or not v.start <= cur < v.end:
+            return False
+        cur = v.end
+        i += 1
+    return cur >= end

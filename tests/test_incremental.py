@@ -1,0 +1,188 @@
+"""Incremental checkpoints (`lcr checkpoint --parent`, `--track`, `--interval`).
+
+End to end on memhog (its checksum covers every byte of its buffer), plus the
+ways a chain can be broken (a parent missing, replaced, modified) and the
+periodic mode with retention.  The range arithmetic gets unit and property
+tests in test_incremental_units.py.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from helpers import (assert_clean_error, lcr, probe_hog, reap, restart_image, wait_for_line)
+
+pytestmark = pytest.mark.e2e
+
+MIB = 128
+
+
+def _memhog(procs, bins, tmp_path, usec: int, mib: int = MIB):
+    """memhog with a low write rate: 4 random words every ``usec``."""
+    log = tmp_path / "memhog.log"
+    p = procs.start([bins["memhog"], "-f", "-s", str(usec), str(mib)], log)
+    wait_for_line(log, rf"^pid={p.pid} ready\b", 60, pid=p.pid)
+    return p.pid, log
+
+
+def _stats(stderr: str) -> tuple[int, int, str]:
+    m = re.search(r"incremental image: (\d+) pages stored, (\d+) left to its parents \(([^)]*)\)",
+                  stderr)
+    assert m, stderr
+    return int(m.group(1)), int(m.group(2)), m.group(3)
+
+
+def _restart_and_check(img, procs, log, *args) -> int:
+    new = restart_image(img, procs, *args)
+    p = probe_hog(new, log)
+    assert p.ok, p.line
+    return p.counter
+
+
+def test_chain_of_three(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000)
+    d1, d2, d3 = (tmp_path / f"day{i}.img" for i in (1, 2, 3))
+    lcr("checkpoint", pid, "-o", d1, "--leave-running")
+    time.sleep(0.3)
+    cp2 = lcr("checkpoint", pid, "-o", d2, "--parent", d1, "--leave-running")
+    stored2, inherited2, method = _stats(cp2.stderr)
+    assert method == "content-hash"
+    time.sleep(0.3)
+    before = probe_hog(pid, log).counter
+    cp3 = lcr("checkpoint", pid, "-o", d3, "--parent", d2)
+    reap(pid)
+    stored3, inherited3, _ = _stats(cp3.stderr)
+    size1, size2, size3 = (os.path.getsize(p) for p in (d1, d2, d3))
+    assert size2 < size1 / 10 and size3 < size1 / 10, (size1, size2, size3)
+    assert inherited2 > 10 * stored2 and inherited3 > 10 * stored3
+    counter = _restart_and_check(d3, procs, log)
+    assert counter >= before
+
+
+def test_chain_moved_needs_images_dir(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    lcr("checkpoint", pid, "-o", a / "full.img", "--leave-running")
+    lcr("checkpoint", pid, "-o", b / "inc.img", "--parent", a / "full.img")
+    reap(pid)
+    moved = tmp_path / "elsewhere"
+    shutil.move(a, moved)
+    cp = lcr("restart", b / "inc.img", check=False)
+    assert_clean_error(cp, "ImageError", mentions=["parent", "missing", "--images-dir"])
+    assert not list(_children_named("memhog"))
+    _restart_and_check(b / "inc.img", procs, log, "--images-dir", moved)
+
+
+def _children_named(name: str):
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if comm == name and ppid == os.getpid():
+                yield int(d)
+
+
+def test_wrong_or_changed_parent_refused(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=16)
+    full, other, inc = tmp_path / "full.img", tmp_path / "other.img", tmp_path / "inc.img"
+    lcr("checkpoint", pid, "-o", full, "--leave-running")
+    lcr("checkpoint", pid, "-o", other, "--leave-running")
+    lcr("checkpoint", pid, "-o", inc, "--parent", full, "--leave-running")
+    keep = tmp_path / "full.keep"
+    shutil.copy(full, keep)
+    # another checkpoint of the same process in the parent's place
+    shutil.copy(other, full)
+    cp = lcr("restart", inc, "--any-pid", check=False)
+    assert_clean_error(cp, "ImageError", mentions=["not the parent"])
+    # the parent's bytes changed (one page of memory flipped, checksums redone
+    # would be needed to hide it: the digest check catches any rewrite)
+    shutil.copy(keep, full)
+    data = bytearray(full.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    full.write_bytes(data)
+    cp = lcr("restart", inc, "--any-pid", check=False)
+    assert_clean_error(cp, "ImageError", mentions=["corrupt"])
+    assert not list(_children_named("memhog")) or list(_children_named("memhog")) == [pid]
+    # intact again: restarts
+    shutil.copy(keep, full)
+    _restart_and_check(inc, procs, log, "--any-pid")
+
+
+def test_parent_of_another_process_is_only_a_content_base(bins, procs, tmp_path):
+    """--parent with an image of another process: pages are compared by
+    content, so the image is still right (just not small)."""
+    a, _ = _memhog(procs, bins, tmp_path, usec=20000, mib=16)
+    sub = tmp_path / "b"
+    sub.mkdir()
+    b, log_b = _memhog(procs, bins, sub, usec=20000, mib=16)
+    lcr("checkpoint", a, "-o", tmp_path / "a.img", "--leave-running")
+    cp = lcr("checkpoint", b, "-o", tmp_path / "b.img", "--parent", tmp_path / "a.img")
+    reap(b)
+    stored, inherited, _ = _stats(cp.stderr)
+    assert stored >= 16 * 256       # memhog's buffer differs between the two
+    _restart_and_check(tmp_path / "b.img", procs, log_b)
+
+
+def test_parent_errors_are_clean(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=8)
+    cp = lcr("checkpoint", pid, "-o", tmp_path / "x.img", "--parent", tmp_path / "nope.img",
+             check=False)
+    assert_clean_error(cp, "ImageError", mentions=["nope.img", "not found"])
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"not an image at all" * 100)
+    cp = lcr("checkpoint", pid, "-o", tmp_path / "x.img", "--parent", junk, check=False)
+    assert_clean_error(cp, "ImageError", mentions=["junk.img"])
+    assert not (tmp_path / "x.img").exists()
+    assert probe_hog(pid, log).ok        # untouched, still running
+
+
+def test_interval_with_retention(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    out = tmp_path / "ckpts"
+    cp = lcr("checkpoint", pid, "--interval", "300ms", "--count", "5", "--keep", "2",
+             "--full-every", "3", "-o", out, timeout=300)
+    lines = [x for x in cp.stderr.splitlines() if ".img:" in x]
+    assert len(lines) == 5, cp.stderr
+    kinds = [("full" if ": full," in x else "inc") for x in lines]
+    assert kinds == ["full", "inc", "inc", "full", "inc"], kinds
+    imgs = sorted(p.name for p in out.glob("lcr-*.img"))
+    # the 2 newest (3: full, 4: incremental on it) are all that is needed
+    assert len(imgs) == 2, imgs
+    assert (out / "latest.img").is_symlink()
+    assert probe_hog(pid, log).ok                  # ran on all the time
+    os.kill(pid, 9)
+    reap(pid)
+    _restart_and_check(out / "latest.img", procs, log)
+
+
+def test_interval_stops_when_process_exits(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=8)
+    out = tmp_path / "ck"
+    import subprocess
+    from helpers import LCR
+    p = subprocess.Popen([*LCR, "checkpoint", str(pid), "--interval", "200ms", "-o", str(out)],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("lcr-*.img"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(pid, 9)
+        reap(pid)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "gone" in err and "Traceback" not in err, err
