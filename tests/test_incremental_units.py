@@ -74,3 +74,140 @@ def test_retention_keeps_chains():
     assert needed(s, 2) == {"i3", "i4", "i5"}
     assert needed(s, 4) == {"i0", "i1", "i2", "i3", "i4", "i5"}
     assert needed(s, 0) == {f"i{k}" for k in range(6)}
+
+
+# ------------------------------------------------------------------ chains of hand-made images
+
+import os  # noqa: E402
+import random  # noqa: E402
+
+from hypothesis import HealthCheck  # noqa: E402
+
+from linuxcr.errors import ImageError  # noqa: E402
+from linuxcr.image.chain import Chain, index  # noqa: E402
+from linuxcr.image.schema import PageMap, PageRun, ParentRef, RecType, Tree  # noqa: E402
+from linuxcr.image.stream import ImageWriter  # noqa: E402
+from test_image import BASE, PID, make_header, make_task  # noqa: E402
+
+
+def _write(path, *, pages, pagemap=None, parent=None, image_id=b"\x01" * 16):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        w = ImageWriter(fd, compress=False)
+        w.header(make_header(flags=[], image_id=image_id, parent=parent))
+        w.record(RecType.TREE, Tree(root=PID))
+        w.record(RecType.TASK, make_task())
+        for addr, data in pages:
+            w.page_run(PID, addr, memoryview(data))
+        if pagemap is not None:
+            w.record(RecType.PAGEMAP, PageMap(pid=PID, runs=[PageRun(addr=a, npages=n, depth=d)
+                                                           for a, n, d in pagemap]))
+        w.finish()
+        return w.digest
+    finally:
+        os.close(fd)
+
+
+def _pair(tmp_path, pagemap=None, child_pages=None):
+    rnd = random.Random(3)
+    full = [(BASE, rnd.randbytes(4 * P))]
+    d = _write(tmp_path / "full.img", pages=full, image_id=b"\x01" * 16)
+    ref = ParentRef(id=b"\x01" * 16, digest=d, path="full.img", depth=1)
+    new = rnd.randbytes(P)
+    _write(tmp_path / "inc.img", pages=child_pages if child_pages is not None else [(BASE + P, new)],
+           pagemap=pagemap if pagemap is not None else [(BASE, 1, 1), (BASE + P, 1, 0), (BASE + 2 * P, 2, 1)],
+           parent=ref, image_id=b"\x02" * 16)
+    return full[0][1], new
+
+
+def test_chain_reads_pages_from_the_right_image(tmp_path):
+    old, new = _pair(tmp_path)
+    inc = index(str(tmp_path / "inc.img"))
+    chain = Chain.open(inc.header.parent, str(tmp_path / "inc.img"))
+    try:
+        assert chain.held(PID) == [(BASE, BASE + 4 * P, 1)]
+        got = b"".join(bytes(d) for _, d in chain.read(1, PID, BASE + 2 * P, BASE + 4 * P))
+        assert got == old[2 * P:]
+        with pytest.raises(ImageError, match="2 parents up"):
+            list(chain.read(2, PID, BASE, BASE + P))
+        with pytest.raises(ImageError, match="lacks pages"):
+            list(chain.read(1, PID, BASE, BASE + 9 * P))
+    finally:
+        chain.close()
+        inc.close()
+    # a chain of two, seen from a grandchild
+    c2 = Chain.from_path(str(tmp_path / "inc.img"))
+    try:
+        assert c2.held(PID) == [(BASE, BASE + P, 2), (BASE + P, BASE + 2 * P, 1),
+                                (BASE + 2 * P, BASE + 4 * P, 2)]
+        addrs, hashes = c2.hashes(PID)
+        assert len(addrs) == 4 and int(addrs[1]) == BASE + P
+    finally:
+        c2.close()
+
+
+def test_child_whose_page_map_disagrees_with_its_pages(tmp_path):
+    _pair(tmp_path, pagemap=[(BASE, 2, 1), (BASE + 2 * P, 2, 1)])       # says nothing is stored
+    with pytest.raises(ImageError, match="do not match its page map"):
+        index(str(tmp_path / "inc.img"))
+
+
+def test_child_with_depth_beyond_its_chain(tmp_path):
+    _pair(tmp_path, pagemap=[(BASE, 1, 3), (BASE + P, 1, 0)])
+    with pytest.raises(ImageError, match="beyond its chain"):
+        index(str(tmp_path / "inc.img"))
+
+
+def test_overlapping_page_map(tmp_path):
+    _pair(tmp_path, pagemap=[(BASE, 2, 1), (BASE + P, 1, 0)])
+    with pytest.raises(ImageError, match="overlapping"):
+        index(str(tmp_path / "inc.img"))
+
+
+def test_parent_replaced_or_missing(tmp_path):
+    _pair(tmp_path)
+    inc = index(str(tmp_path / "inc.img"))
+    ref = inc.header.parent
+    inc.close()
+    _write(tmp_path / "full.img", pages=[(BASE, bytes(4 * P))], image_id=b"\x01" * 16)
+    with pytest.raises(ImageError, match="changed after"):
+        Chain.open(ref, str(tmp_path / "inc.img"))
+    _write(tmp_path / "full.img", pages=[(BASE, bytes(4 * P))], image_id=b"\x09" * 16)
+    with pytest.raises(ImageError, match="not the parent"):
+        Chain.open(ref, str(tmp_path / "inc.img"))
+    os.unlink(tmp_path / "full.img")
+    with pytest.raises(ImageError, match="missing"):
+        Chain.open(ref, str(tmp_path / "inc.img"))
+
+
+@given(st.data())
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mutated_chain_fails_cleanly(tmp_path, data):
+    """Any byte flip or cut in a parent or child: indexing and reading the
+    chain end in ImageError or in the right bytes, never anything else."""
+    old, new = _pair(tmp_path)
+    which = data.draw(st.sampled_from(["full.img", "inc.img"]))
+    p = tmp_path / which
+    raw = bytearray(p.read_bytes())
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    else:
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    p.write_bytes(bytes(raw))
+    try:
+        c = Chain.from_path(str(tmp_path / "inc.img"))
+    except ImageError:
+        return
+    try:
+        want = bytearray(old)
+        want[P:2 * P] = new
+        for s, e, d in c.held(PID):
+            for addr, chunk in c.read(d, PID, s, e):
+                # whatever is read and not refused is the real content
+                assert bytes(chunk) == want[addr - BASE: addr - BASE + len(chunk)]
+    except ImageError:
+        pass
+    finally:
+        c.close()

@@ -278,7 +278,8 @@ def write_image(fd: int, root_pid: int, tasks: list[Task], tree: Tree, write_pag
     w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
                     page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
                     tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
-                    root_pid=root_pid, flags=["compressed"] if compress else []))
+                    root_pid=root_pid, flags=["compressed"] if compress else [],
+                    image_id=os.urandom(16)))
     w.record(RecType.TREE, tree)
     for task in tasks:
         w.record(RecType.TASK, task)

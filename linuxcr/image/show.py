@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from linuxcr.image.schema import Pages, RecType, Task
+from linuxcr.image.schema import PageMap, Pages, RecType, Task
 from linuxcr.image.stream import PAGE, ImageReader, _printable
 
 
@@ -17,6 +17,7 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
     tasks: list[Task] = []
     tree = None
     pages_by_pid: dict[int, int] = {}
+    parents_by_pid: dict[int, int] = {}
     stored = 0
     while not r.done:
         rec = r.next()
@@ -27,10 +28,17 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         elif rec.type is RecType.PAGES:
             m: Pages = rec.meta  # type: ignore[assignment]
             pages_by_pid[m.pid] = pages_by_pid.get(m.pid, 0) + m.npages
+        elif rec.type is RecType.PAGEMAP:
+            pm: PageMap = rec.meta  # type: ignore[assignment]
+            parents_by_pid[pm.pid] = parents_by_pid.get(pm.pid, 0) + sum(
+                x.npages for x in pm.runs if x.depth > 0)
     r.expect_end()
     stored = r.offset
     hdr = msgspec.to_builtins(header)
     hdr["magic"] = header.magic.decode(errors="replace").rstrip("\0")
+    hdr["image_id"] = header.image_id.hex()
+    if header.parent is not None:
+        hdr["parent"]["id"] = header.parent.id.hex()
     out_tasks = []
     for t in tasks:
         d = msgspec.to_builtins(t)
@@ -40,6 +48,8 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         d["pending"] = [{"shared": p.shared, "signo": int.from_bytes(p.siginfo[:4], "little")}
                         for p in t.pending]
         d["pages"] = pages_by_pid.get(t.pid, 0)
+        if header.parent is not None:
+            d["pages_in_parents"] = parents_by_pid.get(t.pid, 0)
         out_tasks.append(d)
     tr = msgspec.to_builtins(tree) if tree is not None else {}
     for p, saved in zip(tr.get("pipes", []), tree.pipes if tree is not None else []):
@@ -75,10 +85,15 @@ def render_text(s: dict[str, Any]) -> str:
              f"  {_size(s['image_bytes'])} in all, {s['total_pages']} pages "
              f"({_size(s['total_pages'] * PAGE)}) of memory"
              + (", compressed" if "compressed" in h["flags"] else "")]
+    if h.get("parent"):
+        p = h["parent"]
+        lines.append(f"  incremental: parent {p['path']} (id {p['id'][:12]}, {p['depth']} "
+                     f"image{'s' if p['depth'] > 1 else ''} up the chain); restart needs them all")
     for t in s["tasks"]:
         lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
                      f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}")
-        lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved")
+        lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved"
+                     + (f", {t['pages_in_parents']} in its parents" if "pages_in_parents" in t else ""))
         for v in t["vmas"]:
             what = v["path"] or v["name"] or v["kind"]
             lines.append(f"    {v['start']:012x}-{v['end']:012x} {_prot(v['prot'])}"

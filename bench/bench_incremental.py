@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""bench_incremental.py -- incremental checkpoints against full ones, one run.
+
+    python3 bench/bench_incremental.py [--mib 1024] [--usec 2000] [--gap 2]
+                                       [--dir /var/tmp/lcr-bench-inc]
+
+memhog MIB (incompressible private memory) rewriting 4 random words every
+USEC microseconds.  In one run, on the same process:
+
+  full      `lcr checkpoint --leave-running` (API, in this interpreter)
+  hash      `--parent full`: no write tracker, pages compared by content
+  track     a full image with `--track`, then after GAP seconds `--parent`
+            on it: the userfaultfd write tracker knows the written pages
+  restart   restart of the last incremental image (its chain: 2 files)
+            vs restart of a full image of the same moment
+
+Printed: time and image size of each, and the ratios incremental / full.
+Memory is pre-warmed (a page-cache file of the image's size written and
+deleted) before each timed step.  Every process started is killed by pid.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import linuxcr  # noqa: E402
+from linuxcr import api  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_memhog(d: Path) -> str:
+    src = Path(os.environ.get("LCR_SHARED", REPO.parent / "shared")) / "workloads" / "memhog.c"
+    out = d / "memhog"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+    return str(out)
+
+
+def start(memhog: str, mib: int, usec: int, logf: Path) -> int:
+    out = subprocess.run([memhog, "-s", str(usec), "-o", str(logf), str(mib)], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def probe(pid: int, logf: Path) -> bool:
+    n = len(logf.read_text())
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(600):
+        tail = logf.read_text()[n:]
+        m = re.search(r"(OK|MISMATCH)", tail)
+        if m:
+            return m.group(1) == "OK"
+        time.sleep(0.05)
+    return False
+
+
+def prewarm(d: Path, nbytes: int) -> None:
+    p = d / "prewarm"
+    with open(p, "wb") as f:
+        chunk = b"\1" * (1 << 20)
+        for _ in range(nbytes >> 20):
+            f.write(chunk)
+    p.unlink()
+
+
+def timed(fn):
+    t = time.monotonic()
+    r = fn()
+    return time.monotonic() - t, r
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--usec", type=int, default=2000)
+    ap.add_argument("--gap", type=float, default=2.0)
+    ap.add_argument("--dir", default="/var/tmp/lcr-bench-inc")
+    a = ap.parse_args()
+    d = Path(a.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for f in d.glob("*.img"):
+        f.unlink()
+    memhog = build_memhog(d)
+    logf = d / "memhog.log"
+    logf.write_text("")
+    pids = []
+    try:
+        pid = start(memhog, a.mib, a.usec, logf)
+        pids.append(pid)
+        size = a.mib << 20
+        prewarm(d, size)
+        t_full, _ = timed(lambda: api.checkpoint(pid, d / "full.img", leave_running=True))
+        s_full = (d / "full.img").stat().st_size
+        time.sleep(a.gap)
+        prewarm(d, size)
+        t_hash, r_hash = timed(lambda: api.checkpoint(pid, d / "hash.img", leave_running=True,
+                                                      parent=d / "full.img"))
+        s_hash = (d / "hash.img").stat().st_size
+        prewarm(d, size)
+        t_tfull, _ = timed(lambda: api.checkpoint(pid, d / "tfull.img", leave_running=True,
+                                                  track=True))
+        time.sleep(a.gap)
+        prewarm(d, size)
+        t_track, r_track = timed(lambda: api.checkpoint(pid, d / "track.img", leave_running=True,
+                                                        parent=d / "tfull.img", track=True))
+        s_track = (d / "track.img").stat().st_size
+        # the restart comparison: a full image of the same moment as track.img
+        # is not possible; take one right after and compare restart times
+        prewarm(d, size)
+        api.checkpoint(pid, d / "full2.img", leave_running=True)
+        api.checkpoint(pid, d / "track2.img", parent=d / "track.img")   # kills it
+        kill(pid)
+        prewarm(d, size)
+        t_rinc, new = timed(lambda: api.restart(d / "track2.img"))
+        pids.append(new)
+        ok_inc = probe(new, logf)
+        kill(new)
+        prewarm(d, size)
+        t_rfull, new2 = timed(lambda: api.restart(d / "full2.img"))
+        pids.append(new2)
+        ok_full = probe(new2, logf)
+        kill(new2)
+        methods = lambda r: ",".join(sorted(set(r.incremental.get("method", {}).values())))  # noqa
+        print(f"memhog {a.mib} MiB, 4 words every {a.usec} us, {a.gap} s between checkpoints "
+              f"(linuxcr {linuxcr.__version__})")
+        print(f"  full checkpoint        {t_full * 1e3:8.0f} ms  {s_full / 2**20:9.1f} MiB")
+        print(f"  incremental, hashes    {t_hash * 1e3:8.0f} ms  {s_hash / 2**20:9.1f} MiB  "
+              f"({methods(r_hash)}; time x{t_hash / t_full:.2f}, size x{s_hash / s_full:.4f})")
+        print(f"  full with --track      {t_tfull * 1e3:8.0f} ms")
+        print(f"  incremental, tracked   {t_track * 1e3:8.0f} ms  {s_track / 2**20:9.1f} MiB  "
+              f"({methods(r_track)}; time x{t_track / t_full:.2f}, size x{s_track / s_full:.4f})")
+        print(f"  restart: chain of 3 {t_rinc * 1e3:8.0f} ms ({'OK' if ok_inc else 'MISMATCH'}), "
+              f"full {t_rfull * 1e3:.0f} ms ({'OK' if ok_full else 'MISMATCH'}): "
+              f"x{t_rinc / t_rfull:.2f}")
+    finally:
+        for p in pids:
+            kill(p)
+
+
+if __name__ == "__main__":
+    main()
