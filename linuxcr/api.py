@@ -236,6 +236,33 @@ def check(pid: int, tree: bool = True) -> list[str]:
     return dump.check_tree(pid) if tree else dump.check_process(pid)
 
 
+def tracking(pid: int) -> dict:
+    """How an incremental checkpoint of pid would find the pages changed since
+    its parent: {"method": "uffd-wp-async" | "content-hash", "tracked": bool,
+    "why": one line}."""
+    from linuxcr.resources import dirty
+    pid = _pid(pid)
+    ok, why = dirty.available(pid)
+    held = None
+    try:
+        from linuxcr import agent
+        with agent.Client(start=False) as c:       # no agent: no tracker
+            held = next((t.get("epoch") or "(none yet)" for t in c.call("list").get("trackers", [])
+                         if t.get("pid") == pid), None)
+    except (LcrError, OSError):
+        held = None
+    if held:
+        return {"method": dirty.METHOD_UFFD, "tracked": True,
+                "why": f"the agent holds its write tracker (counting since image {held[:12]}); "
+                       "a --parent checkpoint of that image uses it"}
+    if ok:
+        return {"method": dirty.METHOD_HASH, "tracked": False,
+                "why": f"no write tracker yet; --track starts one ({dirty.METHOD_UFFD} works here), "
+                       "and later --parent checkpoints use it"}
+    return {"method": dirty.METHOD_HASH, "tracked": False,
+            "why": f"write tracking is not available ({why}): every page is hashed and compared"}
+
+
 def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
     """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
     checkpointed as a whole tree; returns its pid."""

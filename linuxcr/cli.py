@@ -212,13 +212,17 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
     """Say whether PID can be checkpointed now, and if not, why."""
     def go() -> None:
         reasons = api.check(pid, tree=tree)
+        tracking = api.tracking(pid)
         if as_json:
-            click.echo(json.dumps({"pid": pid, "checkpointable": not reasons, "reasons": reasons}))
+            click.echo(json.dumps({"pid": pid, "checkpointable": not reasons, "reasons": reasons,
+                                   "dirty_tracking": tracking}))
         elif reasons:
             for r in reasons:
                 click.echo(f"pid {pid}: {r}")
         else:
             click.echo(f"pid {pid}: can be checkpointed")
+            click.echo(f"pid {pid}: incremental checkpoints (--parent) find changed pages by "
+                       f"{tracking['method']}: {tracking['why']}")
         if reasons:
             sys.exit(5)
     _run(go)

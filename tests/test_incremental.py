@@ -186,3 +186,66 @@ def test_interval_stops_when_process_exits(bins, procs, tmp_path):
             p.wait()
     assert p.returncode == 0, err
     assert "gone" in err and "Traceback" not in err, err
+
+
+@pytest.fixture
+def agent_env(tmp_path, monkeypatch):
+    """An agent of this test's own (it holds the write trackers), killed after."""
+    import signal
+    import helpers
+    d = tmp_path / "agent"
+    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
+    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    try:
+        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def test_tracked_chain(bins, procs, tmp_path, agent_env):
+    """--track: the agent holds the write tracker between commands, and the
+    next --parent checkpoint takes the written pages from it (page exact)."""
+    import json
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000)
+    js = json.loads(lcr("check", pid, "--json", env=agent_env).stdout)
+    assert js["dirty_tracking"]["method"] == "content-hash" and not js["dirty_tracking"]["tracked"]
+    d1, d2, d3 = (tmp_path / f"t{i}.img" for i in (1, 2, 3))
+    lcr("checkpoint", pid, "-o", d1, "--leave-running", "--track", env=agent_env)
+    out = lcr("check", pid, env=agent_env).stdout
+    assert "uffd-wp-async" in out and "agent holds" in out, out
+    assert "uw" in _vmflags(pid)            # registered while tracked
+    time.sleep(0.3)
+    cp2 = lcr("checkpoint", pid, "-o", d2, "--parent", d1, "--leave-running", env=agent_env)
+    stored2, inherited2, method = _stats(cp2.stderr)
+    assert method == "uffd-wp-async", cp2.stderr
+    assert 0 < stored2 < inherited2 / 10
+    time.sleep(0.3)
+    before = probe_hog(pid, log).counter
+    cp3 = lcr("checkpoint", pid, "-o", d3, "--parent", d2, env=agent_env)
+    reap(pid)
+    assert _stats(cp3.stderr)[2] == "uffd-wp-async"
+    assert os.path.getsize(d3) < os.path.getsize(d1) / 10
+    assert _restart_and_check(d3, procs, log) >= before
+
+
+def test_tracker_of_another_image_is_not_trusted(bins, procs, tmp_path, agent_env):
+    """The agent's tracker counts from the last image taken with it; a
+    --parent naming an older image falls back to comparing contents."""
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    a, b, c = (tmp_path / f"{x}.img" for x in "abc")
+    lcr("checkpoint", pid, "-o", a, "--leave-running", "--track", env=agent_env)
+    lcr("checkpoint", pid, "-o", b, "--leave-running", "--track", env=agent_env)  # tracker now counts from b
+    cp = lcr("checkpoint", pid, "-o", c, "--parent", a, "--leave-running", env=agent_env)
+    assert _stats(cp.stderr)[2] == "content-hash", cp.stderr
+    os.kill(pid, 9)
+    reap(pid)
+    _restart_and_check(c, procs, log)
+
+
+def _vmflags(pid: int) -> set[str]:
+    flags: set[str] = set()
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line.startswith("VmFlags:"):
+                flags.update(line.split()[1:])
+    return flags
