@@ -2,32 +2,44 @@
 """In-memory checkpoints: downtime of `checkpoint --low-downtime` vs CRIU's
 frozen time, plus snapshot, writeback and rollback times.
 
-    python bench/bench_snapshot.py [MiB ...]        (default: 1024 4096; root)
+    python bench/bench_snapshot.py [--sizes 1024,4096] [--runs 1] [--no-criu]
+    python bench/bench_snapshot.py --sizes 64            (quick check)
 
-Per size: memhog (shared/workloads) is started detached; lcr's numbers come
-from the engine in this process (the same code the agent runs):
-  snapshot (frozen time = downtime, total), writeback to a file on
-  /var/tmp, rollback after 1 s of running, and the checksum checked after the
-  rollback; then CRIU dumps the same process (`criu dump -t PID`, which
-  kills it) and `crit show stats-dump` gives its frozen_time.
-One run each; prints a table and the ratios.
+(root; old form `bench_snapshot.py 1024 4096` still works.)
+
+Per size and run: memhog (shared/workloads) is started detached; lcr's
+numbers come from the engine in this process (the same code the agent and
+`lcr checkpoint --low-downtime` run).  Before each timed step the guest's
+memory is pre-warmed (a scratch file of the workload's size written and
+deleted, DESIGN.md: freshly allocated guest memory is slow and noisy).
+  - snapshot: frozen time and total (take),
+  - writeback of that snapshot to a file on /var/tmp,
+  - rollback after 1 s of running (memhog's checksum checked afterwards),
+  - checkpoint --low-downtime (snapshot + writeback + discard, the process
+    left running): its downtime = the frozen time,
+  - CRIU dumps the same process (`criu dump -t PID`, which kills it) and
+    `crit show stats-dump` gives its frozen_time.
+Prints a table (median over runs) and the ratio lcr downtime / CRIU frozen
+(target at 4 GiB: under 5%), then the raw rows as JSON.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from linuxcr import api  # noqa: E402
 from linuxcr.engine import snapshots  # noqa: E402
 
 SHARED = Path(os.environ.get("LCR_SHARED", REPO.parent / "shared"))
@@ -67,36 +79,60 @@ def gone(pid: int) -> None:
         time.sleep(0.05)
 
 
-def one(memhog: Path, mib: int) -> dict:
+def prewarm(mib: int) -> None:
+    """Recycle that much guest memory through the page cache (untimed)."""
+    path = ROOT / ".warm"
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(chunk)
+    path.unlink()
+
+
+def one(memhog: Path, mib: int, criu: bool) -> dict:
     r: dict = {"MiB": mib}
     log = ROOT / f"memhog-{mib}.log"
     log.unlink(missing_ok=True)
     pid = start(memhog, mib, log)
+    warm = mib + 64
+    img = ROOT / "snap.img"
     try:
         time.sleep(0.5)
+        prewarm(warm)
         t = time.monotonic()
         s = snapshots.take(pid)
         r["snapshot_s"] = time.monotonic() - t
-        r["lcr_frozen_s"] = s.frozen_seconds
-        img = ROOT / "snap.img"
-        fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        r["snapshot_frozen_s"] = s.frozen_seconds
         try:
-            r["writeback_s"] = snapshots.writeback(s, fd)["seconds"]
+            fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                r["writeback_s"] = snapshots.writeback(s, fd)["seconds"]
+            finally:
+                os.close(fd)
+            img.unlink()
+            before, _ = probe(pid, log)
+            time.sleep(1.0)
+            prewarm(warm)
+            res = snapshots.rollback(s)
+            r["rollback_s"] = res["seconds"]
+            after, ok = probe(pid, log)
+            r["rollback_ok"] = ok and after < before
         finally:
-            os.close(fd)
-        img.unlink()
-        before, _ = probe(pid, log)
-        time.sleep(1.0)
-        res = snapshots.rollback(s)
-        r["rollback_s"] = res["seconds"]
-        after, ok = probe(pid, log)
-        r["rollback_ok"] = ok and after < before + 1000
-        snapshots.discard(s)
+            snapshots.discard(s)
+        # checkpoint --low-downtime, the process left running (for CRIU)
+        prewarm(warm)
+        res = api.checkpoint_low_downtime(pid, str(img), leave_running=True)
+        r["lowdt_frozen_s"] = res.frozen_seconds
+        r["lowdt_total_s"] = res.seconds
+        img.unlink(missing_ok=True)
+        _, ok = probe(pid, log)
+        r["lowdt_ok"] = ok
         # CRIU on the same process (it kills it)
-        if os.path.exists(CRIU):
+        if criu and os.path.exists(CRIU):
             d = ROOT / f"criu-{mib}"
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir()
+            prewarm(warm)
             t = time.monotonic()
             cp = subprocess.run([CRIU, "dump", "-t", str(pid), "-D", d, "-v0"], capture_output=True,
                                 text=True)
@@ -108,7 +144,10 @@ def one(memhog: Path, mib: int) -> dict:
             else:
                 r["criu_error"] = cp.stderr.strip()[-200:]
             shutil.rmtree(d, ignore_errors=True)
+        elif criu:
+            r["criu_error"] = f"no CRIU at {CRIU} (bash shared/anchors/install-criu.sh)"
     finally:
+        img.unlink(missing_ok=True)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -117,22 +156,48 @@ def one(memhog: Path, mib: int) -> dict:
     return r
 
 
+def _med(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else None
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sizes_pos", nargs="*", type=int, metavar="MiB", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default=None, help="memhog sizes in MiB, comma-separated "
+                    "(default 1024,4096; 64 for a quick check)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per size (default 1)")
+    ap.add_argument("--no-criu", action="store_true", help="skip the CRIU side")
+    a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (CRIU needs it)")
-    sizes = [int(a) for a in sys.argv[1:]] or [1024, 4096]
+    sizes = ([int(x) for x in a.sizes.split(",") if x] if a.sizes else a.sizes_pos) or [1024, 4096]
     ROOT.mkdir(parents=True, exist_ok=True)
     memhog = build()
-    rows = [one(memhog, m) for m in sizes]
-    print(f"{'MiB':>6} {'lcr frozen':>11} {'snapshot':>9} {'writeback':>10} {'rollback':>9} "
-          f"{'CRIU frozen':>12} {'ratio':>8}")
-    for r in rows:
-        cf = r.get("criu_frozen_s")
-        ratio = f"{r['lcr_frozen_s'] / cf * 100:.2f}%" if cf else "-"
-        print(f"{r['MiB']:>6} {r['lcr_frozen_s'] * 1e3:>9.1f}ms {r['snapshot_s'] * 1e3:>7.1f}ms "
-              f"{r['writeback_s']:>9.3f}s {r['rollback_s']:>8.3f}s "
-              f"{(f'{cf:.3f}s' if cf else r.get('criu_error', 'n/a')):>12} {ratio:>8}"
-              f"{'' if r['rollback_ok'] else '  ROLLBACK CHECK FAILED'}")
+    rows = []
+    for _ in range(a.runs):          # interleaved: size after size, run after run
+        for m in sizes:
+            r = one(memhog, m, not a.no_criu)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            rows.append(r)
+    print(f"median of {a.runs} run(s); times in ms")
+    print(f"{'MiB':>6} {'snap frozen':>11} {'snapshot':>9} {'writeback':>10} {'rollback':>9} "
+          f"{'lowdt down':>11} {'lowdt total':>12} {'CRIU frozen':>12} {'ratio':>8}")
+    for m in sizes:
+        rs = [r for r in rows if r["MiB"] == m]
+        cf, down = _med(rs, "criu_frozen_s"), _med(rs, "lowdt_frozen_s")
+        ratio = f"{down / cf * 100:.2f}%" if cf and down is not None else "-"
+        err = next((r["criu_error"] for r in rs if "criu_error" in r), "n/a")
+        bad = [k for k in ("rollback_ok", "lowdt_ok") if not all(r.get(k) for r in rs)]
+
+        def ms(k: str) -> str:
+            v = _med(rs, k)
+            return f"{v * 1e3:.1f}" if v is not None else "-"
+        print(f"{m:>6} {ms('snapshot_frozen_s'):>11} {ms('snapshot_s'):>9} {ms('writeback_s'):>10} "
+              f"{ms('rollback_s'):>9} {ms('lowdt_frozen_s'):>11} {ms('lowdt_total_s'):>12} "
+              f"{(ms('criu_frozen_s') if cf else 'n/a'):>12} {ratio:>8}"
+              + (f"  CHECK FAILED: {', '.join(bad)}" if bad else "")
+              + (f"  (CRIU: {err})" if not cf and not a.no_criu else ""))
     print(json.dumps(rows))
 
 

@@ -19,8 +19,18 @@ snapshot it or use its crids.
     {"op": "writeback", "crid": C, "compress": b} + fd
     {"op": "rollback", "crid": C, "memory_only": b, "note": s}
     {"op": "discard", "crid": C}
+    {"op": "tracker_put", "pid": P, "starttime": T, "epoch": E} + fd
+    {"op": "tracker_take", "pid": P, "starttime": T} -> {"ok": true, "epoch": E} + fd
+    {"op": "tracker_drop", "pid": P}               -> {"ok": true, "dropped": b}
     {"op": "ping"} / {"op": "quit"}
 errors: {"ok": false, "class": "NoSuchProcess", "error": msg, "hint": h, ...}
+
+Dirty-page trackers (resources/dirty.py): a short-lived `lcr checkpoint
+--track` hands the agent its tracker's userfaultfd (SCM_RIGHTS) so that it
+outlives the command; a later `lcr checkpoint --parent` takes it back.  One
+tracker per pid (a new one replaces the old), usable by the process's owner
+or root; the agent closes it when the tracked process dies.  `list` shows
+them under "trackers".
 
 Rolling back a process that took its own snapshot (linuxcr.transaction):
 it was frozen inside the recv() waiting for the snapshot's reply, and that
@@ -30,7 +40,6 @@ connection, the reply it reads: {"ok": true, "crid": C, "rolled_back": true,
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -57,6 +66,10 @@ class AgentError(LcrError):
 
 class SnapshotLimit(LcrError):
     exit_code = 14
+
+
+class NoTracker(AgentError):
+    """The agent holds no dirty-page tracker for that process."""
 
 
 class RolledBack(LcrError):
@@ -108,10 +121,13 @@ class _Conn:
         self.pid, self.uid = pid, uid
         self.open = True
 
-    def send(self, obj: dict) -> None:
+    def send(self, obj: dict, fds: list[int] = ()) -> None:
         data = (json.dumps(obj) + "\n").encode()
         try:
             self.sock.setblocking(True)
+            if fds:
+                n = socket.send_fds(self.sock, [data], list(fds))
+                data = data[n:]
             self.sock.sendall(data)
         except OSError:
             pass
@@ -125,6 +141,7 @@ class Agent:
     def __init__(self, d: Path) -> None:
         self.dir = d
         self.snaps: dict = {}                 # crid -> engine Snapshot
+        self.trackers: dict[int, dict] = {}   # pid -> {pid, starttime, epoch, fd, uid, since}
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.max_snaps, self.max_mem = _limits()
@@ -151,7 +168,7 @@ class Agent:
                 else:
                     self._readable(key.data)
             self._reap()
-            if self.snaps or self.conns:
+            if self.snaps or self.conns or self.trackers:
                 self.last_busy = time.monotonic()
             elif time.monotonic() - self.last_busy > IDLE_EXIT:
                 self.log("idle: exiting")
@@ -203,13 +220,24 @@ class Agent:
         finally:
             for fd in c.take_fds():
                 os.close(fd)
-        if reply is not None and c.open:
-            c.send(reply)
+        if reply is not None:
+            out = reply.pop("_fds", [])
+            try:
+                if c.open:
+                    c.send(reply, out)
+            finally:
+                for fd in out:
+                    os.close(fd)
 
     # --- helpers ----------------------------------------------------------
     def _reap(self) -> None:
-        """Snapshot children killed from outside: forget their snapshots."""
+        """Snapshot children killed from outside: forget their snapshots.
+        Trackers of processes that died: closed."""
         from linuxcr.sys import ptrace
+        for pid, tr in list(self.trackers.items()):
+            if _starttime(pid) != tr["starttime"]:
+                self._drop_tracker(pid)
+                self.log(f"tracker of pid {pid}: the process is gone; closed")
         while True:
             try:
                 pid, st = os.waitpid(-1, os.WNOHANG | ptrace.WALL)
@@ -219,8 +247,13 @@ class Agent:
                 break
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 for crid, s in list(self.snaps.items()):
-                    if s.child.pid == pid:
-                        s.child.attached = False
+                    if pid in s.children():
+                        for part in s.parts:
+                            if part.child.pid == pid:
+                                part.child.attached = False
+                        # the others of a tree snapshot are useless now
+                        from linuxcr.engine import snapshots
+                        snapshots.discard(s)
                         del self.snaps[crid]
                         self.log(f"snapshot {crid}: its process {pid} died; forgotten")
 
@@ -268,18 +301,70 @@ class Agent:
         if held >= self.max_mem:
             raise SnapshotLimit(f"snapshots hold {held >> 20} MiB, the limit is {self.max_mem >> 20} MiB",
                                 "lcr discard some, or set LCR_MAX_SNAPSHOT_MEMORY for the agent")
-        s = snapshots.take(pid)
+        held = {c for x in self.snaps.values() for c in x.children()}
+        s = snapshots.take(pid, exclude=held)
         s.extra["conn"] = c if c.pid == pid else None     # a process snapshotting itself
         self.snaps[s.crid] = s
-        self.log(f"snapshot {s.crid} of pid {pid} (frozen {s.frozen_seconds * 1e3:.1f} ms, "
-                 f"child {s.child.pid})")
+        self.log(f"snapshot {s.crid} of pid {pid} ({len(s.parts)} process(es), frozen "
+                 f"{s.frozen_seconds * 1e3:.1f} ms, children {s.children()})")
         return dict(ok=True, **s.info())
 
     def op_list(self, c: _Conn, req: dict) -> dict:
         pid = req.get("pid")
         out = [s.info() for s in self.snaps.values()
                if (c.uid in (0, s.uid)) and (pid is None or s.pid == int(pid))]
-        return dict(ok=True, snapshots=out)
+        trs = [{k: v for k, v in tr.items() if k != "fd"} for tr in self.trackers.values()
+               if (c.uid in (0, tr["uid"])) and (pid is None or tr["pid"] == int(pid))]
+        return dict(ok=True, snapshots=out, trackers=trs)
+
+    # --- dirty-page trackers ---------------------------------------------
+    def _drop_tracker(self, pid: int) -> bool:
+        tr = self.trackers.pop(pid, None)
+        if tr is None:
+            return False
+        os.close(tr["fd"])
+        return True
+
+    def op_tracker_put(self, c: _Conn, req: dict) -> dict:
+        fds = c.take_fds()
+        try:
+            if len(fds) != 1:
+                raise AgentError("tracker_put needs exactly one fd (the tracker's)")
+            pid, start = int(req["pid"]), int(req["starttime"])
+            owner = self._owner(pid)
+            self._may(c, owner, f"pid {pid}")
+            if _starttime(pid) != start:
+                raise errors.NoSuchProcess(f"pid {pid}: no such process (it started at another "
+                                           "time than the one given)")
+            self._drop_tracker(pid)
+            self.trackers[pid] = dict(pid=pid, starttime=start, epoch=str(req.get("epoch", "")),
+                                      fd=fds.pop(), uid=owner, since=time.time())
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.log(f"tracker of pid {pid} held (epoch {self.trackers[pid]['epoch']})")
+        return dict(ok=True, pid=pid)
+
+    def op_tracker_take(self, c: _Conn, req: dict) -> dict:
+        pid, start = int(req["pid"]), int(req["starttime"])
+        tr = self.trackers.get(pid)
+        if tr is not None:
+            self._may(c, tr["uid"], f"the tracker of pid {pid}")
+        if tr is None or tr["starttime"] != start:
+            if tr is not None and _starttime(pid) != tr["starttime"]:
+                self._drop_tracker(pid)          # of a process that is gone
+            raise NoTracker(f"no tracker for pid {pid}" + (" (of a process that started at "
+                            "another time)" if tr is not None else ""))
+        del self.trackers[pid]
+        self.log(f"tracker of pid {pid} handed back (epoch {tr['epoch']})")
+        return dict(ok=True, pid=pid, epoch=tr["epoch"], _fds=[tr["fd"]])
+
+    def op_tracker_drop(self, c: _Conn, req: dict) -> dict:
+        pid = int(req["pid"])
+        tr = self.trackers.get(pid)
+        if tr is not None:
+            self._may(c, tr["uid"], f"the tracker of pid {pid}")
+        return dict(ok=True, pid=pid, dropped=self._drop_tracker(pid))
 
     def op_discard(self, c: _Conn, req: dict) -> dict:
         from linuxcr.engine import snapshots
@@ -332,6 +417,14 @@ class Agent:
         except (BlockingIOError, OSError):
             pass
         c.sock.setblocking(True)
+
+
+def _starttime(pid: int) -> int | None:
+    from linuxcr.procfs import read_stat
+    try:
+        return read_stat(pid).starttime
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def run_agent(foreground: bool = False) -> None:
@@ -389,7 +482,8 @@ def run_agent(foreground: bool = False) -> None:
 
 _ERRORS = {name: getattr(errors, name) for name in dir(errors)
            if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), LcrError)}
-_ERRORS.update(AgentError=AgentError, SnapshotLimit=SnapshotLimit, RolledBack=RolledBack)
+_ERRORS.update(AgentError=AgentError, SnapshotLimit=SnapshotLimit, RolledBack=RolledBack,
+               NoTracker=NoTracker)
 
 
 def _raise(reply: dict) -> None:
@@ -450,20 +544,40 @@ class Client:
         self.close()
 
     def call(self, op: str, *, fds: tuple[int, ...] = (), **args) -> dict:
-        data = (json.dumps(dict(op=op, **args)) + "\n").encode()
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
-        reply = self._read_line()
-        if not reply.get("ok"):
-            _raise(reply)
+        reply, got = self.call_fds(op, fds=fds, **args)
+        for fd in got:
+            os.close(fd)
         return reply
 
-    def _read_line(self) -> dict:
+    def call_fds(self, op: str, *, fds: tuple[int, ...] = (), **args) -> tuple[dict, list[int]]:
+        """call(), and the fds that came with the reply (the caller owns them)."""
+        data = (json.dumps(dict(op=op, **args)) + "\n").encode()
+        if fds:
+            n = socket.send_fds(self.sock, [data], list(fds))
+            if n < len(data):
+                self.sock.sendall(data[n:])
+        else:
+            self.sock.sendall(data)
+        got: list[int] = []
+        try:
+            reply = self._read_line(got)
+            if not reply.get("ok"):
+                _raise(reply)
+        except BaseException:
+            for fd in got:
+                os.close(fd)
+            raise
+        return reply, got
+
+    def _read_line(self, fds: list[int] | None = None) -> dict:
         buf = b""
         while not buf.endswith(b"\n"):
-            chunk = self.sock.recv(65536)
+            chunk, more, _flags, _addr = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+            if fds is not None:
+                fds += more
+            else:
+                for fd in more:
+                    os.close(fd)
             if not chunk:
                 raise AgentError("the lcr agent closed the connection (did it die?)",
                                  f"see {self.dir / 'agent.log'}")
@@ -526,6 +640,53 @@ def rollback(crid: str, *, memory_only: bool = False) -> dict:
 def discard(crid: str) -> None:
     with Client() as c:
         c.call("discard", crid=crid)
+
+
+def put_tracker(pid: int, starttime: int, epoch: str, fd: int) -> None:
+    """Hand a dirty-page tracker's fd (a copy of it goes; ``fd`` stays
+    ours) to this user's agent, which holds it while process ``pid`` (with
+    that start time) lives.  Replaces the one it held for pid, if any."""
+    with Client() as c:
+        c.call("tracker_put", fds=(fd,), pid=int(pid), starttime=int(starttime), epoch=str(epoch))
+
+
+def take_tracker(pid: int, starttime: int) -> tuple[str, int] | None:
+    """The tracker the agent holds for process ``pid`` (same start time):
+    (its epoch, an fd of ours), removed from the agent; None if it holds none."""
+    try:
+        c = Client(start=False)
+    except AgentError:
+        return None                 # no agent: no tracker
+    with c:
+        try:
+            reply, fds = c.call_fds("tracker_take", pid=int(pid), starttime=int(starttime))
+        except NoTracker:
+            return None
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise AgentError(f"the agent answered tracker_take with {len(fds)} fds")
+    return str(reply.get("epoch", "")), fds[0]
+
+
+def drop_tracker(pid: int) -> bool:
+    """Close the tracker the agent holds for ``pid``; False if there was none."""
+    try:
+        c = Client(start=False)
+    except AgentError:
+        return False
+    with c:
+        return bool(c.call("tracker_drop", pid=int(pid)).get("dropped"))
+
+
+def trackers(pid: int | None = None) -> list[dict]:
+    """The trackers the agent holds that you may use: pid, starttime, epoch, uid, since."""
+    try:
+        c = Client(start=False)
+    except AgentError:
+        return []
+    with c:
+        return c.call("list", pid=pid).get("trackers", [])
 
 
 class Transaction:

@@ -236,6 +236,19 @@ def check(pid: int, tree: bool = True) -> list[str]:
     return dump.check_tree(pid) if tree else dump.check_process(pid)
 
 
+def migrate(pid: int, host: str, port: int, **kw):
+    """Live-migrate pid (and its descendants) to ``lcr receive`` at host:port
+    (engine/migrate.py); returns a MigrateResult."""
+    from linuxcr.engine import migrate as _m
+    return _m.migrate(pid, host, port, **kw)
+
+
+def receive(*args, **kw):
+    """Accept one migration and restart it here (engine/migrate.py)."""
+    from linuxcr.engine import migrate as _m
+    return _m.receive(*args, **kw)
+
+
 def tracking(pid: int) -> dict:
     """How an incremental checkpoint of pid would find the pages changed since
     its parent: {"method": "uffd-wp-async" | "content-hash", "tracked": bool,

@@ -262,10 +262,10 @@ def snapshots(pid: int | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        click.echo(f"{'CRID':<12} {'PID':>7}  {'TAKEN':<19} {'FROZEN':>9} {'HELD':>10}")
+        click.echo(f"{'CRID':<12} {'PID':>7} {'PROCS':>5}  {'TAKEN':<19} {'FROZEN':>9} {'HELD':>10}")
         for r in rows:
             taken = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["time"]))
-            click.echo(f"{r['crid']:<12} {r['pid']:>7}  {taken:<19} "
+            click.echo(f"{r['crid']:<12} {r['pid']:>7} {r.get('processes', 1):>5}  {taken:<19} "
                        f"{r['frozen_seconds'] * 1e3:>7.1f}ms {r['held'] / 2**20:>8.1f}MiB")
     _run(go)
 
@@ -303,3 +303,10 @@ def rollback(crid: str, memory_only: bool) -> None:
 def discard(crid: str) -> None:
     """Free in-memory checkpoint CRID."""
     _run(lambda: api.discard(crid))
+
+
+# --- live migration (linuxcr/cli_migrate.py) ------------------------------------
+from linuxcr.cli_migrate import migrate_cmd, receive_cmd  # noqa: E402
+
+main.add_command(migrate_cmd)
+main.add_command(receive_cmd)

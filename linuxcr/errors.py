@@ -78,3 +78,15 @@ class KernelError(LcrError):
     """A system call failed in a way the user cannot fix; names the call."""
 
     exit_code = 11
+
+
+class MigrationError(LcrError):
+    """A migration failed (lcr migrate / receive); the source process runs on unchanged."""
+
+    exit_code = 16
+
+
+class AuthError(MigrationError):
+    """The migration peers do not share the token (or speak another protocol)."""
+
+    exit_code = 17

@@ -360,7 +360,7 @@ def test_show_summarize_and_render() -> None:
     assert t["pid"] == PID and t["pages"] == 8 and t["regs"] == "<216 bytes>"
     assert t["pending"][0] == {"shared": False, "signo": 10}
     text = render_text(s)
-    assert text.startswith("app.img: linuxcr image v1, x86_64, kernel 6.8.0-test")
+    assert text.startswith(f"app.img: linuxcr image v{FORMAT_VERSION}, x86_64, kernel 6.8.0-test")
     assert "compressed" in text.splitlines()[1]
     assert f"task pid {PID} (prog) ppid 1" in text
     assert "uid 1000" in text and "8 memory areas, 8 pages saved" in text

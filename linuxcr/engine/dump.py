@@ -86,6 +86,18 @@ def _gone_or_dying(pid: int) -> bool:
         return True
 
 
+def snapshot_child(pid: int) -> bool:
+    """A held in-memory snapshot of a process of the tree (engine/snapshots.py):
+    a stopped fork, traced by the agent, never part of what is saved."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != "lcr-snapshot":
+                return False
+        return read_status(pid).tracer_pid != 0
+    except (OSError, AttributeError):
+        return False
+
+
 def check_tree(root: int) -> list[str]:
     """Reasons for the root and all its descendants (live processes only)."""
     reasons = [r for r in check_process(root)]
@@ -96,6 +108,8 @@ def check_tree(root: int) -> list[str]:
         if p in seen or pstree.is_zombie(p):
             continue
         seen.add(p)
+        if snapshot_child(p):
+            continue
         try:
             found = check_process(p)
         except NoSuchProcess:
@@ -141,7 +155,7 @@ class FrozenTree:
             self.order.append(p)
             faults.point("dump.seized")
             for k in pstree.children(p):
-                if k in self.procs or k in self.parent:
+                if k in self.procs or k in self.parent or snapshot_child(k):
                     continue
                 self.parent[k] = p
                 if pstree.is_zombie(k):

@@ -69,7 +69,7 @@ class Trackers:
         for pid, tr in list(self.by_pid.items()):
             try:
                 agent.put_tracker(pid, _starttime(pid), epoch, tr.uffd)  # type: ignore[attr-defined]
-            except (LcrError, OSError) as e:
+            except (LcrError, OSError, AttributeError) as e:
                 self.warnings.append(f"pid {pid}: write tracking stops: the agent did not take "
                                      f"its tracker ({e})")
         self.close()

@@ -40,6 +40,7 @@ from linuxcr.sys.syscalls import TASK_SIZE
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
 MIN_ADDR = 0x1000000
+CHAIN_BATCH = 4 << 20           # bytes of small pieces gathered per write from a chain
 PID_WAIT = 30.0                 # seconds to wait for the original to be reaped
 
 
@@ -484,9 +485,13 @@ def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record,
 
 
 def _fill_from_chain(by_pid: dict[int, Rebuild], chain: Chain, stored, maps, name: str) -> int:
-    """The pages an incremental image left to its parents."""
+    """The pages an incremental image left to its parents: pieces are
+    gathered and written in one process_vm_writev (each record the chain
+    reads is a buffer of its own, so the views stay valid)."""
     total = 0
     for pid, r in by_pid.items():
+        batch: list = []
+        held = 0
         try:
             rr = runs.merge_tagged(maps.get(pid, []))
         except ValueError as e:
@@ -502,9 +507,15 @@ def _fill_from_chain(by_pid: dict[int, Rebuild], chain: Chain, stored, maps, nam
                 raise ImageError(f"{name} is corrupt: its page map puts pages at 0x{s:x} "
                                  "outside every saved memory area")
             for addr, data in chain.read(d, pid, s, e):
-                r.t.write(addr, data)
+                batch.append((addr, data))
+                held += len(data)
                 total += len(data) // PAGE
+                if held >= CHAIN_BATCH or len(batch) >= 512:
+                    r.t.write_many(batch)
+                    batch, held = [], 0
                 faults.point("restore.pages")
+        if batch:
+            r.t.write_many(batch)
     return total
 
 

@@ -35,16 +35,16 @@ import msgspec
 
 from linuxcr.engine import dump
 from linuxcr.engine.restore import TRAMPOLINE, _free_gap
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, RestoreError
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.pipeline import RING, prefetch
-from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
+from linuxcr.procfs import list_fds, read_fdinfo, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, memory, process, signals
+from linuxcr.remote.task import Arena, TaskGone, Tracee
+from linuxcr.resources import cpu, files, memory, posix_timers, process, pstree, signals
 from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import clone_args
+from linuxcr.sys.syscalls import NR, clone_args
 
 CLONE_PARENT = 0x8000
 PTRACE_SETOPTIONS = 0x4200
@@ -52,6 +52,9 @@ F_SETFD, F_SETFL = 2, 4
 FD_CLOEXEC = 1
 SEEK_SET = 0
 SS_DISABLE = 2
+WNOHANG, WALL = 1, 0x40000000
+PR_SET_NAME = 15
+SNAP_COMM = "lcr-snapshot"       # the comm of every snapshot child
 
 
 class RollbackRefused(LcrError):
@@ -66,17 +69,19 @@ class SnapTable(files.Table):
     def __init__(self) -> None:
         super().__init__()
         self.blockers: list[str] = []
-        self.keys: dict[int, tuple[int, int]] = {}     # fd -> (st_dev, st_ino) at snapshot time
+        # pid -> fd -> (st_dev, st_ino) at snapshot time
+        self.keys: dict[int, dict[int, tuple[int, int]]] = {}
 
     def task_files(self, pid: int) -> list:
         from linuxcr.image.schema import OpenFile
         out = []
+        keys = self.keys.setdefault(pid, {})
         for fd in list_fds(pid):
             try:
                 v = files.describe(pid, fd)
             except FileNotFoundError:
                 continue
-            self.keys[fd] = v.key
+            keys[fd] = v.key
             if v.reason:
                 self.blockers.append(v.reason)
                 continue
@@ -89,42 +94,78 @@ class SnapTable(files.Table):
 
 
 @dataclass
+class Part:
+    """One process of a snapshot: its record and the stopped fork holding its pages."""
+    task: Task
+    child: Tracee                 # the stopped fork holding the COW pages
+    copies: list[tuple[int, bytearray]] = field(default_factory=list)   # non-COW areas
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    @property
+    def starttime(self) -> int:
+        return self.task.starttime
+
+
+@dataclass
 class Snapshot:
     crid: str
-    pid: int
+    pid: int                      # the root of the snapshotted tree
     uid: int                      # owner of the process (who may use the crid, with root)
     starttime: int
     taken: float                  # time.time()
     frozen_seconds: float
     seconds: float
-    task: Task
+    parts: list[Part]             # the root first, parents before children
     table: SnapTable
     shm: list[ShmObject]
-    child: Tracee                 # the stopped fork holding the COW pages
-    copies: list[tuple[int, bytearray]] = field(default_factory=list)   # non-COW areas
     mapped: list = field(default_factory=list)   # memfd/unlinked objects only mapped
+    zombies: list = field(default_factory=list)  # zombie children in the tree
     tracer_tid: int = 0
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
 
+    @property
+    def task(self) -> Task:
+        return self.parts[0].task
+
+    @property
+    def child(self) -> Tracee:
+        return self.parts[0].child
+
+    @property
+    def copies(self) -> list[tuple[int, bytearray]]:
+        return self.parts[0].copies
+
+    def children(self) -> list[int]:
+        return [p.child.pid for p in self.parts]
+
     def alive(self) -> bool:
-        try:
-            return read_stat(self.child.pid).state not in ("Z", "X")
-        except (FileNotFoundError, ProcessLookupError):
-            return False
+        return all(_alive(p.child.pid) for p in self.parts)
 
     def copied_bytes(self) -> int:
-        return sum(len(b) for _, b in self.copies)
+        return sum(len(b) for p in self.parts for _, b in p.copies)
 
     def held(self) -> int:
-        """Private pages the snapshot child holds (they differ from the live
-        process now, or it is gone) plus the copy of the non-COW areas."""
-        return _private_dirty(self.child.pid) + self.copied_bytes()
+        """Private pages the snapshot children hold (they differ from the live
+        processes now, or these are gone) plus the copy of the non-COW areas."""
+        return sum(_private_dirty(p.child.pid) for p in self.parts) + self.copied_bytes()
 
     def info(self) -> dict:
         return dict(crid=self.crid, pid=self.pid, uid=self.uid, time=self.taken,
                     frozen_seconds=round(self.frozen_seconds, 6), seconds=round(self.seconds, 6),
                     held=self.held(), child=self.child.pid, threads=1 + len(self.task.threads),
+                    processes=len(self.parts), pids=[p.pid for p in self.parts],
+                    children=self.children(),
                     writeback_ok=not self.table.blockers, blockers=list(self.table.blockers))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return read_stat(pid).state not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _private_dirty(pid: int) -> int:
@@ -149,39 +190,132 @@ def _set_options(pid: int, opts: int) -> None:
 
 # --- take -------------------------------------------------------------------
 
-def take(pid: int, *, crid: str | None = None) -> Snapshot:
-    """Snapshot process ``pid`` (all its threads); it runs on afterwards."""
+def _fd_reason(r: str) -> bool:
+    """A reason about one fd: a snapshot is still good for rollback (writeback refuses)."""
+    return r.startswith("fd ")
+
+
+class _SnapTree(dump.FrozenTree):
+    """FrozenTree that leaves out snapshot children (stopped forks that lcr
+    itself traces: of this tree's earlier snapshots)."""
+
+    def __init__(self, root: int, exclude: frozenset[int] | set[int] = frozenset()) -> None:
+        super().__init__(root)
+        self.exclude = set(exclude)
+
+    def freeze(self) -> None:
+        """FrozenTree.freeze, the snapshot children left out."""
+        me = os.getpid()
+        queue = [self.root]
+        while queue:
+            p = queue.pop(0)
+            f = Frozen(p)
+            try:
+                f.freeze()
+            except (NoSuchProcess, TaskGone, PermissionDenied):
+                f.thaw()
+                if p == self.root or not dump._gone_or_dying(p):
+                    raise
+                if pstree.is_zombie(p):
+                    self.zombies.append(pstree.zombie(p, self.parent[p]))
+                continue
+            self.procs[p] = f
+            self.order.append(p)
+            for k in pstree.children(p):
+                if k in self.procs or k in self.parent or k in self.exclude or _traced_by(k, me):
+                    continue
+                self.parent[k] = p
+                if pstree.is_zombie(k):
+                    if _snapshot_zombie(k):
+                        continue
+                    self.zombies.append(pstree.zombie(k, p))
+                else:
+                    queue.append(k)
+
+
+def _snapshot_zombie(pid: int) -> bool:
+    """A dead snapshot child its parent has not reaped yet (the agent died)."""
+    try:
+        return read_stat(pid).comm == SNAP_COMM
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _traced_by(pid: int, tracer: int) -> bool:
+    try:
+        return read_status(pid).tracer_pid == tracer
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def tree_pids(root: int, exclude: frozenset[int] | set[int] = frozenset()) -> dict[int, int]:
+    """pid -> starttime of the live (non-zombie) processes of the tree now,
+    snapshot children left out."""
+    me, out, queue = os.getpid(), {}, [root]
+    while queue:
+        p = queue.pop(0)
+        if p in out or p in exclude or pstree.is_zombie(p) or (p != root and _traced_by(p, me)):
+            continue
+        try:
+            out[p] = read_stat(p).starttime
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        queue += pstree.children(p)
+    return out
+
+
+def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int] = frozenset()
+         ) -> Snapshot:
+    """Snapshot process ``pid`` and all its descendants (every thread of
+    each); they run on afterwards.  ``exclude``: pids never to take in (the
+    snapshot children of earlier snapshots)."""
     t0 = time.monotonic()
     if pid == os.getpid():
         raise NotCheckpointable(pid, ["lcr cannot snapshot itself"])
-    reasons = [r for r in dump.check_process(pid) if not r.startswith("fd ")]
+    reasons = [r for r in dump.check_process(pid) if not _fd_reason(r)]
     if reasons:
         raise NotCheckpointable(pid, reasons)
     owner = os.stat(f"/proc/{pid}").st_uid
-    fz = Frozen(pid)
+    tree = _SnapTree(pid, exclude)
     frozen_at = time.monotonic()
+    parts: list[Part] = []
     try:
-        fz.freeze()
-        smaps = read_smaps(pid)
-        reasons = memory.check(smaps)
+        tree.freeze()
+        smaps = {p: read_smaps(p) for p in tree.order}
+        reasons = []
+        for p in list(tree.order):
+            try:
+                found = dump.check_process(p, smaps[p])
+            except NoSuchProcess:
+                if p == pid:
+                    raise
+                tree.drop_exiting(p)
+                continue
+            reasons += [r if p == pid else f"child pid {p}: {r}" for r in found if not _fd_reason(r)]
+        reasons += pstree.sharing_reasons(tree.order)
         if reasons:
             raise NotCheckpointable(pid, reasons)
         table = SnapTable()
-        task = dump._collect(fz, smaps, table)
-        shm, vmas = memory.shm_objects([task.vmas])
-        task = msgspec.structs.replace(task, vmas=vmas[0])
-        mapped = memory.mapped_objects(pid, [(pid, task.vmas)], table.descs)
-        copies = _copy_special(fz.leader, task.vmas)
-        child = _fork(fz)
+        tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        shm, vmas = memory.shm_objects([t.vmas for t in tasks])
+        tasks = [msgspec.structs.replace(t, vmas=v) for t, v in zip(tasks, vmas)]
+        mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
+        for task in tasks:
+            fz = tree.procs[task.pid]
+            copies = _copy_special(fz.leader, task.vmas)
+            parts.append(Part(task=task, child=_fork(fz, sibling=task.pid == pid), copies=copies))
     except BaseException:
-        fz.thaw()
+        for part in parts:
+            _kill_and_reap(part)
+        tree.thaw()
         raise
-    fz.thaw()
+    tree.thaw()
     frozen = time.monotonic() - frozen_at
+    root = parts[0].task
     return Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
-                    starttime=task.starttime, taken=time.time(), frozen_seconds=frozen,
-                    seconds=time.monotonic() - t0, task=task, table=table, shm=shm,
-                    child=child, copies=copies, mapped=mapped, tracer_tid=_gettid())
+                    starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
+                    seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
+                    mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid())
 
 
 def _gettid() -> int:
@@ -199,8 +333,14 @@ def _copy_special(t: Tracee, vmas: list[Vma]) -> list[tuple[int, bytearray]]:
     return out
 
 
-def _fork(fz: Frozen) -> Tracee:
-    """The snapshot child: a fork of the frozen leader, stopped for good."""
+def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
+    """The snapshot child: a fork of the frozen leader, stopped for good.
+
+    ``sibling`` (the root of a tree): a sibling of the target (CLONE_PARENT,
+    SIGCHLD), outside the tree.  Otherwise -- a process inside the tree,
+    whose parent is application code -- a child of the target itself with
+    no exit signal: an ordinary wait() never sees it (only __WALL does), so
+    the application's own wait()s are unchanged; discard reaps it."""
     t = fz.leader
     base = ptrace.PTRACE_O_TRACESYSGOOD
     # EXITKILL is inherited by the auto-attached child: it can never run on
@@ -213,9 +353,12 @@ def _fork(fz: Frozen) -> Tracee:
         with t.scratch() as addr:
             cpid = None
             # A sibling of the target (CLONE_PARENT) whose death its parent is told
-            # of, so an ordinary wait() reaps it.  A namespace init cannot use
-            # CLONE_PARENT: then a child of its own that only wait(__WALL) sees.
-            for flags, sig in ((CLONE_PARENT, signal.SIGCHLD), (0, 0)):
+            # of, so an ordinary wait() reaps it (clone3 wants exit_signal 0 with
+            # CLONE_PARENT: the child gets the target's own exit signal).  A
+            # namespace init cannot use CLONE_PARENT: then a child of its own
+            # that only wait(__WALL) sees (discard makes it reap that).
+            tries = ((CLONE_PARENT, 0), (0, 0)) if sibling else ((0, 0),)
+            for flags, sig in tries:
                 args = clone_args()
                 args.flags, args.exit_signal = flags, sig
                 t.write(addr, bytes(args))
@@ -245,7 +388,9 @@ def _fork(fz: Frozen) -> Tracee:
         # its own session: a dead child must not keep the target's pid number
         # (as session or group id) taken, or a restart could not reuse it
         c.syscall("setsid", check=False)
-        c.syscall("munmap", addr, PAGE, check=False)   # our scratch page came along
+        c.write(addr, SNAP_COMM.encode() + b"\0")      # our scratch page came along:
+        c.syscall("prctl", PR_SET_NAME, addr, 0, 0, 0, check=False)   # a name that says what it is
+        c.syscall("munmap", addr, PAGE, check=False)
     except BaseException:
         kill_child(c)
         raise
@@ -269,8 +414,47 @@ def kill_child(c: Tracee) -> None:
 
 
 def discard(snap: Snapshot) -> None:
-    kill_child(snap.child)
-    snap.copies = []
+    for part in snap.parts:
+        _kill_and_reap(part)
+        part.copies = []
+
+
+def _kill_and_reap(part: Part) -> None:
+    """Kill a snapshot child; if it was a child of the target with no exit
+    signal (a process inside a tree), nobody would reap it: the target
+    does, by an injected wait4(__WALL)."""
+    cpid = part.child.pid
+    kill_child(part.child)
+    try:
+        st = read_stat(cpid)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    if st.state != "Z" or st.ppid != part.task.pid:
+        return
+    try:
+        if read_stat(part.task.pid).starttime != part.task.starttime:
+            return
+        reap_in(part.task.pid, cpid)
+    except (LcrError, OSError) as e:
+        import sys
+        print(f"lcr: snapshot process {cpid} left a zombie of pid {part.task.pid}: {e}",
+              file=sys.stderr)     # it stays one until its parent exits
+
+
+def reap_in(parent: int, cpid: int) -> None:
+    """Make ``parent`` (a live process) reap its zombie child ``cpid``."""
+    fz = Frozen(parent)
+    try:
+        fz.freeze()
+        t = fz.leader
+        insn = t.find_syscall_insn(memory.vdso_text(memory.collect(read_smaps(parent))))
+        for th in fz.threads.values():
+            th.insn = insn
+        fz.block_signals()
+        t.syscall("wait4", cpid, 0, WNOHANG | WALL, 0, check=False)
+        fz.unblock_signals()
+    finally:
+        fz.thaw()
 
 
 # --- writeback ---------------------------------------------------------------
@@ -283,38 +467,91 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
         raise NotCheckpointable(snap.pid, snap.table.blockers)
     if not snap.alive():
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
-    task = snap.task
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
-                unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped, zombies=[])
-    normal = [v for v in task.vmas if v.pages and not _special(v)]
-    child = snap.child
+                unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped,
+                zombies=snap.zombies)
     ring = memory._ring()
 
     def chunks():
-        for i, (addr, n) in enumerate(memory.page_runs(child.pid, normal)):
-            view = ring[i % RING][: n * PAGE]
-            child.readinto(addr, view)
-            yield addr, view
+        i = 0
+        for part in snap.parts:
+            normal = [v for v in part.task.vmas if v.pages and not _special(v)]
+            for addr, n in memory.page_runs(part.child.pid, normal):
+                view = ring[i % RING][: n * PAGE]
+                i += 1
+                part.child.readinto(addr, view)
+                yield part.pid, addr, view
 
     def pages(w: ImageWriter) -> None:
-        for addr, view in prefetch(chunks()):
-            w.page_run(snap.pid, addr, view)
+        for pid, addr, view in prefetch(chunks()):
+            w.page_run(pid, addr, view)
             if progress:
                 progress(len(view))
-        for addr, buf in snap.copies:
-            for off in range(0, len(buf), memory.CHUNK):
-                w.page_run(snap.pid, addr + off, memoryview(buf)[off:off + memory.CHUNK])
+        for part in snap.parts:
+            for addr, buf in part.copies:
+                for off in range(0, len(buf), memory.CHUNK):
+                    w.page_run(part.pid, addr + off, memoryview(buf)[off:off + memory.CHUNK])
 
-    w = dump.write_image(fd, snap.pid, [task], tree, pages, compress=compress, name=name)
-    return dict(pages=w.pages, bytes=w.bytes_written, seconds=time.monotonic() - t0)
+    w = dump.write_image(fd, snap.pid, [p.task for p in snap.parts], tree, pages,
+                         compress=compress, name=name)
+    return dict(pages=w.pages, bytes=w.bytes_written, seconds=time.monotonic() - t0,
+                processes=len(snap.parts))
 
 
 # --- rollback -----------------------------------------------------------------
 
 def rollback(snap: Snapshot, *, memory_only: bool = False) -> dict:
-    """Bring the live process back to the snapshot (same pid)."""
+    """Bring the live process (or tree: the same processes, same pids) back
+    to the snapshot."""
     t0 = time.monotonic()
-    pid, task = snap.pid, snap.task
+    pid = snap.pid
+    _check_same_tree(snap)
+    if not snap.alive():
+        raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
+    for part in snap.parts:
+        _precheck_files(part.task)
+    tree = _SnapTree(pid, set(snap.children()))
+    try:
+        tree.freeze()
+        if sorted(tree.order) != sorted(p.pid for p in snap.parts):
+            _check_same_tree(snap)        # changed as we froze it: says how
+            raise RollbackRefused(f"cannot roll back pid {pid}: its tree changed while it was frozen")
+        pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
+    except BaseException:
+        tree.thaw()
+        raise
+    warnings: list[str] = []
+    try:
+        for part in snap.parts:
+            fz = tree.procs[part.pid]
+            fz.block_signals()
+            _rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings)
+        if not memory_only:
+            warnings += _refill_pipes(snap)
+    except BaseException as e:
+        # address spaces may be half rebuilt: the processes cannot go on
+        for p in tree.order:
+            tree.procs[p].send_kill()
+            for th in tree.procs[p].threads.values():
+                th.detach()
+        what = f"pid {pid}" if len(snap.parts) == 1 else f"the tree of pid {pid}"
+        killed = "the process was killed" if len(snap.parts) == 1 else "its processes were killed"
+        if isinstance(e, LcrError):
+            raise RestoreError(f"rollback of {what} failed midway ({e}); {killed}") from None
+        raise RestoreError(f"rollback of {what} failed midway ({type(e).__name__}: {e}); "
+                           f"{killed}") from None
+    tree.thaw()
+    gone = [z.pid for z in snap.zombies if not pstree.is_zombie(z.pid)]
+    if gone:
+        warnings.append(f"zombie child(ren) {', '.join(map(str, gone))} of the snapshot were reaped "
+                        "since: they cannot come back")
+    return dict(pid=pid, seconds=time.monotonic() - t0, warnings=warnings,
+                memory_only=memory_only, processes=len(snap.parts))
+
+
+def _check_same_tree(snap: Snapshot) -> None:
+    """The live tree must hold the same processes as the snapshot."""
+    pid = snap.pid
     try:
         same = read_stat(pid).starttime == snap.starttime
     except (FileNotFoundError, ProcessLookupError):
@@ -322,32 +559,63 @@ def rollback(snap: Snapshot, *, memory_only: bool = False) -> dict:
     if not same:
         raise NoSuchProcess(f"pid {pid}: the process snapshot {snap.crid} was taken of has exited",
                             "use lcr writeback and lcr restart instead")
-    if not snap.alive():
-        raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
-    _precheck_files(task)
-    fz = Frozen(pid)
-    try:
-        fz.freeze()
-        pairs = _pair_threads(fz, task)
-    except BaseException:
-        fz.thaw()
-        raise
-    warnings: list[str] = []
-    try:
-        fz.block_signals()
-        _rollback_frozen(snap, fz, pairs, memory_only, warnings)
-    except BaseException as e:
-        # the address space may be half rebuilt: the process cannot go on
-        fz.send_kill()
-        for th in fz.threads.values():
-            th.detach()
-        if isinstance(e, LcrError):
-            raise RestoreError(f"rollback of pid {pid} failed midway ({e}); the process was killed") from None
-        raise RestoreError(f"rollback of pid {pid} failed midway ({type(e).__name__}: {e}); "
-                           "the process was killed") from None
-    fz.thaw()
-    return dict(pid=pid, seconds=time.monotonic() - t0, warnings=warnings,
-                memory_only=memory_only)
+    now = tree_pids(pid, set(snap.children()))
+    was = {p.pid: p.starttime for p in snap.parts}
+    added = sorted(p for p in now if was.get(p) != now[p])
+    removed = sorted(p for p in was if now.get(p) != was[p])
+    if added or removed:
+        why = [f"pid {p} was created since the snapshot" for p in added]
+        why += [f"pid {p} has exited since the snapshot" for p in removed]
+        raise RollbackRefused(f"cannot roll back the tree of pid {pid}: {'; '.join(why)}",
+                              "a rollback needs the same processes as the snapshot; "
+                              "use lcr writeback and lcr restart instead")
+
+
+def _refill_pipes(snap: Snapshot) -> list[str]:
+    """Pipes with both ends inside the snapshot's processes get back the
+    bytes they held at the snapshot moment (what is in them now is thrown
+    away).  Pipes to the outside are left as they are: bytes already read
+    out there cannot be taken back."""
+    ends: dict[int, set[int]] = {}
+    for d in snap.table.descs:
+        if d.kind == "pipe":
+            ends.setdefault(d.pipe, set()).add(d.flags & os.O_ACCMODE)
+    descs = {d.fid: d for d in snap.table.descs}
+    holders: dict[int, tuple[int, int, tuple[int, int]]] = {}    # ino -> (pid, fd, key)
+    for part in snap.parts:
+        keys = snap.table.keys.get(part.pid, {})
+        for f in part.task.files:
+            d = descs.get(f.fid)
+            if d is not None and d.kind == "pipe" and f.fd in keys:
+                holders.setdefault(d.pipe, (part.pid, f.fd, keys[f.fd]))
+    warnings = []
+    for pd in snap.table.pipe_list():
+        if not {os.O_RDONLY, os.O_WRONLY} <= ends.get(pd.ino, set()) or pd.ino not in holders:
+            continue
+        pid, fd, key = holders[pd.ino]
+        if _fd_key(pid, fd) != key:
+            warnings.append(f"pipe:[{pd.ino}]: no longer at fd {fd} of pid {pid}; its bytes were not put back")
+            continue
+        try:
+            f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            warnings.append(f"pipe:[{pd.ino}]: cannot open it ({e.strerror}); its bytes were not put back")
+            continue
+        try:
+            while True:
+                try:
+                    if not os.read(f, 1 << 16):
+                        break
+                except BlockingIOError:
+                    break
+            data = memoryview(pd.data)
+            while data:
+                data = data[os.write(f, data):]
+        except BlockingIOError:
+            warnings.append(f"pipe:[{pd.ino}]: full before all its {len(pd.data)} bytes were put back")
+        finally:
+            os.close(f)
+    return warnings
 
 
 def _precheck_files(task: Task) -> None:
@@ -386,9 +654,9 @@ def _same_shared(a: Vma, b: Vma) -> bool:
         and (a.shm == b.shm if a.kind == "shmem" else a.path == b.path and a.offset == b.offset)
 
 
-def _rollback_frozen(snap: Snapshot, fz: Frozen, pairs, memory_only: bool,
+def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only: bool,
                      warnings: list[str]) -> None:
-    pid, task, t = snap.pid, snap.task, fz.leader
+    pid, task, t = part.pid, part.task, fz.leader
     now = memory.collect(read_smaps(pid))
     if [(v.kind, v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS] != \
             [(v.kind, v.start, v.end) for v in task.vmas if v.kind in memory.VDSO_KINDS]:
@@ -431,7 +699,7 @@ def _rollback_frozen(snap: Snapshot, fz: Frozen, pairs, memory_only: bool,
         for fd in shmfds.values():
             t.syscall("close", fd, check=False)
     # 2. the pages
-    _pour(snap, t, [v for v in task.vmas if v.pages and not _special(v)])
+    _pour(part, t, [v for v in task.vmas if v.pages and not _special(v)])
     memory.protect_areas(t, remap)
     # 3. kernel view of the memory layout (brk) when it moved
     arena.reset()
@@ -454,24 +722,75 @@ def _rollback_frozen(snap: Snapshot, fz: Frozen, pairs, memory_only: bool,
         else:
             signals.restore_altstack(live, arena, saved.altstack)
         cpu.register_rseq(live, list(saved.rseq))
-    # 5. files
+    # 5. timers and pending signals
+    if not memory_only:
+        _rollback_signal_state(part, pairs, arena)
+    # 6. files
     if not memory_only:
         arena.reset()
-        warnings += _rollback_files(snap, t, arena)
+        warnings += _rollback_files(snap, part, t, arena)
         try:
             files.restore_fs(t, arena, task.cwd, "/")
         except LcrError as e:
             warnings.append(str(e))
         t.syscall("umask", task.umask)
     t.syscall("munmap", gap, TRAMPOLINE)
-    # 6. registers, FPU and masks come back at thaw
+    # 7. registers, FPU and masks come back at thaw
     for live, saved in pairs:
         cpu.restore_fpu(live, saved.xstate)
         live.saved_regs = cpu.final_regs(saved.regs)
         fz.masks[live.pid] = saved.sigmask
 
 
-def _pour(snap: Snapshot, t: Tracee, normal: list[Vma]) -> None:
+def _pending_now(pairs) -> list:
+    """What is queued now, in the shape of the saved records."""
+    out = []
+    for i, (live, _saved) in enumerate(pairs):
+        shared = [True] if i == 0 else []
+        out.append([(sh, info) for sh in [False] + shared
+                    for info in ptrace.peek_siginfo(live.pid, sh)])
+    return out
+
+
+def _rollback_signal_state(part: Part, pairs, arena: Arena) -> None:
+    """setitimer() timers, POSIX timers, and the pending signals of the
+    process and of each thread become the snapshot's.  Signals that arrived
+    since are taken away (drained inside each thread); the snapshot's are
+    queued again with their siginfo."""
+    task, t = part.task, pairs[0][0]
+    arena.reset()
+    saved_pending = [[(p.shared, p.siginfo) for p in s.pending] for _l, s in pairs]
+    if _pending_now(pairs) != saved_pending:
+        for live, _saved in pairs[1:]:      # their own queues first
+            arena.reset()
+            signals.drain_pending(live, arena)
+        arena.reset()
+        signals.drain_pending(t, arena)     # its own queue, then the process's
+        refill = True
+    else:
+        refill = False
+    arena.reset()
+    signals.set_itimers(t, arena, task.itimers)
+    vtid = {live.pid: _vtid(live.pid) for live, _s in pairs}
+    tids = {(s.vtid if s is not task else (task.vpid or task.pid)): vtid[live.pid] for live, s in pairs}
+    if task.posix_timers or os.path.exists(f"/proc/{part.pid}/timers"):
+        arena.reset()
+        posix_timers.roll_back(t, arena, list(task.posix_timers), tids)
+    if refill:
+        vpid = vtid[t.pid]
+        for live, saved in pairs:
+            arena.reset()
+            if saved is task:
+                signals.queue_pending(t, arena, task.pending, vpid, vpid)
+            else:
+                signals.queue_pending(t, arena, saved.pending, vpid, vtid[live.pid])
+
+
+def _vtid(tid: int) -> int:
+    return read_status(tid).ns_pid[-1]
+
+
+def _pour(snap: Part, t: Tracee, normal: list[Vma]) -> None:
     """Pages from the snapshot child into the live process, then the copies."""
     child = snap.child
     ring = memory._ring()
@@ -496,17 +815,19 @@ def _fd_key(pid: int, fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _rollback_files(snap: Snapshot, t: Tracee, arena: Arena) -> list[str]:
+def _rollback_files(snap: Snapshot, part: Part, t: Tracee, arena: Arena) -> list[str]:
     """Offsets back; fds opened since closed; regular files closed since reopened.
-    Pipes, sockets and other kinds are left as they are."""
-    pid, warnings = snap.pid, []
-    saved = {f.fd: f for f in snap.task.files}
+    Pipes, sockets and other kinds are left as they are (pipes inside the
+    tree get their bytes back later: _refill_pipes)."""
+    pid, warnings = part.pid, []
+    saved = {f.fd: f for f in part.task.files}
     descs = {d.fid: d for d in snap.table.descs}
+    keys = snap.table.keys.get(pid, {})
     for fd in list_fds(pid):
-        if fd not in snap.table.keys:
+        if fd not in keys:
             t.syscall("close", fd, check=False)
     reopened: dict[int, int] = {}     # fid -> fd number it now lives on
-    for fd, key in sorted(snap.table.keys.items()):
+    for fd, key in sorted(keys.items()):
         f = saved.get(fd)
         d = descs.get(f.fid) if f else None
         now = _fd_key(pid, fd)

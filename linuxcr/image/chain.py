@@ -18,7 +18,6 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import xxhash
 
 from linuxcr.errors import ImageError
@@ -38,6 +37,12 @@ class Indexed:
     own: dict[int, list[Record]] = field(default_factory=dict)          # pid -> PAGES, by address
     held: dict[int, list[runs.Tagged]] = field(default_factory=dict)    # pid -> (start, end, depth)
     _last: tuple[int, memoryview] | None = None    # the record read last: runs come in order
+    _keys: dict[int, list[int]] = field(default_factory=dict)
+
+    def keys(self, pid: int) -> list[int]:
+        if pid not in self._keys:
+            self._keys[pid] = [r.meta.addr for r in self.own.get(pid, [])]  # type: ignore[attr-defined]
+        return self._keys[pid]
 
     def pages_of(self, rec: Record) -> memoryview:
         if self._last is None or self._last[0] != rec.data_offset:
@@ -188,7 +193,7 @@ class Chain:
                              f"{len(self.images)}")
         img = self.images[depth - 1]
         recs = img.own.get(pid, [])
-        keys = [r.meta.addr for r in recs]  # type: ignore[attr-defined]
+        keys = img.keys(pid)
         i = max(0, bisect.bisect_right(keys, start) - 1)
         cur = start
         while cur < end:
@@ -217,9 +222,10 @@ class Chain:
         from a child of the parent (1: the parent itself)."""
         return [(s, e, d + 1) for s, e, d in self.parent.held.get(pid, [])]
 
-    def hashes(self, pid: int) -> tuple[np.ndarray, np.ndarray]:
+    def hashes(self, pid: int):
         """Addresses and xxh3 of every page of pid at the parent's checkpoint
         (read from the chain): what a child without a write tracker compares with."""
+        import numpy as np
         held = self.held(pid)
         n = runs.total(held) // PAGE
         addrs = np.empty(n, dtype=np.uint64)

@@ -21,7 +21,7 @@ from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
-    process_vm_readv, process_vm_writev, user_regs_struct,
+    IOV_MAX, process_vm_readv, process_vm_writev, process_vm_writev_many, user_regs_struct,
 )
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -269,6 +269,18 @@ class Tracee:
             n = os.pwritev(self.mem_fd(), [mv], addr + got)
             if n != len(mv):
                 raise KernelError(f"pid {self.pid}: short write of memory at 0x{addr + got:x}")
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        """Scattered pieces, IOV_MAX at a time; piece by piece where that fails."""
+        for i in range(0, len(pieces), IOV_MAX):
+            batch = pieces[i:i + IOV_MAX]
+            try:
+                got = process_vm_writev_many(self.pid, batch)
+            except OSError:
+                got = 0
+            if got < sum(len(d) for _, d in batch):
+                for addr, data in batch:
+                    self.write(addr, data)
 
     def mem_fd(self) -> int:
         if self._mem_fd is None:

@@ -155,3 +155,57 @@ def _arm(t: Tracee, arena: Arena, tm: PosixTimer) -> None:
         t.syscall("timer_settime", tm.id, 0, arena.put(_ITIMERSPEC.pack(isec, insec, vsec, vnsec)), 0)
     except OSError as e:
         raise RestoreError(f"cannot arm POSIX timer {tm.id} again: {e.strerror}") from None
+
+
+# --- rollback of a live process (engine/snapshots.py) --------------------------
+
+def roll_back(t: Tracee, arena: Arena, saved: list[PosixTimer], tids: dict[int, int]) -> dict:
+    """The live process's timers become the saved ones: timers made since are
+    deleted, timers deleted since are created again with their ids, and every
+    saved timer is set to its saved interval and time left (disarmed if it
+    was).  A timer whose id lives on with the same clock and notification is
+    kept (only re-armed).  ``tids``: saved tid -> the live thread standing
+    for it now (SIGEV_THREAD_ID), as the process sees both."""
+    saved = [_retarget(tm, tids) for tm in saved]
+    want = {tm.id: tm for tm in saved}
+    try:
+        now = {pt.id: pt for pt in read_timers(t.pid)}
+    except FileNotFoundError:
+        now = {}
+    gone, kept = [], []
+    for tid_, pt in now.items():
+        tm = want.get(tid_)
+        if tm is not None and _same_kind(pt, tm):
+            kept.append(tm)
+        else:
+            gone.append(tid_)
+    for i in sorted(gone):
+        t.syscall("timer_delete", i, check=False)
+    make = [tm for tm in saved if tm.id not in {k.id for k in kept}]
+    restore(t, arena, make)         # created with their ids, armed
+    for tm in kept:
+        _arm_exact(t, arena, tm)
+    return dict(deleted=len(gone), created=len(make), rearmed=len(kept))
+
+
+def _retarget(tm: PosixTimer, tids: dict[int, int]) -> PosixTimer:
+    if tm.notify & SIGEV_THREAD_ID and tm.tid in tids and tids[tm.tid] != tm.tid:
+        import msgspec
+        return msgspec.structs.replace(tm, tid=tids[tm.tid])
+    return tm
+
+
+def _same_kind(pt, tm: PosixTimer) -> bool:
+    if (pt.clock, pt.notify, pt.signo) != (tm.clock, tm.notify, tm.signo):
+        return False
+    if tm.notify != SIGEV_NONE and pt.value != tm.sigval:
+        return False
+    return not pt.thread_id or _vtid(pt.target) == tm.tid
+
+
+def _arm_exact(t: Tracee, arena: Arena, tm: PosixTimer) -> None:
+    """timer_settime to the saved values, disarming a timer that was disarmed."""
+    isec, insec, vsec, vnsec = tm.interval_s, tm.interval_ns, tm.left_s, tm.left_ns
+    if not (vsec or vnsec) and (isec or insec):
+        vnsec = 1
+    t.syscall("timer_settime", tm.id, 0, arena.put(_ITIMERSPEC.pack(isec, insec, vsec, vnsec)), 0)

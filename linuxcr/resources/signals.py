@@ -8,6 +8,7 @@ import struct
 from linuxcr.image.schema import PendingSignal, SigAction
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.sys import ptrace
+from linuxcr.sys.syscalls import NR
 
 SIG_IGN = 1
 _KSIGACTION = struct.Struct("<QQQQ")       # handler, flags, restorer, mask
@@ -99,3 +100,40 @@ def queue_pending(t: Tracee, arena: Arena, pending: list[PendingSignal], pid: in
             t.syscall("rt_sigqueueinfo", pid, sig, info)
         else:
             t.syscall("rt_tgsigqueueinfo", pid, tid, sig, info)
+
+
+# --- rollback of a live process (engine/snapshots.py) --------------------------
+
+_TIMESPEC = struct.Struct("<qq")
+# x86_64 number; belongs in sys/syscalls.py NR (added here until it is there)
+EAGAIN = 11
+DRAIN_MAX = 1 << 16
+
+
+def set_itimers(t: Tracee, arena: Arena, timers: list[list[int]]) -> None:
+    """All three setitimer() timers exactly as saved: armed ones armed with
+    their interval and time left, the others disarmed (restore_itimers only
+    arms: a new task starts with none)."""
+    for which in range(3):
+        tv = timers[which] if which < len(timers) and len(timers[which]) == 4 else [0, 0, 0, 0]
+        isec, iusec, vsec, vusec = tv
+        if not (vsec or vusec) and (isec or iusec):
+            vusec = 1       # periodic, just fired: armed, due now (see restore_itimers)
+        t.syscall("setitimer", which, arena.put(_ITIMERVAL.pack(isec, iusec, vsec, vusec)), 0)
+
+
+def drain_pending(t: Tracee, arena: Arena) -> int:
+    """Dequeue every signal pending for thread ``t`` -- its private queue,
+    then the process-wide one -- with rt_sigtimedwait() and a zero timeout,
+    injected into it (SIGKILL and SIGSTOP excepted: they cannot be pending
+    on a stopped, living task anyway).  Returns how many were taken."""
+    every = ((1 << 64) - 1) & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1))
+    sset = arena.put(every.to_bytes(8, "little"))
+    zero = arena.put(_TIMESPEC.pack(0, 0))
+    for n in range(DRAIN_MAX):
+        ret = t.syscall("rt_sigtimedwait", sset, 0, zero, 8, check=False)
+        if ret == -EAGAIN:
+            return n
+        if ret < 0:
+            raise OSError(-ret, f"rt_sigtimedwait in pid {t.pid}: cannot take a pending signal")
+    raise OSError(EAGAIN, f"pid {t.pid}: signals keep arriving faster than they can be taken")

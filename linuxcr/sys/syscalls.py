@@ -16,7 +16,7 @@ _syscall.restype = ctypes.c_long
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
 NR = dict(
-    read=0, write=1, open=2, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
+    read=0, write=1, open=2, wait4=61, rt_sigtimedwait=128, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
     brk=12, rt_sigaction=13, rt_sigprocmask=14, ioctl=16, mremap=25, madvise=28,
     dup=32, dup2=33, getitimer=36, setitimer=38, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
     ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
@@ -98,6 +98,24 @@ def process_vm_writev(pid: int, local: memoryview | bytes | bytearray, remote_ad
     liov = iovec(addr, n)
     riov = iovec(remote_addr, n)
     return syscall(NR["process_vm_writev"], pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+
+
+IOV_MAX = 1024
+
+
+def process_vm_writev_many(pid: int, pieces: list[tuple[int, memoryview | bytes | bytearray]]) -> int:
+    """Many (remote address, data) pieces in one call (at most IOV_MAX);
+    returns the bytes written (the kernel stops at the first failure)."""
+    n = len(pieces)
+    liov = (iovec * n)()
+    riov = (iovec * n)()
+    keep = []
+    for i, (addr, data) in enumerate(pieces):
+        a, k = _buffer_address(data)
+        keep.append(k)
+        liov[i] = iovec(a, len(data))
+        riov[i] = iovec(addr, len(data))
+    return syscall(NR["process_vm_writev"], pid, liov, n, riov, n, 0)
 
 
 def clone3_stopped_child(set_tid: int | None) -> int:

@@ -1,0 +1,231 @@
+"""The destination's early tree: blank tasks with the saved address spaces,
+filled with pages while the source still runs, then reconciled with the
+final (incremental) image.
+
+Which areas take part (both sides use the same rule, ``in_skeleton``):
+private anonymous and private file mappings, whose pages are pre-copied.
+Shared areas (MAP_SHARED files, shared anonymous memory, memfds, unlinked
+files) are mapped only at the end, from the final image's objects, with
+their pages: another process may write them, which no tracker sees.
+
+An area of the skeleton is kept at the end only if it is *identical* in
+the final layout (``area_key``: start, end, protection, kind, path, offset,
+name, flags but the userfaultfd ones); then only the pages written since
+they were sent come again.  Any other area is unmapped and mapped anew.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from linuxcr.engine import restore, spawn
+from linuxcr.engine.restore import TRAMPOLINE, Rebuild
+from linuxcr.errors import ImageError, RestoreError
+from linuxcr.image import runs
+from linuxcr.image.schema import Task, Tree, Vma
+from linuxcr.image.stream import PAGE
+from linuxcr.remote.task import Arena, Tracee
+from linuxcr.resources import memory
+from linuxcr.migration.protocol import MigrationError
+
+SKELETON_KINDS = ("anon", "file")
+IGNORED_VMFLAGS = frozenset({"uw", "um", "ui"})   # userfaultfd registrations (the tracker's)
+MADV_DONTNEED = 4
+
+
+def in_skeleton(v: Vma) -> bool:
+    return not v.shared and v.kind in SKELETON_KINDS and v.pages
+
+
+def skeleton_vmas(vmas: list[Vma]) -> list[Vma]:
+    """What the preliminary metadata carries: pre-copied areas and the vDSO."""
+    return [v for v in vmas if in_skeleton(v) or v.kind in memory.VDSO_KINDS]
+
+
+def area_key(v: Vma) -> tuple:
+    return (v.start, v.end, v.prot, v.shared, v.kind, v.path, v.offset, v.name, v.pages,
+            tuple(sorted(set(v.vmflags) - IGNORED_VMFLAGS)))
+
+
+def identical_areas(prelim: list[Vma], final: list[Vma]) -> list[tuple[int, int]]:
+    """(start, end) of the skeleton areas the final layout keeps as they were."""
+    keys = {area_key(v) for v in prelim if in_skeleton(v)}
+    return runs.normalize((v.start, v.end) for v in final if in_skeleton(v) and area_key(v) in keys)
+
+
+def clip(ranges: list[tuple[int, int]], within: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` inside ``within`` (both normalized)."""
+    return [(s, e) for s, e, _ in runs.intersect_tagged(ranges, [(a, b, 0) for a, b in within])]
+
+
+@dataclass
+class Skeleton:
+    """The tree being rebuilt at the destination, before the final image."""
+    tree: Tree
+    tasks: list[Task]
+    blank: spawn.Blank
+    mode: str
+    root: Tracee
+    pidfd: int                               # lcr's pidfd, inherited by every blank at this number
+    made: list[Rebuild] = field(default_factory=list)
+    filled: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    pages: int = 0
+    closed: bool = False
+
+    @classmethod
+    def build(cls, tree: Tree, tasks: list[Task]) -> "Skeleton":
+        for k in tasks:
+            bad = [v for v in k.vmas if not (in_skeleton(v) or v.kind in memory.VDSO_KINDS)]
+            if bad:
+                raise ImageError(f"the preliminary metadata of pid {k.pid} holds a shared area "
+                                 f"at 0x{bad[0].start:x}")
+        restore._raise_nofile(64)
+        pidfd = os.pidfd_open(os.getpid())      # the blanks inherit it: how fds reach them later
+        try:
+            blank, mode = spawn_blank(tasks[0], tree, tasks)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        sk = cls(tree=tree, tasks=tasks, blank=blank, mode=mode, pidfd=pidfd,
+                 root=Tracee(blank.pid, exitkill=True, traceclone=True))
+        try:
+            sk.root.seize()
+            sk.root.stop()
+            restore._build_tree(sk.root, tasks, tree, False, sk.made)
+            for r in sk.made:
+                restore._prepare(r, {})
+        except BaseException as e:
+            sk.destroy()
+            if isinstance(e, OSError):
+                raise RestoreError(f"cannot build the tree of pid {tasks[0].pid}: {e}") from None
+            raise
+        sk.filled = {r.task.pid: [] for r in sk.made}
+        return sk
+
+    def by_pid(self) -> dict[int, Rebuild]:
+        return {r.task.pid: r for r in self.made}
+
+    # --- pre-copy ---------------------------------------------------------------------
+    def write(self, pid: int, addr: int, npages: int, data: memoryview) -> None:
+        r = next((x for x in self.made if x.task.pid == pid), None)
+        if r is None or not memory.check_pages_fit([v for v in r.task.vmas if in_skeleton(v)],
+                                                   addr, npages):
+            raise MigrationError(f"the source sent pages at 0x{addr:x} of pid {pid}, outside "
+                                 "every pre-copied area")
+        r.t.write(addr, data)
+        self.filled[pid].append((addr, addr + npages * PAGE))
+        self.pages += npages
+
+    # --- the end ----------------------------------------------------------------------------
+    def same_tree(self, tree: Tree, tasks: list[Task]) -> bool:
+        def shape(ts: list[Task], t: Tree):
+            return ([(k.pid, k.ppid, k.vpid or k.pid) for k in ts],
+                    sorted((z.pid, z.ppid) for z in t.zombies))
+        return shape(tasks, tree) == shape(self.tasks, self.tree)
+
+    def give_fds(self, r: Rebuild, fds: set[int]) -> dict[int, int]:
+        """lcr's fds, copied into task r (pidfd_getfd through the inherited
+        pidfd of lcr): lcr fd -> the task's fd."""
+        out = {}
+        for fd in sorted(fds):
+            try:
+                out[fd] = r.t.syscall("pidfd_getfd", self.pidfd, fd, 0)
+            except OSError as e:
+                raise RestoreError(f"cannot hand fd {fd} to pid {r.task.pid}: "
+                                   f"{os.strerror(e.errno)}") from None
+        return out
+
+    def reconcile(self, r: Rebuild, final: Task, shm: dict) -> None:
+        """Unmap the areas that changed, map the final ones (pages come later)."""
+        t = r.t
+        if memory.vdso_area(r.task.vmas) != memory.vdso_area(final.vmas):
+            raise MigrationError(f"pid {final.pid}: its vDSO moved during the migration")
+        pkeys = {area_key(v) for v in r.task.vmas if in_skeleton(v)}
+        fkeys = {area_key(v) for v in final.vmas if in_skeleton(v)}
+        gone = runs.normalize((v.start, v.end) for v in r.task.vmas
+                              if in_skeleton(v) and area_key(v) not in fkeys)
+        new = [v for v in final.vmas if v.kind not in memory.VDSO_KINDS
+               and not (in_skeleton(v) and area_key(v) in pkeys)]
+        if any(v.start < r.tramp + TRAMPOLINE and r.tramp < v.end for v in final.vmas):
+            self._move_trampoline(r, final)
+        assert r.arena is not None
+        for s, e in gone:
+            t.syscall("munmap", s, e - s)
+        if new:
+            memory.map_areas(t, new, r.arena, shm)
+
+    def _move_trampoline(self, r: Rebuild, final: Task) -> None:
+        t = r.t
+        at = restore._free_gap(final, t.pid)
+        t.syscall("mmap", at, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)
+        t.write(at, b"\x0f\x05")
+        old = r.tramp
+        t.insn, r.tramp = at, at
+        r.arena = Arena(t, at + PAGE, TRAMPOLINE - PAGE)
+        t.syscall("munmap", old, TRAMPOLINE)
+
+    def drop_stale(self, r: Rebuild, final: Task, pagemap: list[tuple[int, int, int]],
+                   stored: list[tuple[int, int]], name: str) -> int:
+        """Check the final page map against what we hold; drop pages we filled
+        that the process no longer has.  Returns the pages it inherited."""
+        pid = final.pid
+        try:
+            rr = runs.merge_tagged(pagemap)
+        except ValueError as e:
+            raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
+        if any(d > 1 for _, _, d in rr):
+            raise ImageError(f"{name} is corrupt: its page map of pid {pid} reaches beyond "
+                             "the pre-copied state")
+        if runs.normalize(stored) != runs.normalize((s, e) for s, e, d in rr if d == 0):
+            raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
+                             "match its page map")
+        held = clip(runs.normalize(self.filled.get(pid, [])),
+                    identical_areas(r.task.vmas, final.vmas))
+        inherited = runs.normalize((s, e) for s, e, d in rr if d == 1)
+        missing = runs.subtract(inherited, held)
+        if missing:
+            raise MigrationError(f"the source counts pages of pid {pid} at 0x{missing[0][0]:x} as "
+                                 "already sent, but they were not")
+        stale = runs.subtract(held, runs.normalize((s, e) for s, e, _ in rr))
+        for s, e in stale:
+            r.t.syscall("madvise", s, e - s, MADV_DONTNEED)
+        return runs.total(inherited) // PAGE
+
+    def release(self) -> None:
+        for r in reversed(self.made):
+            for th in r.made:
+                th.detach()
+            r.t.detach()
+        self._close_fds()
+
+    def destroy(self) -> None:
+        if self.closed:
+            return
+        restore._destroy([self.root] + [r.t for r in self.made if r.t is not self.root],
+                         self.blank.init_pid)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for fd in (self.blank.keep, self.pidfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def spawn_blank(root: Task, tree: Tree, tasks: list[Task]) -> tuple[spawn.Blank, str]:
+    """The root's blank: with the saved pids where they are free, else in a
+    new pid namespace (always so on the machine the process comes from: the
+    source still holds them)."""
+    mode = restore.restore_mode(root, False)
+    if mode == "host":
+        pids = [k.vpid or k.pid for k in tasks] + [z.vpid for z in tree.zombies]
+        if any(os.path.exists(f"/proc/{p}") for p in pids):
+            mode = "ns"
+    vpid = root.vpid or root.pid
+    if mode == "host":
+        return spawn.in_host(vpid), mode
+    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid,
+                                   user_ns=os.geteuid() != 0), mode
