@@ -39,7 +39,7 @@ from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, Permissio
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.pipeline import RING, prefetch
-from linuxcr.procfs import list_fds, read_fdinfo, read_smaps, read_stat, read_status
+from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone, Tracee
 from linuxcr.resources import cpu, files, memory, posix_timers, process, pstree, signals
@@ -124,6 +124,7 @@ class Snapshot:
     mapped: list = field(default_factory=list)   # memfd/unlinked objects only mapped
     zombies: list = field(default_factory=list)  # zombie children in the tree
     tracer_tid: int = 0
+    early_smaps: dict = field(default_factory=dict)   # pid -> smaps read before the freeze (take)
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
 
     @property
@@ -268,11 +269,27 @@ def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int
          ) -> Snapshot:
     """Snapshot process ``pid`` and all its descendants (every thread of
     each); they run on afterwards.  ``exclude``: pids never to take in (the
-    snapshot children of earlier snapshots)."""
+    snapshot children of earlier snapshots).
+
+    /proc/PID/smaps walks every page (60 ms at 4 GiB): it is read before
+    the freeze, and while frozen only the cheap /proc/PID/maps is compared
+    with it.  The VmFlags could still change with the layout unchanged
+    (madvise over a whole area) in that window: after the thaw they are
+    read again, and if an area's flags differ the snapshot is taken again
+    with smaps read frozen."""
+    snap = _take(pid, crid, exclude, early=True)
+    if _flags_still(snap):
+        return snap
+    discard(snap)
+    return _take(pid, crid, exclude, early=False)
+
+
+def _take(pid: int, crid: str | None, exclude, early: bool) -> Snapshot:
     t0 = time.monotonic()
     if pid == os.getpid():
         raise NotCheckpointable(pid, ["lcr cannot snapshot itself"])
-    reasons = [r for r in dump.check_process(pid) if not _fd_reason(r)]
+    pre = _smaps_now(pid, exclude) if early else {}
+    reasons = [r for r in dump.check_process(pid, pre.get(pid)) if not _fd_reason(r)]
     if reasons:
         raise NotCheckpointable(pid, reasons)
     owner = os.stat(f"/proc/{pid}").st_uid
@@ -281,7 +298,7 @@ def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int
     parts: list[Part] = []
     try:
         tree.freeze()
-        smaps = {p: read_smaps(p) for p in tree.order}
+        smaps = {p: _smaps_frozen(p, pre) for p in tree.order}
         reasons = []
         for p in list(tree.order):
             try:
@@ -312,10 +329,51 @@ def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int
     tree.thaw()
     frozen = time.monotonic() - frozen_at
     root = parts[0].task
-    return Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
+    snap = Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
                     starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
                     mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid())
+    snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
+    return snap
+
+
+def _smaps_now(root: int, exclude) -> dict:
+    """smaps of the tree's processes, read while they run."""
+    out = {}
+    queue = [root]
+    while queue:
+        p = queue.pop(0)
+        if p in out or p in exclude:
+            continue
+        try:
+            out[p] = read_smaps(p)
+            queue += pstree.children(p)
+        except (OSError, LcrError):
+            if p == root:
+                raise NoSuchProcess(f"pid {root}: no such process") from None
+    return out
+
+
+def _smaps_frozen(p: int, pre: dict):
+    """The smaps read before the freeze if the layout is still the same."""
+    got = pre.get(p)
+    if got is not None and [e.map for e in got] == read_maps(p):
+        return got
+    return read_smaps(p)
+
+
+def _flags_still(snap: Snapshot) -> bool:
+    """After the thaw: the VmFlags of the areas read before the freeze are
+    still those (so they were at the freeze).  An area changed since cannot
+    be checked: then False too, and the snapshot is taken again."""
+    for p, before in snap.early_smaps.items():
+        try:
+            now = {e.map: e.vmflags for e in read_smaps(p)}
+        except OSError:
+            return False
+        if any(now.get(e.map) != e.vmflags for e in before):
+            return False
+    return True
 
 
 def _gettid() -> int:
