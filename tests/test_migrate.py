@@ -431,3 +431,26 @@ def test_no_receiver(net, procs, bins, tmp_path):
     cp = _migrate(net, hog.pid)
     helpers.assert_clean_error(cp, match="cannot connect")
     helpers.assert_running_untraced(hog.pid)
+
+
+@needs_net
+@pytest.mark.e2e
+def test_migrate_tree(net, procs, bins, tmp_path):
+    """Two processes, two pipes between them (one with numbers in flight) and
+    one shared file description: the whole tree moves, nothing is lost."""
+    data = tmp_path / "numbers"
+    log = tmp_path / "tree.log"
+    p = helpers.start_detached([bins["tree_pipefile"], data], log)
+    m = helpers.wait_for_line(log, r"^READY pid=(\d+) child=(\d+)", pid=p.pid)
+    root, child = int(m.group(1)), int(m.group(2))
+    procs.add(root)
+    procs.add(child)
+    sent = helpers.pass_field(helpers.assert_pass(root, log, "tree_pipefile"), "sent")
+    recv = Receiver(net, procs, tmp_path)
+    cp = _migrate(net, root)
+    new = _restored(recv, procs)
+    assert cp.returncode == 0, cp.stderr
+    helpers.reap(root)
+    m2 = helpers.assert_pass(new, log, "tree_pipefile")
+    assert helpers.pass_field(m2, "sent") > sent
+    helpers.assert_running_untraced(new)
