@@ -28,7 +28,7 @@ from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreE
 from linuxcr.image import runs
 from linuxcr.image.chain import Chain
 from linuxcr.image.schema import Header, PageMap, Pages, RecType, Task, Tree
-from linuxcr.image.stream import PAGE, ImageReader, Record
+from linuxcr.image.stream import PAGE, SMALL_DATA, ImageReader, Record
 from linuxcr.pipeline import prefetch
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
@@ -443,16 +443,41 @@ def _records(reader: ImageReader, first: Record):
         rec = reader.next()
 
 
+def _grouped(reader: ImageReader, first: Record):
+    """Records in groups: a run of small PAGES records (each has a buffer of
+    its own, stream.SMALL_DATA) together, anything else alone.  Scattered
+    pages of an incremental image come in thousands of small records."""
+    group: list[Record] = []
+    size = 0
+    for rec in _records(reader, first):
+        small = rec.type is RecType.PAGES and len(rec.data) <= SMALL_DATA \
+            and rec.data_len <= SMALL_DATA
+        if group and (not small or size >= CHAIN_BATCH or len(group) >= 512):
+            yield group
+            group, size = [], 0
+        if small:
+            group.append(rec)
+            size += len(rec.data)
+        else:
+            yield [rec]
+    if group:
+        yield group
+
+
 def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record,
                 chain: Chain | None = None) -> int:
     """Pour pages into the tasks; a helper thread reads (and checks) the next
-    record from the image meanwhile.  An incremental image's PAGEMAP then
+    records from the image meanwhile.  An incremental image's PAGEMAP then
     says which pages its parents hold: those come from the chain."""
     by_pid = {r.task.pid: r for r in made}
     total = 0
     stored: dict[int, list[tuple[int, int]]] = {}
     maps: dict[int, list[tuple[int, int, int]]] = {}
-    for rec in prefetch(_records(reader, first)):
+    for group in prefetch(_grouped(reader, first)):
+        if len(group) > 1 or (group[0].type is RecType.PAGES and len(group[0].data) <= SMALL_DATA):
+            total += _write_group(group, by_pid, stored, maps, reader.name)
+            continue
+        rec = group[0]
         if rec.type is RecType.TRAILER:
             reader.expect_end()
             if chain is not None:
@@ -484,38 +509,64 @@ def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record,
     raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
 
 
+def _write_group(group: list[Record], by_pid: dict[int, Rebuild], stored, maps, name: str) -> int:
+    """Small PAGES records, written with one process_vm_writev per task."""
+    if maps:
+        raise ImageError(f"{name} is corrupt: pages after its page map")
+    pieces: dict[int, list] = {}
+    n = 0
+    for rec in group:
+        meta: Pages = rec.meta  # type: ignore[assignment]
+        r = by_pid.get(meta.pid)
+        if r is None or not memory.check_pages_fit(r.task.vmas, meta.addr, meta.npages):
+            raise ImageError(f"{name} is corrupt: pages at 0x{meta.addr:x} lie outside "
+                             "every saved memory area")
+        pieces.setdefault(meta.pid, []).append((meta.addr, rec.data))
+        stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
+        n += meta.npages
+    for pid, ps in pieces.items():
+        by_pid[pid].t.write_many(ps)
+        faults.point("restore.pages")
+    return n
+
+
 def _fill_from_chain(by_pid: dict[int, Rebuild], chain: Chain, stored, maps, name: str) -> int:
-    """The pages an incremental image left to its parents: pieces are
-    gathered and written in one process_vm_writev (each record the chain
-    reads is a buffer of its own, so the views stay valid)."""
+    """The pages an incremental image left to its parents.  A helper thread
+    reads them from the chain (each record the chain reads is a buffer of its
+    own, so the pieces stay valid) while this one writes them, gathered, one
+    process_vm_writev per batch."""
+    def batches():
+        for pid, r in by_pid.items():
+            try:
+                rr = runs.merge_tagged(maps.get(pid, []))
+            except ValueError as e:
+                raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
+            if runs.normalize(s for s in stored.get(pid, [])) != \
+                    runs.normalize((s, e) for s, e, d in rr if d == 0):
+                raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
+                                 "match its page map")
+            batch: list = []
+            held = 0
+            for s, e, d in rr:
+                if d == 0:
+                    continue
+                if not memory.check_pages_fit(r.task.vmas, s, (e - s) // PAGE):
+                    raise ImageError(f"{name} is corrupt: its page map puts pages at 0x{s:x} "
+                                     "outside every saved memory area")
+                for addr, data in chain.read(d, pid, s, e):
+                    batch.append((addr, data))
+                    held += len(data)
+                    if held >= CHAIN_BATCH or len(batch) >= 512:
+                        yield r, batch, held
+                        batch, held = [], 0
+            if batch:
+                yield r, batch, held
+
     total = 0
-    for pid, r in by_pid.items():
-        batch: list = []
-        held = 0
-        try:
-            rr = runs.merge_tagged(maps.get(pid, []))
-        except ValueError as e:
-            raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
-        if runs.normalize(s for s in stored.get(pid, [])) != \
-                runs.normalize((s, e) for s, e, d in rr if d == 0):
-            raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
-                             "match its page map")
-        for s, e, d in rr:
-            if d == 0:
-                continue
-            if not memory.check_pages_fit(r.task.vmas, s, (e - s) // PAGE):
-                raise ImageError(f"{name} is corrupt: its page map puts pages at 0x{s:x} "
-                                 "outside every saved memory area")
-            for addr, data in chain.read(d, pid, s, e):
-                batch.append((addr, data))
-                held += len(data)
-                total += len(data) // PAGE
-                if held >= CHAIN_BATCH or len(batch) >= 512:
-                    r.t.write_many(batch)
-                    batch, held = [], 0
-                faults.point("restore.pages")
-        if batch:
-            r.t.write_many(batch)
+    for r, batch, nbytes in prefetch(batches()):
+        r.t.write_many(batch)
+        total += nbytes // PAGE
+        faults.point("restore.pages")
     return total
 
 

@@ -40,6 +40,7 @@ from linuxcr.image.schema import (
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RING = 3
+SMALL_DATA = 256 << 10     # records up to this size get a buffer of their own (not the ring)
 
 
 class _Version(msgspec.Struct):
@@ -201,7 +202,7 @@ def _write_error(e: OSError, name: str) -> ImageWriteError:
 class Record:
     type: RecType
     meta: msgspec.Struct
-    data: memoryview          # valid until the next read
+    data: memoryview          # valid while the next two are read (for good if <= SMALL_DATA)
     # a skimmed PAGES record (ImageReader(skim=True)): its data was skipped,
     # read_skimmed() fetches and checks it later
     data_offset: int = -1
@@ -395,7 +396,9 @@ class ImageReader:
         start = self.offset
         meta = bytes(self._read_exact(meta_len))
         data = memoryview(b"")
-        if data_len:
+        if data_len and data_len <= SMALL_DATA:   # a buffer of its own: valid for good
+            data = self._read_exact(data_len)
+        elif data_len:
             self._turn = (self._turn + 1) % RING
             if data_len > len(self._bufs[self._turn]):
                 self._bufs[self._turn] = bytearray(data_len)

@@ -21,7 +21,8 @@ from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
-    IOV_MAX, process_vm_readv, process_vm_writev, process_vm_writev_many, user_regs_struct,
+    IOV_MAX, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
+    user_regs_struct,
 )
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -257,6 +258,21 @@ class Tracee:
             n = os.preadv(self.mem_fd(), [mv], addr + got)
             if n != len(mv):
                 raise KernelError(f"pid {self.pid}: short read of memory at 0x{addr + got:x}")
+
+    def readinto_many(self, pieces: list[tuple[int, int]], buf: memoryview) -> None:
+        """Scattered (address, length) pieces into buf, back to back, in one
+        process_vm_readv where it can (IOV_MAX pieces at most)."""
+        got = 0
+        if not self.cow_shared and len(pieces) <= IOV_MAX:
+            try:
+                got = process_vm_readv_many(self.pid, buf, pieces)
+            except OSError:
+                got = 0
+        if got < sum(n for _, n in pieces):
+            off = 0
+            for addr, n in pieces:
+                self.readinto(addr, buf[off:off + n])
+                off += n
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """process_vm_writev; falls back to /proc/PID/mem for read-only pages."""

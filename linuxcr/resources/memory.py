@@ -177,18 +177,39 @@ def dump_changed(t: Tracee, vmas: list[Vma], w: ImageWriter, held: list[tuple[in
     return _dump_by_content(t, private, shared, w, held, hashes, progress)
 
 
+def _batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Ranges grouped so that each group is one process_vm_readv: at most
+    CHUNK bytes and IOV_MAX pieces (scattered written pages come in
+    thousands of small ranges; a thread hand-off or a syscall each costs
+    more than the copy)."""
+    out: list[list[tuple[int, int]]] = []
+    size = 0
+    for s, e in runs.split(ranges, CHUNK):
+        if not out or size + (e - s) > CHUNK or len(out[-1]) >= 1024:
+            out.append([])
+            size = 0
+        out[-1].append((s, e))
+        size += e - s
+    return out
+
+
 def _write_ranges(t: Tracee, ranges: list[tuple[int, int]], w: ImageWriter, progress) -> int:
+    """One PAGES record per range, read a batch of ranges at a time."""
     ring = _ring()
 
     def chunks():
-        for i, (s, e) in enumerate(runs.split(ranges, CHUNK)):
-            view = ring[i % RING][: e - s]
-            t.readinto(s, view)
-            yield s, view
+        for i, batch in enumerate(_batches(ranges)):
+            total = sum(e - s for s, e in batch)
+            view = ring[i % RING][:total]
+            t.readinto_many([(s, e - s) for s, e in batch], view)
+            yield batch, view
 
     n = 0
-    for addr, view in prefetch(chunks()):
-        w.page_run(t.pid, addr, view)
+    for batch, view in prefetch(chunks()):
+        off = 0
+        for s, e in batch:
+            w.page_run(t.pid, s, view[off:off + e - s])
+            off += e - s
         n += len(view) // PAGE
         if progress:
             progress(len(view))

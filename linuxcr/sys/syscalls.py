@@ -118,6 +118,20 @@ def process_vm_writev_many(pid: int, pieces: list[tuple[int, memoryview | bytes 
     return syscall(NR["process_vm_writev"], pid, liov, n, riov, n, 0)
 
 
+def process_vm_readv_many(pid: int, local: memoryview | bytearray,
+                          remote: list[tuple[int, int]]) -> int:
+    """Scattered remote (address, length) pieces into one local buffer, back
+    to back (at most IOV_MAX); returns the bytes read (the kernel stops at
+    the first failure)."""
+    buf = (ctypes.c_char * len(local)).from_buffer(local)
+    liov = iovec(ctypes.addressof(buf), len(local))
+    n = len(remote)
+    riov = (iovec * n)()
+    for i, (addr, length) in enumerate(remote):
+        riov[i] = iovec(addr, length)
+    return syscall(NR["process_vm_readv"], pid, ctypes.byref(liov), 1, riov, n, 0)
+
+
 def clone3_stopped_child(set_tid: int | None) -> int:
     """fork() through clone3 so that the child can get a chosen pid.
 
