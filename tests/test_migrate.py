@@ -454,3 +454,81 @@ def test_migrate_tree(net, procs, bins, tmp_path):
     m2 = helpers.assert_pass(new, log, "tree_pipefile")
     assert helpers.pass_field(m2, "sent") > sent
     helpers.assert_running_untraced(new)
+
+
+FORKPROG = r'''
+import os, signal, sys, time
+buf = bytearray(os.urandom(1 << 20)) * 32          # 32 MiB to copy in round 0
+kids = []
+state = {"fork": False, "probe": False, "counter": 0}
+signal.signal(signal.SIGUSR2, lambda *_: state.__setitem__("fork", True))
+signal.signal(signal.SIGUSR1, lambda *_: state.__setitem__("probe", True))
+print(f"READY pid={os.getpid()}", flush=True)
+while True:
+    state["counter"] += 1
+    buf[(state["counter"] * 4096) % len(buf)] ^= 1
+    if state["fork"]:
+        state["fork"] = False
+        k = os.fork()
+        if k == 0:
+            while True:
+                time.sleep(0.01)
+        kids.append(k)
+    if state["probe"]:
+        state["probe"] = False
+        alive = [k for k in kids if os.waitpid(k, os.WNOHANG) == (0, 0)]
+        print(f"PASS forkprog counter={state['counter']} kids={len(alive)}", flush=True)
+    time.sleep(0.001)
+'''
+
+SIGNAL_AFTER_ROUND0 = r'''
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[4])
+from linuxcr.engine import migrate
+pid = int(sys.argv[1])
+
+def progress(text):
+    print(text, file=sys.stderr, flush=True)
+    if text.startswith("round 0:"):          # the preliminary tree is taken: change it now
+        os.kill(pid, signal.SIGUSR2)
+        for _ in range(500):
+            if open(f"/proc/{pid}/task/{pid}/children").read().split():
+                break
+            time.sleep(0.01)
+
+res = migrate.migrate(pid, sys.argv[2], int(sys.argv[3]), token=sys.argv[5], progress=progress,
+                      max_rounds=3)
+print(res.final_kind if hasattr(res, "final_kind") else "", flush=True)
+'''
+
+
+@needs_net
+@pytest.mark.e2e
+def test_migrate_tree_changed_during_precopy(net, procs, tmp_path):
+    """A child forked after the preliminary snapshot: the skeleton no longer
+    fits, a full image goes instead, and the destination restores the tree
+    from it (with the new child)."""
+    prog = tmp_path / "forkprog.py"
+    prog.write_text(FORKPROG)
+    log = tmp_path / "forkprog.log"
+    p = procs.start([sys.executable, prog], log)
+    helpers.wait_for_line(log, rf"^READY pid={p.pid}", pid=p.pid)
+    recv = Receiver(net, procs, tmp_path)
+    argv = net.exec_a([sys.executable, "-c", SIGNAL_AFTER_ROUND0, p.pid, net.addr_b, PORT,
+                       helpers.REPO, TOKEN])
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env(),
+                        stdin=subprocess.DEVNULL)
+    new = _restored(recv, procs)
+    assert cp.returncode == 0, cp.stderr
+    assert "the process tree changed" in cp.stderr, cp.stderr
+    assert "full image" in recv.stderr() or "plain restore" in recv.stderr(), recv.stderr()
+    for k in helpers.live_children(p.pid) if helpers.exists(p.pid) else ():
+        procs.add(k)
+    helpers.reap(p.pid)
+    # restored in a new pid namespace (the source held the pids): its init
+    # goes first at teardown, which takes every process of the namespace
+    init = int(helpers.proc_status(new)["PPid"])
+    if helpers.proc_status(init) and "lcr" in open(f"/proc/{init}/cmdline").read():
+        procs.add(init)
+    m = helpers.assert_pass(new, log, "forkprog")
+    assert helpers.pass_field(m, "kids") == 1
