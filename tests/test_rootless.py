@@ -329,3 +329,38 @@ def test_cannot_restore_root_image(user, wd, bins, procs, tmp_path):
     assert not helpers.pids_with_exe(bins["counter"]), "a counter process was created"
     left = _our_children_of(user.uid) - before
     assert not left, f"processes of {user.name} were left behind: {left}"
+
+
+def test_migrate_as_user(user, wd, bins, trees):
+    """`lcr migrate` / `lcr receive` as an ordinary user, over loopback: the
+    destination restores in a user+pid namespace of its own, the files reach
+    the tasks through SCM_RIGHTS (pidfd_getfd would need ptrace rights over
+    lcr from inside that namespace)."""
+    import socket as _s
+    import subprocess
+    log = wd / "memhog.log"
+    p = start_as(user, [bins["memhog"], "-f", "-s", "2000", "32"], log, cwd=wd)
+    trees.add(p.pid, p)
+    wait_for_line(log, rf"^pid={p.pid} ready\b", helpers.READY_TIMEOUT, pid=p.pid)
+    a = probe_hog(p.pid, log)
+    with _s.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, err = wd / "recv.out", wd / "recv.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        recv = subprocess.Popen([*user.prefix, *helpers.LCR, "receive", "--listen",
+                                 f"127.0.0.1:{port}", "--token", "user-token-1234", "--timeout", "120s"],
+                                stdin=subprocess.DEVNULL, stdout=o, stderr=e, cwd=helpers.REPO,
+                                env=user.env({"LCR_VERBOSE": "1"}), start_new_session=True)
+    trees.add(recv.pid, recv)
+    wait_for_line(err, "listening on", pid=recv.pid)
+    cp = lcr_as(user, "migrate", p.pid, "--to", f"127.0.0.1:{port}", "--token", "user-token-1234")
+    assert recv.wait(120) == 0, err.read_text()
+    new = int(out.read_text().strip())
+    trees.add(new)
+    assert "downtime" in cp.stdout, cp.stdout
+    helpers.reap(p.pid)
+    assert _uid(new) == user.uid
+    b = probe_hog(new, log)
+    assert b.ok and b.counter > a.counter, b.line
+    assert re.search(rf"\bpid={p.pid}\b", b.line), b.line     # its own pid, in its namespace

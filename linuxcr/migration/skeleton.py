@@ -16,6 +16,8 @@ they were sent come again.  Any other area is unmapped and mapped anew.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from dataclasses import dataclass, field
 
 from linuxcr.engine import restore, spawn
@@ -66,7 +68,8 @@ class Skeleton:
     blank: spawn.Blank
     mode: str
     root: Tracee
-    pidfd: int                               # lcr's pidfd, inherited by every blank at this number
+    courier: socket.socket                   # lcr's end of a socket pair: fds go through it
+    inherited: int                           # the other end, inherited by every blank at this number
     made: list[Rebuild] = field(default_factory=list)
     filled: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     pages: int = 0
@@ -80,14 +83,18 @@ class Skeleton:
                 raise ImageError(f"the preliminary metadata of pid {k.pid} holds a shared area "
                                  f"at 0x{bad[0].start:x}")
         restore._raise_nofile(64)
-        pidfd = os.pidfd_open(os.getpid())      # the blanks inherit it: how fds reach them later
+        # the blanks inherit one end: how the final files reach them later
+        # (SCM_RIGHTS; pidfd_getfd would need ptrace rights over lcr, which
+        # a task in a user namespace of its own does not have)
+        courier, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             blank, mode = spawn_blank(tasks[0], tree, tasks)
         except BaseException:
-            os.close(pidfd)
+            courier.close()
+            end.close()
             raise
-        sk = cls(tree=tree, tasks=tasks, blank=blank, mode=mode, pidfd=pidfd,
-                 root=Tracee(blank.pid, exitkill=True, traceclone=True))
+        sk = cls(tree=tree, tasks=tasks, blank=blank, mode=mode, courier=courier,
+                 inherited=end.detach(), root=Tracee(blank.pid, exitkill=True, traceclone=True))
         try:
             sk.root.seize()
             sk.root.stop()
@@ -124,15 +131,20 @@ class Skeleton:
         return shape(tasks, tree) == shape(self.tasks, self.tree)
 
     def give_fds(self, r: Rebuild, fds: set[int]) -> dict[int, int]:
-        """lcr's fds, copied into task r (pidfd_getfd through the inherited
-        pidfd of lcr): lcr fd -> the task's fd."""
-        out = {}
-        for fd in sorted(fds):
+        """lcr's fds, passed into task r: lcr sends them (SCM_RIGHTS) on its
+        end of the socket pair, the task receives them (an injected recvmsg
+        on the end it inherited).  lcr fd -> the task's fd."""
+        out: dict[int, int] = {}
+        todo = sorted(fds)
+        for i in range(0, len(todo), FDS_PER_MESSAGE):
+            batch = todo[i:i + FDS_PER_MESSAGE]
             try:
-                out[fd] = r.t.syscall("pidfd_getfd", self.pidfd, fd, 0)
+                socket.send_fds(self.courier, [b"f"], batch)
+                got = _recv_fds(r, self.inherited, len(batch))
             except OSError as e:
-                raise RestoreError(f"cannot hand fd {fd} to pid {r.task.pid}: "
-                                   f"{os.strerror(e.errno)}") from None
+                raise RestoreError(f"cannot hand fds {batch[0]}.. to pid {r.task.pid}: "
+                                   f"{os.strerror(e.errno) if e.errno else e}") from None
+            out.update(zip(batch, got))
         return out
 
     def reconcile(self, r: Rebuild, final: Task, shm: dict) -> None:
@@ -208,11 +220,41 @@ class Skeleton:
     def _close_fds(self) -> None:
         if not self.closed:
             self.closed = True
-            for fd in (self.blank.keep, self.pidfd):
+            self.courier.close()
+            for fd in (self.blank.keep, self.inherited):
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+FDS_PER_MESSAGE = 250          # SCM_MAX_FD is 253
+SOL_SOCKET, SCM_RIGHTS = 1, 1
+
+
+def _recv_fds(r: Rebuild, sock: int, n: int) -> list[int]:
+    """recvmsg injected into task r: one message of n fds (msghdr, iovec,
+    byte and control buffer in its arena); the fd numbers read back."""
+    t, arena = r.t, r.arena
+    assert arena is not None
+    arena.reset()
+    byte = arena.alloc(8)
+    iov = arena.put(struct.pack("<QQ", byte, 1))
+    clen = 16 + 4 * n + 8                          # CMSG_SPACE(4 n)
+    control = arena.alloc(clen)
+    msg = arena.put(struct.pack("<QIIQQQQi4x", 0, 0, 0, iov, 1, control, clen, 0))
+    got = t.syscall("recvmsg", sock, msg, 0)
+    if got != 1:
+        raise RestoreError(f"pid {r.task.pid} received {got} bytes instead of its files")
+    raw = t.read(msg, 56)
+    ctl_len = struct.unpack_from("<Q", raw, 40)[0]
+    flags = struct.unpack_from("<i", raw, 48)[0]
+    head = t.read(control, 16)
+    length, level, ctype = struct.unpack("<QiI", head)
+    if flags & 0x8 or level != SOL_SOCKET or ctype != SCM_RIGHTS or length != 16 + 4 * n \
+            or ctl_len < length:                     # MSG_CTRUNC, or not what lcr sent
+        raise RestoreError(f"pid {r.task.pid} did not receive its {n} files")
+    return list(struct.unpack(f"<{n}i", t.read(control + 16, 4 * n)))
 
 
 def spawn_blank(root: Task, tree: Tree, tasks: list[Task]) -> tuple[spawn.Blank, str]:

@@ -16,7 +16,7 @@ _syscall.restype = ctypes.c_long
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
 NR = dict(
-    read=0, write=1, open=2, wait4=61, rt_sigtimedwait=128, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
+    read=0, write=1, open=2, wait4=61, recvmsg=47, rt_sigtimedwait=128, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
     brk=12, rt_sigaction=13, rt_sigprocmask=14, ioctl=16, mremap=25, madvise=28,
     dup=32, dup2=33, getitimer=36, setitimer=38, getpid=39, kill=62, fcntl=72, chdir=80, fchdir=81, umask=95,
     ptrace=101, getuid=102, setpgid=109, getppid=110, setsid=112, setgroups=116,
