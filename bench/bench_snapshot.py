@@ -14,7 +14,10 @@ memory is pre-warmed (a scratch file of the workload's size written and
 deleted, DESIGN.md: freshly allocated guest memory is slow and noisy).
   - snapshot: frozen time and total (take),
   - writeback of that snapshot to a file on /var/tmp,
-  - rollback after 1 s of running (memhog's checksum checked afterwards),
+  - a snapshot with the write tracker started (what the agent takes): its
+    frozen time, then rollback after 1 s of running by the fast path (only
+    the pages written since) and, 1 s later, by the full path (the whole
+    address space rebuilt): memhog's checksum checked after each,
   - checkpoint --low-downtime (snapshot + writeback + discard, the process
     left running): its downtime = the frozen time,
   - CRIU dumps the same process (`criu dump -t PID`, which kills it) and
@@ -110,15 +113,29 @@ def one(memhog: Path, mib: int, criu: bool) -> dict:
             finally:
                 os.close(fd)
             img.unlink()
-            before, _ = probe(pid, log)
-            time.sleep(1.0)
-            prewarm(warm)
-            res = snapshots.rollback(s)
-            r["rollback_s"] = res["seconds"]
-            after, ok = probe(pid, log)
-            r["rollback_ok"] = ok and after < before
         finally:
             snapshots.discard(s)
+        # as the agent does it: a write tracker per process, the fast path
+        wt = snapshots.WriteTrackers(enabled=True)
+        prewarm(warm)
+        t = time.monotonic()
+        s = snapshots.take(pid, trackers=wt)
+        r["snapshot_tracked_s"] = time.monotonic() - t
+        r["snapshot_tracked_frozen_s"] = s.frozen_seconds
+        try:
+            for path in ("fast", "full"):
+                before, _ = probe(pid, log)
+                time.sleep(1.0)
+                prewarm(warm)
+                res = snapshots.rollback(s, trackers=wt, full=path == "full")
+                after, ok = probe(pid, log)
+                r[f"rollback_{path}_s"] = res["seconds"]
+                r[f"rollback_{path}_frozen_s"] = res["frozen_seconds"]
+                r[f"rollback_{path}_pages"] = res["pages_copied"]
+                r[f"rollback_{path}_ok"] = ok and after < before and res["path"] == path
+        finally:
+            snapshots.discard(s, wt)
+            wt.close()
         # checkpoint --low-downtime, the process left running (for CRIU)
         prewarm(warm)
         res = api.checkpoint_low_downtime(pid, str(img), leave_running=True)
@@ -181,20 +198,25 @@ def main() -> None:
             print(json.dumps(r), file=sys.stderr, flush=True)
             rows.append(r)
     print(f"median of {a.runs} run(s); times in ms")
-    print(f"{'MiB':>6} {'snap frozen':>11} {'snapshot':>9} {'writeback':>10} {'rollback':>9} "
+    print(f"{'MiB':>6} {'snap frozen':>11} {'snapshot':>9} {'+track frz':>10} {'writeback':>10} "
+          f"{'rb fast':>8} {'pages':>7} {'rb full':>8} "
           f"{'lowdt down':>11} {'lowdt total':>12} {'CRIU frozen':>12} {'ratio':>8}")
     for m in sizes:
         rs = [r for r in rows if r["MiB"] == m]
         cf, down = _med(rs, "criu_frozen_s"), _med(rs, "lowdt_frozen_s")
         ratio = f"{down / cf * 100:.2f}%" if cf and down is not None else "-"
         err = next((r["criu_error"] for r in rs if "criu_error" in r), "n/a")
-        bad = [k for k in ("rollback_ok", "lowdt_ok") if not all(r.get(k) for r in rs)]
+        bad = [k for k in ("rollback_fast_ok", "rollback_full_ok", "lowdt_ok")
+               if not all(r.get(k) for r in rs)]
 
         def ms(k: str) -> str:
             v = _med(rs, k)
             return f"{v * 1e3:.1f}" if v is not None else "-"
-        print(f"{m:>6} {ms('snapshot_frozen_s'):>11} {ms('snapshot_s'):>9} {ms('writeback_s'):>10} "
-              f"{ms('rollback_s'):>9} {ms('lowdt_frozen_s'):>11} {ms('lowdt_total_s'):>12} "
+        pages = _med(rs, "rollback_fast_pages")
+        print(f"{m:>6} {ms('snapshot_frozen_s'):>11} {ms('snapshot_s'):>9} "
+              f"{ms('snapshot_tracked_frozen_s'):>10} {ms('writeback_s'):>10} "
+              f"{ms('rollback_fast_s'):>8} {(int(pages) if pages is not None else '-'):>7} "
+              f"{ms('rollback_full_s'):>8} {ms('lowdt_frozen_s'):>11} {ms('lowdt_total_s'):>12} "
               f"{(ms('criu_frozen_s') if cf else 'n/a'):>12} {ratio:>8}"
               + (f"  CHECK FAILED: {', '.join(bad)}" if bad else "")
               + (f"  (CRIU: {err})" if not cf and not a.no_criu else ""))

@@ -17,10 +17,13 @@ snapshot it or use its crids.
     {"op": "snapshot", "pid": P}                 -> {"ok": true, "crid": C, ...}
     {"op": "list", "pid": P|null}                -> {"ok": true, "snapshots": [...]}
     {"op": "writeback", "crid": C, "compress": b} + fd
-    {"op": "rollback", "crid": C, "memory_only": b, "note": s}
+    {"op": "rollback", "crid": C, "memory_only": b, "full": b, "note": s}
+                                  -> {"ok": true, "path": "fast"|"full"|"mixed",
+                                      "pages_copied": N, "pages_dropped": M, "per_process": [...]}
     {"op": "discard", "crid": C}
-    {"op": "tracker_put", "pid": P, "starttime": T, "epoch": E} + fd
-    {"op": "tracker_take", "pid": P, "starttime": T} -> {"ok": true, "epoch": E} + fd
+    {"op": "tracker_put", "pid": P, "starttime": T, "epoch": E, "written": [[s, e], ...]?} + fd
+    {"op": "tracker_take", "pid": P, "starttime": T, "with_written": b}
+                                  -> {"ok": true, "epoch": E, "written": [[s, e], ...]?} + fd
     {"op": "tracker_drop", "pid": P}               -> {"ok": true, "dropped": b}
     {"op": "ping"} / {"op": "quit"}
 errors: {"ok": false, "class": "NoSuchProcess", "error": msg, "hint": h, ...}
@@ -31,6 +34,18 @@ outlives the command; a later `lcr checkpoint --parent` takes it back.  One
 tracker per pid (a new one replaces the old), usable by the process's owner
 or root; the agent closes it when the tracked process dies.  `list` shows
 them under "trackers".
+
+The same one tracker per process serves the snapshots (fast rollback:
+engine/snapshots.py, "write trackers"): `snapshot` starts one (or resets
+the one held); it is closed when neither a snapshot nor a --track
+checkpoint wants it any more (discard, tracker_drop), when the process dies,
+or with the agent.  Sharing rules: a reset for a snapshot loses the
+incremental count since the epoch unless the taker asks ``with_written``
+(then the spans reset here come with it); otherwise the epoch is handed
+out as "" and the checkpoint compares contents.  Lent to a checkpoint, the
+tracker's count is lost for the snapshots unless it comes back with
+``written`` (every span that checkpoint collected with a reset): their
+next rollback is then a full one.
 
 Rolling back a process that took its own snapshot (linuxcr.transaction):
 it was frozen inside the recv() waiting for the snapshot's reply, and that
@@ -141,7 +156,10 @@ class Agent:
     def __init__(self, d: Path) -> None:
         self.dir = d
         self.snaps: dict = {}                 # crid -> engine Snapshot
-        self.trackers: dict[int, dict] = {}   # pid -> {pid, starttime, epoch, fd, uid, since}
+        from linuxcr.engine.snapshots import WriteTrackers
+        # pid -> Tracked: one write tracker per process, for its snapshots and
+        # for incremental checkpoints (--track) alike (engine/snapshots.py)
+        self.wt = WriteTrackers()
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.max_snaps, self.max_mem = _limits()
@@ -168,7 +186,7 @@ class Agent:
                 else:
                     self._readable(key.data)
             self._reap()
-            if self.snaps or self.conns or self.trackers:
+            if self.snaps or self.conns or self.wt.by_pid:
                 self.last_busy = time.monotonic()
             elif time.monotonic() - self.last_busy > IDLE_EXIT:
                 self.log("idle: exiting")
@@ -234,9 +252,9 @@ class Agent:
         """Snapshot children killed from outside: forget their snapshots.
         Trackers of processes that died: closed."""
         from linuxcr.sys import ptrace
-        for pid, tr in list(self.trackers.items()):
-            if _starttime(pid) != tr["starttime"]:
-                self._drop_tracker(pid)
+        for pid, tr in list(self.wt.by_pid.items()):
+            if _starttime(pid) != tr.starttime:
+                self.wt.drop(pid, "the process is gone")
                 self.log(f"tracker of pid {pid}: the process is gone; closed")
         while True:
             try:
@@ -253,7 +271,7 @@ class Agent:
                                 part.child.attached = False
                         # the others of a tree snapshot are useless now
                         from linuxcr.engine import snapshots
-                        snapshots.discard(s)
+                        snapshots.discard(s, self.wt)
                         del self.snaps[crid]
                         self.log(f"snapshot {crid}: its process {pid} died; forgotten")
 
@@ -302,7 +320,7 @@ class Agent:
             raise SnapshotLimit(f"snapshots hold {held >> 20} MiB, the limit is {self.max_mem >> 20} MiB",
                                 "lcr discard some, or set LCR_MAX_SNAPSHOT_MEMORY for the agent")
         held = {c for x in self.snaps.values() for c in x.children()}
-        s = snapshots.take(pid, exclude=held)
+        s = snapshots.take(pid, exclude=held, trackers=self.wt)
         s.extra["conn"] = c if c.pid == pid else None     # a process snapshotting itself
         self.snaps[s.crid] = s
         self.log(f"snapshot {s.crid} of pid {pid} ({len(s.parts)} process(es), frozen "
@@ -313,19 +331,23 @@ class Agent:
         pid = req.get("pid")
         out = [s.info() for s in self.snaps.values()
                if (c.uid in (0, s.uid)) and (pid is None or s.pid == int(pid))]
-        trs = [{k: v for k, v in tr.items() if k != "fd"} for tr in self.trackers.values()
-               if (c.uid in (0, tr["uid"])) and (pid is None or tr["pid"] == int(pid))]
+        trs = [tr.info() for tr in self.wt.by_pid.values()
+               if tr.held() and (c.uid in (0, tr.uid)) and (pid is None or tr.pid == int(pid))]
         return dict(ok=True, snapshots=out, trackers=trs)
 
     # --- dirty-page trackers ---------------------------------------------
-    def _drop_tracker(self, pid: int) -> bool:
-        tr = self.trackers.pop(pid, None)
-        if tr is None:
-            return False
-        os.close(tr["fd"])
-        return True
+    def _tracker_may(self, c: _Conn, pid: int):
+        tr = self.wt.get(pid)
+        if tr is not None:
+            self._may(c, tr.uid, f"the tracker of pid {pid}")
+        return tr
 
     def op_tracker_put(self, c: _Conn, req: dict) -> dict:
+        """A tracker handed in (--track), or one lent out coming back.
+        ``written``: [[start, end], ...] the holder collected (and reset)
+        while it held it: the snapshots of the process keep their count
+        only with it."""
+        from linuxcr.engine.snapshots import Tracked, _merge
         fds = c.take_fds()
         try:
             if len(fds) != 1:
@@ -336,40 +358,79 @@ class Agent:
             if _starttime(pid) != start:
                 raise errors.NoSuchProcess(f"pid {pid}: no such process (it started at another "
                                            "time than the one given)")
-            self._drop_tracker(pid)
-            self.trackers[pid] = dict(pid=pid, starttime=start, epoch=str(req.get("epoch", "")),
-                                      fd=fds.pop(), uid=owner, since=time.time())
+            written = req.get("written")
+            tr = self.wt.get(pid)
+            if tr is not None and tr.starttime != start:
+                self.wt.drop(pid, "the process is gone")
+                tr = None
+            if tr is not None and tr.lent:
+                # ours, back: the snapshots' count survives only with what was reset meanwhile
+                tr.lent = False
+                if written is None:
+                    tr._lose("an incremental checkpoint reset the write tracker")
+                else:
+                    tr.fold(_merge([(int(a), int(b)) for a, b in written]))
+                tr.fd = fds.pop()
+            else:
+                parts = []
+                if tr is not None:           # a new one replaces the old
+                    parts = tr.parts
+                    self.wt.drop(pid, "its write tracker was replaced")
+                tr = Tracked(pid=pid, starttime=start, uid=owner, fd=fds.pop(), parts=parts)
+                self.wt.by_pid[pid] = tr
+            tr.epoch, tr.since_epoch, tr.epoch_lost = str(req.get("epoch", "")), [], False
+            tr.since = time.time()
         finally:
             for fd in fds:
                 os.close(fd)
-        self.log(f"tracker of pid {pid} held (epoch {self.trackers[pid]['epoch']})")
+        self.log(f"tracker of pid {pid} held (epoch {tr.epoch})")
         return dict(ok=True, pid=pid)
 
     def op_tracker_take(self, c: _Conn, req: dict) -> dict:
+        """Lend the tracker out.  The epoch comes back "" if the agent reset
+        it since (a snapshot or rollback: the count since the epoch is not
+        all in it) -- unless the caller asks ``with_written`` and takes the
+        spans reset here as ``written`` too."""
         pid, start = int(req["pid"]), int(req["starttime"])
-        tr = self.trackers.get(pid)
-        if tr is not None:
-            self._may(c, tr["uid"], f"the tracker of pid {pid}")
-        if tr is None or tr["starttime"] != start:
-            if tr is not None and _starttime(pid) != tr["starttime"]:
-                self._drop_tracker(pid)          # of a process that is gone
+        tr = self._tracker_may(c, pid)
+        if tr is None or tr.starttime != start or tr.lent or not tr.held():
+            if tr is not None and _starttime(pid) != tr.starttime:
+                self.wt.drop(pid, "the process is gone")
             raise NoTracker(f"no tracker for pid {pid}" + (" (of a process that started at "
-                            "another time)" if tr is not None else ""))
-        del self.trackers[pid]
-        self.log(f"tracker of pid {pid} handed back (epoch {tr['epoch']})")
-        return dict(ok=True, pid=pid, epoch=tr["epoch"], _fds=[tr["fd"]])
+                            "another time)" if tr is not None and tr.starttime != start else ""))
+        if tr.parts:
+            # the snapshots' count up to now (no freeze needed: PAGEMAP_SCAN
+            # is atomic per page, a page written meanwhile shows next time)
+            tr.collect()
+        epoch, written = tr.epoch or "", tr.since_epoch
+        if tr.epoch_lost or (written and not req.get("with_written")):
+            epoch, written = "", []
+        fd = tr.lend()
+        if tr.parts:
+            tr.epoch, tr.since_epoch, tr.epoch_lost = None, [], False
+        else:
+            del self.wt.by_pid[pid]
+        self.log(f"tracker of pid {pid} handed out (epoch {epoch or '-'})")
+        reply = dict(ok=True, pid=pid, epoch=epoch, _fds=[fd])
+        if req.get("with_written"):
+            reply["written"] = [list(r) for r in written]
+        return reply
 
     def op_tracker_drop(self, c: _Conn, req: dict) -> dict:
         pid = int(req["pid"])
-        tr = self.trackers.get(pid)
-        if tr is not None:
-            self._may(c, tr["uid"], f"the tracker of pid {pid}")
-        return dict(ok=True, pid=pid, dropped=self._drop_tracker(pid))
+        tr = self._tracker_may(c, pid)
+        if tr is None or tr.epoch is None:
+            return dict(ok=True, pid=pid, dropped=False)
+        if tr.parts:
+            tr.epoch, tr.since_epoch = None, []      # the snapshots still count with it
+        else:
+            self.wt.drop(pid)
+        return dict(ok=True, pid=pid, dropped=True)
 
     def op_discard(self, c: _Conn, req: dict) -> dict:
         from linuxcr.engine import snapshots
         s = self._snap(c, req)
-        snapshots.discard(s)
+        snapshots.discard(s, self.wt)
         del self.snaps[s.crid]
         self.log(f"snapshot {s.crid} discarded")
         return dict(ok=True, crid=s.crid)
@@ -393,8 +454,12 @@ class Agent:
         from linuxcr.engine import snapshots
         s = self._snap(c, req)
         self_conn = s.extra.get("conn")
-        res = snapshots.rollback(s, memory_only=bool(req.get("memory_only")))
-        self.log(f"snapshot {s.crid}: pid {s.pid} rolled back in {res['seconds'] * 1e3:.1f} ms")
+        res = snapshots.rollback(s, memory_only=bool(req.get("memory_only")), trackers=self.wt,
+                                 full=bool(req.get("full")))
+        why = "; ".join(f"pid {r['pid']}: {r['reason']}" for r in res["per_process"] if r["reason"])
+        self.log(f"snapshot {s.crid}: pid {s.pid} rolled back in {res['seconds'] * 1e3:.1f} ms "
+                 f"({res['path']}, {res['pages_copied']} pages copied, {res['pages_dropped']} dropped"
+                 + (f"; full because {why}" if why else "") + ")")
         if self_conn is not None and self_conn.open:
             # it is back in the recv() of its snapshot call: that call returns again
             self._drain(self_conn)
@@ -469,7 +534,8 @@ def run_agent(foreground: bool = False) -> None:
     finally:
         from linuxcr.engine import snapshots
         for s in list(agent.snaps.values()):
-            snapshots.discard(s)
+            snapshots.discard(s, agent.wt)
+        agent.wt.close()
         try:
             path.unlink()
         except FileNotFoundError:
@@ -632,9 +698,13 @@ def writeback(crid: str, out, *, compress: bool = False) -> dict:
     return res
 
 
-def rollback(crid: str, *, memory_only: bool = False) -> dict:
+def rollback(crid: str, *, memory_only: bool = False, full: bool = False) -> dict:
+    """The reply tells which way memory came back: ``path`` fast | full |
+    mixed (a tree), ``pages_copied``, ``pages_dropped``, and per process
+    (``per_process``) the reason a full rollback was needed.  ``full``:
+    rebuild the whole address space even if the fast path could be taken."""
     with Client() as c:
-        return c.call("rollback", crid=crid, memory_only=memory_only)
+        return c.call("rollback", crid=crid, memory_only=memory_only, full=full)
 
 
 def discard(crid: str) -> None:
@@ -642,30 +712,46 @@ def discard(crid: str) -> None:
         c.call("discard", crid=crid)
 
 
-def put_tracker(pid: int, starttime: int, epoch: str, fd: int) -> None:
+def put_tracker(pid: int, starttime: int, epoch: str, fd: int,
+                written: list[tuple[int, int]] | None = None) -> None:
     """Hand a dirty-page tracker's fd (a copy of it goes; ``fd`` stays
     ours) to this user's agent, which holds it while process ``pid`` (with
-    that start time) lives.  Replaces the one it held for pid, if any."""
+    that start time) lives.  Replaces the one it held for pid, if any.
+    ``written``: every (start, end) span the caller collected with a reset
+    since it took the tracker (take_tracker): the snapshots of the process
+    keep their count with it; without it their next rollback is full."""
+    args = dict(pid=int(pid), starttime=int(starttime), epoch=str(epoch))
+    if written is not None:
+        args["written"] = [[int(s), int(e)] for s, e in written]
     with Client() as c:
-        c.call("tracker_put", fds=(fd,), pid=int(pid), starttime=int(starttime), epoch=str(epoch))
+        c.call("tracker_put", fds=(fd,), **args)
 
 
-def take_tracker(pid: int, starttime: int) -> tuple[str, int] | None:
+def take_tracker(pid: int, starttime: int, *, with_written: bool = False):
     """The tracker the agent holds for process ``pid`` (same start time):
-    (its epoch, an fd of ours), removed from the agent; None if it holds none."""
+    (its epoch, an fd of ours), removed from the agent; None if it holds none.
+
+    The agent resets the tracker for snapshots of the process; then the
+    count since the epoch is not all in the tracker: the epoch comes back
+    "" -- or, ``with_written``, kept, and the spans reset since come as a
+    third item (epoch, fd, [(start, end), ...]) to count as written too."""
     try:
         c = Client(start=False)
     except AgentError:
         return None                 # no agent: no tracker
     with c:
         try:
-            reply, fds = c.call_fds("tracker_take", pid=int(pid), starttime=int(starttime))
+            reply, fds = c.call_fds("tracker_take", pid=int(pid), starttime=int(starttime),
+                                    with_written=with_written)
         except NoTracker:
             return None
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
         raise AgentError(f"the agent answered tracker_take with {len(fds)} fds")
+    if with_written:
+        return (str(reply.get("epoch", "")), fds[0],
+                [(int(s), int(e)) for s, e in reply.get("written", [])])
     return str(reply.get("epoch", "")), fds[0]
 
 

@@ -308,9 +308,12 @@ def writeback(crid: str, out: Target, *, compress: bool = False) -> dict:
     return agent.writeback(crid, out, compress=compress)
 
 
-def rollback(crid: str, *, memory_only: bool = False) -> dict:
+def rollback(crid: str, *, memory_only: bool = False, full: bool = False) -> dict:
+    """Bring the process (or tree) of ``crid`` back; the reply says how:
+    ``path`` fast (only the pages written since, known from the write
+    tracker) or full, ``pages_copied``, ``pages_dropped``."""
     from linuxcr import agent
-    return agent.rollback(crid, memory_only=memory_only)
+    return agent.rollback(crid, memory_only=memory_only, full=full)
 
 
 def discard(crid: str) -> None:

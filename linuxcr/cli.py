@@ -287,14 +287,20 @@ def writeback(crid: str, output: str, compress: bool) -> None:
 @click.argument("crid")
 @click.option("--memory-only", is_flag=True,
               help="Memory and registers only (signal handlers, fds and offsets stay as they are now).")
-def rollback(crid: str, memory_only: bool) -> None:
+@click.option("--full", is_flag=True,
+              help="Rebuild the whole address space even where only the written pages need copying.")
+def rollback(crid: str, memory_only: bool, full: bool = False) -> None:
     """Bring the process of CRID (same pid) back to the snapshot's state."""
     def go() -> None:
-        res = api.rollback(crid, memory_only=memory_only)
+        res = api.rollback(crid, memory_only=memory_only, full=full)
         for w in res.get("warnings", []):
             click.echo(f"lcr: warning: {w}", err=True)
-        if os.environ.get("LCR_VERBOSE"):
-            click.echo(f"lcr: pid {res['pid']} rolled back in {res['seconds'] * 1e3:.1f} ms", err=True)
+        why = "; ".join(f"pid {r['pid']}: {r['reason']}" for r in res.get("per_process", [])
+                        if r.get("reason"))
+        click.echo(f"lcr: pid {res['pid']} rolled back in {res['seconds'] * 1e3:.1f} ms "
+                   f"({res.get('path', 'full')}: {res.get('pages_copied', 0)} pages copied, "
+                   f"{res.get('pages_dropped', 0)} dropped" + (f"; full because {why}" if why else "")
+                   + ")", err=True)
     _run(go)
 
 

@@ -313,7 +313,8 @@ def test_auxv_trailing_garbage_and_bad_length() -> None:
 def naive_runs(entries: list[int], first: int, anon_only: bool) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for i, e in enumerate(entries):
-        keep = bool(e & (PM_PRESENT | PM_SWAP)) and not (anon_only and e & PM_FILE)
+        marker = e & (PM_PRESENT | PM_SWAP) == PM_SWAP and e & 0x1F == 31   # a PTE marker
+        keep = bool(e & (PM_PRESENT | PM_SWAP)) and not (anon_only and e & PM_FILE) and not marker
         if keep and runs and runs[-1][0] + runs[-1][1] * PAGE == first + i * PAGE:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         elif keep:
@@ -334,6 +335,17 @@ _entry = st.builds(
 def test_page_runs_matches_naive(entries: list[int], first: int, anon_only: bool) -> None:
     data = struct.pack(f"<{len(entries)}Q", *entries)
     assert page_runs(data, first * PAGE, anon_only=anon_only) == naive_runs(entries, first * PAGE, anon_only)
+
+
+def test_pte_markers_are_not_pages() -> None:
+    """A write tracker's marks in empty slots read as swap entries of type 31:
+    not pages; a real swap entry (type 0) is one."""
+    from linuxcr.procfs.pagemap import marker_runs
+    marker = PM_SWAP | (1 << 5) | 31
+    real = PM_SWAP | (7 << 5) | 0
+    data = struct.pack("<4Q", marker, real, marker, PM_PRESENT | 31)
+    assert page_runs(data, 0) == [(PAGE, 1), (3 * PAGE, 1)]
+    assert marker_runs(data, 0) == [(0, 1), (2 * PAGE, 1)]
 
 
 def test_page_runs_edges() -> None:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr.errors import LcrError, NoSuchProcess
+from linuxcr.image import runs
 from linuxcr.image.chain import Chain
 from linuxcr.image.schema import ParentRef
 from linuxcr.procfs import read_stat
@@ -48,6 +49,8 @@ class Trackers:
         self.by_pid: dict[int, object] = {}
         self.epoch: dict[int, str] = {}
         self.dirty: dict[int, object] = {}   # pid -> Dirty since the parent, taken frozen
+        self.also_written: dict[int, list] = {}   # pid -> spans the agent collected since the epoch
+        self.collected: dict[int, list] = {}      # pid -> spans we collected (and reset): for the agent
         self.warnings: list[str] = []
 
     # -- the agent holds them between commands --------------------------------
@@ -56,19 +59,23 @@ class Trackers:
         from linuxcr.resources import dirty
         for pid in pids:
             try:
-                got = agent.take_tracker(pid, _starttime(pid))
-            except (LcrError, OSError, AttributeError):
+                got = agent.take_tracker(pid, _starttime(pid), with_written=True)
+            except (LcrError, OSError, AttributeError, TypeError):
                 got = None
             if got:
-                epoch, fd = got
+                # the agent may have reset the tracker for snapshots since the
+                # epoch: what it collected then comes along, to count as written
+                epoch, fd, since = got
                 self.by_pid[pid] = dirty.Tracker.adopt(pid, fd)
                 self.epoch[pid] = epoch
+                self.also_written[pid] = list(since)
 
     def give_to_agent(self, epoch: str) -> None:
         from linuxcr import agent
         for pid, tr in list(self.by_pid.items()):
             try:
-                agent.put_tracker(pid, _starttime(pid), epoch, tr.uffd)  # type: ignore[attr-defined]
+                agent.put_tracker(pid, _starttime(pid), epoch, tr.uffd,  # type: ignore[attr-defined]
+                                  written=self.collected.get(pid, []))
             except (LcrError, OSError, AttributeError) as e:
                 self.warnings.append(f"pid {pid}: write tracking stops: the agent did not take "
                                      f"its tracker ({e})")
@@ -89,7 +96,13 @@ class Trackers:
                                          "pages compared by content")
                     self._drop(pid)
                     continue
+                spans = d.spans()  # type: ignore[attr-defined]
+                self.collected.setdefault(pid, []).extend(spans)
                 if parent_id is not None and self.epoch.get(pid) == parent_id:
+                    extra = self.also_written.pop(pid, [])
+                    if extra:
+                        d = dirty.Dirty(written=d.written, untracked=runs.normalize(  # type: ignore[attr-defined]
+                            list(d.untracked) + extra))  # type: ignore[attr-defined]
                     self.dirty[pid] = d
             elif self.track:
                 frozen = tree.procs[pid]

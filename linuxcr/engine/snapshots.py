@@ -13,16 +13,23 @@ pipe's reader still sees EOF).  It carries PTRACE_O_EXITKILL: if its tracer
 writeback: a normal image from the Task record of the snapshot moment, the
 pages read from the snapshot child, the non-COW areas from the copy.
 
-rollback: the same live process returns to the snapshot: its address space
-is rebuilt by injected munmap/mmap (as restore does), pages copied from the
-snapshot child; registers, FPU, signal mask and handlers of every thread;
-fd offsets, fds opened since closed, regular files closed since reopened.
+rollback: the same live process returns to the snapshot.  Memory, fast
+path: if the holder (the agent) keeps a write tracker for the process
+(WriteTrackers, below) and /proc/PID/maps is the same as at the snapshot,
+only the pages written since (and those dropped since, and untracked or
+shared areas) are copied back from the snapshot child, and pages that
+appeared since are dropped (injected MADV_DONTNEED).  Full path otherwise:
+the address space is rebuilt by injected munmap/mmap (as restore does),
+every page copied from the snapshot child.  Then, either way: registers,
+FPU, signal mask and handlers of every thread; fd offsets, fds opened since
+closed, regular files closed since reopened.
 
 The tracer of a snapshot child is the thread that injected the fork: the
 agent therefore does all of this itself, from one thread.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import os
@@ -55,6 +62,7 @@ SS_DISABLE = 2
 WNOHANG, WALL = 1, 0x40000000
 PR_SET_NAME = 15
 SNAP_COMM = "lcr-snapshot"       # the comm of every snapshot child
+MADV_DONTNEED = 4
 
 
 class RollbackRefused(LcrError):
@@ -99,6 +107,13 @@ class Part:
     task: Task
     child: Tracee                 # the stopped fork holding the COW pages
     copies: list[tuple[int, bytearray]] = field(default_factory=list)   # non-COW areas
+    # /proc/PID/maps of the process at the snapshot moment (the fast rollback's layout check)
+    maps: list = field(default_factory=list)
+    # (start, end) spans that may differ from the snapshot now, as far as the
+    # write tracker of the process has told (WriteTrackers); None: not known
+    # (no tracker, or its count was lost): the next rollback is a full one
+    written: list[tuple[int, int]] | None = None
+    why_full: str = "no write tracker"     # why written is None
 
     @property
     def pid(self) -> int:
@@ -159,7 +174,255 @@ class Snapshot:
                     held=self.held(), child=self.child.pid, threads=1 + len(self.task.threads),
                     processes=len(self.parts), pids=[p.pid for p in self.parts],
                     children=self.children(),
+                    fast_rollback=all(p.written is not None for p in self.parts),
                     writeback_ok=not self.table.blockers, blockers=list(self.table.blockers))
+
+
+# --- write trackers: what changed since each snapshot --------------------------
+#
+# One tracker (resources/dirty.py: userfaultfd write-protect, async) per
+# process, shared by every snapshot of that process and by the agent's
+# `--track` tracker of incremental checkpoints: a second userfaultfd cannot
+# register the areas the first one holds (EBUSY), so there is only ever one.
+#
+# A collect() resets the count, so no snapshot can own the count: every
+# collect (a new snapshot, a rollback) is folded into ``Part.written`` of
+# EVERY live snapshot of the process.  ``Part.written`` is thus "every span
+# that may differ from this snapshot", kept exact for all snapshots, old
+# and new, at the cost of a merge per collect.  (The other choice, the fast
+# path for the newest snapshot only, would make a rollback to an older
+# snapshot -- the usual "undo the last few steps" -- full again.)
+#
+# After a rollback to S the process equals S: S.written = [] and what the
+# rollback changed is folded into every other snapshot of the process.
+#
+# An incremental checkpoint's count (``epoch``, the id of the image it counts
+# from) is kept the same way: ``since_epoch`` gathers what the agent reset
+# since; handed back with the tracker (tracker_take with_written) or, to a
+# caller that does not take it, by giving the tracker back with epoch ""
+# (the checkpoint then compares contents: correct, slower).  Lent to a
+# checkpoint, the tracker is reset there: the snapshots keep their count
+# only if it comes back with what that checkpoint collected
+# (tracker_put written=...); otherwise their next rollback is a full one.
+
+Span = tuple[int, int]
+UFFD_VMFLAGS = frozenset({"uw", "um", "ui"})   # set by a userfaultfd registration, not by the process
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        elif s < e:
+            out.append((s, e))
+    return out
+
+
+def _and(a: list[Span], b: list[Span]) -> list[Span]:
+    """Intersection of two sorted, merged span lists."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _clip(spans: list[Span], s: int, e: int) -> list[Span]:
+    """The parts of sorted, merged ``spans`` within [s, e)."""
+    i = max(bisect.bisect_right(spans, (s, 1 << 64)) - 1, 0)
+    out = []
+    while i < len(spans) and spans[i][0] < e:
+        a, b = max(spans[i][0], s), min(spans[i][1], e)
+        if a < b:
+            out.append((a, b))
+        i += 1
+    return out
+
+
+def _sub(a: list[Span], b: list[Span]) -> list[Span]:
+    """a minus b (sorted, merged)."""
+    out, j = [], 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k, cur = j, s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+@dataclass
+class Tracked:
+    """The write tracker of one process, and who counts with it."""
+    pid: int
+    starttime: int
+    uid: int
+    fd: int = -1                   # its userfaultfd, handed in (--track), not opened as a Tracker yet
+    tracker: object | None = None  # dirty.Tracker
+    epoch: str | None = None       # an incremental checkpoint counts from this image id; None: none does
+    since_epoch: list[Span] = field(default_factory=list)   # spans reset here since the epoch
+    epoch_lost: bool = False       # ... or the count since the epoch is lost altogether
+    lent: bool = False             # handed to a checkpoint (tracker_take), not back yet
+    parts: list[Part] = field(default_factory=list)        # live snapshots of the process
+    since: float = field(default_factory=time.time)
+    failed: str = ""
+
+    def live(self):
+        """The Tracker, opened from the handed-in fd if need be; None if none works."""
+        if self.tracker is None and self.fd >= 0 and not self.lent:
+            from linuxcr.resources import dirty
+            fd, self.fd = self.fd, -1
+            try:
+                self.tracker = dirty.Tracker.adopt(self.pid, fd)
+            except LcrError as e:
+                self.failed = str(e)
+                self._lose(f"the write tracker handed in cannot be used ({e})")
+        return self.tracker
+
+    def collect(self, *, skip: Part | None = None):
+        """Read and reset what the tracker counted; folded into every
+        snapshot of the process but ``skip``, and into the incremental
+        count.  The process is frozen.  None if there is no working tracker
+        (the snapshots then lose their count)."""
+        tr = self.live()
+        if tr is None:
+            return None
+        try:
+            d = tr.collect(reset=True)
+        except LcrError as e:
+            self.failed = str(e)
+            self.close(f"write tracking failed ({e})")
+            return None
+        spans = d.spans()
+        self.fold(spans, skip=skip)
+        return d
+
+    def fold(self, spans: list[Span], *, skip: Part | None = None) -> None:
+        if not spans:
+            return
+        for p in self.parts:
+            if p is not skip and p.written is not None:
+                p.written = _merge(p.written + spans)
+        if self.epoch is not None:
+            self.since_epoch = _merge(self.since_epoch + spans)
+
+    def _lose(self, why: str) -> None:
+        for p in self.parts:
+            if p.written is not None:
+                p.written, p.why_full = None, why
+        self.epoch_lost = self.epoch is not None
+
+    def lend(self) -> int:
+        """Hand the userfaultfd out (the caller owns the fd returned);
+        the snapshots' count is suspended until it comes back."""
+        if self.tracker is not None:
+            fd, self.tracker.uffd = self.tracker.uffd, -1
+            self.tracker.close()              # our pagemap fd only now
+            self.tracker = None
+        else:
+            fd, self.fd = self.fd, -1
+        self.lent = True
+        return fd
+
+    def close(self, why: str = "the write tracker was closed") -> None:
+        self._lose(why)
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def held(self) -> bool:
+        return self.tracker is not None or self.fd >= 0
+
+    def info(self) -> dict:
+        return dict(pid=self.pid, starttime=self.starttime, epoch=self.epoch or "", uid=self.uid,
+                    since=self.since, snapshots=len(self.parts), lent=self.lent)
+
+
+class WriteTrackers:
+    """pid -> Tracked: the write trackers a holder (the agent) keeps."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.by_pid: dict[int, Tracked] = {}
+        if enabled is None:
+            enabled = os.environ.get("LCR_SNAPSHOT_TRACK", "1") != "0"
+        self.enabled = enabled
+
+    def get(self, pid: int, starttime: int | None = None) -> Tracked | None:
+        tr = self.by_pid.get(pid)
+        if tr is not None and starttime is not None and tr.starttime != starttime:
+            return None
+        return tr
+
+    def drop(self, pid: int, why: str = "the write tracker was closed") -> None:
+        tr = self.by_pid.pop(pid, None)
+        if tr is not None:
+            tr.close(why)
+
+    def on_snapshot(self, fz: Frozen, task: Task) -> tuple[Tracked | None, str]:
+        """While frozen, at the snapshot moment: the tracker of the process
+        reset (what it counted folded into the older snapshots), or started.
+        (Tracked, "") or (None, why not)."""
+        pid = task.pid
+        if not self.enabled:
+            return None, "write tracking is off (LCR_SNAPSHOT_TRACK=0)"
+        tr = self.by_pid.get(pid)
+        if tr is not None and tr.starttime != task.starttime:
+            self.drop(pid, "the process is gone")
+            tr = None
+        if tr is not None:
+            if tr.lent:
+                return None, "its write tracker is lent to an incremental checkpoint"
+            if tr.collect() is not None:
+                return tr, ""
+            if tr.held() or tr.parts or tr.epoch is not None:
+                return None, tr.failed or "its write tracker does not work"
+            self.by_pid.pop(pid, None)
+        from linuxcr.resources import dirty
+        ok, why = dirty.available(pid)
+        if not ok:
+            return None, why
+        t = fz.leader
+        fz.block_signals()
+        try:
+            with t.scratch() as addr:
+                tracker = dirty.Tracker.start(t, Arena(t, addr, PAGE))
+        except LcrError as e:
+            return None, f"cannot track its writes ({e})"
+        finally:
+            fz.unblock_signals()
+        tr = Tracked(pid=pid, starttime=task.starttime, uid=os.stat(f"/proc/{pid}").st_uid,
+                     tracker=tracker)
+        self.by_pid[pid] = tr
+        return tr, ""
+
+    def forget(self, part: Part) -> None:
+        """A snapshot goes: its count is no longer kept; a tracker nobody
+        wants any more is closed (its areas lose their `uw` flag)."""
+        tr = self.by_pid.get(part.pid)
+        if tr is None or tr.starttime != part.starttime:
+            return
+        tr.parts = [p for p in tr.parts if p is not part]
+        if not tr.parts and tr.epoch is None and not tr.lent:
+            self.drop(part.pid)
+
+    def close(self) -> None:
+        for pid in list(self.by_pid):
+            self.drop(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -265,8 +528,8 @@ def tree_pids(root: int, exclude: frozenset[int] | set[int] = frozenset()) -> di
     return out
 
 
-def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int] = frozenset()
-         ) -> Snapshot:
+def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int] = frozenset(),
+         trackers: WriteTrackers | None = None) -> Snapshot:
     """Snapshot process ``pid`` and all its descendants (every thread of
     each); they run on afterwards.  ``exclude``: pids never to take in (the
     snapshot children of earlier snapshots).
@@ -276,15 +539,20 @@ def take(pid: int, *, crid: str | None = None, exclude: frozenset[int] | set[int
     with it.  The VmFlags could still change with the layout unchanged
     (madvise over a whole area) in that window: after the thaw they are
     read again, and if an area's flags differ the snapshot is taken again
-    with smaps read frozen."""
-    snap = _take(pid, crid, exclude, early=True)
+    with smaps read frozen.
+
+    ``trackers``: the write trackers of the holder (the agent): each
+    process's tracker is started or reset at the snapshot moment, so that a
+    rollback can copy back only what was written since (rollback)."""
+    snap = _take(pid, crid, exclude, early=True, trackers=trackers)
     if _flags_still(snap):
         return snap
-    discard(snap)
-    return _take(pid, crid, exclude, early=False)
+    discard(snap, trackers)
+    return _take(pid, crid, exclude, early=False, trackers=trackers)
 
 
-def _take(pid: int, crid: str | None, exclude, early: bool) -> Snapshot:
+def _take(pid: int, crid: str | None, exclude, early: bool,
+          trackers: WriteTrackers | None = None) -> Snapshot:
     t0 = time.monotonic()
     if pid == os.getpid():
         raise NotCheckpointable(pid, ["lcr cannot snapshot itself"])
@@ -296,6 +564,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool) -> Snapshot:
     tree = _SnapTree(pid, exclude)
     frozen_at = time.monotonic()
     parts: list[Part] = []
+    counting: list[tuple[Tracked, Part]] = []
     try:
         tree.freeze()
         smaps = {p: _smaps_frozen(p, pre) for p in tree.order}
@@ -315,18 +584,31 @@ def _take(pid: int, crid: str | None, exclude, early: bool) -> Snapshot:
         table = SnapTable()
         tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
-        tasks = [msgspec.structs.replace(t, vmas=v) for t, v in zip(tasks, vmas)]
+        tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = _copy_special(fz.leader, task.vmas)
-            parts.append(Part(task=task, child=_fork(fz, sibling=task.pid == pid), copies=copies))
+            part = Part(task=task, child=_fork(fz, sibling=task.pid == pid), copies=copies,
+                        maps=[e.map for e in smaps[task.pid]])
+            parts.append(part)
+            if trackers is not None:
+                tr, part.why_full = trackers.on_snapshot(fz, task)
+                if tr is not None:
+                    counting.append((tr, part))
     except BaseException:
         for part in parts:
             _kill_and_reap(part)
+        if trackers is not None:
+            for tr, _part in counting:
+                if not tr.parts and tr.epoch is None and not tr.lent:
+                    trackers.drop(tr.pid)
         tree.thaw()
         raise
     tree.thaw()
+    for tr, part in counting:          # counted from the snapshot moment on
+        part.written, part.why_full = [], ""
+        tr.parts.append(part)
     frozen = time.monotonic() - frozen_at
     root = parts[0].task
     snap = Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
@@ -371,9 +653,17 @@ def _flags_still(snap: Snapshot) -> bool:
             now = {e.map: e.vmflags for e in read_smaps(p)}
         except OSError:
             return False
-        if any(now.get(e.map) != e.vmflags for e in before):
+        if any((now.get(e.map) or frozenset()) - UFFD_VMFLAGS != e.vmflags - UFFD_VMFLAGS
+               for e in before):
             return False
     return True
+
+
+def _no_uffd(v: Vma) -> Vma:
+    """The area without the VmFlags of a userfaultfd registration (ours)."""
+    if UFFD_VMFLAGS.isdisjoint(v.vmflags):
+        return v
+    return msgspec.structs.replace(v, vmflags=[f for f in v.vmflags if f not in UFFD_VMFLAGS])
 
 
 def _gettid() -> int:
@@ -471,8 +761,11 @@ def kill_child(c: Tracee) -> None:
     c.close()
 
 
-def discard(snap: Snapshot) -> None:
+def discard(snap: Snapshot, trackers: WriteTrackers | None = None) -> None:
     for part in snap.parts:
+        if trackers is not None:
+            trackers.forget(part)
+        part.written, part.why_full = None, "discarded"
         _kill_and_reap(part)
         part.copies = []
 
@@ -558,9 +851,17 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
 
 # --- rollback -----------------------------------------------------------------
 
-def rollback(snap: Snapshot, *, memory_only: bool = False) -> dict:
+def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTrackers | None = None,
+             full: bool = False) -> dict:
     """Bring the live process (or tree: the same processes, same pids) back
-    to the snapshot."""
+    to the snapshot.
+
+    Memory: the fast path (the layout is the same as at the snapshot and the
+    write tracker counted since) copies back only the pages written since,
+    the pages dropped since, and the areas not tracked or shared, and drops
+    the pages that appeared since; otherwise (or ``full``) the whole address
+    space is rebuilt and every page copied.  The result says which was taken
+    (``path``: fast | full | mixed for a tree; ``processes``: per process)."""
     t0 = time.monotonic()
     pid = snap.pid
     _check_same_tree(snap)
@@ -578,12 +879,15 @@ def rollback(snap: Snapshot, *, memory_only: bool = False) -> dict:
     except BaseException:
         tree.thaw()
         raise
+    frozen_at = time.monotonic()
+    per: list[dict] = []
     warnings: list[str] = []
     try:
         for part in snap.parts:
             fz = tree.procs[part.pid]
             fz.block_signals()
-            _rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings)
+            per.append(_rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings,
+                                        trackers, full))
         if not memory_only:
             warnings += _refill_pipes(snap)
     except BaseException as e:
@@ -603,8 +907,12 @@ def rollback(snap: Snapshot, *, memory_only: bool = False) -> dict:
     if gone:
         warnings.append(f"zombie child(ren) {', '.join(map(str, gone))} of the snapshot were reaped "
                         "since: they cannot come back")
-    return dict(pid=pid, seconds=time.monotonic() - t0, warnings=warnings,
-                memory_only=memory_only, processes=len(snap.parts))
+    paths = {r["path"] for r in per}
+    return dict(pid=pid, seconds=time.monotonic() - t0, frozen_seconds=time.monotonic() - frozen_at,
+                warnings=warnings, memory_only=memory_only, processes=len(snap.parts),
+                path=paths.pop() if len(paths) == 1 else "mixed",
+                pages_copied=sum(r["pages_copied"] for r in per),
+                pages_dropped=sum(r["pages_dropped"] for r in per), per_process=per)
 
 
 def _check_same_tree(snap: Snapshot) -> None:
@@ -712,13 +1020,43 @@ def _same_shared(a: Vma, b: Vma) -> bool:
         and (a.shm == b.shm if a.kind == "shmem" else a.path == b.path and a.offset == b.offset)
 
 
+class _Fallback(Exception):
+    """The fast path cannot finish: rebuild the whole address space."""
+
+
+def _fast_why(part: Part, tracked: Tracked | None) -> str:
+    """Why the fast path cannot be taken for this process ("" if it can):
+    its snapshot must have been counted by a tracker since, and the layout
+    (/proc/PID/maps: every area's start, end, permissions, private/shared,
+    offset, device, inode and path) must be the one of the snapshot."""
+    if part.written is None:
+        return part.why_full or "no write tracker"
+    if tracked is None or tracked.lent or not tracked.held():
+        return "its write tracker is " + ("lent to an incremental checkpoint" if tracked is not None
+                                          and tracked.lent else "gone")
+    now = read_maps(part.pid)
+    if now != part.maps:
+        was = {(m.start, m.end): m for m in part.maps}
+        diff = next((m for m in now if was.get((m.start, m.end)) != m), None)
+        where = f" (0x{diff.start:x}-0x{diff.end:x} {diff.path or 'anonymous'})" if diff else ""
+        return f"its memory layout changed since the snapshot{where}"
+    return ""
+
+
 def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only: bool,
-                     warnings: list[str]) -> None:
+                     warnings: list[str], trackers: WriteTrackers | None = None,
+                     full: bool = False) -> dict:
     pid, task, t = part.pid, part.task, fz.leader
-    now = memory.collect(read_smaps(pid))
-    if [(v.kind, v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS] != \
-            [(v.kind, v.start, v.end) for v in task.vmas if v.kind in memory.VDSO_KINDS]:
-        raise RollbackRefused(f"cannot roll back pid {pid}: its vDSO moved since the snapshot")
+    tracked = trackers.get(pid, part.starttime) if trackers is not None else None
+    why = "asked for" if full else _fast_why(part, tracked)
+    if not why and tracked.collect() is None:     # folded into part.written (and the others')
+        why = part.why_full or "write tracking failed"
+    now = None
+    if why:
+        now = memory.collect(read_smaps(pid))
+        if [(v.kind, v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS] != \
+                [(v.kind, v.start, v.end) for v in task.vmas if v.kind in memory.VDSO_KINDS]:
+            raise RollbackRefused(f"cannot roll back pid {pid}: its vDSO moved since the snapshot")
     insn = _vdso_insn(t, task.vmas)
     for th in fz.threads.values():
         th.insn = insn
@@ -732,33 +1070,18 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     arena = Arena(t, gap, TRAMPOLINE)
     inherited = (lambda st: st.sig_cgt | st.sig_ign)(read_status(pid))
 
-    # 1. the address space: keep the vDSO, the scratch, identical shared areas
-    kept = [c for c in now if c.kind not in memory.VDSO_KINDS
-            and any(_same_shared(c, v) for v in task.vmas)]
-    keep = sorted([(v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS]
-                  + [(c.start, c.end) for c in kept] + [(gap, gap + TRAMPOLINE)])
-    prev = 0
-    from linuxcr.sys.syscalls import TASK_SIZE
-    for s, e in keep + [(TASK_SIZE, TASK_SIZE)]:
-        if s > prev:
-            t.syscall("munmap", prev, s - prev)
-        prev = max(prev, e)
-    kept_ranges = {(c.start, c.end) for c in kept}
-    remap = [v for v in task.vmas if (v.start, v.end) not in kept_ranges or not v.shared]
-    shmfds: dict[int, int] = {}
-    try:
-        for o in snap.shm:
-            if any(v.kind == "shmem" and v.shm == o.id for v in remap):
-                fd = t.syscall("memfd_create", arena.cstr("lcr-shm"), 1)   # MFD_CLOEXEC
-                shmfds[o.id] = fd
-                t.syscall("ftruncate", fd, o.size)
-        memory.map_areas(t, remap, arena, shmfds)
-    finally:
-        for fd in shmfds.values():
-            t.syscall("close", fd, check=False)
-    # 2. the pages
-    _pour(part, t, [v for v in task.vmas if v.pages and not _special(v)])
-    memory.protect_areas(t, remap)
+    # 1.-2. the address space and the pages
+    res = dict(pid=pid, path="fast", pages_copied=0, pages_dropped=0, reason="")
+    touched: list[Span] = []
+    if not why:
+        try:
+            res["pages_copied"], res["pages_dropped"], touched = _fast_memory(part, t, arena)
+        except _Fallback as e:
+            why = str(e)
+            now = memory.collect(read_smaps(pid))
+    if why:
+        res.update(path="full", reason=why, pages_dropped=0,
+                   pages_copied=_full_memory(snap, part, t, now, arena, gap))
     # 3. kernel view of the memory layout (brk) when it moved
     arena.reset()
     if t.syscall("brk", 0) != task.mm.brk:
@@ -798,6 +1121,141 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
         cpu.restore_fpu(live, saved.xstate)
         live.saved_regs = cpu.final_regs(saved.regs)
         fz.masks[live.pid] = saved.sigmask
+    # 8. the process equals the snapshot again: count from here.  What we
+    # changed may differ from every other snapshot of the process; the
+    # tracker's reset (our own writes) goes to those only.
+    if res["path"] == "full":
+        touched = [(v.start, v.end) for v in task.vmas if v.pages]
+        part.maps = read_maps(pid)            # the layout as rebuilt (shmem comes back as a memfd)
+    if tracked is not None:
+        tracked.fold(touched, skip=part)
+        if not tracked.lent and tracked.collect(skip=part) is not None:
+            part.written, part.why_full = [], ""
+            if part not in tracked.parts:     # counted from now on (a full rollback of an untracked one)
+                tracked.parts.append(part)
+    return res
+
+
+def _fast_memory(part: Part, t: Tracee, arena: Arena) -> tuple[int, int, list[Span]]:
+    """Only what may differ from the snapshot: (pages copied, pages
+    dropped, spans touched).  For each area of the snapshot that holds
+    pages, C = the snapshot child's pages, L = the live process's pages
+    (present or swapped; in private file mappings only their anonymous
+    copies), W = spans written since the snapshot (and areas not tracked):
+      copy from the child  (C & W) | (C - L)   written, or dropped since
+      drop (MADV_DONTNEED) L - C               appeared since: back to zeros
+                                               or to the file's content
+    Shared areas and DONTFORK/WIPEONFORK ones: their copy, whole, as the
+    full path does (another process may have written shared memory)."""
+    from linuxcr.procfs import PagemapReader
+    child, task = part.child, part.task
+    written = part.written or []
+    copy: list[Span] = []
+    drops: list[tuple[Vma, list[Span], int]] = []
+    copied_spans = _merge([(a, a + len(b)) for a, b in part.copies])
+    with PagemapReader(child.pid) as cpm, PagemapReader(part.pid) as lpm:
+        for v in task.vmas:
+            if not v.pages or v.kind in memory.VDSO_KINDS:
+                continue
+            anon_only = v.kind == "file" or v.kind in memory.OBJECT_KINDS
+            live = _live_runs(lpm, v.start, v.end, anon_only)
+            w = _clip(written, v.start, v.end)
+            if _special(v):
+                if v.shared:
+                    continue                  # its copy goes back whole, pages are not dropped
+                have = _clip(copied_spans, v.start, v.end)
+            else:
+                have = _merge([(a, a + n * PAGE) for a, n in cpm.runs(v.start, v.end, anon_only=anon_only)])
+                copy += _merge(_and(have, w) + _sub(have, live))
+            extra = _sub(_merge(live + w), have)
+            if extra:
+                # one madvise per gap between the child's pages that holds any
+                gaps = _sub([(v.start, v.end)], have)
+                drops.append((v, [g for g in gaps if _and([g], extra)],
+                              sum((e - s) // PAGE for s, e in _sub(live, have))))
+    # drop first: a drop range never overlaps a page copied
+    for v, ranges, _n in drops:
+        for s, e in ranges:
+            try:
+                t.syscall("madvise", s, e - s, MADV_DONTNEED)
+            except OSError as ex:
+                if v.kind != "anon" or v.shared:
+                    raise _Fallback(f"madvise(MADV_DONTNEED) at 0x{s:x} failed: {ex.strerror}") from None
+                t.write(s, bytes(e - s))      # mlocked: zeros instead
+    dropped = sum(n for _v, _rs, n in drops)
+    # then the pages, in batches of one process_vm_writev
+    ring = memory._ring()
+    buf = ring[0]
+    pieces: list[tuple[int, memoryview]] = []
+    off = copied = 0
+    for s, e in copy:
+        while s < e:
+            n = min(e - s, len(buf) - off)
+            view = buf[off:off + n]
+            child.readinto(s, view)
+            pieces.append((s, view))
+            off += n
+            s += n
+            copied += n
+            if off == len(buf):
+                t.write_many(pieces)
+                pieces, off = [], 0
+    if pieces:
+        t.write_many(pieces)
+    for addr, b in part.copies:
+        t.write(addr, b)
+        copied += len(b)
+    touched = _merge(copy + [r for _v, rs, _n in drops for r in rs] + copied_spans)
+    return copied // PAGE, dropped, touched
+
+
+def _live_runs(pm, start: int, end: int, anon_only: bool) -> list[Span]:
+    """The live process's pages in [start, end): present or swapped; in
+    private file mappings (``anon_only``) only present anonymous copies: the
+    write tracker's uffd-wp markers in their empty slots are swap-type
+    entries that PAGEMAP_SCAN reports as PAGE_IS_SWAPPED.  (A written copy
+    swapped out since is in the written spans: dropped all the same.)"""
+    from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
+    from linuxcr.sys.syscalls import pagemap_scan
+    if not anon_only:
+        return _merge([(a, a + n * PAGE) for a, n in pm.runs(start, end)])
+    excl = PAGE_IS_PFNZERO | PAGE_IS_FILE
+    return _merge(pagemap_scan(pm.fd, start, end, anyof=PAGE_IS_PRESENT, inverted=excl, mask=excl,
+                               return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED))
+
+
+def _full_memory(snap: Snapshot, part: Part, t: Tracee, now: list[Vma], arena: Arena, gap: int) -> int:
+    """The whole address space rebuilt as at the snapshot, every page copied
+    from the snapshot child: the pages copied."""
+    task = part.task
+    # 1. the address space: keep the vDSO, the scratch, identical shared areas
+    kept = [c for c in now if c.kind not in memory.VDSO_KINDS
+            and any(_same_shared(c, v) for v in task.vmas)]
+    keep = sorted([(v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS]
+                  + [(c.start, c.end) for c in kept] + [(gap, gap + TRAMPOLINE)])
+    prev = 0
+    from linuxcr.sys.syscalls import TASK_SIZE
+    for s, e in keep + [(TASK_SIZE, TASK_SIZE)]:
+        if s > prev:
+            t.syscall("munmap", prev, s - prev)
+        prev = max(prev, e)
+    kept_ranges = {(c.start, c.end) for c in kept}
+    remap = [v for v in task.vmas if (v.start, v.end) not in kept_ranges or not v.shared]
+    shmfds: dict[int, int] = {}
+    try:
+        for o in snap.shm:
+            if any(v.kind == "shmem" and v.shm == o.id for v in remap):
+                fd = t.syscall("memfd_create", arena.cstr("lcr-shm"), 1)   # MFD_CLOEXEC
+                shmfds[o.id] = fd
+                t.syscall("ftruncate", fd, o.size)
+        memory.map_areas(t, remap, arena, shmfds)
+    finally:
+        for fd in shmfds.values():
+            t.syscall("close", fd, check=False)
+    # 2. the pages
+    n = _pour(part, t, [v for v in task.vmas if v.pages and not _special(v)])
+    memory.protect_areas(t, remap)
+    return n
 
 
 def _pending_now(pairs) -> list:
@@ -848,7 +1306,7 @@ def _vtid(tid: int) -> int:
     return read_status(tid).ns_pid[-1]
 
 
-def _pour(snap: Part, t: Tracee, normal: list[Vma]) -> None:
+def _pour(snap: Part, t: Tracee, normal: list[Vma]) -> int:
     """Pages from the snapshot child into the live process, then the copies."""
     child = snap.child
     ring = memory._ring()
@@ -859,10 +1317,14 @@ def _pour(snap: Part, t: Tracee, normal: list[Vma]) -> None:
             child.readinto(addr, view)
             yield addr, view
 
+    n = 0
     for addr, view in prefetch(chunks()):
         t.write(addr, view)
+        n += len(view)
     for addr, buf in snap.copies:
         t.write(addr, buf)
+        n += len(buf)
+    return n // PAGE
 
 
 def _fd_key(pid: int, fd: int) -> tuple[int, int] | None:

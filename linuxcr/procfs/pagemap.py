@@ -19,6 +19,8 @@ PM_UFFD_WP = 1 << 57
 PM_MMAP_EXCLUSIVE = 1 << 56
 PM_SOFT_DIRTY = 1 << 55
 PM_PFN_MASK = (1 << 55) - 1  # zero unless CAP_SYS_ADMIN
+SWP_TYPE_MASK = 0x1F          # a swapped entry: bits 0-4 swap type, 5-54 offset
+SWP_PTE_MARKER = 31           # the last swap type: PTE markers (include/linux/swap.h)
 ENTRY_SIZE = 8
 DEFAULT_CHUNK_PAGES = 1 << 16  # 512 KiB of pagemap per read in PagemapReader
 
@@ -43,14 +45,37 @@ def page_runs(
 
     entries = np.frombuffer(data, dtype="<u8")
     flags = (entries >> np.uint64(61)).astype(np.uint8)  # bit2 present, bit1 swap, bit0 file
-    keep = (flags & 0b110) != 0
+    keep = ((flags & 0b110) != 0) & ~_markers(entries)
     if anon_only:
         keep &= (flags & 0b001) == 0
+    return _true_runs(keep, first_addr, page_size)
+
+
+def _markers(entries):
+    """Entries that are PTE markers: a swap entry of the marker type (a
+    userfaultfd write-protect mark in an empty slot, a poison or guard
+    mark), not a page: nothing to save there."""
+    import numpy as np
+    swap_only = (entries & np.uint64(PM_PRESENT | PM_SWAP)) == np.uint64(PM_SWAP)
+    return swap_only & ((entries & np.uint64(SWP_TYPE_MASK)) == np.uint64(SWP_PTE_MARKER))
+
+
+def _true_runs(keep, first_addr: int, page_size: int) -> list[Run]:
+    import numpy as np
     edges = np.diff(keep.view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1)
     lengths = np.flatnonzero(edges == -1) - starts
     addrs = starts.astype(np.uint64) * np.uint64(page_size) + np.uint64(first_addr)
     return list(zip(addrs.tolist(), lengths.tolist()))
+
+
+def marker_runs(data: bytes | bytearray | memoryview, first_addr: int,
+                page_size: int = 4096) -> list[Run]:
+    """Runs of PTE markers (see _markers) among raw pagemap entries."""
+    if len(data) % ENTRY_SIZE:
+        raise ValueError(f"pagemap data length {len(data)} is not a multiple of {ENTRY_SIZE}")
+    import numpy as np
+    return _true_runs(_markers(np.frombuffer(data, dtype="<u8")), first_addr, page_size)
 
 
 def split_runs(runs: list[Run], max_pages: int, page_size: int = 4096) -> list[Run]:
@@ -72,6 +97,23 @@ def _merge_adjacent(runs: list[Run], page_size: int) -> list[Run]:
             out[-1] = (out[-1][0], out[-1][1] + n)
         else:
             out.append((start, n))
+    return out
+
+
+def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted disjoint byte ranges a without those of b (sorted, disjoint)."""
+    out, j = [], 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k, cur = j, s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
     return out
 
 
@@ -130,6 +172,18 @@ class PagemapReader:
                               inverted=excl, mask=excl,
                               return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
         ps = self.page_size
+        # PAGEMAP_SCAN counts PTE markers as swapped (a write tracker puts
+        # them in the empty slots of file mappings): look at the swapped-only
+        # pages' raw entries and leave the markers out
+        swapped = pagemap_scan(self.fd, start, end, anyof=PAGE_IS_SWAPPED,
+                               inverted=excl | PAGE_IS_PRESENT, mask=excl | PAGE_IS_PRESENT,
+                               return_mask=PAGE_IS_SWAPPED)
+        if swapped:
+            marks = []
+            for s, e in swapped:
+                marks += [(a, a + n * ps) for a, n in marker_runs(self.read(s, e), s, ps)]
+            if marks:
+                ranges = _minus(ranges, marks)
         return [(s, (e - s) // ps) for s, e in ranges]
 
     def close(self) -> None:
