@@ -21,7 +21,7 @@ from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
 from linuxcr.image.stream import PAGE, ImageWriter
-from linuxcr.procfs import read_smaps, read_stat, read_status
+from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
@@ -45,14 +45,19 @@ class DumpResult:
     incremental: dict = field(default_factory=dict)   # stored/inherited pages, method per pid
 
 
-def check_process(pid: int, smaps=None) -> list[str]:
-    """Every reason, known without stopping the process, that it cannot be saved."""
+def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]:
+    """Every reason, known without stopping the process, that it cannot be saved.
+    ``maps_only``: judge the memory by /proc/PID/maps (cheap) instead of
+    smaps (which walks every page): what only VmFlags tell (hugetlbfs,
+    device memory not under /dev) is then left to the check of the frozen
+    process, which reads smaps anyway."""
     if pid == os.getpid():
         return ["lcr cannot checkpoint itself"]
     try:
         st = read_status(pid)
         stat = read_stat(pid)
-        smaps = read_smaps(pid) if smaps is None else smaps
+        if smaps is None:
+            smaps = [SmapsEntry(map=m) for m in read_maps(pid)] if maps_only else read_smaps(pid)
     except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped after open()
         raise NoSuchProcess(f"pid {pid}: no such process") from None
     except PermissionError:
@@ -98,9 +103,10 @@ def snapshot_child(pid: int) -> bool:
         return False
 
 
-def check_tree(root: int) -> list[str]:
-    """Reasons for the root and all its descendants (live processes only)."""
-    reasons = [r for r in check_process(root)]
+def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
+    """Reasons for the root and all its descendants (live processes only);
+    ``maps_only`` as for check_process."""
+    reasons = [r for r in check_process(root, maps_only=maps_only)]
     seen = {root}
     queue = pstree.children(root)
     while queue:
@@ -111,7 +117,7 @@ def check_tree(root: int) -> list[str]:
         if snapshot_child(p):
             continue
         try:
-            found = check_process(p)
+            found = check_process(p, maps_only=maps_only)
         except NoSuchProcess:
             continue                # gone, or on its way out
         except PermissionDenied:
@@ -195,7 +201,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     ``base`` (engine/incremental.py) makes an incremental image: what the
     reader already holds, and how to tell what changed since."""
     t0 = time.monotonic()
-    reasons = check_tree(pid)
+    reasons = check_tree(pid, maps_only=True)    # all of it again once frozen, with smaps
     if reasons:
         raise NotCheckpointable(pid, reasons)
     image_id = os.urandom(16)
@@ -240,8 +246,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         for task in tasks:
             w.record(RecType.TASK, task)
         if base is None:
-            pages = sum(memory.dump_pages(tree.procs[t.pid].leader, t.vmas, w, progress)
-                        for t in tasks)
+            pages = memory.dump_pages([(tree.procs[t.pid].leader, t.vmas) for t in tasks], w,
+                                      progress)
         else:
             pages = _dump_changed(tree, tasks, w, base, progress, stats)
         w.finish()

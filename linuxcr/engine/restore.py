@@ -325,6 +325,10 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
 def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
                 made: list[Rebuild]) -> None:
     """Every task as a blank, forked by its blank parent; then groups, zombies.
+    Each blank is emptied (_empty) before it forks: the root blank is a copy
+    of lcr, and a child forked from that copy would have to have it copied
+    (page tables) and torn down again; forked from an emptied parent it
+    holds one trampoline page.
     ``made`` grows as tasks are made, so a failure can kill them all."""
     root.insn = root.find_syscall_insn(_own_vdso(root.pid))
     by_pid: dict[int, Rebuild] = {}
@@ -335,10 +339,11 @@ def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
             parent = by_pid[k.ppid]
             t = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else (k.vpid or k.pid))
         r = Rebuild(task=k, t=t)
-        ptrace.set_sigmask(t.pid, ALL_SIGNALS)
-        pstree.set_session(t, k)
         by_pid[k.pid] = r
         made.append(r)
+        ptrace.set_sigmask(t.pid, ALL_SIGNALS)
+        pstree.set_session(t, k)
+        _empty(r, inherited=None if t is root else by_pid[k.ppid])
         faults.point("restore.tree")
     pstree.set_groups([(r.t, r.task) for r in made])
     for z in tree.zombies:
@@ -348,7 +353,8 @@ def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
 
 
 def _blank_arena(r: Rebuild) -> Arena:
-    """Scratch memory in a blank (still lcr's copy): a page of its own."""
+    """Scratch memory in a blank: its trampoline's once emptied, else a
+    page of its own."""
     if r.arena is None:
         addr = r.t.syscall("mmap", 0, PAGE, 3, 0x22, (1 << 64) - 1, 0)
         r.arena = Arena(r.t, addr, PAGE)
@@ -372,22 +378,45 @@ def _free_gap(task: Task, pid: int) -> int:
     return addr
 
 
-def _prepare(r: Rebuild, shm: dict[int, int]) -> None:
-    """Empty the blank's address space but for a trampoline; map saved areas."""
+def _empty(r: Rebuild, inherited: Rebuild | None = None) -> None:
+    """Empty the blank's address space but for a trampoline page (code, then
+    scratch for arguments) at an address the image leaves free.  A blank
+    forked from an emptied parent (``inherited``) holds nothing but the
+    parent's trampoline: kept where the image leaves its place free."""
     t, task = r.t, r.task
-    reason = cpu.check_restorable(task.xstate, ptrace.get_xstate(t.pid))
-    if reason:
-        raise RestoreError(reason, "restart on a machine with the same CPU features")
     r.inherited_sigs = (lambda st: st.sig_cgt | st.sig_ign)(read_status(t.pid))
-    r.inherited_exe = os.readlink(f"/proc/{t.pid}/exe")
-    cpu.unregister_rseq(t)
-    r.tramp = tramp = _free_gap(task, t.pid)
-    t.syscall("mmap", tramp, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)  # RWX, FIXED_NOREPLACE
-    t.write(tramp, b"\x0f\x05")
+    r.inherited_exe = inherited.inherited_exe if inherited is not None \
+        else os.readlink(f"/proc/{t.pid}/exe")
+    if inherited is None:
+        cpu.unregister_rseq(t)          # a fork of lcr: glibc's registration goes
+    at = inherited.tramp if inherited is not None else 0
+    if at and _free_in(task, at):
+        tramp = at
+    else:
+        tramp = _free_gap(task, t.pid)
+        t.syscall("mmap", tramp, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)  # RWX, FIXED_NOREPLACE
+        t.write(tramp, b"\x0f\x05")
+    r.tramp = tramp
     t.insn = tramp
     r.arena = Arena(t, tramp + PAGE, TRAMPOLINE - PAGE)
     t.syscall("munmap", 0, tramp)
     t.syscall("munmap", tramp + TRAMPOLINE, TASK_SIZE - tramp - TRAMPOLINE)
+
+
+def _free_in(task: Task, at: int) -> bool:
+    """[at, at + TRAMPOLINE) is free in the image's layout of the task."""
+    return MIN_ADDR <= at and at + TRAMPOLINE <= TASK_SIZE and \
+        not any(v.start < at + TRAMPOLINE and at < v.end for v in task.vmas)
+
+
+def _prepare(r: Rebuild, shm: dict[int, int]) -> None:
+    """The emptied blank (_empty, done by _build_tree): map the saved areas."""
+    t, task = r.t, r.task
+    reason = cpu.check_restorable(task.xstate, ptrace.get_xstate(t.pid))
+    if reason:
+        raise RestoreError(reason, "restart on a machine with the same CPU features")
+    if not r.tramp:
+        _empty(r)
     vdso = memory.vdso_area(task.vmas)
     if vdso:
         t.syscall("arch_prctl", ARCH_MAP_VDSO_64, vdso[0])

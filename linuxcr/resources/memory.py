@@ -26,7 +26,12 @@ from linuxcr.remote.task import Tracee
 from linuxcr.resources.fdkinds import memfd as memfds, unlinked
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-CHUNK = 16 << 20                     # bytes per PAGES record (bounds memory use)
+# Bytes per PAGES record, and the size of each copy buffer: small enough
+# that the three buffers stay in the CPU cache between the read from the
+# task, the checksum and the write (with 16 MiB buffers each step went
+# through main memory: the copy took 1.3-1.7x as long, the restore of such
+# records 1.3x; 4, 2 and 1 MiB were alike).  docs/benchmarks.md.
+CHUNK = 1 << 20
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
 # a memfd, or a file unlinked since it was mapped: one object per (dev, inode),
 # restored by lcr (fdkinds/memfd.py, unlinked.py) and mapped by its fd
@@ -113,20 +118,25 @@ def _ring() -> list[memoryview]:
     return _RING
 
 
-def dump_pages(t: Tracee, vmas: list[Vma], w: ImageWriter, progress=None) -> int:
-    """Copy the pages: a helper thread reads the next chunk from the task
-    while this one writes the previous one out."""
+def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=None) -> int:
+    """The pages of every task through one pipeline (not one per task, which
+    would drain at every task boundary): a helper thread reads the next
+    chunk, of this task or of the next one, while this one checksums and
+    writes the previous one out."""
     ring = _ring()
 
     def chunks():
-        for i, (addr, n) in enumerate(page_runs(t.pid, vmas)):
-            view = ring[i % RING][: n * PAGE]
-            t.readinto(addr, view)
-            yield addr, view
+        i = 0
+        for t, vmas in tasks:
+            for addr, n in page_runs(t.pid, vmas):
+                view = ring[i % RING][: n * PAGE]
+                i += 1
+                t.readinto(addr, view)
+                yield t.pid, addr, view
 
     total = 0
-    for addr, view in prefetch(chunks()):
-        w.page_run(t.pid, addr, view)
+    for pid, addr, view in prefetch(chunks()):
+        w.page_run(pid, addr, view)
         total += len(view) // PAGE
         if progress:
             progress(len(view))
