@@ -34,7 +34,7 @@ from helpers import (LCR, assert_clean_error, assert_running_untraced, child_env
 
 pytestmark = pytest.mark.e2e
 
-HOG_MIB = 40          # 3 PAGES records of memhog's buffer (16 MiB each) and a few small ones
+HOG_MIB = 40          # tens of PAGES records (1 MiB each): @2 is early in the copy
 SETTLE = 5.0          # seconds for a target to be running again after lcr died
 
 # Every checkpoint stage.  The value: why it is expected to fail today (None: it must pass).

@@ -249,3 +249,46 @@ def _vmflags(pid: int) -> set[str]:
             if line.startswith("VmFlags:"):
                 flags.update(line.split()[1:])
     return flags
+
+
+@pytest.mark.parametrize("action", ["raise", "kill"])
+def test_failed_incremental_checkpoint(bins, procs, tmp_path, agent_env, action):
+    """An incremental checkpoint that fails (or whose lcr is killed) halfway
+    through its pages: no image, the process runs on untouched and untraced,
+    the write tracker is gone (its count was reset: trusting it later would
+    lose pages), and the next --parent checkpoint compares contents."""
+    import helpers
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    d1, bad, d2 = tmp_path / "d1.img", tmp_path / "bad.img", tmp_path / "d2.img"
+    lcr("checkpoint", pid, "-o", d1, "--leave-running", "--track", env=agent_env)
+    time.sleep(0.3)
+    fault = "dump.pages@2" + (":raise" if action == "raise" else "")
+    cp = lcr("checkpoint", pid, "-o", bad, "--parent", d1, "--leave-running", check=False,
+             env={**agent_env, "LCR_FAULT": fault})
+    assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert not bad.exists() and not list(tmp_path.glob("bad.img*"))
+    deadline = time.monotonic() + 10
+    while "uw" in _vmflags(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)            # killed: the kernel closes lcr's copy of the tracker
+    assert "uw" not in _vmflags(pid)
+    helpers.assert_running_untraced(pid)
+    assert probe_hog(pid, log).ok
+    cp = lcr("checkpoint", pid, "-o", d2, "--parent", d1, env=agent_env)
+    assert _stats(cp.stderr)[2] == "content-hash", cp.stderr
+    reap(pid)
+    _restart_and_check(d2, procs, log)
+
+
+def test_failed_chain_restart_leaves_nothing(bins, procs, tmp_path):
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    d1, d2 = tmp_path / "d1.img", tmp_path / "d2.img"
+    lcr("checkpoint", pid, "-o", d1, "--leave-running")
+    lcr("checkpoint", pid, "-o", d2, "--parent", d1)
+    reap(pid)
+    import helpers
+    for fault in ("restore.pages@3:raise", "restore.pages@3"):
+        cp = lcr("restart", d2, check=False, env=helpers.child_env({"LCR_FAULT": fault}))
+        assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp.stderr
+        helpers.reap(pid)       # killed with lcr (EXITKILL): a zombie of ours, the subreaper
+        assert not helpers.exists(pid), f"restart with {fault} left pid {pid} behind"
+    _restart_and_check(d2, procs, log)
