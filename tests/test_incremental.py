@@ -292,3 +292,21 @@ def test_failed_chain_restart_leaves_nothing(bins, procs, tmp_path):
         helpers.reap(pid)       # killed with lcr (EXITKILL): a zombie of ours, the subreaper
         assert not helpers.exists(pid), f"restart with {fault} left pid {pid} behind"
     _restart_and_check(d2, procs, log)
+
+
+def test_interval_borrows_the_agents_tracker(bins, procs, tmp_path, agent_env):
+    """--interval on a process whose tracker the agent holds: it uses that
+    one (a second could not register), and gives it back counting from its
+    last image, so a --parent checkpoint of that image is still exact."""
+    pid, log = _memhog(procs, bins, tmp_path, usec=20000, mib=32)
+    lcr("checkpoint", pid, "-o", tmp_path / "first.img", "--leave-running", "--track",
+        env=agent_env)
+    out = tmp_path / "ck"
+    cp = lcr("checkpoint", pid, "--interval", "200ms", "--count", "3", "-o", out, env=agent_env,
+             timeout=300)
+    assert "Traceback" not in cp.stderr and "cannot track" not in cp.stderr, cp.stderr
+    latest = out / "latest.img"
+    cp = lcr("checkpoint", pid, "-o", tmp_path / "after.img", "--parent", latest, env=agent_env)
+    assert _stats(cp.stderr)[2] == "uffd-wp-async", cp.stderr
+    reap(pid)
+    _restart_and_check(tmp_path / "after.img", procs, log)

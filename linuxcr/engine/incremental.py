@@ -289,6 +289,11 @@ def run_interval(pid: int, outdir: str, interval: float, *, keep: int = 0, full_
             old[s] = signal.signal(s, lambda *_: stop.set())
     run = IntervalRun()
     trackers = Trackers(track=True)
+    # a tracker the agent holds for this process (snapshots, --track) must
+    # serve here too: a second one could not register over the same memory
+    trackers.take_from_agent(_tree_pids(pid))
+    from_agent = bool(trackers.by_pid)
+    epoch = ""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     since_full = 0
     seq = 0
@@ -309,7 +314,9 @@ def run_interval(pid: int, outdir: str, interval: float, *, keep: int = 0, full_
                 since_full = full_every     # start again from a full image
                 trackers.close()
                 trackers = Trackers(track=True)
+                from_agent = False
             else:
+                epoch = res.image_id.hex()
                 s = Saved(path=path, parent=parent, seconds=time.monotonic() - t0,
                           bytes=res.bytes_written, pages=res.pages, full=parent is None)
                 run.saved.append(s)
@@ -335,6 +342,8 @@ def run_interval(pid: int, outdir: str, interval: float, *, keep: int = 0, full_
         elif not run.reason:
             run.reason = f"{count} checkpoints taken"
     finally:
+        if from_agent and trackers.by_pid and os.path.exists(f"/proc/{pid}"):
+            trackers.give_to_agent(epoch)     # back where it came from, counting from the last image
         trackers.close()
         for s, h in old.items():
             signal.signal(s, h)
