@@ -11,16 +11,19 @@ import errno
 import os
 import stat
 from contextlib import contextmanager
-from typing import IO, Iterable, Iterator, Union
+from typing import IO, TYPE_CHECKING, Iterable, Iterator, Union
 
 from linuxcr import faults
-from linuxcr.engine import dump, restore
 from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess
-from linuxcr.image import sign as _sign
-from linuxcr.image import stream
-from linuxcr.resources import process
 
-KeyArg = Union[str, os.PathLike, _sign.Key, None]
+# The engine, image and resource modules are imported in the functions that
+# use them: `lcr restart` need not import the dump engine, `lcr check` not the
+# image writer, `lcr --version` none of them (start-up time, tests/test_startup.py).
+if TYPE_CHECKING:
+    from linuxcr.engine import dump, restore
+    from linuxcr.image import sign as _sign
+
+KeyArg = Union[str, os.PathLike, "_sign.Key", None]
 
 Target = Union[int, str, os.PathLike, IO[bytes]]
 
@@ -148,7 +151,10 @@ def _input(source: Target) -> Iterator[tuple[int, str]]:
 
 
 def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
-    return None if key is None else _sign.load_key(key, signing=signing)
+    if key is None:
+        return None
+    from linuxcr.image import sign as _sign
+    return _sign.load_key(key, signing=signing)
 
 
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
@@ -166,6 +172,7 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     ``track``: keep counting the pages the process writes (userfaultfd), so
     that the next incremental checkpoint need not compare contents."""
     from linuxcr.engine import incremental
+    from linuxcr.image import stream
     pid = _pid(pid)
     signer = _key(sign, signing=True)       # a bad key fails before the process is touched
     parent = os.fspath(parent) if parent is not None else None
@@ -197,6 +204,9 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
                  ) -> restore.RestoreResult:
     """As restart(); an incremental image finds its parents beside it (the
     paths it recorded), or in ``images_dir``."""
+    from linuxcr.engine import restore
+    from linuxcr.image import stream
+    from linuxcr.resources import process
     verifier = _key(verify, signing=False)
     trusted = process.parse_trust(trust)
     with _input(image) as (fd, name):
@@ -210,6 +220,8 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 def show(image: Target, *, verify: KeyArg = None) -> dict:
     """What ``image`` holds (``lcr show``); reads and checks all of it, and
     its signatures with ``verify``."""
+    from linuxcr.image import sign as _sign
+    from linuxcr.image import stream
     from linuxcr.image.show import summarize
     verifier = _key(verify, signing=False)
     with _input(image) as (fd, name), stream.options(verifier=verifier):
@@ -232,6 +244,7 @@ def _owner(fd: int) -> int | None:
 def check(pid: int, tree: bool = True) -> list[str]:
     """Reasons why ``pid`` (and, with tree, its descendants) cannot be
     checkpointed now ([] if it can)."""
+    from linuxcr.engine import dump
     pid = _pid(pid)
     return dump.check_tree(pid) if tree else dump.check_process(pid)
 
@@ -334,6 +347,7 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     written from the snapshot while the process runs on (lcr itself holds
     the snapshot; no agent).  Then the process is killed unless leave_running."""
     import time
+    from linuxcr.engine import dump
     from linuxcr.engine import snapshots as snaps
     pid = _pid(pid)
     t0 = time.monotonic()

@@ -2,15 +2,18 @@
 a distinct exit code (see errors.py); never a traceback unless LCR_DEBUG=1."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Callable
 
 import click
 
-from linuxcr import api
+from linuxcr import __version__
 from linuxcr.errors import LcrError
+
+# linuxcr.api (and with it every engine and resource module), json and the
+# rest are imported inside the commands that use them: start-up time of each
+# `lcr` command (tests/test_startup.py).
 
 INTERNAL_ERROR = 70
 
@@ -36,8 +39,24 @@ def _run(fn: Callable[[], None]) -> None:
               INTERNAL_ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="linuxcr")
+class _Group(click.Group):
+    """The `lcr` group; `migrate` and `receive` (cli_migrate.py) are loaded
+    only when asked for (or listed by --help): start-up time."""
+
+    _LAZY = {"migrate": "migrate_cmd", "receive": "receive_cmd"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._LAZY))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._LAZY and name not in self.commands:
+            from linuxcr import cli_migrate
+            self.add_command(getattr(cli_migrate, self._LAZY[name]), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)   # not package_name=: importlib.metadata is slow
 def main() -> None:
     """Transparent checkpoint/restart of Linux processes."""
 
@@ -75,6 +94,7 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                count: int = 0) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
+        from linuxcr import api
         if interval is not None:
             _interval(pid, output, interval, keep, full_every, count, compress,
                       bad=[n for n, v in (("--parent", parent), ("--low-downtime", low_downtime),
@@ -115,6 +135,7 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
 
 def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, count: int,
               compress: bool, bad: list[str]) -> None:
+    from linuxcr import api
     from linuxcr.engine import incremental
     if bad:
         raise LcrError(f"--interval does not combine with {', '.join(bad)}")
@@ -154,6 +175,7 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             trust: tuple[str, ...] = (), images_dir: str | None = None) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     def go() -> None:
+        from linuxcr import api
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
                                trust=trust, images_dir=images_dir)
         for w in res.warnings:
@@ -178,6 +200,7 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
     The whole tree it starts can then be checkpointed, and restarts with
     every pid as it was."""
     def go() -> None:
+        from linuxcr import api
         click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
     _run(go)
 
@@ -189,9 +212,11 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
               help="Also check the image's signatures with this key.")
 def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
     """Show what an image holds (and validate it)."""
-    from linuxcr.image.show import render_text
-
     def go() -> None:
+        import json
+
+        from linuxcr import api
+        from linuxcr.image.show import render_text
         s = api.show(0 if image == "-" else image, verify=verify_key)
         if as_json:
             click.echo(json.dumps(s, indent=2))
@@ -211,6 +236,9 @@ def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
 def check(pid: int, tree: bool, as_json: bool) -> None:
     """Say whether PID can be checkpointed now, and if not, why."""
     def go() -> None:
+        import json
+
+        from linuxcr import api
         reasons = api.check(pid, tree=tree)
         tracking = api.tracking(pid)
         if as_json:
@@ -243,6 +271,7 @@ def agent(foreground: bool) -> None:
 def snapshot(pid: int) -> None:
     """Take an in-memory (copy-on-write) checkpoint of PID; prints its crid."""
     def go() -> None:
+        from linuxcr import api
         s = api.snapshot(pid)
         if os.environ.get("LCR_VERBOSE"):
             click.echo(f"lcr: pid {pid} frozen {s.info['frozen_seconds'] * 1e3:.1f} ms", err=True)
@@ -258,6 +287,9 @@ def snapshots(pid: int | None, as_json: bool) -> None:
     import time as _time
 
     def go() -> None:
+        import json
+
+        from linuxcr import api
         rows = api.snapshots(pid)
         if as_json:
             click.echo(json.dumps(rows, indent=2))
@@ -277,6 +309,7 @@ def snapshots(pid: int | None, as_json: bool) -> None:
 def writeback(crid: str, output: str, compress: bool) -> None:
     """Write in-memory checkpoint CRID out as a normal image."""
     def go() -> None:
+        from linuxcr import api
         if output == "-" and sys.stdout.isatty():
             raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
         api.writeback(crid, 1 if output == "-" else output, compress=compress)
@@ -292,6 +325,7 @@ def writeback(crid: str, output: str, compress: bool) -> None:
 def rollback(crid: str, memory_only: bool, full: bool = False) -> None:
     """Bring the process of CRID (same pid) back to the snapshot's state."""
     def go() -> None:
+        from linuxcr import api
         res = api.rollback(crid, memory_only=memory_only, full=full)
         for w in res.get("warnings", []):
             click.echo(f"lcr: warning: {w}", err=True)
@@ -308,11 +342,11 @@ def rollback(crid: str, memory_only: bool, full: bool = False) -> None:
 @click.argument("crid")
 def discard(crid: str) -> None:
     """Free in-memory checkpoint CRID."""
-    _run(lambda: api.discard(crid))
+    def go() -> None:
+        from linuxcr import api
+        api.discard(crid)
+    _run(go)
 
 
-# --- live migration (linuxcr/cli_migrate.py) ------------------------------------
-from linuxcr.cli_migrate import migrate_cmd, receive_cmd  # noqa: E402
-
-main.add_command(migrate_cmd)
-main.add_command(receive_cmd)
+# --- live migration: `lcr migrate`, `lcr receive` (linuxcr/cli_migrate.py), -----
+# added to the group by _Group.get_command when used.

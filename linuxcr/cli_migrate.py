@@ -10,7 +10,6 @@ stderr, the exit code of its class (errors.py; MigrationError 12, AuthError
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -56,6 +55,7 @@ def migrate_cmd(pid: int, to: str, token: str | None, token_file: str | None, ma
     Pages are copied while PID runs; it is stopped only for the last ones,
     and killed once the destination reports the process running there."""
     def go() -> None:
+        import json
         from dataclasses import asdict
 
         from linuxcr.engine.migrate import migrate
