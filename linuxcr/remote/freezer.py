@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from linuxcr.errors import NoSuchProcess
 from linuxcr.remote.task import ALL_SIGNALS, TaskGone, Tracee
@@ -101,16 +102,35 @@ class Frozen:
 
     def reap(self) -> None:
         """Consume the death of every thread we trace (the parent reaps).
-        The leader's death is reported only after every other thread's."""
-        order = [t for t in self.others()] + [self.leader]
-        for t in order:
-            tid = t.pid
-            try:
-                while True:   # as tracer we see each thread die; the parent reaps
-                    st = ptrace.wait_stop(tid)
-                    if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                        break
-            except ChildProcessError:
-                pass
-            t.attached = False
-            t.close()
+        The leader's death is reported only after every other thread's.
+
+        All threads are waited for at once (WNOHANG rounds), not one after
+        the other: when the last live thread of a pid namespace's init is not
+        its leader, it waits in the kernel (zap_pid_ns_processes) until every
+        other thread's pid is released, which for a traced thread happens
+        only once we have consumed its death: waiting for that last thread
+        first would wait forever."""
+        pending = {t.pid: t for t in self.others() + [self.leader]}
+        delay = 0.0005
+        while pending:
+            progressed = False
+            for tid in list(pending):
+                try:
+                    # as tracer we see each thread die; the parent reaps
+                    r, st = ptrace.wait_nohang(tid)
+                    if r == 0:
+                        continue
+                    progressed = True
+                    if not (os.WIFEXITED(st) or os.WIFSIGNALED(st)):
+                        continue
+                except ChildProcessError:
+                    pass
+                t = pending.pop(tid)
+                t.attached = False
+                t.close()
+                progressed = True
+            if pending and not progressed:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            elif progressed:
+                delay = 0.0005

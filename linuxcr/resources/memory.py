@@ -79,13 +79,50 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(None, f"{where}: SysV shared memory is not supported yet")
     if m.path == "/secretmem" and m.deleted:
         return Area(None, f"{where}: memfd_secret memory cannot be read")
-    if m.deleted and m.path.startswith("/"):   # memfd, or a file unlinked since: the object
-        kind = "memfd" if m.path.startswith(memfds.PREFIX) else "deleted"
-        return Area(Vma(kind=kind, path=m.path, offset=m.offset, pages=not m.shared,
-                        shm=m.inode, dev=os.makedev(m.dev_major, m.dev_minor), **base))
-    if m.path.startswith("/dev/"):
-        return Area(None, f"{where} of {m.path}: device memory is not saved")
-    return Area(Vma(kind="file", path=m.path, offset=m.offset, pages=not m.shared, **base))
+    dev = os.makedev(m.dev_major, m.dev_minor)
+    path = m.path
+    if m.deleted and m.path.startswith("/"):
+        # a memfd, or a file unlinked since it was mapped: the object -- unless
+        # the file is still linked under another name (glibc's sem_open creates
+        # /dev/shm/sem.XXXXXX, links it to its final name, unlinks the first):
+        # then it is a file, mapped again by that name
+        linked = None if m.path.startswith(memfds.PREFIX) else linked_name(m.path, dev, m.inode)
+        if linked is None:
+            kind = "memfd" if m.path.startswith(memfds.PREFIX) else "deleted"
+            return Area(Vma(kind=kind, path=m.path, offset=m.offset, pages=not m.shared,
+                            shm=m.inode, dev=dev, **base))
+        path = linked
+    if path.startswith("/dev/") and not _is_file(path, dev, m.inode):   # /dev/shm holds files
+        return Area(None, f"{where} of {path}: device memory is not saved")
+    return Area(Vma(kind="file", path=path, offset=m.offset, pages=not m.shared, **base))
+
+
+def _is_file(path: str, dev: int, ino: int) -> bool:
+    """Is path (still) the regular file (dev, ino)?"""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
+
+
+LINKED_SCAN_MAX = 4096   # directory entries looked at for another name of an unlinked file
+
+
+def linked_name(path: str, dev: int, ino: int) -> str | None:
+    """Another name, in the same directory, of the regular file (dev, ino)
+    that ``path`` named before it was unlinked (None: none found)."""
+    d = os.path.dirname(path) or "/"
+    try:
+        with os.scandir(d) as it:
+            for i, e in enumerate(it):
+                if i >= LINKED_SCAN_MAX:
+                    break
+                if e.inode() == ino and _is_file(e.path, dev, ino):
+                    return e.path
+    except OSError:
+        pass
+    return None
 
 
 def check(smaps: list[SmapsEntry]) -> list[str]:

@@ -159,6 +159,15 @@ def wait_stop(pid: int) -> int:
             continue
 
 
+def wait_nohang(pid: int) -> tuple[int, int]:
+    """waitpid(__WALL | WNOHANG) for pid: (0, 0) while it has nothing to report."""
+    while True:
+        try:
+            return os.waitpid(pid, WALL | os.WNOHANG)
+        except InterruptedError:
+            continue
+
+
 def is_event_stop(status: int) -> bool:
     return os.WIFSTOPPED(status) and (status >> 16) == PTRACE_EVENT_STOP
 

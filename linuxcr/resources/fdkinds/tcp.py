@@ -218,13 +218,26 @@ class Tcp(InetKind):
         return s.detach()
 
 
+_CLOSING = "; the connection is being closed: checkpoint again once it is over"
+STATE_HINTS = {
+    "SYN_SENT": "; it is still connecting: checkpoint again once it is connected",
+    "SYN_RECV": "; it is still connecting: checkpoint again once it is connected",
+    "CLOSE_WAIT": ("; the peer has closed the connection and this process has not closed its "
+                   "end: close the fd; if it is a copy a child inherited through fork() "
+                   "(multiprocessing's 'fork' start method does that), start such children "
+                   "with the 'spawn' or 'forkserver' start method instead"),
+    "FIN_WAIT1": _CLOSING, "FIN_WAIT2": _CLOSING, "LAST_ACK": _CLOSING, "CLOSING": _CLOSING,
+    "TIME_WAIT": _CLOSING,
+}
+
+
 def _reason(ctx, s: socket.socket) -> str | None:
     ti = sd.tcp_info(s)
     name = sd.TCP_STATES.get(ti.state, str(ti.state))
     local, peer = to_addr(s.getsockname()), _peer(s)
     ends = f"{shown(local)} -> {shown(peer)}" if peer else shown(local)
     if ti.state not in (sd.TCP_ESTABLISHED, sd.TCP_LISTEN, sd.TCP_CLOSE):
-        return f"TCP socket in state {name}: cannot be checkpointed ({ends})"
+        return f"TCP socket in state {name}: cannot be checkpointed ({ends}){STATE_HINTS.get(name, '')}"
     if ti.state == sd.TCP_CLOSE and (ti.segs_out or ti.segs_in):
         return f"TCP socket in state CLOSE (its connection is over): cannot be checkpointed ({ends})"
     if not sd.same_netns(ctx.pid):
