@@ -43,6 +43,7 @@ import msgspec
 from linuxcr.engine import dump
 from linuxcr.engine.restore import TRAMPOLINE, _free_gap
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, RestoreError
+from linuxcr.image import runs
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.pipeline import RING, prefetch
@@ -246,21 +247,7 @@ def _clip(spans: list[Span], s: int, e: int) -> list[Span]:
     return out
 
 
-def _sub(a: list[Span], b: list[Span]) -> list[Span]:
-    """a minus b (sorted, merged)."""
-    out, j = [], 0
-    for s, e in a:
-        while j < len(b) and b[j][1] <= s:
-            j += 1
-        k, cur = j, s
-        while k < len(b) and b[k][0] < e:
-            if b[k][0] > cur:
-                out.append((cur, b[k][0]))
-            cur = max(cur, b[k][1])
-            k += 1
-        if cur < e:
-            out.append((cur, e))
-    return out
+_sub = runs.subtract        # a minus b (sorted, merged): image/runs.py
 
 
 @dataclass

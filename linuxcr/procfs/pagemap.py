@@ -100,23 +100,6 @@ def _merge_adjacent(runs: list[Run], page_size: int) -> list[Run]:
     return out
 
 
-def _minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted disjoint byte ranges a without those of b (sorted, disjoint)."""
-    out, j = [], 0
-    for s, e in a:
-        while j < len(b) and b[j][1] <= s:
-            j += 1
-        k, cur = j, s
-        while k < len(b) and b[k][0] < e:
-            if b[k][0] > cur:
-                out.append((cur, b[k][0]))
-            cur = max(cur, b[k][1])
-            k += 1
-        if cur < e:
-            out.append((cur, e))
-    return out
-
-
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
     """pread until size bytes or EOF (pagemap stops at the task's address limit)."""
     parts: list[bytes] = []
@@ -183,7 +166,8 @@ class PagemapReader:
             for s, e in swapped:
                 marks += [(a, a + n * ps) for a, n in marker_runs(self.read(s, e), s, ps)]
             if marks:
-                ranges = _minus(ranges, marks)
+                from linuxcr.image.runs import normalize, subtract   # pure range arithmetic
+                ranges = subtract(ranges, normalize(marks))
         return [(s, (e - s) // ps) for s, e in ranges]
 
     def close(self) -> None:
