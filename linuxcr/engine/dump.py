@@ -93,12 +93,14 @@ def _gone_or_dying(pid: int) -> bool:
 
 def snapshot_child(pid: int) -> bool:
     """A held in-memory snapshot of a process of the tree (engine/snapshots.py):
-    a stopped fork, traced by the agent, never part of what is saved."""
+    a stopped fork traced by the agent, or one the agent's death left dead
+    and not yet reaped; never part of what is saved."""
     try:
         with open(f"/proc/{pid}/comm") as f:
             if f.read().strip() != "lcr-snapshot":
                 return False
-        return read_status(pid).tracer_pid != 0
+        st = read_status(pid)
+        return st.tracer_pid != 0 or st.state == "Z"
     except (OSError, AttributeError):
         return False
 
@@ -134,8 +136,11 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
 class FrozenTree:
     """Every process of the tree frozen, parents before children."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, skip=None) -> None:
         self.root = root
+        # children never taken in: held snapshots of the tree's processes
+        # (engine/snapshots.py passes its own rule, with the pids it excludes)
+        self.skip = skip or snapshot_child
         self.procs: dict[int, Frozen] = {}
         self.order: list[int] = []
         self.parent: dict[int, int] = {}
@@ -161,13 +166,35 @@ class FrozenTree:
             self.order.append(p)
             faults.point("dump.seized")
             for k in pstree.children(p):
-                if k in self.procs or k in self.parent or snapshot_child(k):
+                if k in self.procs or k in self.parent or self.skip(k):
                     continue
                 self.parent[k] = p
                 if pstree.is_zombie(k):
                     self.zombies.append(pstree.zombie(k, p))
                 else:
                     queue.append(k)
+
+    def checked(self, smaps_of=read_smaps, keep=None) -> dict:
+        """Once frozen: every process's smaps (``smaps_of(pid)``) and every
+        reason it cannot be saved, checked again (nothing can change now);
+        NotCheckpointable with all of them (``keep(reason)`` filters), a
+        child found exiting let go.  Returns the smaps by pid."""
+        smaps = {p: smaps_of(p) for p in self.order}
+        reasons = []
+        for p in list(self.order):
+            try:
+                found = check_process(p, smaps[p])
+            except NoSuchProcess:
+                if p == self.root:
+                    raise
+                self.drop_exiting(p)       # seized while it was already exiting
+                continue
+            reasons += [r if p == self.root else f"child pid {p}: {r}"
+                        for r in found if keep is None or keep(r)]
+        reasons += pstree.sharing_reasons(self.order)
+        if reasons:
+            raise NotCheckpointable(self.root, reasons)
+        return smaps
 
     def drop_exiting(self, p: int) -> None:
         """A child caught on its way out: let it finish; it is not saved."""
@@ -210,20 +237,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     frozen_at = time.monotonic()
     try:
         tree.freeze()
-        smaps = {p: read_smaps(p) for p in tree.order}   # final: nothing changes now
-        reasons = []
-        for p in list(tree.order):
-            try:
-                found = check_process(p, smaps[p])
-            except NoSuchProcess:
-                if p == pid:
-                    raise
-                tree.drop_exiting(p)       # seized while it was already exiting
-                continue
-            reasons += [r if p == pid else f"child pid {p}: {r}" for r in found]
-        reasons += pstree.sharing_reasons(tree.order)
-        if reasons:
-            raise NotCheckpointable(pid, reasons)
+        smaps = tree.checked()                           # final: nothing changes now
         faults.point("dump.frozen")
         table = files.Table()
         tasks = [_collect(tree.procs[p], smaps[p], table) for p in tree.order]
@@ -233,13 +247,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         if on_frozen:
             on_frozen(tree)
-        xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
         w = ImageWriter(fd, compress=compress, name=name)
-        w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
-                        page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
-                        tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
-                        root_pid=pid, flags=["compressed"] if compress else [],
-                        image_id=image_id, parent=base.ref() if base is not None else None))
+        w.header(_header(pid, tasks, compress, image_id, base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
                                     mapped=mapped))
@@ -293,19 +302,23 @@ def write_image(fd: int, root_pid: int, tasks: list[Task], tree: Tree, write_pag
     """HEADER, TREE, TASK..., the pages (``write_pages(writer)`` writes the
     PAGES records and returns how many pages), TRAILER: an image made from
     Task records collected earlier (in-memory snapshots write theirs so)."""
-    xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
     w = ImageWriter(fd, compress=compress, name=name)
-    w.header(Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
-                    page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
-                    tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
-                    root_pid=root_pid, flags=["compressed"] if compress else [],
-                    image_id=os.urandom(16)))
+    w.header(_header(root_pid, tasks, compress, os.urandom(16), None))
     w.record(RecType.TREE, tree)
     for task in tasks:
         w.record(RecType.TASK, task)
     write_pages(w)
     w.finish()
     return w
+
+
+def _header(root_pid: int, tasks: list[Task], compress: bool, image_id: bytes, parent) -> Header:
+    xfeat, xsize = cpu.xstate_features(tasks[0].xstate)
+    return Header(magic=MAGIC, version=FORMAT_VERSION, arch=ARCH, kernel=platform.release(),
+                  page_size=PAGE, created=time.time(), hostname=socket.gethostname(),
+                  tool=f"linuxcr {__version__}", xfeatures=xfeat, xstate_size=xsize,
+                  root_pid=root_pid, flags=["compressed"] if compress else [],
+                  image_id=image_id, parent=parent)
 
 
 def _with_vmas(task: Task, vmas: list[Vma]) -> Task:

@@ -47,7 +47,7 @@ from linuxcr.migration.skeleton import Skeleton, clip, identical_areas, in_skele
 from linuxcr.pipeline import RING, prefetch
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import files, memory, process, pstree
+from linuxcr.resources import files, memory, process
 
 EPOCH = "pre-copy"
 DEFAULT_MAX_DOWNTIME = 0.05
@@ -239,20 +239,7 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
     t0 = time.monotonic()
     try:
         tree.freeze()
-        smaps = {p: read_smaps(p) for p in tree.order}
-        reasons = []
-        for p in list(tree.order):
-            try:
-                found = dump.check_process(p, smaps[p])
-            except NoSuchProcess:
-                if p == pid:
-                    raise
-                tree.drop_exiting(p)
-                continue
-            reasons += [r if p == pid else f"child pid {p}: {r}" for r in found]
-        reasons += pstree.sharing_reasons(tree.order)
-        if reasons:
-            raise NotCheckpointable(pid, reasons)
+        smaps = tree.checked()
         table = files.Table()
         tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
         collected = time.monotonic() - t0     # what the final freeze will take again

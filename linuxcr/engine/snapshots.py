@@ -42,17 +42,17 @@ import msgspec
 
 from linuxcr.engine import dump
 from linuxcr.engine.restore import TRAMPOLINE, _free_gap
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, RestoreError
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError
 from linuxcr.image import runs
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.pipeline import RING, prefetch
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena, TaskGone, Tracee
+from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import cpu, files, memory, posix_timers, process, pstree, signals
 from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import NR, clone_args
+from linuxcr.sys.syscalls import clone_args
 
 CLONE_PARENT = 0x8000
 PTRACE_SETOPTIONS = 0x4200
@@ -210,29 +210,8 @@ Span = tuple[int, int]
 UFFD_VMFLAGS = frozenset({"uw", "um", "ui"})   # set by a userfaultfd registration, not by the process
 
 
-def _merge(spans: list[Span]) -> list[Span]:
-    out: list[Span] = []
-    for s, e in sorted(spans):
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        elif s < e:
-            out.append((s, e))
-    return out
-
-
-def _and(a: list[Span], b: list[Span]) -> list[Span]:
-    """Intersection of two sorted, merged span lists."""
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if s < e:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
+_merge = runs.normalize     # span lists: image/runs.py
+_and = runs.intersect
 
 
 def _clip(spans: list[Span], s: int, e: int) -> list[Span]:
@@ -446,50 +425,13 @@ def _fd_reason(r: str) -> bool:
     return r.startswith("fd ")
 
 
-class _SnapTree(dump.FrozenTree):
-    """FrozenTree that leaves out snapshot children (stopped forks that lcr
-    itself traces: of this tree's earlier snapshots)."""
-
-    def __init__(self, root: int, exclude: frozenset[int] | set[int] = frozenset()) -> None:
-        super().__init__(root)
-        self.exclude = set(exclude)
-
-    def freeze(self) -> None:
-        """FrozenTree.freeze, the snapshot children left out."""
-        me = os.getpid()
-        queue = [self.root]
-        while queue:
-            p = queue.pop(0)
-            f = Frozen(p)
-            try:
-                f.freeze()
-            except (NoSuchProcess, TaskGone, PermissionDenied):
-                f.thaw()
-                if p == self.root or not dump._gone_or_dying(p):
-                    raise
-                if pstree.is_zombie(p):
-                    self.zombies.append(pstree.zombie(p, self.parent[p]))
-                continue
-            self.procs[p] = f
-            self.order.append(p)
-            for k in pstree.children(p):
-                if k in self.procs or k in self.parent or k in self.exclude or _traced_by(k, me):
-                    continue
-                self.parent[k] = p
-                if pstree.is_zombie(k):
-                    if _snapshot_zombie(k):
-                        continue
-                    self.zombies.append(pstree.zombie(k, p))
-                else:
-                    queue.append(k)
-
-
-def _snapshot_zombie(pid: int) -> bool:
-    """A dead snapshot child its parent has not reaped yet (the agent died)."""
-    try:
-        return read_stat(pid).comm == SNAP_COMM
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+def _SnapTree(root: int, exclude: frozenset[int] | set[int] = frozenset()) -> dump.FrozenTree:
+    """The tree as dump freezes it, the snapshot children left out (those of
+    its earlier snapshots: traced by us, or named so if the agent died)."""
+    me = os.getpid()
+    exclude = set(exclude)
+    return dump.FrozenTree(root, skip=lambda k: k in exclude or _traced_by(k, me)
+                           or dump.snapshot_child(k))
 
 
 def _traced_by(pid: int, tracer: int) -> bool:
@@ -554,20 +496,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
     counting: list[tuple[Tracked, Part]] = []
     try:
         tree.freeze()
-        smaps = {p: _smaps_frozen(p, pre) for p in tree.order}
-        reasons = []
-        for p in list(tree.order):
-            try:
-                found = dump.check_process(p, smaps[p])
-            except NoSuchProcess:
-                if p == pid:
-                    raise
-                tree.drop_exiting(p)
-                continue
-            reasons += [r if p == pid else f"child pid {p}: {r}" for r in found if not _fd_reason(r)]
-        reasons += pstree.sharing_reasons(tree.order)
-        if reasons:
-            raise NotCheckpointable(pid, reasons)
+        smaps = tree.checked(lambda p: _smaps_frozen(p, pre), keep=lambda r: not _fd_reason(r))
         table = SnapTable()
         tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])

@@ -60,6 +60,11 @@ def intersect_tagged(a: list[Range], b: list[Tagged]) -> list[Tagged]:
     return out
 
 
+def intersect(a: list[Range], b: list[Range]) -> list[Range]:
+    """a and b (both normalized)."""
+    return [(s, e) for s, e, _ in intersect_tagged(a, [(s, e, 0) for s, e in b])]
+
+
 def merge_tagged(runs: Iterable[Tagged]) -> list[Tagged]:
     """Sorted; adjacent ranges with the same tag joined.  Overlaps are an error."""
     out: list[list[int]] = []

@@ -180,14 +180,9 @@ class Dirty:
 
 
 def _merge(ranges: list[Range]) -> list[Range]:
-    out: list[Range] = []
-    for s, e in ranges:
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
+    """Sorted ranges with overlapping and touching ones joined (image/runs.py)."""
+    from linuxcr.image.runs import normalize
+    return normalize(ranges)
 
 
 # --------------------------------------------------------------------------
