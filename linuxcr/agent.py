@@ -690,8 +690,8 @@ def snapshots(pid: int | None = None) -> list[dict]:
 
 
 def writeback(crid: str, out, *, compress: bool = False) -> dict:
-    from linuxcr.api import _output
-    with _output(out) as (fd, name, commit):
+    from linuxcr.image.files import output_image
+    with output_image(out) as (fd, name, commit):
         with Client() as c:
             res = c.call("writeback", fds=(fd,), crid=crid, compress=compress, name=name)
         commit()

@@ -6,15 +6,12 @@
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import stat
-from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Iterable, Union
 
 from linuxcr import faults
 from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess
+from linuxcr.image import files
 
 # The engine, image and resource modules are imported in the functions that
 # use them: `lcr restart` need not import the dump engine, `lcr check` not the
@@ -25,7 +22,7 @@ if TYPE_CHECKING:
 
 KeyArg = Union[str, os.PathLike, "_sign.Key", None]
 
-Target = Union[int, str, os.PathLike, IO[bytes]]
+Target = files.Target
 
 
 def _pid(pid: object) -> int:
@@ -36,118 +33,6 @@ def _pid(pid: object) -> int:
     if p <= 0:
         raise NoSuchProcess(f"{p} is not a process id")
     return p
-
-
-@contextmanager
-def _output(target: Target) -> Iterator[tuple[int, str, callable]]:
-    """fd to write to, its name, and the commit step (naming the file).
-
-    Files are written unnamed (O_TMPFILE) or under a temporary name, and get
-    their name only once complete: a failed checkpoint never leaves
-    something that looks like an image."""
-    if isinstance(target, int):
-        yield target, f"fd {target}", lambda: None
-        return
-    if hasattr(target, "fileno"):
-        target.flush()  # type: ignore[union-attr]
-        yield target.fileno(), getattr(target, "name", "image"), lambda: None  # type: ignore[union-attr]
-        return
-    path = os.fspath(target)
-    try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
-        special = False
-    except OSError as e:
-        raise ImageWriteError(f"cannot write {path}: {e.strerror}") from None
-    if special:   # a FIFO, a device, a socket file: write straight into it
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageWriteError(f"cannot open {path}: {e.strerror}") from None
-        try:
-            yield fd, path, lambda: None
-        finally:
-            os.close(fd)
-        return
-    # An unnamed file (O_TMPFILE) given its name only once complete: if lcr
-    # dies (even by SIGKILL) nothing is left.  Filesystems without O_TMPFILE
-    # get a visible temporary name instead, removed on every error.
-    tmp = f"{path}.lcr-partial-{os.getpid()}"
-    named: str | None = None
-    try:
-        fd = os.open(os.path.dirname(path) or ".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise ImageWriteError(f"cannot create {path}: {e.strerror}") from None
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as e2:
-            raise ImageWriteError(f"cannot create {path}: {e2.strerror}") from None
-        named = tmp
-    done = False
-
-    def commit() -> None:
-        nonlocal done
-        faults.point("dump.rename")
-        try:
-            if named is not None:
-                os.rename(named, path)
-            elif not _link_fd(fd, path):      # path exists: replace it atomically
-                _remove(tmp)
-                if not _link_fd(fd, tmp):
-                    raise FileExistsError(errno.EEXIST, "exists", tmp)
-                os.rename(tmp, path)
-        except OSError as e:
-            _remove(tmp)
-            raise ImageWriteError(f"cannot give {path} its name: {e.strerror}") from None
-        done = True
-    try:
-        yield fd, path, commit
-    finally:
-        os.close(fd)
-        if not done and named is not None:
-            _remove(named)
-
-
-_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
-
-
-def _link_fd(fd: int, path: str) -> bool:
-    """linkat() an O_TMPFILE file to path; False if path exists."""
-    from linuxcr.sys.syscalls import libc
-    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path),
-                   _AT_SYMLINK_FOLLOW) == 0:
-        return True
-    e = ctypes.get_errno()
-    if e == errno.EEXIST:
-        return False
-    raise OSError(e, os.strerror(e), path)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@contextmanager
-def _input(source: Target) -> Iterator[tuple[int, str]]:
-    if isinstance(source, int):
-        yield source, f"fd {source}"
-        return
-    if hasattr(source, "fileno"):
-        yield source.fileno(), getattr(source, "name", "image")  # type: ignore[union-attr]
-        return
-    path = os.fspath(source)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(f"cannot open image {path}: {e.strerror}") from None
-    try:
-        yield fd, path
-    finally:
-        os.close(fd)
 
 
 def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
@@ -180,7 +65,7 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
             and os.path.exists(os.fspath(out)) and os.path.exists(parent) \
             and os.path.samefile(os.fspath(out), parent):
         raise ImageWriteError(f"{parent} cannot be both the parent and the new image")
-    with _output(out) as (fd, name, commit), stream.options(signer=signer):
+    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer):
         return incremental.checkpoint(pid, fd, parent=parent, track=track,
                                       leave_running=leave_running, images_dir=images_dir,
                                       name=name, compress=compress, on_written=commit,
@@ -209,8 +94,8 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.resources import process
     verifier = _key(verify, signing=False)
     trusted = process.parse_trust(trust)
-    with _input(image) as (fd, name):
-        policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=_owner(fd),
+    with files.input_image(image) as (fd, name):
+        policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=files.owner(fd),
                                        image_name=name)
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy):
@@ -224,21 +109,12 @@ def show(image: Target, *, verify: KeyArg = None) -> dict:
     from linuxcr.image import stream
     from linuxcr.image.show import summarize
     verifier = _key(verify, signing=False)
-    with _input(image) as (fd, name), stream.options(verifier=verifier):
+    with files.input_image(image) as (fd, name), stream.options(verifier=verifier):
         s = summarize(fd, name)
     if verifier is not None:
         s["signature"] = {"verified": True, "alg": verifier.alg,
                           "key_id": _sign.key_id_hex(verifier.key_id)}
     return s
-
-
-def _owner(fd: int) -> int | None:
-    """Who owns the image file (None for pipes and sockets: nobody to ask)."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_uid if stat.S_ISREG(st.st_mode) else None
 
 
 def check(pid: int, tree: bool = True) -> list[str]:
@@ -353,7 +229,7 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     t0 = time.monotonic()
     snap = snaps.take(pid)
     try:
-        with _output(out) as (fd, name, commit):
+        with files.output_image(out) as (fd, name, commit):
             res = snaps.writeback(snap, fd, compress=compress, name=name, progress=progress)
             commit()
     finally:
