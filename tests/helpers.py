@@ -411,6 +411,39 @@ def lcr(*args, input: bytes | None = None, check: bool = True,
     return cp
 
 
+# Fallback when the interpreter's own files are not readable by another user
+# (e.g. a pyenv under /root): import all of linuxcr as root, then drop to that
+# user for good (no capabilities left) and run the CLI.
+DROP_AND_RUN = """
+import importlib, os, pkgutil, sys
+import difflib, gettext   # imported lazily by click (e.g. on every short option)
+import linuxcr, linuxcr.cli
+for m in pkgutil.walk_packages(linuxcr.__path__, "linuxcr."):
+    importlib.import_module(m.name)
+uid = int(sys.argv[1])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+sys.argv = ["lcr", *sys.argv[2:]]
+linuxcr.cli.main()
+"""
+
+
+def lcr_as(uid: int, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """Run lcr as ``uid``: ``setpriv ... python -m linuxcr`` when that user
+    can import linuxcr and its dependencies, else DROP_AND_RUN."""
+    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(REPO)}
+    usable = subprocess.run([*as_user(uid), sys.executable, "-c", "import linuxcr.cli"],
+                            capture_output=True, cwd=cwd, env=env, timeout=60)
+    if usable.returncode == 0:
+        return lcr(*args, check=False, user=uid, cwd=cwd, env=env)
+    argv = [sys.executable, "-c", DROP_AND_RUN, str(uid), *map(str, args)]
+    cp = subprocess.run(argv, capture_output=True, cwd=cwd, env=env, timeout=LCR_TIMEOUT)
+    cp.stdout, cp.stderr = cp.stdout.decode(), cp.stderr.decode()
+    return cp
+
+
 def parse_restored_pid(stdout: str | bytes) -> int:
     """``lcr restart`` prints the restored pid and nothing else."""
     if isinstance(stdout, bytes):

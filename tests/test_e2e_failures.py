@@ -114,38 +114,6 @@ def test_checkpoint_disk_full(bins, procs, tmp_path, small_tmpfs):
 NOBODY = 65534
 OTHER = 65533
 
-# Fallback when the interpreter's own files are not readable by OTHER (e.g.
-# a pyenv under /root): import all of linuxcr as root, then drop to OTHER
-# for good (no capabilities left) and run the CLI.
-DROP_AND_RUN = """
-import importlib, os, pkgutil, sys
-import linuxcr, linuxcr.cli
-for m in pkgutil.walk_packages(linuxcr.__path__, "linuxcr."):
-    importlib.import_module(m.name)
-uid = int(sys.argv[1])
-os.setgroups([])
-os.setresgid(uid, uid, uid)
-os.setresuid(uid, uid, uid)
-sys.argv = ["lcr", *sys.argv[2:]]
-linuxcr.cli.main()
-"""
-
-
-def _lcr_as(uid: int, *args, cwd: Path) -> subprocess.CompletedProcess:
-    """Run lcr as ``uid``: ``setpriv ... python -m linuxcr`` when that user
-    can import linuxcr and its dependencies, else DROP_AND_RUN."""
-    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": str(helpers.REPO)}
-    usable = subprocess.run([*as_user(uid), sys.executable, "-c", "import linuxcr.cli"],
-                            capture_output=True, cwd=cwd, env=env, timeout=60)
-    if usable.returncode == 0:
-        return lcr(*args, check=False, user=uid, cwd=cwd, env=env)
-    argv = [sys.executable, "-c", DROP_AND_RUN, str(uid), *map(str, args)]
-    cp = subprocess.run(argv, capture_output=True, cwd=cwd, env=env,
-                        timeout=helpers.LCR_TIMEOUT)
-    cp.stdout, cp.stderr = cp.stdout.decode(), cp.stderr.decode()
-    return cp
-
 
 def test_checkpoint_permission_denied(bins, procs, tmp_path):
     """A process of user nobody, checkpointed by another ordinary user."""
@@ -159,7 +127,7 @@ def test_checkpoint_permission_denied(bins, procs, tmp_path):
     out = Path(tempfile.mkdtemp(prefix="lcr-perm-"))
     try:
         os.chown(out, OTHER, OTHER)
-        cp = _lcr_as(OTHER, "checkpoint", r.pid, "-o", out / "img", cwd=out)
+        cp = helpers.lcr_as(OTHER, "checkpoint", r.pid, "-o", out / "img", cwd=out)
         assert_clean_error(cp, "PermissionDenied", mentions=[str(r.pid)],
                            match=r"permi|denied|not allowed|may not|EPERM")
         assert os.listdir(out) == [], "a refused checkpoint left an image file"

@@ -166,31 +166,6 @@ def test_check_refuses(prog, why, bins, procs, tmp_path):
 # --------------------------------------------------------------------------
 # inotify without root: paths are looked for near the files the process uses
 
-DROP_AND_RUN = """
-import importlib, os, pkgutil, sys
-import linuxcr, linuxcr.cli
-for m in pkgutil.walk_packages(linuxcr.__path__, "linuxcr."):
-    importlib.import_module(m.name)
-uid = int(sys.argv[1])
-os.setgroups([])
-os.setresgid(uid, uid, uid)
-os.setresuid(uid, uid, uid)
-sys.argv = ["lcr", *sys.argv[2:]]
-linuxcr.cli.main()
-"""
-
-
-def _lcr_as(uid: int, *args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(cwd), "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": str(helpers.REPO)}
-    usable = subprocess.run([*as_user(uid), sys.executable, "-c", "import linuxcr.cli"],
-                            capture_output=True, cwd=cwd, env=env, timeout=60)
-    if usable.returncode == 0:
-        return lcr(*args, check=False, user=uid, cwd=cwd, env=env)
-    argv = [sys.executable, "-c", DROP_AND_RUN, str(uid), *map(str, args)]
-    cp = subprocess.run(argv, capture_output=True, cwd=cwd, env=env, timeout=helpers.LCR_TIMEOUT)
-    cp.stdout, cp.stderr = cp.stdout.decode(), cp.stderr.decode()
-    return cp
 
 
 @pytest.fixture
@@ -225,7 +200,7 @@ def test_inotify_without_root(near, open_dir, bins, procs):
     r = start_prog(procs, prog, bins, logs, prefix=as_user(NOBODY), log=logs / "log")
     os.chmod(logs / "log", 0o666)
     r.assert_pass()
-    cp = _lcr_as(NOBODY, "check", r.pid, cwd=open_dir)
+    cp = helpers.lcr_as(NOBODY, "check", r.pid, cwd=open_dir)
     assert "Traceback" not in cp.stderr, cp.stderr
     if near:
         assert cp.returncode == 0, (cp.stdout, cp.stderr)
