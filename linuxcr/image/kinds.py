@@ -186,6 +186,13 @@ class UdpState(Struct, tag="udp", forbid_unknown_fields=True):
     queue: Datagrams = []               # datagrams not read yet (their senders are not kept)
 
 
+class OpathState(Struct, tag="opath", forbid_unknown_fields=True):
+    """An O_PATH descriptor (resources/fdkinds/opath.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    ftype: Annotated[int, Meta(ge=0, le=0o170000)]      # S_IFMT of the object
+    nofollow: bool = False                              # the fd names a symbolic link itself
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -193,3 +200,4 @@ KIND_STATES: list[type[Struct]] = [EventfdState]
 KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
+KIND_STATES += [OpathState]
