@@ -193,6 +193,12 @@ class OpathState(Struct, tag="opath", forbid_unknown_fields=True):
     nofollow: bool = False                              # the fd names a symbolic link itself
 
 
+class PidfdState(Struct, tag="pidfd", forbid_unknown_fields=True):
+    """A pidfd (resources/fdkinds/pidfd.py)."""
+    pid: Annotated[int, Meta(ge=-1, le=(1 << 22))]        # target as the holder sees it; -1: reaped
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # as lcr saw it at the checkpoint
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -200,4 +206,4 @@ KIND_STATES: list[type[Struct]] = [EventfdState]
 KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
-KIND_STATES += [OpathState]
+KIND_STATES += [OpathState, PidfdState]

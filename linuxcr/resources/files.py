@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
-from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo
+from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import fdkinds, pipes, unix_sockets
 from linuxcr.sys.syscalls import kcmp_file
@@ -98,7 +98,6 @@ UNSUPPORTED = {
     "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
     "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
     "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
-    "pidfd": "pidfds are not supported yet", "[pidfd]": "pidfds are not supported yet",
     "fanotify": "fanotify is not supported", "kvm-vm": "KVM virtual machines are not saved",
 }
 
@@ -137,8 +136,11 @@ class Table:
         self.unix: dict[int, UnixPair] = {}
         self.where: dict[int, tuple[int, int]] = {}    # socket ino -> (pid, fd) holding it
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
+        self.pids: set[int] = set()                      # tasks whose files were read
+        self.refs: list[tuple[int, int, int]] = []       # (pid, fd, pid it points at): pidfds
 
     def task_files(self, pid: int) -> list[OpenFile]:
+        self.pids.add(pid)
         out = []
         for fd in list_fds(pid):
             v = describe(pid, fd)
@@ -171,6 +173,8 @@ class Table:
             finally:
                 ctx.close()
             self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, state=state))
+            if getattr(state, "host_pid", -1) > 0:       # a pidfd of a live process
+                self.refs.append((pid, fd, state.host_pid))
         elif v.kind == "unix":
             ino = v.key[1]
             self.unix[ino] = unix_sockets.dump(pid, fd, ino)
@@ -181,8 +185,26 @@ class Table:
         self._seen.setdefault(v.key, []).append((pid, fd, fid))
         return fid
 
+    def check_refs(self) -> None:
+        """Every process a pidfd points at must be saved too (or be a zombie
+        child of a saved one: zombies are restored with the tree)."""
+        for pid, fd, target in self.refs:
+            if target in self.pids:
+                continue
+            try:
+                st = read_status(target)
+                if st.state == "Z" and st.ppid in self.pids:
+                    continue
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            raise NotCheckpointable(pid, [f"fd {fd}: pidfd of pid {target}, which is not part of "
+                                          "the checkpointed tree: checkpoint a common ancestor, "
+                                          "or close the pidfd first"])
+
     def unix_list(self) -> list[UnixPair]:
-        """Both ends of every pair; a peer outside the tree cannot be saved."""
+        """Both ends of every pair; a peer outside the tree cannot be saved.
+        (Called once every task is read: also checks pidfd targets.)"""
+        self.check_refs()
         for ino, u in self.unix.items():
             if u.peer not in self.unix:
                 pid, fd = self.where[ino]
