@@ -199,6 +199,24 @@ class PidfdState(Struct, tag="pidfd", forbid_unknown_fields=True):
     host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # as lcr saw it at the checkpoint
 
 
+class NetlinkState(Struct, tag="netlink", forbid_unknown_fields=True):
+    """A bound netlink socket, route or generic (resources/fdkinds/othersock.py)."""
+    sotype: Annotated[int, Meta(ge=1, le=5)]           # SOCK_RAW or SOCK_DGRAM
+    protocol: Annotated[int, Meta(ge=0, le=31)]
+    opts: "SockOpts"
+    portid: U32 = 0
+    groups: U32 = 0                                     # bind()'s nl_groups (groups 1-32)
+    memberships: Annotated[list[Annotated[int, Meta(ge=1, le=1 << 16)]], Meta(max_length=4096)] = []
+
+
+class DeletedDirState(Struct, tag="deleted_dir", forbid_unknown_fields=True):
+    """An open directory that was removed (resources/fdkinds/deleted_dir.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o700
+    uid: U32 = 0
+    gid: U32 = 0
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -206,4 +224,4 @@ KIND_STATES: list[type[Struct]] = [EventfdState]
 KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
-KIND_STATES += [OpathState, PidfdState]
+KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]

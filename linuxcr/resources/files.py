@@ -69,7 +69,11 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
     if link.startswith("pipe:"):
         return FdView("pipe", None, link, key)
     if link.endswith(" (deleted)") and link.startswith("/"):
-        return no(f"{link}: open files that were unlinked are not supported yet")
+        what = "character device" if stat.S_ISCHR(mode) else "block device" if stat.S_ISBLK(mode) \
+            else "file"
+        why = "devices are not saved" if what != "file" else "this kind of file is not saved"
+        return no(f"{what} {link}: it was unlinked and {why}; keep its name in the file system "
+                  "(or close it) while checkpointing", f"unlinked {what}")
     if stat.S_ISREG(mode):
         return FdView("reg", None, link, key)
     if stat.S_ISDIR(mode):
@@ -86,7 +90,8 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
         return FdView("unix", None, link, key) if why is None else no(why[len(f"fd {fd}: "):], "unix")
     if link.startswith("anon_inode:"):
         what = link[11:].strip("[]")
-        return no(f"{what}: {UNSUPPORTED.get(what, 'this kind of file is not supported yet')}", what)
+        why = UNSUPPORTED.get(what, "this kind of file is not supported yet")
+        return no(f"{what} ({link}): {why}; close it before the checkpoint", what)
     if stat.S_ISFIFO(mode):
         return no(f"FIFO {link}: named pipes are not supported yet")
     return no(f"{link}: unsupported kind of file")
@@ -98,7 +103,7 @@ UNSUPPORTED = {
     "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
     "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
     "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
-    "fanotify": "fanotify is not supported", "kvm-vm": "KVM virtual machines are not saved",
+    "fanotify": "fanotify groups are not saved (their marks and queued events)", "kvm-vm": "KVM virtual machines are not saved",
 }
 
 
