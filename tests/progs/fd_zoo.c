@@ -5,10 +5,11 @@
  *   fd_zoo KIND DIR
  *
  * KIND: netlink_route, netlink_generic (restored: the probe checks the port
- * id and that a request is answered with it), netlink_uevent, packet,
- * vsock, alg, icmp, fanotify, deleted_dir, unlinked_fifo, unlinked_dev
- * (refused).  Prints "SKIP fd_zoo KIND: why" if the object cannot be made
- * here, else "READY pid=P fd=N"; on SIGUSR1 "PASS fd_zoo pid=P" or
+ * id and that a request is answered with it),
+ * deleted_dir (restored: an empty deleted directory), pidfd_parent (a
+ * pidfd of the parent, outside the tree), netlink_uevent, packet, vsock,
+ * alg, icmp, fanotify, unlinked_fifo, unlinked_dev (refused).
+ * Prints "SKIP fd_zoo KIND: why" if the object cannot be made here, else "READY pid=P fd=N"; on SIGUSR1 "PASS fd_zoo pid=P" or
  * "FAIL fd_zoo: ...".
  */
 #define _GNU_SOURCE
@@ -25,6 +26,7 @@
 #include <sys/fanotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -101,6 +103,8 @@ int main(int argc, char **argv)
 		struct sockaddr_nl a = { .nl_family = AF_NETLINK };
 		if (obj < 0 || bind(obj, (struct sockaddr *)&a, sizeof(a))) skip("netlink");
 		portid = nl_port(obj);
+	} else if (!strcmp(kind, "pidfd_parent")) {
+		if ((obj = syscall(SYS_pidfd_open, getppid(), 0)) < 0) skip("pidfd_open");
 	} else if (!strcmp(kind, "netlink_uevent")) {
 		obj = socket(AF_NETLINK, SOCK_DGRAM, NETLINK_KOBJECT_UEVENT);
 		if (obj < 0) skip("socket");

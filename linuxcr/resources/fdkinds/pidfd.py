@@ -6,12 +6,12 @@ exited and been reaped, else its pid as the holder sees it (the entry of
 NSpid at the holder's pid-namespace depth).  The target must be a process
 of the saved tree (Table.check_refs refuses any other at checkpoint; `lcr
 check` refuses a live target outside the holder's session).
-Restore: open() makes, in lcr, a pidfd of a child that exits at once and is
-reaped -- exactly what a pidfd of a reaped process is (polls readable,
-waitid gives ECHILD) -- and that is all for an exited target.  For a live
-(or zombie) target, after_install runs pidfd_open(pid, flags) inside the
-restored task, once every task of the tree exists, and puts the result on
-the saved fd number with its close-on-exec flag.  Each fd gets its own
+Restore, inside each restored task once every task of the tree exists
+(after_install; open() only gives a stand-in): for a live (or zombie)
+target, pidfd_open(pid, flags); for an exited one, the task forks a child
+that exits at once and is reaped, and keeps a pidfd of it -- exactly what a
+pidfd of a reaped process is (polls readable, signals give ESRCH).  The
+result goes on the saved fd number with its close-on-exec flag.  Each fd gets its own
 description (a pidfd has no offset; O_NONBLOCK is carried per fd).
 
 A restart with --any-pid (the tasks do not get their pids back) refuses a
@@ -23,11 +23,12 @@ import os
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import PidfdState
 from linuxcr.procfs import read_fdinfo, read_status
-from linuxcr.sys.syscalls import pidfd_open
+from linuxcr.resources import pstree
 
 PIDFD_NONBLOCK = os.O_NONBLOCK
 PIDFD_THREAD = os.O_EXCL
 F_GETFD, FD_CLOEXEC, O_CLOEXEC = 1, 1, 0o2000000
+SIGCHLD = 17
 
 
 def _nspid(text: str) -> list[int]:
@@ -77,38 +78,47 @@ class Pidfd:
         return PidfdState(pid=max(seen, -1), host_pid=max(host, -1))
 
     def open(self, state: PidfdState, flags: int) -> int:
-        """A pidfd of a reaped child: the restored fd if the target had exited,
-        else a stand-in replaced by after_install."""
-        child = os.fork()
-        if child == 0:
-            os._exit(0)
-        try:
-            fd = pidfd_open(child)
-        except OSError as e:
-            raise RestoreError(f"cannot make a pidfd: {e.strerror}",
-                               "pidfds need Linux 5.3 or later") from None
-        finally:
-            os.waitpid(child, 0)
-        os.set_blocking(fd, not flags & PIDFD_NONBLOCK)
-        return fd
+        """A stand-in (an O_PATH of /), replaced inside the task by
+        after_install once every task of the tree exists."""
+        return os.open("/", os.O_PATH | O_CLOEXEC)
 
     def after_install(self, t, arena, fd: int, state: PidfdState, table) -> None:
-        if state.pid < 0:
-            return
         d = table[fd]
-        try:
-            new = t.syscall("pidfd_open", state.pid, d.flags & PIDFD_NONBLOCK)
-        except OSError as e:
-            raise RestoreError(f"fd {fd}: cannot open a pidfd of pid {state.pid} again: "
-                               f"{e.strerror}", "was it restarted with --any-pid?") from None
-        if not _restored(t.pid, new):
-            t.syscall("close", new)
-            raise RestoreError(f"fd {fd}: pid {state.pid}, which a pidfd points at, is not a "
-                               "restored process (the tasks did not get their pids back)",
-                               "restart without --any-pid")
+        if state.pid < 0:
+            new = _reaped_pidfd(t, arena, d.flags & PIDFD_NONBLOCK)
+        else:
+            try:
+                new = t.syscall("pidfd_open", state.pid, d.flags & PIDFD_NONBLOCK)
+            except OSError as e:
+                raise RestoreError(f"fd {fd}: cannot open a pidfd of pid {state.pid} again: "
+                                   f"{e.strerror}", "was it restarted with --any-pid?") from None
+            if not _restored(t.pid, new):
+                t.syscall("close", new)
+                raise RestoreError(f"fd {fd}: pid {state.pid}, which a pidfd points at, is not a "
+                                   "restored process (the tasks did not get their pids back)",
+                                   "restart without --any-pid")
         cloexec = t.syscall("fcntl", fd, F_GETFD) & FD_CLOEXEC
         t.syscall("dup3", new, fd, O_CLOEXEC if cloexec else 0)
         t.syscall("close", new)
+
+
+def _reaped_pidfd(t, arena, flags: int) -> int:
+    """A pidfd, in the task, of a child of its own that has exited and been
+    reaped: made in the task's pid namespace, so that pidfd_send_signal
+    answers ESRCH there (a pidfd of a process of an outer namespace gives
+    EINVAL).  The SIGCHLD it caused is taken back (the task blocks every
+    signal while it is rebuilt, and nothing is queued for it yet)."""
+    child = pstree.fork_child(t, arena, None)
+    vpid = (read_status(child.pid).ns_pid or (child.pid,))[-1]
+    try:
+        new = t.syscall("pidfd_open", vpid, flags)
+    finally:
+        child.exit_now(0)
+        t.syscall("wait4", vpid, 0, 0, 0)
+    mask = arena.put((1 << (SIGCHLD - 1)).to_bytes(8, "little"))
+    zero = arena.put(bytes(16))
+    t.syscall("rt_sigtimedwait", mask, 0, zero, 8, check=False)
+    return new
 
 
 def _restored(holder: int, fd: int) -> bool:
