@@ -127,6 +127,20 @@ def test_pidfd_outside_tree_refused(bins, procs, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# UNIX datagram clients of a named server (/dev/log style)
+
+def test_unix_dgram_connected_clients(bins, procs, tmp_path):
+    """A bound datagram server, an unbound client and a bound client both
+    connect()ed to it: the clients are connected again, the server keeps
+    its queued datagram, the bound client's datagrams carry its name."""
+    d = tmp_path / "s"
+    d.mkdir()
+    r = _start(procs, [bins["sock_unix_dgram_conn"], d], tmp_path / "dgc.log")
+    assert_pass(r.pid, r.log, "sock_unix_dgram_conn")
+    _cycle(r, "sock_unix_dgram_conn", tmp_path, procs)
+
+
+# --------------------------------------------------------------------------
 # the sweep: restored, or refused with one line naming pid, fd, kind, way out
 
 RESTORED = ["netlink_route", "netlink_generic", "deleted_dir"]
@@ -211,7 +225,8 @@ def _restart_as(user, img: Path, trees: Trees) -> int:
 
 ROOTLESS = {"fd_opath": lambda b, wd: [b["fd_opath"], wd / "op"],
             "fd_pidfd": lambda b, wd: [b["fd_pidfd"]],
-            "fd_zoo": lambda b, wd: [b["fd_zoo"], "netlink_route", wd]}
+            "fd_zoo": lambda b, wd: [b["fd_zoo"], "netlink_route", wd],
+            "sock_unix_dgram_conn": lambda b, wd: [b["sock_unix_dgram_conn"], wd / "op"]}
 
 
 @pytest.mark.parametrize("name", list(ROOTLESS))

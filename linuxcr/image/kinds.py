@@ -137,6 +137,7 @@ class UnixBoundState(Struct, tag="unix_bound", forbid_unknown_fields=True):
     backlog: U32 = 0
     shutdown: Annotated[int, Meta(ge=0, le=3)] = 0
     queue: Datagrams = []                               # datagrams not read yet
+    peer_name: Annotated[bytes, Meta(max_length=108)] = b""   # datagram: connect()ed to this name
 
 
 class InetAddr(Struct, forbid_unknown_fields=True):
