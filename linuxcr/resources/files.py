@@ -159,6 +159,7 @@ class Table:
         return out
 
     def _same_as(self, pid: int, fd: int, key: tuple[int, int]) -> int | None:
+        self.pids.add(pid)       # (also for subclasses with their own task_files)
         for p2, fd2, fid in self._seen.get(key, []):
             if kcmp_file(pid, p2, fd, fd2):
                 return fid
