@@ -137,6 +137,7 @@ class UnixBoundState(Struct, tag="unix_bound", forbid_unknown_fields=True):
     backlog: U32 = 0
     shutdown: Annotated[int, Meta(ge=0, le=3)] = 0
     queue: Datagrams = []                               # datagrams not read yet
+    peer_name: Annotated[bytes, Meta(max_length=108)] = b""   # datagram: connect()ed to this name
 
 
 class InetAddr(Struct, forbid_unknown_fields=True):
@@ -186,6 +187,37 @@ class UdpState(Struct, tag="udp", forbid_unknown_fields=True):
     queue: Datagrams = []               # datagrams not read yet (their senders are not kept)
 
 
+class OpathState(Struct, tag="opath", forbid_unknown_fields=True):
+    """An O_PATH descriptor (resources/fdkinds/opath.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    ftype: Annotated[int, Meta(ge=0, le=0o170000)]      # S_IFMT of the object
+    nofollow: bool = False                              # the fd names a symbolic link itself
+
+
+class PidfdState(Struct, tag="pidfd", forbid_unknown_fields=True):
+    """A pidfd (resources/fdkinds/pidfd.py)."""
+    pid: Annotated[int, Meta(ge=-1, le=(1 << 22))]        # target as the holder sees it; -1: reaped
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # as lcr saw it at the checkpoint
+
+
+class NetlinkState(Struct, tag="netlink", forbid_unknown_fields=True):
+    """A bound netlink socket, route or generic (resources/fdkinds/othersock.py)."""
+    sotype: Annotated[int, Meta(ge=1, le=5)]           # SOCK_RAW or SOCK_DGRAM
+    protocol: Annotated[int, Meta(ge=0, le=31)]
+    opts: "SockOpts"
+    portid: U32 = 0
+    groups: U32 = 0                                     # bind()'s nl_groups (groups 1-32)
+    memberships: Annotated[list[Annotated[int, Meta(ge=1, le=1 << 16)]], Meta(max_length=4096)] = []
+
+
+class DeletedDirState(Struct, tag="deleted_dir", forbid_unknown_fields=True):
+    """An open directory that was removed (resources/fdkinds/deleted_dir.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o700
+    uid: U32 = 0
+    gid: U32 = 0
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -193,3 +225,4 @@ KIND_STATES: list[type[Struct]] = [EventfdState]
 KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
+KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
-from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo
+from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import fdkinds, pipes, unix_sockets
 from linuxcr.sys.syscalls import kcmp_file
@@ -69,7 +69,11 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
     if link.startswith("pipe:"):
         return FdView("pipe", None, link, key)
     if link.endswith(" (deleted)") and link.startswith("/"):
-        return no(f"{link}: open files that were unlinked are not supported yet")
+        what = "character device" if stat.S_ISCHR(mode) else "block device" if stat.S_ISBLK(mode) \
+            else "file"
+        why = "devices are not saved" if what != "file" else "this kind of file is not saved"
+        return no(f"{what} {link}: it was unlinked and {why}; keep its name in the file system "
+                  "(or close it) while checkpointing", f"unlinked {what}")
     if stat.S_ISREG(mode):
         return FdView("reg", None, link, key)
     if stat.S_ISDIR(mode):
@@ -86,7 +90,8 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
         return FdView("unix", None, link, key) if why is None else no(why[len(f"fd {fd}: "):], "unix")
     if link.startswith("anon_inode:"):
         what = link[11:].strip("[]")
-        return no(f"{what}: {UNSUPPORTED.get(what, 'this kind of file is not supported yet')}", what)
+        why = UNSUPPORTED.get(what, "this kind of file is not supported yet")
+        return no(f"{what} ({link}): {why}; close it before the checkpoint", what)
     if stat.S_ISFIFO(mode):
         return no(f"FIFO {link}: named pipes are not supported yet")
     return no(f"{link}: unsupported kind of file")
@@ -98,8 +103,7 @@ UNSUPPORTED = {
     "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
     "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
     "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
-    "pidfd": "pidfds are not supported yet", "[pidfd]": "pidfds are not supported yet",
-    "fanotify": "fanotify is not supported", "kvm-vm": "KVM virtual machines are not saved",
+    "fanotify": "fanotify groups are not saved (their marks and queued events)", "kvm-vm": "KVM virtual machines are not saved",
 }
 
 
@@ -137,8 +141,11 @@ class Table:
         self.unix: dict[int, UnixPair] = {}
         self.where: dict[int, tuple[int, int]] = {}    # socket ino -> (pid, fd) holding it
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
+        self.pids: set[int] = set()                      # tasks whose files were read
+        self.refs: list[tuple[int, int, int]] = []       # (pid, fd, pid it points at): pidfds
 
     def task_files(self, pid: int) -> list[OpenFile]:
+        self.pids.add(pid)
         out = []
         for fd in list_fds(pid):
             v = describe(pid, fd)
@@ -152,6 +159,7 @@ class Table:
         return out
 
     def _same_as(self, pid: int, fd: int, key: tuple[int, int]) -> int | None:
+        self.pids.add(pid)       # (also for subclasses with their own task_files)
         for p2, fd2, fid in self._seen.get(key, []):
             if kcmp_file(pid, p2, fd, fd2):
                 return fid
@@ -171,6 +179,8 @@ class Table:
             finally:
                 ctx.close()
             self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, state=state))
+            if getattr(state, "host_pid", -1) > 0:       # a pidfd of a live process
+                self.refs.append((pid, fd, state.host_pid))
         elif v.kind == "unix":
             ino = v.key[1]
             self.unix[ino] = unix_sockets.dump(pid, fd, ino)
@@ -181,8 +191,26 @@ class Table:
         self._seen.setdefault(v.key, []).append((pid, fd, fid))
         return fid
 
+    def check_refs(self) -> None:
+        """Every process a pidfd points at must be saved too (or be a zombie
+        child of a saved one: zombies are restored with the tree)."""
+        for pid, fd, target in self.refs:
+            if target in self.pids:
+                continue
+            try:
+                st = read_status(target)
+                if st.state == "Z" and st.ppid in self.pids:
+                    continue
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            raise NotCheckpointable(pid, [f"fd {fd}: pidfd of pid {target}, which is not part of "
+                                          "the checkpointed tree: checkpoint a common ancestor, "
+                                          "or close the pidfd first"])
+
     def unix_list(self) -> list[UnixPair]:
-        """Both ends of every pair; a peer outside the tree cannot be saved."""
+        """Both ends of every pair; a peer outside the tree cannot be saved.
+        (Called once every task is read: also checks pidfd targets.)"""
+        self.check_refs()
         for ino, u in self.unix.items():
             if u.peer not in self.unix:
                 pid, fd = self.where[ino]

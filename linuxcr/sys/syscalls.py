@@ -28,7 +28,7 @@ NR = dict(
     process_vm_writev=311, kcmp=312, rseq=334, pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438, userfaultfd=323, openat=257, epoll_ctl=233, epoll_wait=232, poll=7,
     flock=73, timer_create=222, timer_settime=223, timer_gettime=224, timer_getoverrun=225,
-    timer_delete=226,
+    timer_delete=226, connect=42,
 )
 
 # The kernel's restart codes, seen in rax of a task stopped inside a syscall.

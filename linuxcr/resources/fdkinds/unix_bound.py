@@ -17,6 +17,12 @@ again from a temporary unbound socket.  Restored datagrams therefore come
 from an unnamed sender (recvfrom() gives no address) and carry lcr's
 credentials if SO_PASSCRED is on.
 
+A datagram socket connect()ed to a socket that is not connected back (the
+clients of a /dev/log-style server, bound or not) is this kind too: the
+peer's name is saved, and the task connects to it again (after_install),
+once every socket of the tree is bound; a peer outside the tree must be
+there (bound to the same name) at the restart.
+
 Connected ends (socketpair, or an accept()ed connection and its client)
 are unix_sockets.py's, via files.py; this kind never matches them."""
 from __future__ import annotations
@@ -147,6 +153,8 @@ class UnixBound:
         d = sockdiag.unix_diag(ctx.st.st_ino)
         if d is None:
             return False
+        if d.type == socket.SOCK_DGRAM:    # a server others connect() to says ESTABLISHED, no peer
+            return not d.peer or one_way(d)
         return d.state == unix_sockets.TCP_LISTEN or \
             (not d.peer and d.state != unix_sockets.TCP_ESTABLISHED)
 
@@ -161,6 +169,12 @@ class UnixBound:
             return f"{where} of type {d.type}: not supported"
         if name[:1] == b"\0" and not sockdiag.same_netns(ctx.pid):
             return f"{where}: abstract names of another network namespace are not supported"
+        if one_way(d):
+            peer = sockdiag.unix_diag(d.peer)
+            pname = _norm(peer.name) if peer else b""
+            if not pname or (pname[:1] != b"\0" and not pname.startswith(b"/")):
+                return (f"{where} is connected to socket:[{d.peer}] ({_named(pname)}): only a "
+                        "peer bound to an absolute path or an abstract name can be reached again")
         if d.state == unix_sockets.TCP_LISTEN and d.rqueue:
             return (f"{where} is listening with {d.rqueue} connection(s) not accepted yet: "
                     "cannot be checkpointed until the program accepts them")
@@ -194,7 +208,9 @@ class UnixBound:
             listening = d.state == unix_sockets.TCP_LISTEN
             queue = unix_sockets.peek_all(s, ctx.pid, ctx.fd, ino) \
                 if d.rqueue and not listening else []
+            peer = sockdiag.unix_diag(d.peer) if one_way(d) else None
             return UnixBoundState(sotype=d.type, name=name, cwd=cwd, mode=mode, uid=uid, gid=gid,
+                                  peer_name=_norm(peer.name) if peer else b"",
                                   listening=listening, backlog=d.wqueue if listening else 0,
                                   shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue)
 
@@ -221,6 +237,31 @@ class UnixBound:
             s.close()
             raise
         return s.detach()
+
+
+    def after_install(self, t, arena, fd: int, state: UnixBoundState, table) -> None:
+        """A datagram socket connect()ed to a named peer: connected again
+        inside the task once every socket of the tree is bound."""
+        if not state.peer_name:
+            return
+        addr = struct.pack("<H", socket.AF_UNIX) + state.peer_name
+        if state.peer_name[:1] != b"\0":
+            addr += b"\0"
+        try:
+            t.syscall("connect", fd, arena.put(addr), len(addr))
+        except OSError as e:
+            raise RestoreError(f"fd {fd}: cannot connect a UNIX datagram socket to "
+                               f"{_named(state.peer_name)} again: {e.strerror}",
+                               "the program it sends to must be running (or restored with it)") from None
+
+
+def one_way(d) -> bool:
+    """A datagram socket connect()ed to a socket that is not connected back
+    (a client of a /dev/log-style server)."""
+    if d.type != socket.SOCK_DGRAM or not d.peer:
+        return False
+    peer = sockdiag.unix_diag(d.peer)
+    return peer is None or peer.peer != d.ino
 
 
 def _bind(s: socket.socket, state: UnixBoundState) -> None:
