@@ -39,9 +39,11 @@ LCR_MIG = [sys.executable, "-c", WRAPPER]
 # =============================================================================
 # protocol units
 
-def _pair(timeout: float = 5.0) -> tuple[P.Conn, P.Conn]:
+def _pair(timeout: float = 5.0, authenticated: bool = True) -> tuple[P.Conn, P.Conn]:
     a, b = socket.socketpair()
-    return P.Conn(a, "peer-a", timeout), P.Conn(b, "peer-b", timeout)
+    ca, cb = P.Conn(a, "peer-a", timeout), P.Conn(b, "peer-b", timeout)
+    ca.authenticated = cb.authenticated = authenticated
+    return ca, cb
 
 
 def test_frame_round_trip():
@@ -74,13 +76,15 @@ def _raw(mtype: int, meta: bytes, data: bytes = b"", *, magic: int = P.MAGIC,
     return head + cs.to_bytes(8, "little") + meta + data
 
 
-def _recv_raw(raw: bytes) -> str:
+def _recv_raw(raw: bytes, authenticated: bool = True,
+              expect: tuple[P.Msg, ...] | None = None) -> str:
     a, b = socket.socketpair()
     a.sendall(raw)
     a.shutdown(socket.SHUT_WR)
     conn = P.Conn(b, "peer", 2.0)
+    conn.authenticated = authenticated
     try:
-        conn.recv()
+        conn.recv(expect)
     except P.MigrationError as e:
         return str(e)
     finally:
@@ -130,7 +134,7 @@ def test_frame_fuzz():
 
 
 def _handshake(tok_src: bytes, tok_dst: bytes, proto: str | None = None):
-    a, b = _pair()
+    a, b = _pair(authenticated=False)
     out: dict = {}
 
     def dest():
