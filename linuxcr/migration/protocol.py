@@ -395,6 +395,8 @@ class Conn:
         return f"unexpected {mt.name} message"
 
     def _io_error(self, e: OSError, what: str) -> MigrationError:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and self.deadline is not None:
+            return MigrationError(f"{self.peer} did not complete the handshake in time")
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             return MigrationError(f"{what} {self.peer} timed out (no progress for "
                                   f"{self.timeout:g} s)")
@@ -740,7 +742,8 @@ class Gate:
         h.until = time.monotonic() + wait
         of = f"/{lim.max_failures}" if lim.max_failures else ""
         then = f"; {p.host} waits {wait:g} s" if wait else ""
-        self.log(f"dropped {p.peer}: {_printable(e.message)} (failure {self.failures}{of}{then})")
+        why = e.message.removeprefix(f"{p.peer} ")     # the line names it first
+        self.log(f"dropped {p.peer}: {_printable(why)} (failure {self.failures}{of}{then})")
         self._last = e
         if lim.max_failures and self.failures >= lim.max_failures:
             cls = type(e) if isinstance(e, MigrationError) else MigrationError
