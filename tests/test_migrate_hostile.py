@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -29,6 +28,7 @@ from linuxcr.migration import protocol as P  # noqa: E402
 
 KEY = TOKEN.encode()
 BIG = 64 << 20
+GONE = r"closed by the peer|lost \(Connection reset"   # FIN or RST, as the race goes
 
 
 def _header(mtype: P.Msg, meta_len: int, data_len: int = 0) -> bytes:
@@ -187,8 +187,8 @@ class GateRun:
             return list(self.lines)
 
     def finish(self) -> None:
-        self.th.join(30)
-        assert not self.th.is_alive()
+        """Cleanup (a test that failed early may leave the daemon thread waiting)."""
+        self.th.join(2)
         if self.result:
             self.result[0].close()
         self.lsock.close()
@@ -234,7 +234,7 @@ def test_gate_hostile_peers_then_the_source():
             assert src in line and re.search(pattern, line), run.lines
 
         _connect(run.port, "127.0.0.2").close()                       # connect and close
-        expect(r"closed by the peer", "127.0.0.2")
+        expect(GONE, "127.0.0.2")
         s = _connect(run.port, "127.0.0.3")                            # garbage
         s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
         expect(r"does not speak the lcr migration protocol", "127.0.0.3")
@@ -254,7 +254,7 @@ def test_gate_hostile_peers_then_the_source():
         s.recv(4096)
         s.sendall(b"".join(P.encode(P.Msg.HELLO, P.Hello(P.PROTO, "source", os.urandom(32)))))
         s.close()
-        expect(r"closed by the peer", "127.0.0.7")
+        expect(GONE, "127.0.0.7")
         session = _real_source(run.port, "127.0.0.8")
         assert isinstance(session, bytes), session
         run.th.join(30)
@@ -458,7 +458,7 @@ def test_receive_survives_hostile_peers(procs, bins, tmp_path):
                                   pid=recv.p.pid)
 
         src, _ = hostile("close")
-        logged(src, "closed by the peer")
+        logged(src, GONE)
         src, _ = hostile("garbage")
         logged(src, "does not speak")
         hwm = _hwm_kib(recv.p.pid)
@@ -469,7 +469,7 @@ def test_receive_survives_hostile_peers(procs, bins, tmp_path):
         src, _ = hostile("stall")
         logged(src, r"did not authenticate within 5 s")
         src, _ = hostile("midway")
-        logged(src, "closed by the peer")
+        logged(src, GONE)
         src, out = hostile("flood", 200)
         helpers.wait_for_line(recv.err, rf"dropped {re.escape(src)}:\d+: rate-limited",
                               pid=recv.p.pid)
