@@ -1,12 +1,14 @@
 """`lcr migrate` and `lcr receive` (registered on the main group by cli.py).
 
-    lcr receive --listen HOST:PORT [--token T]      # prints the restored pid, exits 0
+    lcr receive --listen HOST:PORT [--token T] [--max-failures N]   # prints the restored pid
     lcr migrate PID --to HOST:PORT [--token T] [--max-downtime 50ms] [--max-rounds N]
 
 The token may also come from --token-file or $LCR_MIGRATE_TOKEN (a token
 on the command line is visible to every user in ps).  Errors: one line on
-stderr, the exit code of its class (errors.py; MigrationError 12, AuthError
-13); the source process is left running on every error.
+stderr, the exit code of its class (errors.py; MigrationError 16, AuthError
+17); the source process is left running on every error.  `lcr receive`
+logs each peer that fails before authenticating in one line on stderr and
+goes on waiting (up to --max-failures of them).
 """
 from __future__ import annotations
 
@@ -96,11 +98,18 @@ def migrate_cmd(pid: int, to: str, token: str | None, token_file: str | None, ma
               help="Give up if no migration arrives within this (default: wait forever).")
 @click.option("--io-timeout", default="60s", show_default=True, metavar="DURATION",
               help="Give up when the source is silent this long.")
+@click.option("--max-failures", default=100, show_default=True, type=click.IntRange(0, None),
+              help="Give up after this many connections failed to authenticate (0: never).")
 @click.option("--trust", multiple=True, metavar="WHAT",
               help="(root) Let the process have: uid, caps, setuid, files, or all.")
 def receive_cmd(listen: str, token: str | None, token_file: str | None, timeout: str | None,
-                io_timeout: str, trust: tuple[str, ...]) -> None:
-    """Accept one migration and restart it here; prints the new pid."""
+                io_timeout: str, max_failures: int, trust: tuple[str, ...]) -> None:
+    """Accept one migration and restart it here; prints the new pid.
+
+    Connections that fail before authenticating (wrong token, garbage,
+    silence for 5 s) are logged on stderr and dropped, rate-limited per
+    address; the wait goes on.  A session that fails after authenticating
+    ends the command with its error (the source runs on)."""
     def go() -> None:
         from linuxcr.engine.migrate import receive
         from linuxcr.migration.protocol import load_token
@@ -108,6 +117,7 @@ def receive_cmd(listen: str, token: str | None, token_file: str | None, timeout:
         res = receive(listen, token=key,
                       timeout=_duration(timeout, "--timeout") if timeout else None,
                       io_timeout=_duration(io_timeout, "--io-timeout"), trust=trust,
+                      max_failures=max_failures, log=_say,
                       on_listening=(lambda where: _say(f"listening on {where}"))
                       if _verbose() else None,
                       progress=_say if _verbose() else None)

@@ -4,6 +4,7 @@
         net.a, net.b            # namespace names (unique per test run)
         net.addr_a, net.addr_b  # "10.77.X.1", "10.77.X.2"
         net.exec_a(argv)        # argv prefixed with `ip netns exec A`
+        net.extra_a             # more addresses of A ("10.77.X.11".."18"): other hosts
 
 Created with iproute2 (root only), removed on exit: deleting a namespace
 also deletes its end of the veth pair (and so the pair).  A namespace that
@@ -43,6 +44,7 @@ class TwoNamespaces:
     b: str
     addr_a: str
     addr_b: str
+    extra_a: list[str]
 
     def exec_a(self, argv: list) -> list[str]:
         return ["ip", "netns", "exec", self.a, *map(str, argv)]
@@ -64,7 +66,8 @@ def two_namespaces() -> Iterator[TwoNamespaces]:
     x = (os.getpid() + n * 37) % 250 + 1
     a, b = f"lcrmigA{tag}", f"lcrmigB{tag}"
     va, vb = f"lma{tag}"[:15], f"lmb{tag}"[:15]
-    net = TwoNamespaces(a, b, f"10.77.{x}.1", f"10.77.{x}.2")
+    net = TwoNamespaces(a, b, f"10.77.{x}.1", f"10.77.{x}.2",
+                        [f"10.77.{x}.{i}" for i in range(11, 19)])
     made: list[str] = []
     try:
         for ns in (a, b):
@@ -81,6 +84,8 @@ def two_namespaces() -> Iterator[TwoNamespaces]:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+        for addr in net.extra_a:
+            _ip("-n", a, "addr", "add", f"{addr}/24", "dev", va)
         yield net
     finally:
         for ns in made:

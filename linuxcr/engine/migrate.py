@@ -18,7 +18,8 @@ Source (``migrate``):
     else (FAILED, a broken connection, a timeout, an error here): the
     trackers are closed, the tree thawed, it runs on unchanged.
 
-Destination (``receive``): accept one connection, authenticate; on the
+Destination (``receive``): accept connections until one authenticates
+(the others, failing, are logged and dropped: protocol.Gate); on the
 preliminary metadata build the skeleton (migration/skeleton.py: blank
 tasks, areas mapped) and write every page received straight into the
 tasks; on the final image reconcile areas, write its pages, drop pages
@@ -28,6 +29,7 @@ everything made is killed and FAILED <reason> goes back.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -39,7 +41,7 @@ from linuxcr.engine import dump, restore
 from linuxcr.engine.incremental import Trackers
 from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess, NotCheckpointable
 from linuxcr.image import runs
-from linuxcr.image.schema import PageMap, Pages, ParentRef, RecType, Task, Tree
+from linuxcr.image.schema import MAX_TASKS, PageMap, Pages, ParentRef, RecType, Task, Tree
 from linuxcr.image.stream import PAGE, ImageReader
 from linuxcr.migration import protocol as P
 from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
@@ -418,21 +420,32 @@ def _final(conn: Conn, session: bytes, pre: _Prelim, sent, trackers: Trackers,
 
 def receive(listen_addr: str, *, token: str | bytes | None = None, timeout: float | None = None,
             io_timeout: float = DEFAULT_TIMEOUT, trust=(), on_listening=None,
-            progress=None) -> ReceiveResult:
+            progress=None, log=None, max_failures: int | None = None,
+            limits: P.Limits | None = None) -> ReceiveResult:
     """Accept one migration on ``listen_addr`` (HOST:PORT) and restart it.
     ``timeout``: how long to wait for it (None: forever); ``io_timeout``:
-    the longest silence of the source once connected."""
+    the longest silence of the source once authenticated.
+
+    Connections that fail before authenticating (closed, garbage, wrong
+    token, silent for P.HANDSHAKE_TIMEOUT) are dropped, one ``log(line)``
+    each, rate-limited per address, and the wait goes on (P.Gate), up to
+    ``max_failures`` of them (0: no limit).  Once a source authenticated,
+    its session is this call's outcome: it succeeds, or everything built
+    for it is torn down and the error raised (the source runs on)."""
     key = P.load_token(token)
     trusted = process.parse_trust(trust)
+    lim = limits or P.Limits()
+    if max_failures is not None:
+        lim = dataclasses.replace(lim, max_failures=max_failures)
     lsock, where = P.listen(listen_addr)
     try:
         if on_listening:
             on_listening(where)
-        conn = P.accept(lsock, timeout, io_timeout)
+        gate = P.Gate(lsock, key, io_timeout, lim, log or (lambda _text: None))
+        conn, session = gate.wait(timeout)
     finally:
-        lsock.close()
+        lsock.close()           # one session at a time: later peers are refused by the kernel
     try:
-        session = conn.handshake_destination(key)
         return _Receiver(conn, session, trusted, progress).run()
     finally:
         conn.close()
@@ -508,6 +521,8 @@ class _Receiver:
             mt, obj, _ = conn.recv((Msg.TASK, Msg.META_END))
             if mt is Msg.META_END:
                 break
+            if len(tasks) >= MAX_TASKS:      # before keeping one more
+                raise MigrationError(f"{conn.peer} sent more than {MAX_TASKS} task records")
             tasks.append(obj)  # type: ignore[arg-type]
         if len(tasks) != obj.tasks:  # type: ignore[attr-defined]
             raise MigrationError("the preliminary metadata lost a task record")
