@@ -5,8 +5,8 @@
 
 The token may also come from --token-file or $LCR_MIGRATE_TOKEN (a token
 on the command line is visible to every user in ps).  Errors: one line on
-stderr, the exit code of its class (errors.py; MigrationError 12, AuthError
-13); the source process is left running on every error.
+stderr, the exit code of its class (errors.EXIT_CODES: MigrationError 16,
+AuthError 17); the source process is left running on every error.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from linuxcr.cli import _run
+from linuxcr.cli_common import run_guarded
 from linuxcr.errors import LcrError
 
 
@@ -84,7 +84,7 @@ def migrate_cmd(pid: int, to: str, token: str | None, token_file: str | None, ma
         click.echo(f"downtime {res.downtime * 1e3:.1f} ms (freeze and collect "
                    f"{res.frozen_collect * 1e3:.1f} ms, destination {res.dest_seconds * 1e3:.1f} ms), "
                    f"total {res.seconds:.2f} s")
-    _run(go)
+    run_guarded(go)
 
 
 @click.command("receive")
@@ -122,4 +122,4 @@ def receive_cmd(listen: str, token: str | None, token_file: str | None, timeout:
                  f"pid {res.pid} from here")
         click.echo(str(res.pid))
         sys.stdout.flush()
-    _run(go)
+    run_guarded(go)

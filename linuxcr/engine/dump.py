@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr import __version__, faults
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, TaskGone
 from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena, TaskGone
+from linuxcr.remote.task import Arena
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
 
 

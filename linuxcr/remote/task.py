@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied
+from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied, TaskGone
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
@@ -28,10 +28,6 @@ from linuxcr.sys.syscalls import (
 SYSCALL_INSN = b"\x0f\x05"
 ALL_SIGNALS = (1 << 64) - 1
 PAGE = 4096
-
-
-class TaskGone(NoSuchProcess):
-    pass
 
 
 def _to_signed(v: int) -> int:
