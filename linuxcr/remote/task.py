@@ -68,7 +68,7 @@ class Tracee:
         if e.errno == errno.ESRCH:
             raise NoSuchProcess(f"pid {self.pid}: no such process") from None
         if e.errno == errno.EPERM:
-            raise _explain_eperm(self.pid) from None
+            raise explain_eperm(self.pid) from None
         raise KernelError(f"pid {self.pid}: ptrace(SEIZE) failed: {e.strerror}") from None
 
     def stop(self) -> None:
@@ -346,7 +346,8 @@ def _ours(pid: int) -> bool:
     return (st.st_uid == os.geteuid() or os.geteuid() == 0) and tracer == "0"
 
 
-def _explain_eperm(pid: int) -> Exception:
+def explain_eperm(pid: int) -> Exception:
+    """Why ptrace said EPERM for ``pid``, as the error to raise."""
     try:
         st = os.stat(f"/proc/{pid}")
     except FileNotFoundError:
