@@ -10,8 +10,8 @@ __all__ = ["checkpoint", "restart", "check", "run", "snapshot", "snapshots", "tr
 # `lcr` command imports this package, and api imports every engine and resource
 # module, which `lcr --version` or `lcr show` do not need (start-up time).
 _API = frozenset(__all__) - {"__version__"}
-_SUBMODULES = frozenset({"agent", "api", "cli", "cli_migrate", "engine", "errors", "faults",
-                         "image", "migration", "pipeline", "procfs", "remote", "resources",
+_SUBMODULES = frozenset({"agent", "api", "cli", "cli_common", "cli_migrate", "engine", "errors", "faults",
+                         "image", "migration", "periodic", "pipeline", "procfs", "remote", "resources",
                          "sys"})
 
 

@@ -17,7 +17,7 @@ from linuxcr.image import files
 # use them: `lcr restart` need not import the dump engine, `lcr check` not the
 # image writer, `lcr --version` none of them (start-up time, tests/test_startup.py).
 if TYPE_CHECKING:
-    from linuxcr.engine import dump, restore
+    from linuxcr.engine import dump, incremental, restore
     from linuxcr.image import sign as _sign
 
 KeyArg = Union[str, os.PathLike, "_sign.Key", None]
@@ -25,7 +25,8 @@ KeyArg = Union[str, os.PathLike, "_sign.Key", None]
 Target = files.Target
 
 
-def _pid(pid: object) -> int:
+def as_pid(pid: object) -> int:
+    """``pid`` as a process id (> 0), or NoSuchProcess."""
     try:
         p = int(pid)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -35,7 +36,8 @@ def _pid(pid: object) -> int:
     return p
 
 
-def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
+def load_key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
+    """The key of --sign/--verify (None: none); KeyFileError if unusable."""
     if key is None:
         return None
     from linuxcr.image import sign as _sign
@@ -58,18 +60,71 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     that the next incremental checkpoint need not compare contents."""
     from linuxcr.engine import incremental
     from linuxcr.image import stream
-    pid = _pid(pid)
-    signer = _key(sign, signing=True)       # a bad key fails before the process is touched
+    from linuxcr.image.chain import Chain
+    pid = as_pid(pid)
+    signer = load_key(sign, signing=True)       # a bad key fails before the process is touched
     parent = os.fspath(parent) if parent is not None else None
     if parent is not None and not isinstance(out, int) and not hasattr(out, "fileno") \
             and os.path.exists(os.fspath(out)) and os.path.exists(parent) \
             and os.path.samefile(os.fspath(out), parent):
         raise ImageWriteError(f"{parent} cannot be both the parent and the new image")
+    # the agent lends its trackers for this checkpoint only when the caller
+    # holds none (--interval holds its own across checkpoints)
+    lent = trackers is None and (track or bool(parent)) and (leave_running or bool(parent))
     with files.output_image(out) as (fd, name, commit), stream.options(signer=signer):
-        return incremental.checkpoint(pid, fd, parent=parent, track=track,
-                                      leave_running=leave_running, images_dir=images_dir,
-                                      name=name, compress=compress, on_written=commit,
-                                      progress=progress, trackers=trackers)
+        chain = Chain.from_path(parent, images_dir) if parent else None    # before taking trackers
+        if lent:
+            try:
+                trackers = take_trackers(pid, track=track)
+            except BaseException:
+                if chain is not None:
+                    chain.close()
+                raise
+        res = incremental.checkpoint(pid, fd, parent=chain, track=track,
+                                     leave_running=leave_running, name=name, compress=compress,
+                                     on_written=commit, progress=progress, trackers=trackers)
+    if lent and leave_running:
+        give_trackers(trackers, res.image_id.hex())   # counting from this image on
+        res.warnings += trackers.warnings
+    return res
+
+
+def take_trackers(pid: int, *, track: bool) -> incremental.Trackers:
+    """Write trackers for the tree of ``pid``: those the agent holds (lent to
+    us, with what it collected since their epoch), new ones started at the
+    checkpoint where there are none if ``track``."""
+    from linuxcr import agent
+    from linuxcr.engine import incremental
+    from linuxcr.procfs import read_stat
+    from linuxcr.resources import dirty, pstree
+    trackers = incremental.Trackers(track=track)
+    for p in pstree.tree_pids(pid):
+        try:
+            got = agent.take_tracker(p, read_stat(p).starttime, with_written=True)
+        except (LcrError, OSError, AttributeError, TypeError):
+            got = None
+        if got:
+            # the agent may have reset the tracker for snapshots since the
+            # epoch: what it collected then comes along, to count as written
+            epoch, fd, since = got
+            trackers.adopt(p, dirty.Tracker.adopt(p, fd), epoch, since)
+    return trackers
+
+
+def give_trackers(trackers: incremental.Trackers, epoch: str) -> None:
+    """Hand ``trackers`` to the agent (counting since image ``epoch``), with
+    every span we collected (and reset) while we held them; then close ours.
+    A tracker the agent does not take stops, with a warning."""
+    from linuxcr import agent
+    from linuxcr.procfs import read_stat
+    for pid, tr in list(trackers.by_pid.items()):
+        try:
+            agent.put_tracker(pid, read_stat(pid).starttime, epoch, tr.uffd,  # type: ignore[attr-defined]
+                              written=trackers.collected.get(pid, []))
+        except (LcrError, OSError, AttributeError) as e:
+            trackers.warnings.append(f"pid {pid}: write tracking stops: the agent did not take "
+                                     f"its tracker ({e})")
+    trackers.close()
 
 
 def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
@@ -92,7 +147,7 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.engine import restore
     from linuxcr.image import stream
     from linuxcr.resources import process
-    verifier = _key(verify, signing=False)
+    verifier = load_key(verify, signing=False)
     trusted = process.parse_trust(trust)
     with files.input_image(image) as (fd, name):
         policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=files.owner(fd),
@@ -108,7 +163,7 @@ def show(image: Target, *, verify: KeyArg = None) -> dict:
     from linuxcr.image import sign as _sign
     from linuxcr.image import stream
     from linuxcr.image.show import summarize
-    verifier = _key(verify, signing=False)
+    verifier = load_key(verify, signing=False)
     with files.input_image(image) as (fd, name), stream.options(verifier=verifier):
         s = summarize(fd, name)
     if verifier is not None:
@@ -121,7 +176,7 @@ def check(pid: int, tree: bool = True) -> list[str]:
     """Reasons why ``pid`` (and, with tree, its descendants) cannot be
     checkpointed now ([] if it can)."""
     from linuxcr.engine import dump
-    pid = _pid(pid)
+    pid = as_pid(pid)
     return dump.check_tree(pid) if tree else dump.check_process(pid)
 
 
@@ -143,7 +198,7 @@ def tracking(pid: int) -> dict:
     its parent: {"method": "uffd-wp-async" | "content-hash", "tracked": bool,
     "why": one line}."""
     from linuxcr.resources import dirty
-    pid = _pid(pid)
+    pid = as_pid(pid)
     ok, why = dirty.available(pid)
     held = None
     try:
@@ -183,13 +238,13 @@ def snapshot(pid: int):
     """Snapshot process ``pid`` in memory (copy-on-write); returns a handle
     with .crid, .writeback(out), .rollback(), .discard()."""
     from linuxcr import agent
-    return agent.snapshot(_pid(pid))
+    return agent.snapshot(as_pid(pid))
 
 
 def snapshots(pid: int | None = None) -> list[dict]:
     """The snapshots you may use (of ``pid`` only, if given)."""
     from linuxcr import agent
-    return agent.snapshots(None if pid is None else _pid(pid))
+    return agent.snapshots(None if pid is None else as_pid(pid))
 
 
 def writeback(crid: str, out: Target, *, compress: bool = False) -> dict:
@@ -225,7 +280,7 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     import time
     from linuxcr.engine import dump
     from linuxcr.engine import snapshots as snaps
-    pid = _pid(pid)
+    pid = as_pid(pid)
     t0 = time.monotonic()
     snap = snaps.take(pid)
     try:

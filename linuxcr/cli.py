@@ -1,43 +1,19 @@
 """The `lcr` command line.  Every user error ends as one line on stderr and
-a distinct exit code (see errors.py); never a traceback unless LCR_DEBUG=1."""
+its exit code (errors.EXIT_CODES, listed by `lcr --help`); never a traceback unless LCR_DEBUG=1."""
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
 
 import click
 
 from linuxcr import __version__
+from linuxcr.cli_common import help_epilog, run_guarded
 from linuxcr.errors import LcrError
 
 # linuxcr.api (and with it every engine and resource module), json and the
 # rest are imported inside the commands that use them: start-up time of each
 # `lcr` command (tests/test_startup.py).
-
-INTERNAL_ERROR = 70
-
-
-def _fail(msg: str, code: int) -> None:
-    click.echo(f"lcr: {msg}", err=True)
-    sys.exit(code)
-
-
-def _run(fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except LcrError as e:
-        if os.environ.get("LCR_DEBUG"):
-            raise
-        _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as e:  # a bug of ours: still one line, with the way to learn more
-        if os.environ.get("LCR_DEBUG"):
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e} (run with LCR_DEBUG=1 for details)",
-              INTERNAL_ERROR)
-
 
 class _Group(click.Group):
     """The `lcr` group; `migrate` and `receive` (cli_migrate.py) are loaded
@@ -55,7 +31,8 @@ class _Group(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=help_epilog())
 @click.version_option(__version__)   # not package_name=: importlib.metadata is slow
 def main() -> None:
     """Transparent checkpoint/restart of Linux processes."""
@@ -110,7 +87,7 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
             raise LcrError("--low-downtime does not combine with --parent or --track yet")
         if low_downtime:
             from linuxcr.image import stream
-            with stream.options(signer=api._key(sign_key, signing=True)):
+            with stream.options(signer=api.load_key(sign_key, signing=True)):
                 res = api.checkpoint_low_downtime(pid, out, leave_running=leave_running,
                                                   compress=compress)
         else:
@@ -130,12 +107,12 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
         elif os.environ.get("LCR_VERBOSE"):
             click.echo(f"lcr: pid {pid}: {res.pages} pages, {res.bytes_written} bytes in "
                        f"{res.seconds:.3f} s (frozen {res.frozen_seconds:.3f} s)", err=True)
-    _run(go)
+    run_guarded(go)
 
 
 def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, count: int,
               compress: bool, bad: list[str]) -> None:
-    from linuxcr import api
+    from linuxcr import api, periodic
     from linuxcr.engine import incremental
     if bad:
         raise LcrError(f"--interval does not combine with {', '.join(bad)}")
@@ -145,7 +122,7 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
         raise LcrError(f"--interval: {e}") from None
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise LcrError(f"{outdir} is not a directory", "with --interval, -o names a directory")
-    api._pid(pid)
+    api.as_pid(pid)
 
     def saved(s, note: str) -> None:
         if s is None:
@@ -154,8 +131,8 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
         kind = "full" if s.full else "incremental"
         click.echo(f"lcr: {s.path}: {kind}, {s.pages} pages, {s.bytes} bytes, {s.seconds:.3f} s"
                    + (f" ({note})" if note else ""), err=True)
-    run = incremental.run_interval(pid, outdir, every, keep=keep, full_every=full_every,
-                                   compress=compress, count=count, on_saved=saved)
+    run = periodic.run_interval(pid, outdir, every, keep=keep, full_every=full_every,
+                                compress=compress, count=count, on_saved=saved)
     click.echo(f"lcr: pid {pid}: {len(run.saved)} images kept in {outdir}, "
                f"{len(run.removed)} removed; {run.reason}", err=True)
 
@@ -187,7 +164,7 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             click.echo(f"lcr: pid {res.original_pid} was in use; restored as pid {res.pid}", err=True)
         click.echo(str(res.pid))
         sys.stdout.flush()
-    _run(go)
+    run_guarded(go)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -202,7 +179,7 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
     def go() -> None:
         from linuxcr import api
         click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -226,7 +203,7 @@ def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
             sig = s.get("signature")
             click.echo(f"  signed: signature good ({sig['alg']}, key {sig['key_id']})" if sig
                        else "  signed (not checked: give --verify KEYFILE)")
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -253,7 +230,7 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
                        f"{tracking['method']}: {tracking['why']}")
         if reasons:
             sys.exit(5)
-    _run(go)
+    run_guarded(go)
 
 
 # --- in-memory checkpoints (see linuxcr/agent.py) ------------------------------
@@ -262,8 +239,8 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
 @click.option("--foreground", is_flag=True, help="Do not detach.")
 def agent(foreground: bool) -> None:
     """Run this user's snapshot agent (started on demand by the commands below)."""
-    from linuxcr.agent import run_agent
-    _run(lambda: run_agent(foreground))
+    from linuxcr.agent.server import run_agent
+    run_guarded(lambda: run_agent(foreground))
 
 
 @main.command()
@@ -276,7 +253,7 @@ def snapshot(pid: int) -> None:
         if os.environ.get("LCR_VERBOSE"):
             click.echo(f"lcr: pid {pid} frozen {s.info['frozen_seconds'] * 1e3:.1f} ms", err=True)
         click.echo(s.crid)
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -299,7 +276,7 @@ def snapshots(pid: int | None, as_json: bool) -> None:
             taken = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["time"]))
             click.echo(f"{r['crid']:<12} {r['pid']:>7} {r.get('processes', 1):>5}  {taken:<19} "
                        f"{r['frozen_seconds'] * 1e3:>7.1f}ms {r['held'] / 2**20:>8.1f}MiB")
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -313,7 +290,7 @@ def writeback(crid: str, output: str, compress: bool) -> None:
         if output == "-" and sys.stdout.isatty():
             raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
         api.writeback(crid, 1 if output == "-" else output, compress=compress)
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -335,7 +312,7 @@ def rollback(crid: str, memory_only: bool, full: bool = False) -> None:
                    f"({res.get('path', 'full')}: {res.get('pages_copied', 0)} pages copied, "
                    f"{res.get('pages_dropped', 0)} dropped" + (f"; full because {why}" if why else "")
                    + ")", err=True)
-    _run(go)
+    run_guarded(go)
 
 
 @main.command()
@@ -345,7 +322,7 @@ def discard(crid: str) -> None:
     def go() -> None:
         from linuxcr import api
         api.discard(crid)
-    _run(go)
+    run_guarded(go)
 
 
 # --- live migration: `lcr migrate`, `lcr receive` (linuxcr/cli_migrate.py), -----

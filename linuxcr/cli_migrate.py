@@ -5,10 +5,10 @@
 
 The token may also come from --token-file or $LCR_MIGRATE_TOKEN (a token
 on the command line is visible to every user in ps).  Errors: one line on
-stderr, the exit code of its class (errors.py; MigrationError 16, AuthError
-17); the source process is left running on every error.  `lcr receive`
-logs each peer that fails before authenticating in one line on stderr and
-goes on waiting (up to --max-failures of them).
+stderr, the exit code of its class (errors.EXIT_CODES: MigrationError 16,
+AuthError 17); the source process is left running on every error.  `lcr
+receive` logs each peer that fails before authenticating in one line on
+stderr and goes on waiting (up to --max-failures of them).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from linuxcr.cli import _run
+from linuxcr.cli_common import run_guarded
 from linuxcr.errors import LcrError
 
 
@@ -86,7 +86,7 @@ def migrate_cmd(pid: int, to: str, token: str | None, token_file: str | None, ma
         click.echo(f"downtime {res.downtime * 1e3:.1f} ms (freeze and collect "
                    f"{res.frozen_collect * 1e3:.1f} ms, destination {res.dest_seconds * 1e3:.1f} ms), "
                    f"total {res.seconds:.2f} s")
-    _run(go)
+    run_guarded(go)
 
 
 @click.command("receive")
@@ -132,4 +132,4 @@ def receive_cmd(listen: str, token: str | None, token_file: str | None, timeout:
                  f"pid {res.pid} from here")
         click.echo(str(res.pid))
         sys.stdout.flush()
-    _run(go)
+    run_guarded(go)

@@ -1,8 +1,13 @@
-"""Every error a user can cause, as one exception class each.
+"""Every error a user can cause, as one exception class each, and its exit code.
 
 The CLI maps each class to an exit code and prints ``str(exc)`` as one line:
 the message must name the cause (pid, fd, address, kind) and, where there is
 one, the way out.  Nothing else in linuxcr prints error text.
+
+EXIT_CODES (at the end) is the one table of exit codes: `lcr --help` prints
+it, README's exit-code table matches it and tests/test_layers.py checks both
+(and that every class here is in it).  A class shares its code only with the
+class it derives from, when it means the same thing to the user.
 """
 from __future__ import annotations
 
@@ -68,6 +73,10 @@ class PidTaken(RestoreError):
     exit_code = 9
 
 
+class TaskGone(NoSuchProcess):
+    """A task exited while lcr held or worked on it (remote/task.py)."""
+
+
 class Busy(LcrError):
     """Another lcr (or debugger) is already tracing the process."""
 
@@ -80,6 +89,35 @@ class KernelError(LcrError):
     exit_code = 11
 
 
+class RollbackRefused(LcrError):
+    """The live process cannot be brought back to this snapshot (engine/snapshots.py)."""
+
+    exit_code = 12
+
+
+class AgentError(LcrError):
+    """The per-user snapshot agent failed or refused a request (linuxcr/agent/)."""
+
+    exit_code = 13
+
+
+class NoTracker(AgentError):
+    """The agent holds no dirty-page tracker for that process."""
+
+
+class SnapshotLimit(LcrError):
+    """A limit of the agent was reached: snapshots held, or the memory they hold."""
+
+    exit_code = 14
+
+
+class RolledBack(LcrError):
+    """Raised by ``transaction().__enter__`` when the process comes back from
+    a rollback: the state is the one before the ``with`` block."""
+
+    exit_code = 15
+
+
 class MigrationError(LcrError):
     """A migration failed (lcr migrate / receive); the source process runs on unchanged."""
 
@@ -90,3 +128,52 @@ class AuthError(MigrationError):
     """The migration peers do not share the token (or speak another protocol)."""
 
     exit_code = 17
+
+
+class KeyFileError(LcrError):
+    """A --sign/--verify KEYFILE that cannot be used (image/sign.py)."""
+
+    exit_code = 18
+
+
+class FaultInjected(LcrError):
+    """LCR_FAULT=<point>:raise reached its point (faults.py; tests only)."""
+
+
+SUCCESS = 0
+INTERNAL_ERROR = 70      # a bug of ours (any exception that is not an LcrError)
+INTERRUPTED = 130        # ^C (SIGINT), as a shell reports it
+
+
+# (code, class name or "-", one-line meaning): the exit codes of `lcr`.
+EXIT_CODES: tuple[tuple[int, str, str], ...] = (
+    (SUCCESS, "-", "success"),
+    (1, "LcrError", "other error"),
+    (1, "FaultInjected", "a fault injected with LCR_FAULT (tests only)"),
+    (3, "NoSuchProcess", "no such process"),
+    (3, "TaskGone", "the process exited while lcr worked on it"),
+    (4, "PermissionDenied", "permission denied"),
+    (5, "NotCheckpointable", "the process holds something that cannot be saved"),
+    (6, "ImageError", "image is corrupt, truncated, or of another version/architecture"),
+    (7, "ImageWriteError", "the image could not be written (disk full, closed pipe)"),
+    (8, "RestoreError", "restart failed (nothing is left running)"),
+    (9, "PidTaken", "the saved pid is taken (use --any-pid)"),
+    (10, "Busy", "the process is already being traced (debugger, another lcr)"),
+    (11, "KernelError", "a system call failed in a way the user cannot fix"),
+    (12, "RollbackRefused", "rollback refused (the process or tree changed in a way it cannot undo)"),
+    (13, "AgentError", "the snapshot agent failed or refused (e.g. not your crid)"),
+    (13, "NoTracker", "the snapshot agent holds no write tracker for that process"),
+    (14, "SnapshotLimit", "a snapshot limit was reached (count or memory per user)"),
+    (15, "RolledBack", "(API) transaction(): the process came back from a rollback"),
+    (16, "MigrationError", "a live migration failed (the source runs on unchanged)"),
+    (17, "AuthError", "the migration peers do not share the token"),
+    (18, "KeyFileError", "a --sign/--verify key file cannot be used"),
+    (INTERNAL_ERROR, "-", "internal error (a bug: run with LCR_DEBUG=1 and report it)"),
+    (INTERRUPTED, "-", "interrupted (^C)"),
+)
+
+
+def exit_code_table() -> str:
+    """EXIT_CODES as aligned text lines (the epilog of `lcr --help`)."""
+    width = max(len(name) for _, name, _ in EXIT_CODES)
+    return "\n".join(f"{code:>4}  {name:<{width}}  {meaning}" for code, name, meaning in EXIT_CODES)

@@ -21,7 +21,7 @@ import os
 import signal
 import time
 
-from linuxcr.errors import LcrError
+from linuxcr.errors import FaultInjected, LcrError
 
 ENV = "LCR_FAULT"
 
@@ -44,12 +44,6 @@ POINTS = {
 }
 
 _hits: dict[str, int] = {}
-
-
-class FaultInjected(LcrError):
-    """LCR_FAULT=<point>:raise reached its point."""
-
-    exit_code = 1
 
 
 def _parse(spec: str) -> dict[str, tuple[str, int]]:

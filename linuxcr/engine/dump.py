@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr import __version__, faults
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, TaskGone
 from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena, TaskGone
+from linuxcr.remote.task import Arena
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
 
 
@@ -61,8 +61,8 @@ def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]
     except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped after open()
         raise NoSuchProcess(f"pid {pid}: no such process") from None
     except PermissionError:
-        from linuxcr.remote.task import _explain_eperm
-        raise _explain_eperm(pid) from None
+        from linuxcr.remote.task import explain_eperm
+        raise explain_eperm(pid) from None
     reasons = []
     if st.state == "Z":
         reasons.append("it is a zombie (it has exited; only its parent can reap it)")
@@ -240,7 +240,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         smaps = tree.checked()                           # final: nothing changes now
         faults.point("dump.frozen")
         table = files.Table()
-        tasks = [_collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
         faults.point("dump.collected")
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
@@ -326,8 +326,9 @@ def _with_vmas(task: Task, vmas: list[Vma]) -> Task:
     return msgspec.structs.replace(task, vmas=vmas)
 
 
-def _collect(frozen: Frozen, smaps, table: files.Table) -> Task:
-    """Everything of one process but its pages, with it frozen."""
+def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
+    """Everything of one process but its pages, with it frozen (also the
+    snapshots' and the migration source's collection)."""
     pid, t = frozen.pid, frozen.leader
     status, stat = read_status(pid), read_stat(pid)
     vmas = memory.collect(smaps)     # taken before our scratch page exists
@@ -365,3 +366,6 @@ def _boot_id() -> str:
 
 
 __all__ = ["checkpoint", "check_process", "check_tree", "DumpResult", "LcrError"]
+
+
+_collect = collect_task   # old name: engine/snapshots.py and engine/migrate.py still use it

@@ -9,33 +9,29 @@ What changed is known in one of two ways (resources/dirty.py):
 - a write tracker (userfaultfd write-protect, async) running in the process
   since the parent was taken: page exact, costs nothing at checkpoint time.
   Started by ``--track`` (or by ``--interval``); between two `lcr` commands
-  the per-user agent holds it, labelled with the id of the image it counts
+  the per-user agent holds it (api.take_trackers, api.give_trackers), labelled with the id of the image it counts
   from: it is used only if that is the parent's id;
 - otherwise the content: every page is hashed (xxh3) and compared with the
   parent's page at the same address (read from the chain).
 
-``--interval`` takes a full image, then incremental ones on a timer, with
-retention (``--keep``) and a new full image every ``--full-every``.
+``--interval`` (linuxcr/periodic.py) takes a full image, then incremental
+ones on a timer, with retention (``--keep``) and a new full image every
+``--full-every``.
+
+The engine never talks to the agent: the trackers come in as arguments
+(api.py takes them from the agent and gives them back).
 """
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from linuxcr.errors import LcrError, NoSuchProcess
+from linuxcr.errors import LcrError
 from linuxcr.image import runs
 from linuxcr.image.chain import Chain
 from linuxcr.image.schema import ParentRef
-from linuxcr.procfs import read_stat
-from linuxcr.remote.task import Arena
 from linuxcr.image.stream import PAGE
-
-
-def _starttime(pid: int) -> int:
-    return read_stat(pid).starttime
+from linuxcr.remote.task import Arena
 
 
 class Trackers:
@@ -53,33 +49,14 @@ class Trackers:
         self.collected: dict[int, list] = {}      # pid -> spans we collected (and reset): for the agent
         self.warnings: list[str] = []
 
-    # -- the agent holds them between commands --------------------------------
-    def take_from_agent(self, pids: list[int]) -> None:
-        from linuxcr import agent
-        from linuxcr.resources import dirty
-        for pid in pids:
-            try:
-                got = agent.take_tracker(pid, _starttime(pid), with_written=True)
-            except (LcrError, OSError, AttributeError, TypeError):
-                got = None
-            if got:
-                # the agent may have reset the tracker for snapshots since the
-                # epoch: what it collected then comes along, to count as written
-                epoch, fd, since = got
-                self.by_pid[pid] = dirty.Tracker.adopt(pid, fd)
-                self.epoch[pid] = epoch
-                self.also_written[pid] = list(since)
-
-    def give_to_agent(self, epoch: str) -> None:
-        from linuxcr import agent
-        for pid, tr in list(self.by_pid.items()):
-            try:
-                agent.put_tracker(pid, _starttime(pid), epoch, tr.uffd,  # type: ignore[attr-defined]
-                                  written=self.collected.get(pid, []))
-            except (LcrError, OSError, AttributeError) as e:
-                self.warnings.append(f"pid {pid}: write tracking stops: the agent did not take "
-                                     f"its tracker ({e})")
-        self.close()
+    # -- between commands the agent holds them: api.py takes and gives them ------
+    def adopt(self, pid: int, tracker, epoch: str, written_since: list) -> None:
+        """A tracker that counted writes since image ``epoch`` elsewhere (the
+        agent), with the spans that holder collected (and reset) meanwhile:
+        they count as written too."""
+        self.by_pid[pid] = tracker
+        self.epoch[pid] = epoch
+        self.also_written[pid] = list(written_since)
 
     # -- at the checkpoint, everything frozen -----------------------------------
     def on_frozen(self, tree, parent_id: str | None) -> None:
@@ -175,22 +152,26 @@ class ParentImage:
         return dirty.METHOD_HASH if self.chain.parent.held.get(pid) else "full"
 
 
-def checkpoint(pid: int, fd: int, *, parent: str | None, track: bool, leave_running: bool,
-               images_dir: str | None = None, name: str = "image", child_path: str | None = None,
-               trackers: Trackers | None = None, keep_trackers: bool = False, **kw):
+def checkpoint(pid: int, fd: int, *, parent: str | Chain | None, track: bool = False,
+               leave_running: bool, images_dir: str | None = None, name: str = "image",
+               child_path: str | None = None, trackers: Trackers | None = None, **kw):
     """dump.checkpoint with a parent chain and/or write trackers.
 
-    ``trackers``: held by the caller (``--interval``); otherwise taken from
-    the agent and, if the process stays running, given back to it."""
+    ``parent``: the parent image's path, or its chain already open (closed
+    here).  ``trackers``: the caller's (api.py takes them from the agent and
+    gives them back; the periodic loop keeps them across checkpoints): they
+    are left counting from the new image if the process runs on, closed if
+    not.  Without them, ``track`` starts trackers that live for this call only."""
     from linuxcr.engine import dump
     if not parent and not track and trackers is None:
         return dump.checkpoint(pid, fd, leave_running=leave_running, name=name, **kw)
-    chain = Chain.from_path(parent, images_dir) if parent else None
+    if isinstance(parent, Chain):
+        chain: Chain | None = parent
+    else:
+        chain = Chain.from_path(parent, images_dir) if parent else None
     own = trackers is None
-    if own:
+    if trackers is None:
         trackers = Trackers(track=track)
-        if leave_running or parent:
-            trackers.take_from_agent(_tree_pids(pid))
     base = ParentImage(chain, child_path or name, trackers) if chain else None
     pid_ = None if chain is None else base.parent_id  # type: ignore[union-attr]
     try:
@@ -204,31 +185,14 @@ def checkpoint(pid: int, fd: int, *, parent: str | None, track: bool, leave_runn
             chain.close()
     res.warnings += trackers.warnings
     trackers.warnings = []
-    epoch = res.image_id.hex()
-    if not leave_running:
-        trackers.close()
-    elif own and not keep_trackers:
-        trackers.give_to_agent(epoch)
+    if not leave_running or own:
+        trackers.close()        # nobody holds them past this call
     else:
-        trackers.set_epoch(epoch)
-    res.warnings += trackers.warnings
+        trackers.set_epoch(res.image_id.hex())
     return res
 
 
-def _tree_pids(root: int) -> list[int]:
-    from linuxcr.resources import pstree
-    out, queue = [], [root]
-    while queue:
-        p = queue.pop(0)
-        out.append(p)
-        try:
-            queue += pstree.children(p)
-        except (OSError, LcrError):
-            pass
-    return out
-
-
-# --- periodic checkpoints ---------------------------------------------------------
+# --- periodic checkpoints: pure helpers (the loop is linuxcr/periodic.py) ----------
 
 @dataclass
 class Saved:
@@ -238,13 +202,6 @@ class Saved:
     bytes: int
     pages: int
     full: bool
-
-
-@dataclass
-class IntervalRun:
-    saved: list[Saved] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    reason: str = ""
 
 
 def parse_duration(text: str) -> float:
@@ -273,88 +230,3 @@ def needed(saved: list[Saved], keep: int) -> set[str]:
             need.add(cur.path)
             cur = by_path.get(cur.parent) if cur.parent else None
     return need
-
-
-def run_interval(pid: int, outdir: str, interval: float, *, keep: int = 0, full_every: int = 10,
-                 compress: bool = False, count: int = 0, on_saved=None,
-                 stop: threading.Event | None = None) -> IntervalRun:
-    """Checkpoint pid every ``interval`` seconds into outdir, the process
-    running on; until it exits, ``count`` images were taken, or SIGINT/SIGTERM."""
-    from linuxcr import api
-    os.makedirs(outdir, exist_ok=True)
-    stop = stop or threading.Event()
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, lambda *_: stop.set())
-    run = IntervalRun()
-    trackers = Trackers(track=True)
-    # a tracker the agent holds for this process (snapshots, --track) must
-    # serve here too: a second one could not register over the same memory
-    trackers.take_from_agent(_tree_pids(pid))
-    from_agent = bool(trackers.by_pid)
-    epoch = ""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    since_full = 0
-    seq = 0
-    try:
-        while not stop.is_set():
-            path = os.path.join(outdir, f"lcr-{pid}-{stamp}-{seq:04d}.img")
-            parent = run.saved[-1].path if run.saved and since_full < full_every - 1 else None
-            t0 = time.monotonic()
-            try:
-                res = api.checkpoint(pid, path, leave_running=True, compress=compress,
-                                     parent=parent, trackers=trackers)
-            except NoSuchProcess as e:
-                run.reason = f"the process is gone ({e})"
-                break
-            except LcrError as e:
-                if on_saved:
-                    on_saved(None, f"checkpoint {seq} failed: {e}; next one is full")
-                since_full = full_every     # start again from a full image
-                trackers.close()
-                trackers = Trackers(track=True)
-                from_agent = False
-            else:
-                epoch = res.image_id.hex()
-                s = Saved(path=path, parent=parent, seconds=time.monotonic() - t0,
-                          bytes=res.bytes_written, pages=res.pages, full=parent is None)
-                run.saved.append(s)
-                since_full = 0 if parent is None else since_full + 1
-                _link_latest(outdir, path)
-                if keep:
-                    need = needed(run.saved, keep)
-                    for old_s in [x for x in run.saved if x.path not in need]:
-                        try:
-                            os.unlink(old_s.path)
-                        except FileNotFoundError:
-                            pass
-                        run.removed.append(old_s.path)
-                        run.saved.remove(old_s)
-                if on_saved:
-                    on_saved(s, "; ".join(res.warnings))
-            seq += 1
-            if count and seq >= count:
-                break
-            stop.wait(interval)
-        if stop.is_set() and not run.reason:
-            run.reason = "stopped"
-        elif not run.reason:
-            run.reason = f"{count} checkpoints taken"
-    finally:
-        if from_agent and trackers.by_pid and os.path.exists(f"/proc/{pid}"):
-            trackers.give_to_agent(epoch)     # back where it came from, counting from the last image
-        trackers.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-    return run
-
-
-def _link_latest(outdir: str, path: str) -> None:
-    """outdir/latest.img -> the newest image (replaced atomically)."""
-    tmp = os.path.join(outdir, f".latest-{os.getpid()}")
-    try:
-        os.symlink(os.path.basename(path), tmp)
-        os.replace(tmp, os.path.join(outdir, "latest.img"))
-    except OSError:
-        pass

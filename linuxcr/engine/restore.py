@@ -36,6 +36,7 @@ from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers,
                                signals, threads)
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
+from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
 
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
@@ -155,19 +156,6 @@ def _check_vdso(task: Task) -> None:
 
 
 # --- where the tree is born --------------------------------------------------
-
-def restore_mode(task: Task, any_pid: bool) -> str:
-    """host: the saved pids in lcr's pid namespace (root) or any pids;
-    ns-init: a new pid namespace whose pid 1 is the root (`lcr run` trees);
-    ns: a new pid namespace (and user namespace) with the saved pids inside."""
-    if task.pidns_init:
-        return "ns-init"
-    if any_pid:
-        return "host"
-    if os.geteuid() == 0 and (task.vpid or task.pid) == task.pid:
-        return "host"
-    return "ns"
-
 
 def _is_original(pid: int, task: Task) -> tuple[bool, str]:
     """Is pid still held by the very process the image was taken from?"""

@@ -42,7 +42,7 @@ import msgspec
 
 from linuxcr.engine import dump
 from linuxcr.engine.restore import TRAMPOLINE, _free_gap
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError
+from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError, RollbackRefused
 from linuxcr.image import runs
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
@@ -64,11 +64,6 @@ WNOHANG, WALL = 1, 0x40000000
 PR_SET_NAME = 15
 SNAP_COMM = "lcr-snapshot"       # the comm of every snapshot child
 MADV_DONTNEED = 4
-
-
-class RollbackRefused(LcrError):
-    """The live process cannot be brought back to this snapshot."""
-    exit_code = 12
 
 
 class SnapTable(files.Table):

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from linuxcr.image.schema import PageMap, Pages, RecType, Task
-from linuxcr.image.stream import PAGE, ImageReader, _printable
+from linuxcr.image.stream import PAGE, ImageReader, printable
 
 
 def summarize(fd: int, name: str) -> dict[str, Any]:
@@ -109,4 +109,4 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"  signals: {len(t['sigactions'])} handlers, mask 0x{t['sigmask']:x}, "
                      f"{len(t['pending'])} pending")
     # names, paths, hostname come from the image: no newlines or terminal escapes
-    return "\n".join(_printable(line) for line in lines)
+    return "\n".join(printable(line) for line in lines)

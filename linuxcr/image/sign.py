@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from linuxcr.errors import LcrError
+from linuxcr.errors import KeyFileError
 
 HMAC_SHA256 = "hmac-sha256"
 ED25519 = "ed25519"
@@ -36,10 +36,6 @@ SCOPES = ("meta", "image")
 MAX_KEYFILE = 64 << 10
 MIN_SECRET = 16
 _LABEL = b"linuxcr image signature v1\0"
-
-
-class KeyFileError(LcrError):
-    """A --sign/--verify KEYFILE that cannot be used (exit 1)."""
 
 
 def message(scope: str, digest: bytes) -> bytes:

@@ -53,7 +53,7 @@ class _Version(msgspec.Struct):
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """Text from the image, fit for a one-line message: control characters
     (newlines, terminal escapes) escaped.  msgspec quotes field names."""
     if text.isprintable():
@@ -246,7 +246,7 @@ class ImageReader:
         self.skim = skim and self.verifier is None
 
     def _fail(self, what: str) -> ImageError:
-        return ImageError(f"{self.name} is corrupt: {_printable(what)} (at byte {self.offset})",
+        return ImageError(f"{self.name} is corrupt: {printable(what)} (at byte {self.offset})",
                           "the image cannot be used; take a new checkpoint")
 
     def _read_exact(self, n: int, into: memoryview | None = None) -> memoryview:
@@ -279,7 +279,7 @@ class ImageReader:
         if hdr.version > FORMAT_VERSION:
             raise self._newer(hdr.version)
         if hdr.arch != ARCH or platform.machine() != ARCH:
-            raise ImageError(f"{self.name} was made on {_printable(hdr.arch)}; "
+            raise ImageError(f"{self.name} was made on {printable(hdr.arch)}; "
                              f"this machine is {platform.machine()}")
         if hdr.page_size != PAGE:
             raise ImageError(f"{self.name} uses {hdr.page_size}-byte pages; this machine uses {PAGE}")
@@ -494,7 +494,7 @@ class ImageReader:
             return
         what = "metadata" if sig.scope == "meta" else "whole-image"
         if sig.alg != v.alg:
-            raise ImageError(f"{self.name} is signed with {_printable(sig.alg)}, but {v.path} "
+            raise ImageError(f"{self.name} is signed with {printable(sig.alg)}, but {v.path} "
                              f"holds {v.what}", "give the key it was signed with")
         if sig.key_id != v.key_id:
             raise ImageError(f"{self.name} was signed with another key (key id "

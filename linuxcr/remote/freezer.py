@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from linuxcr.errors import NoSuchProcess
-from linuxcr.remote.task import ALL_SIGNALS, TaskGone, Tracee
+from linuxcr.errors import NoSuchProcess, TaskGone
+from linuxcr.remote.task import ALL_SIGNALS, Tracee
 from linuxcr.sys import ptrace
 
 MAX_ROUNDS = 100

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied
+from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied, TaskGone
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
@@ -28,10 +28,6 @@ from linuxcr.sys.syscalls import (
 SYSCALL_INSN = b"\x0f\x05"
 ALL_SIGNALS = (1 << 64) - 1
 PAGE = 4096
-
-
-class TaskGone(NoSuchProcess):
-    pass
 
 
 def _to_signed(v: int) -> int:
@@ -72,7 +68,7 @@ class Tracee:
         if e.errno == errno.ESRCH:
             raise NoSuchProcess(f"pid {self.pid}: no such process") from None
         if e.errno == errno.EPERM:
-            raise _explain_eperm(self.pid) from None
+            raise explain_eperm(self.pid) from None
         raise KernelError(f"pid {self.pid}: ptrace(SEIZE) failed: {e.strerror}") from None
 
     def stop(self) -> None:
@@ -350,7 +346,8 @@ def _ours(pid: int) -> bool:
     return (st.st_uid == os.geteuid() or os.geteuid() == 0) and tracer == "0"
 
 
-def _explain_eperm(pid: int) -> Exception:
+def explain_eperm(pid: int) -> Exception:
+    """Why ptrace said EPERM for ``pid``, as the error to raise."""
     try:
         st = os.stat(f"/proc/{pid}")
     except FileNotFoundError:

@@ -20,7 +20,9 @@ SPLICE_F_NONBLOCK = 2
 DEFAULT_SIZE = 65536
 
 
-def _tee(fd_in: int, fd_out: int, n: int) -> int:
+def tee(fd_in: int, fd_out: int, n: int) -> int:
+    """Copy up to n bytes from pipe fd_in into pipe fd_out without consuming
+    them (tee(2), non-blocking); 0 if fd_in is empty."""
     ret = libc.tee(ctypes.c_int(fd_in), ctypes.c_int(fd_out), ctypes.c_size_t(n),
                    ctypes.c_uint(SPLICE_F_NONBLOCK))
     if ret < 0:
@@ -44,7 +46,7 @@ def dump(pid: int, fd: int, ino: int) -> PipeData:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if fcntl.fcntl(w, F_GETPIPE_SZ) < size:
             fcntl.fcntl(w, F_SETPIPE_SZ, size)
-        n = _tee(ours, w, size)
+        n = tee(ours, w, size)
         data = os.read(r, n) if n else b""
         return PipeData(ino=ino, size=size, data=data)
     finally:

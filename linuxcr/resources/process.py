@@ -17,6 +17,7 @@ from linuxcr.image.schema import Creds, MmFields, RecType, Rlimit, Task, Tree
 from linuxcr.procfs.limits import read_limits
 from linuxcr.procfs import ProcStat, ProcStatus, read_auxv, read_status
 from linuxcr.remote.task import Arena, Tracee
+from linuxcr.resources import pstree
 from linuxcr.sys.syscalls import get_robust_list
 
 PR_SET_NAME = 15
@@ -236,8 +237,7 @@ def _check_unprivileged(task: Task, policy: RestorePolicy) -> str | None:
     # In a new user namespace (the rootless default) the task's capabilities
     # are confined to that namespace, which the caller owns.  In the caller's
     # own namespace (--any-pid) it may get no capability the caller lacks.
-    from linuxcr.engine.restore import restore_mode   # (engine imports us: late)
-    if restore_mode(task, policy.any_pid) == "host":
+    if pstree.restore_mode(task, policy.any_pid) == "host":
         mine = read_status(os.getpid())
         extra = _task_caps(task) & ~(mine.cap_prm | mine.cap_inh)
         if extra:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from linuxcr.errors import RestoreError
+from linuxcr.errors import LcrError, RestoreError
 from linuxcr.image.schema import Task, Zombie
 from linuxcr.procfs import read_stat, read_status
 from linuxcr.remote.task import Arena, Tracee
@@ -34,6 +34,35 @@ def children(pid: int) -> list[int]:
     except FileNotFoundError:
         pass
     return sorted(set(out))
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and its descendants now, breadth first (none that vanished)."""
+    out, queue = [], [root]
+    while queue:
+        p = queue.pop(0)
+        out.append(p)
+        try:
+            queue += children(p)
+        except (OSError, LcrError):
+            pass
+    return out
+
+
+def restore_mode(task: Task, any_pid: bool) -> str:
+    """Where a saved tree whose root is ``task`` is born again:
+    host: the saved pids in lcr's pid namespace (root) or any pids;
+    ns-init: a new pid namespace whose pid 1 is the root (`lcr run` trees);
+    ns: a new pid namespace (and user namespace) with the saved pids inside.
+    A pure decision: the restore engine and the trust checks of
+    resources/process.py both ask it."""
+    if task.pidns_init:
+        return "ns-init"
+    if any_pid:
+        return "host"
+    if os.geteuid() == 0 and (task.vpid or task.pid) == task.pid:
+        return "host"
+    return "ns"
 
 
 def is_zombie(pid: int) -> bool:

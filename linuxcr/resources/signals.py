@@ -12,7 +12,8 @@ from linuxcr.sys.syscalls import NR
 
 SIG_IGN = 1
 _KSIGACTION = struct.Struct("<QQQQ")       # handler, flags, restorer, mask
-_STACK_T = struct.Struct("<QiiQ")          # ss_sp, ss_flags, pad, ss_size
+STACK_T = struct.Struct("<QiiQ")           # ss_sp, ss_flags, pad, ss_size
+_STACK_T = STACK_T      # old name: engine/snapshots.py still uses it (to go when it uses STACK_T)
 SS_ONSTACK, SS_DISABLE = 1, 2
 UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
@@ -33,9 +34,9 @@ def dump_actions(t: Tracee, arena: Arena, caught: int, ignored: int) -> list[Sig
 
 
 def dump_altstack(t: Tracee, arena: Arena) -> list[int]:
-    buf = arena.alloc(_STACK_T.size)
+    buf = arena.alloc(STACK_T.size)
     t.syscall("sigaltstack", 0, buf)
-    sp, flags, _pad, size = _STACK_T.unpack(t.read(buf, _STACK_T.size))
+    sp, flags, _pad, size = STACK_T.unpack(t.read(buf, STACK_T.size))
     return [sp, flags & 0xFFFFFFFF, size]
 
 
@@ -84,7 +85,7 @@ def restore_altstack(t: Tracee, arena: Arena, alt: list[int]) -> None:
     sp, flags, size = alt
     if flags & SS_DISABLE:
         return  # the new task starts without one
-    t.syscall("sigaltstack", arena.put(_STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size)), 0)
+    t.syscall("sigaltstack", arena.put(STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size)), 0)
 
 
 def queue_pending(t: Tracee, arena: Arena, pending: list[PendingSignal], pid: int, tid: int) -> None:

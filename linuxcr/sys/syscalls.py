@@ -40,7 +40,8 @@ ERESTART_RESTARTBLOCK = 516
 TASK_SIZE = 0x7FFFFFFFF000  # 4-level paging user address space end
 
 
-def _check(ret: int) -> int:
+def check_ret(ret: int) -> int:
+    """The return value of a libc call; OSError (from errno) if it is -1."""
     if ret == -1:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -50,7 +51,7 @@ def _check(ret: int) -> int:
 def syscall(nr: int, *args: int | ctypes._SimpleCData | ctypes.Array | None) -> int:
     """Raw syscall; raises OSError on failure."""
     cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    return _check(_syscall(ctypes.c_long(nr), *cargs))
+    return check_ret(_syscall(ctypes.c_long(nr), *cargs))
 
 
 class iovec(ctypes.Structure):
@@ -213,7 +214,7 @@ def pagemap_scan(fd: int, start: int, end: int, *, anyof: int, inverted: int = 0
                           vec=ctypes.addressof(vec), vec_len=vec_len, max_pages=0,
                           category_inverted=inverted, category_mask=mask,
                           category_anyof_mask=anyof, return_mask=return_mask)
-        n = _check(libc.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg)))
+        n = check_ret(libc.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg)))
         for i in range(n):
             r = vec[i]
             if out and out[-1][1] == r.start:

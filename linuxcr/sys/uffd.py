@@ -17,7 +17,7 @@ import os
 
 from linuxcr.sys.syscalls import (
     NR, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WPALLOWED,
-    PAGE_IS_WRITTEN, PAGEMAP_SCAN, _check, libc, page_region, pm_scan_arg, syscall,
+    PAGE_IS_WRITTEN, PAGEMAP_SCAN, check_ret, libc, page_region, pm_scan_arg, syscall,
 )
 
 __all__ = [
@@ -100,7 +100,7 @@ UFFDIO_WRITEPROTECT = _IOC(_READ | _WRITE, UFFD_API, 0x06, ctypes.sizeof(uffdio_
 
 
 def _ioctl(fd: int, req: int, arg) -> int:
-    return _check(libc.ioctl(fd, ctypes.c_ulong(req), ctypes.byref(arg)))
+    return check_ret(libc.ioctl(fd, ctypes.c_ulong(req), ctypes.byref(arg)))
 
 
 def userfaultfd(flags: int = O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY) -> int:

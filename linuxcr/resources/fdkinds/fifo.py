@@ -33,7 +33,7 @@ def _peek(fd: int) -> tuple[int, bytes]:
     try:
         if fcntl.fcntl(w, F_GETPIPE_SZ) < size:
             fcntl.fcntl(w, F_SETPIPE_SZ, size)
-        n = pipes._tee(fd, w, size)
+        n = pipes.tee(fd, w, size)
         return size, os.read(r, n) if n else b""
     finally:
         os.close(r)

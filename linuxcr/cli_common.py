@@ -1,0 +1,42 @@
+"""What every `lcr` command module shares (cli.py, cli_migrate.py): the error
+wrapper that turns any error into one line on stderr and its exit code
+(errors.EXIT_CODES), and the epilog of `lcr --help`.  Light on purpose: it is
+imported by every `lcr` command (tests/test_startup.py)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn
+
+import click
+
+from linuxcr.errors import INTERNAL_ERROR, INTERRUPTED, LcrError, exit_code_table
+
+
+def fail(msg: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with ``code``."""
+    click.echo(f"lcr: {msg}", err=True)
+    sys.exit(code)
+
+
+def run_guarded(fn: Callable[[], None]) -> None:
+    """Run a command's body: an LcrError becomes its line and exit code, a
+    bug of ours one line and INTERNAL_ERROR; LCR_DEBUG=1 shows tracebacks."""
+    try:
+        fn()
+    except LcrError as e:
+        if os.environ.get("LCR_DEBUG"):
+            raise
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", INTERRUPTED)
+    except Exception as e:  # a bug of ours: still one line, with the way to learn more
+        if os.environ.get("LCR_DEBUG"):
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (run with LCR_DEBUG=1 for details)",
+             INTERNAL_ERROR)
+
+
+def help_epilog() -> str:
+    """The exit codes (errors.EXIT_CODES), kept as lines by click (\\b)."""
+    return "\b\nExit codes:\n" + exit_code_table()
