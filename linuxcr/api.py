@@ -234,10 +234,10 @@ def _may_read_memory(pid: int) -> None:
         except OSError:
             raise NoSuchProcess(f"pid {pid}: no such process") from None
         if owner != os.geteuid() and os.geteuid() != 0:
-            raise PermissionDenied(f"you may not checkpoint pid {pid}: owned by uid {owner}",
+            raise PermissionDenied(f"pid {pid}: permission denied: it belongs to uid {owner}",
                                    "run lcr as that user or as root") from None
-        raise PermissionDenied(f"you may not checkpoint pid {pid}: the kernel refused access to "
-                               "its memory", "it may be set-uid, non-dumpable, or protected by "
+        raise PermissionDenied(f"pid {pid}: permission denied: the kernel refused access to its "
+                               "memory", "it may be set-uid, non-dumpable, or protected by "
                                "a security module") from None
 
 
