@@ -303,3 +303,48 @@ def test_low_downtime_of_another_users_process(victim, user):
     assert_clean_error(cp, "PermissionDenied", mentions=["permission denied", str(victim.pid),
                                                          "uid 0"], empty_stdout=True)
     assert exists(victim.pid) and not os.path.exists("/tmp/lcr-never.img")
+
+
+# ==========================================================================
+# image/source.py itself: what makes a root-owned file someone else's
+
+@pytest.mark.parametrize("case", ["own", "mode-666", "open-dir", "sticky-dir", "acl", "device",
+                                  "their-dir"])
+def test_who_could_have_written(case, world, user):
+    from linuxcr.image.source import source_of
+    d = world / "d"
+    d.mkdir()
+    f = d / "img"
+    f.write_bytes(b"x")
+    os.chmod(f, 0o644)
+    path = str(f)
+    if case == "mode-666":
+        os.chmod(f, 0o666)
+    elif case == "open-dir":
+        os.chmod(d, 0o777)
+    elif case == "sticky-dir":
+        os.chmod(d, 0o1777)
+    elif case == "their-dir":
+        os.chown(d, user.uid, user.gid)
+    elif case == "acl":
+        import struct      # setfacl -m u:lcrtest:rw, as the xattr the kernel keeps
+        acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in
+                                             [(1, 6, 0xFFFFFFFF), (2, 6, user.uid), (4, 4, 0xFFFFFFFF),
+                                              (0x10, 6, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])
+        try:
+            os.setxattr(f, "system.posix_acl_access", acl)
+        except OSError as e:
+            pytest.skip(f"no POSIX ACLs here: {e}")
+    elif case == "device":
+        path = "/dev/null"            # root's, but everyone may write it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = source_of(fd, path, path)
+    finally:
+        os.close(fd)
+    trusted = case in ("own", "sticky-dir")
+    assert src.trusted_by(0) == trusted, src
+    if not trusted:
+        why = " ".join(w for _, w in src.writers)
+        assert {"mode-666": "everyone", "open-dir": "no sticky bit", "acl": f"uid {user.uid} (ACL)",
+                "device": "everyone", "their-dir": f"uid {user.uid}"}[case] in why, why
