@@ -279,11 +279,18 @@ def test_write_over_their_file_in_sticky_tmp(victim, planted, user):
     assert f.read_text() == "theirs\n" and exists(victim.pid)
 
 
-def test_write_into_an_open_directory(victim, planted):
+def test_write_into_an_open_directory(victim, planted, user, world):
+    """A world-writable directory without the sticky bit: a new name, and
+    a symlink lcrtest planted there (to a root file)."""
     _, opendir = planted
     _refused_write(lcr("checkpoint", victim.pid, "-o", opendir / "img", check=False),
                    "sticky bit", str(opendir))
     assert not list(opendir.iterdir()) and exists(victim.pid)
+    target = world / "precious"
+    target.write_bytes(b"root's data\n")
+    subprocess.run(_as(user, "ln", "-s", target, opendir / "link"), check=True)
+    _refused_write(lcr("checkpoint", victim.pid, "-o", opendir / "link", check=False), "symlink")
+    assert target.read_bytes() == b"root's data\n" and exists(victim.pid)
 
 
 def test_write_where_it_should(victim, world):

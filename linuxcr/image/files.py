@@ -246,9 +246,11 @@ def link_fd(fd: int, path: str, dirfd: int = _AT_FDCWD) -> bool:
 
 
 def remove(path: str, dirfd: int | None = None) -> None:
+    """Clean-up: a name that cannot be removed (gone, or another user's in a
+    sticky directory) is left; the step after it fails cleanly if it matters."""
     try:
         os.unlink(path, dir_fd=dirfd)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
