@@ -79,9 +79,8 @@ def resolve(path: str) -> Resolved:
     (ENOENT for a missing directory, ELOOP, ENOTDIR)."""
     if not path:
         raise FileNotFoundError(2, "empty path", path)
-    parts = [p for p in path.split("/")]
     cur = "/" if path.startswith("/") else os.getcwd()
-    todo = list(reversed(parts))
+    todo = list(reversed(path.split("/")))
     links: list[Link] = []
     while True:
         while todo and todo[-1] in ("", "."):
@@ -265,7 +264,7 @@ def _inode_writers(fd: int, st: os.stat_result, what: str, named: bool) -> list[
     return [(None, f"{what} is not a file, pipe or socket")]
 
 
-def _path_writers(r: Resolved, st: os.stat_result, me: int) -> list[Writer]:
+def _path_writers(r: Resolved, st: os.stat_result) -> list[Writer]:
     out: list[Writer] = []
     for link in r.links:
         out.append((link.uid, f"{r.path} goes through the symlink {link.path} owned by uid {link.uid}"))
@@ -287,7 +286,6 @@ def source_of(fd: int, path: str | None, name: str) -> Source:
     ``path``, or given as an fd: stdin)."""
     st = os.fstat(fd)
     writers: list[Writer] = []
-    me = os.geteuid()
     if path is None:
         # an fd (stdin): a file or FIFO it was opened from still has a path
         # (its directory counts as for a path); a pipe or socket has none
@@ -297,7 +295,7 @@ def source_of(fd: int, path: str | None, name: str) -> Source:
             where = ""
         if where.startswith("/") and not where.endswith(" (deleted)"):
             try:
-                writers += _path_writers(resolve(where), st, me)
+                writers += _path_writers(resolve(where), st)
             except OSError as e:
                 writers.append((None, f"{name} ({where}) cannot be walked: {e.strerror}"))
             named = True
@@ -305,7 +303,7 @@ def source_of(fd: int, path: str | None, name: str) -> Source:
             named = False
     else:
         try:
-            writers += _path_writers(resolve(path), st, me)
+            writers += _path_writers(resolve(path), st)
         except OSError as e:
             writers.append((None, f"{path} cannot be walked: {e.strerror}"))
         named = True
