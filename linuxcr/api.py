@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Iterable, Union
 
 from linuxcr import faults
-from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess
+from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess, PermissionDenied
 from linuxcr.image import files
 
 # The engine, image and resource modules are imported in the functions that
@@ -149,9 +149,11 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.resources import process
     verifier = load_key(verify, signing=False)
     trusted = process.parse_trust(trust)
-    with files.input_image(image) as (fd, name):
-        policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=files.owner(fd),
-                                       image_name=name)
+    # Who could have written the image and each parent is noted as each is
+    # opened (image/source.py); a good signature stands for root's own.
+    policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, verified=verifier is not None)
+    with files.watch_sources(policy.add_source), files.input_image(image) as (fd, name):
+        policy.image_name = name
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy):
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
@@ -272,6 +274,28 @@ def transaction(*, memory_only: bool = False, rollback_on_error: bool = True):
     return agent.transaction(memory_only=memory_only, rollback_on_error=rollback_on_error)
 
 
+def may_read_memory(pid: int) -> None:
+    """The kernel's own answer to "may I read pid's memory" (the ptrace
+    access check of /proc/PID/mem): a process of another user is "permission
+    denied", not "no such process" (the snapshot reads /proc files that say
+    only ENOENT/EACCES)."""
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise NoSuchProcess(f"pid {pid}: no such process") from None
+    except PermissionError:
+        try:
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            raise NoSuchProcess(f"pid {pid}: no such process") from None
+        if owner != os.geteuid() and os.geteuid() != 0:
+            raise PermissionDenied(f"pid {pid}: permission denied: it belongs to uid {owner}",
+                                   "run lcr as that user or as root") from None
+        raise PermissionDenied(f"pid {pid}: permission denied: the kernel refused access to its "
+                               "memory", "it may be set-uid, non-dumpable, or protected by "
+                               "a security module") from None
+
+
 def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = False,
                             compress: bool = False, progress=None) -> dump.DumpResult:
     """checkpoint() frozen only for a copy-on-write snapshot: the image is
@@ -281,6 +305,9 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     from linuxcr.engine import dump
     from linuxcr.engine import snapshots as snaps
     pid = as_pid(pid)
+    may_read_memory(pid)
+    if not isinstance(out, int) and not hasattr(out, "fileno"):
+        files.check_output(os.fspath(out))    # refused before the process is touched
     t0 = time.monotonic()
     snap = snaps.take(pid)
     try:

@@ -35,6 +35,7 @@ from helpers import (LCR, assert_clean_error, assert_pass, child_env, exists,
                      start_memhog, wait_for_line)
 from linuxcr.errors import ImageError, LcrError, PermissionDenied
 from linuxcr.image import schema, sign, stream
+from linuxcr.image.source import Source
 from linuxcr.image.schema import (FRAME, FRAME_MAGIC, MAX_TASKS, Creds, FileDesc, OpenFile,
                                   Pages, RecType, ShmObject, Task, Trailer, Tree, Vma)
 from linuxcr.image.stream import PAGE, ImageReader, ImageWriter
@@ -479,11 +480,15 @@ def test_root_grants(world):
     os.chmod(secret, 0o600)
     private = world / "private"
     private.mkdir(mode=0o700)
-    mine = process.RestorePolicy(image_owner=0)
+    mine = process.RestorePolicy(sources=[Source("img", ((0, "root's"),))])
     assert process.root_grants([_task(0, caps=[0, (1 << 41) - 1, (1 << 41) - 1, 0, 0])], mine) == []
     # a root process in an image someone else owns
-    g = process.root_grants([_task(0)], process.RestorePolicy(image_owner=1000))
+    theirs = Source("img", ((0, "root's dir"), (1000, "img is owned by uid 1000")))
+    g = process.root_grants([_task(0)], process.RestorePolicy(sources=[theirs]))
     assert [x.kind for x in g] == ["uid"] and "owned by uid 1000" in g[0].what
+    # ... unless it carried a good signature (--verify)
+    assert process.root_grants([_task(0)], process.RestorePolicy(sources=[theirs],
+                                                                 verified=True)) == []
     # another uid, with a capability, files it could not open
     tree = Tree(root=PID, files=[FileDesc(fid=1, kind="reg", path=str(secret), flags=os.O_RDONLY),
                                  FileDesc(fid=2, kind="chr", path="/dev/null", flags=os.O_RDWR)])
@@ -492,7 +497,7 @@ def test_root_grants(world):
               cwd=str(private),
               vmas=[Vma(start=BASE, end=BASE + PAGE, prot=3, shared=True, kind="file",
                         path="/etc/passwd", vmflags=["mw"])])
-    g = process.root_grants([t], process.RestorePolicy(image_owner=0, tree=tree))
+    g = process.root_grants([t], process.RestorePolicy(tree=tree))
     assert {x.kind for x in g} == {"uid", "caps", "files"}, g
     text = "; ".join(x.what for x in g)
     assert "cap_net_bind_service" in text and "uid 65534" in text
@@ -500,12 +505,12 @@ def test_root_grants(world):
     assert f"{private}" in text and "/etc/passwd, which uid 65534 may not read and write" in text
     assert "/dev/null" not in text
     # one refusal listing the whole tree, and the way out
-    policy = process.RestorePolicy(image_owner=0, tree=tree, tasks=[t, _task(1000, pid=PID + 1)])
+    policy = process.RestorePolicy(tree=tree, tasks=[t, _task(1000, pid=PID + 1)])
     with process.restore_policy(policy), pytest.raises(PermissionDenied) as ei:
         process.check_creds(policy.tasks[0])
     msg = str(ei.value)
     assert "uid 65534" in msg and "uid 1000" in msg and "--trust uid,caps,files" in msg
-    policy = process.RestorePolicy(trust=frozenset(process.TRUST_KINDS), image_owner=0,
+    policy = process.RestorePolicy(trust=frozenset(process.TRUST_KINDS),
                                    tree=tree, tasks=[t])
     with process.restore_policy(policy):
         assert process.check_creds(t) is None

@@ -21,7 +21,7 @@ from typing import Iterator
 import xxhash
 
 from linuxcr.errors import ImageError
-from linuxcr.image import runs
+from linuxcr.image import files, runs
 from linuxcr.image.schema import MAX_CHAIN, Header, PageMap, Pages, ParentRef, RecType
 from linuxcr.image.stream import PAGE, ImageReader, Record
 
@@ -66,6 +66,7 @@ def index(path: str) -> Indexed:
     except OSError as e:
         raise ImageError(f"cannot open image {path}: {e.strerror}") from None
     try:
+        files.opened(fd, path, path)    # the chain is as trusted as its least trusted image
         reader = ImageReader(fd, name=name, skim=True)
         header = reader.read_header()
         img = Indexed(path=path, header=header, digest=0, reader=reader, fd=fd)

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from linuxcr.errors import LcrError, PermissionDenied, RestoreError
 from linuxcr.image.schema import Creds, MmFields, RecType, Rlimit, Task, Tree
+from linuxcr.image.source import Source
 from linuxcr.procfs.limits import read_limits
 from linuxcr.procfs import ProcStat, ProcStatus, read_auxv, read_status
 from linuxcr.remote.task import Arena, Tracee
@@ -94,7 +95,9 @@ def read_personality(pid: int) -> int:
 #   refuses what the caller could not open;
 # - root restores what the image asks only with --trust naming it, when the
 #   image would grant something: "uid" (the tasks run as another identity
-#   than the caller's, or the image file belongs to another user), "caps"
+#   than the caller's, or the image's bytes could have been written by
+#   someone else than root: image/source.py decides, for the image and each
+#   of its parents, and a good --verify signature stands for root), "caps"
 #   (capabilities held under such an identity), "setuid" (such a task runs
 #   a set-uid, set-gid or file-capability program), "files" (such a task
 #   would get files, mappings, cwd or root its identity could not open).
@@ -130,17 +133,39 @@ class RestorePolicy:
     """What one restart may grant; api.py sets it around restore.restart()."""
     trust: frozenset[str] = frozenset()
     any_pid: bool = False
-    image_owner: int | None = None      # uid owning the image file (None: a pipe)
+    # Who could have written the image and its parents (image/files.py
+    # reports each as it is opened).  None: the caller vouches for the stream
+    # itself (the migration receiver, after authenticating its peer).
+    sources: list[Source] | None = None
+    verified: bool = False              # every image read carried a good --verify signature
     image_name: str = "image"
     tree: Tree | None = None            # seen by the image reader (observe)
     tasks: list[Task] = field(default_factory=list)
     checked: bool = False
+    _headers: int = 0
 
     def observe(self, rtype: RecType, meta) -> None:
-        if rtype is RecType.TREE:
+        """The metadata of the image itself (the first one read), not of its
+        parents: only its tasks are restored."""
+        if rtype is RecType.HEADER:
+            self._headers += 1
+        elif self._headers > 1:
+            return
+        elif rtype is RecType.TREE:
             self.tree = meta
         elif rtype is RecType.TASK:
             self.tasks.append(meta)
+
+    def add_source(self, src: Source) -> None:
+        if self.sources is None:
+            self.sources = []
+        self.sources.append(src)
+
+    def untrusted_source(self, uid: int) -> str:
+        """Why ``uid`` cannot take the image's bytes as its own ("" if it can)."""
+        if self.verified or self.sources is None:
+            return ""
+        return next((s.why_not(uid) for s in self.sources if not s.trusted_by(uid)), "")
 
 
 _POLICY: ContextVar[RestorePolicy | None] = ContextVar("linuxcr_restore_policy", default=None)
@@ -220,8 +245,10 @@ def check_creds(task: Task) -> str | None:
     if missing:
         kinds = sorted({g.kind for g in missing}, key=TRUST_KINDS.index)
         whats = "; ".join(g.what for g in missing[:6]) + ("; ..." if len(missing) > 6 else "")
-        raise PermissionDenied(f"restoring {policy.image_name} would grant: {whats}",
-                               f"if you trust this image, restart with --trust {','.join(kinds)}")
+        how = f"if you trust this image, restart with --trust {','.join(kinds)}"
+        if policy.untrusted_source(0) and not policy.verified:
+            how = f"if you trust this image, give --verify KEYFILE of its signer, or --trust {','.join(kinds)}"
+        raise PermissionDenied(f"restoring {policy.image_name} would grant: {whats}", how)
     return None
 
 
@@ -249,7 +276,7 @@ def _check_unprivileged(task: Task, policy: RestorePolicy) -> str | None:
 def root_grants(tasks: list[Task], policy: RestorePolicy) -> list[Grant]:
     """What restoring ``tasks`` as root would grant (see the comment above)."""
     me, my_gid = os.geteuid(), os.getegid()
-    foreign = policy.image_owner is not None and policy.image_owner != me
+    foreign = policy.untrusted_source(me)
     out: list[Grant] = []
     check_files: dict[tuple, list[tuple[str, int, str, int]]] = {}
     for k in tasks:
@@ -260,7 +287,7 @@ def root_grants(tasks: list[Task], policy: RestorePolicy) -> list[Grant]:
             out.append(Grant("uid", f"pid {k.pid} runs as {_ident(k)}"))
         else:
             out.append(Grant("uid", f"pid {k.pid} runs as {_ident(k)} (yours) from an image "
-                                    f"owned by uid {policy.image_owner}"))
+                                    f"root did not provably write: {foreign}"))
         caps = _task_caps(k)
         if caps:
             out.append(Grant("caps", f"pid {k.pid} holds {cap_names(caps)}"))
