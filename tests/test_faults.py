@@ -45,7 +45,7 @@ _SCRATCH = ("lcr killed during its injected queries leaves its one-page scratch 
 DUMP_POINTS = {
     "dump.seized": None,
     "dump.frozen": None,
-    "dump.inject": _SCRATCH,
+    "dump.inject": None,
     "dump.collected": None,
     "dump.pages@2": None,
     "dump.trailer": None,

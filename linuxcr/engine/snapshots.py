@@ -1182,7 +1182,8 @@ def _pending_now(pairs) -> list:
     for i, (live, _saved) in enumerate(pairs):
         shared = [True] if i == 0 else []
         out.append([(sh, info) for sh in [False] + shared
-                    for info in ptrace.peek_siginfo(live.pid, sh)])
+                    for info in ptrace.peek_siginfo(live.pid, sh)
+                    if sh or not signals.ours(info)])       # not our held thread's SIGSTOP
     return out
 
 
