@@ -803,7 +803,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
     try:
         for part in snap.parts:
             fz = tree.procs[part.pid]
-            fz.block_signals()
+            fz.block_signals(guard=False)      # rewrites the process: not kill-safe yet
             per.append(_rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings,
                                         trackers, full))
         if not memory_only:

@@ -71,7 +71,7 @@ class Frozen:
                     del self.threads[tid]
         raise NoSuchProcess(f"pid {self.pid} keeps creating threads; cannot freeze it")
 
-    def block_signals(self) -> None:
+    def block_signals(self, guard: bool = True) -> None:
         """Before lcr changes anything in the process: hand its state to the
         guardian (remote/guardian.py: it survives lcr and puts the process
         back if lcr dies) and make every thread guarded (Tracee.prime: a
@@ -79,6 +79,11 @@ class Frozen:
         runs any code of its own).  Injected calls then block every signal
         only while they run; registers and masks are the threads' own
         between any two calls."""
+        if not guard:                # rollback (agent): its own rules (issue 14, item 4)
+            for tid, t in self.threads.items():
+                self.masks[tid] = ptrace.get_sigmask(tid)
+                t.own_mask = self.masks[tid]
+            return
         if self.journal is not None:
             return
         journal = guardian.ensure()           # refuses before anything is changed

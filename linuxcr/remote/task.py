@@ -184,9 +184,18 @@ class Tracee:
         _guarded; a task lcr made itself (restore, snapshot child) directly."""
         if self.primed:
             return self._guarded(name, args, check)
+        own = self.own_mask          # live but unguarded (rollback): mask all for the call
+        if own is not None:
+            ptrace.set_sigmask(self.pid, ALL_SIGNALS)
         self._enter(name, args)
         self._step(name)             # to the syscall-exit stop
-        return self._result(name, check)
+        try:
+            return self._result(name, check)
+        finally:
+            if own is not None:
+                ptrace.set_sigmask(self.pid, own)
+                if self.saved_regs is not None:
+                    ptrace.set_regs(self.pid, self.saved_regs)
 
     # --- kill-safe injection into a live task ---------------------------------
     #
