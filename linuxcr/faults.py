@@ -44,6 +44,10 @@ POINTS = {
     "inject.exit": "a guarded call: at the real call's exit stop, injected registers in place",
     "inject.rest": "a guarded call done: own registers and mask back, SIGSTOP pending",
     "inject.mapped": "the guarded scratch mapping exists, its code page not yet written",
+    "clone.entry": "a guarded clone3 (snapshot fork) set up at its entry stop, no child yet",
+    "clone.event": "a guarded clone3: the child exists (fork event), not yet owned",
+    "clone.exit": "a guarded clone3: at its exit stop, injected registers in the parent",
+    "clone.rest": "a guarded clone3 done, the child not yet carrying EXITKILL",
     "track.uffd": "resources/dirty.py: the tracker's userfaultfd exists in the target",
     # restart (engine/restore.py)
     "restore.spawned": "the blank task exists, not yet seized",

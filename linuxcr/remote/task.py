@@ -334,7 +334,7 @@ class Tracee:
             raise KernelError(f"pid {self.pid}: clone injected without a guarded scratch mapping")
         regs = self._park("clone3", self.park)
         self._real(regs, "clone3", (args_addr, size))
-        faults.point("inject.entry")
+        faults.point("clone.entry")
         try:
             tid = self._clone_event()
         except OSError:
@@ -343,10 +343,12 @@ class Tracee:
             raise
         if self.journal is not None:
             self.journal.child(self.tgid, tid)
+        faults.point("clone.event")
         self._sigstop()
         self._step("clone3")         # exit stop
-        faults.point("inject.exit")
+        faults.point("clone.exit")
         self._rest()
+        faults.point("clone.rest")
         return tid
 
     def exit_now(self, status: int) -> None:
