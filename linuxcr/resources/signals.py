@@ -79,7 +79,8 @@ def ours(siginfo: bytes) -> bool:
     """The SIGSTOP lcr keeps pending in a thread it holds (remote/task.py,
     Tracee.prime): sent by us with tgkill; never part of the process."""
     sig, _errno, code, spid = struct.unpack_from("<iii4xi", siginfo)   # union at 16
-    return sig == signal.SIGSTOP and code == SI_TKILL and spid == os.getpid()
+    # si_pid is 0 when lcr is outside the target's pid namespace (lcr run)
+    return sig == signal.SIGSTOP and code == SI_TKILL and spid in (os.getpid(), 0)
 
 
 def restore_actions(t: Tracee, arena: Arena, actions: list[SigAction], inherited: int) -> None:
