@@ -136,6 +136,11 @@ class KeyFileError(LcrError):
     exit_code = 18
 
 
+class GuardianUnavailable(KernelError):
+    """The guardian that protects a live target from lcr's own death could
+    not be started (remote/guardian.py): nothing was changed in the target."""
+
+
 class FaultInjected(LcrError):
     """LCR_FAULT=<point>:raise reached its point (faults.py; tests only)."""
 
@@ -160,6 +165,7 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (9, "PidTaken", "the saved pid is taken (use --any-pid)"),
     (10, "Busy", "the process is already being traced (debugger, another lcr)"),
     (11, "KernelError", "a system call failed in a way the user cannot fix"),
+    (11, "GuardianUnavailable", "the guardian process could not be started (target untouched)"),
     (12, "RollbackRefused", "rollback refused (the process or tree changed in a way it cannot undo)"),
     (13, "AgentError", "the snapshot agent failed or refused (e.g. not your crid)"),
     (13, "NoTracker", "the snapshot agent holds no write tracker for that process"),

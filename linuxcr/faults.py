@@ -36,6 +36,19 @@ POINTS = {
     "dump.trailer": "image/stream.py: everything written but the trailer",
     "dump.rename": "api.py: image complete, not yet renamed to its name",
     "dump.kill": "image complete and visible, tree still frozen, not yet killed/thawed",
+    # inside each kill-safe injected call into a live task (remote/task.py);
+    # @n picks the n-th call of the run
+    "inject.masked": "a guarded call: every signal blocked, not yet at its SIGSTOP stop",
+    "inject.parked": "a guarded call: registers set to the parking pause(), not yet entered",
+    "inject.entry": "a guarded call: at pause's entry stop, SIGSTOP re-queued, real call not set",
+    "inject.exit": "a guarded call: at the real call's exit stop, injected registers in place",
+    "inject.rest": "a guarded call done: own registers and mask back, SIGSTOP pending",
+    "inject.mapped": "the guarded scratch mapping exists, its code page not yet written",
+    "clone.entry": "a guarded clone3 (snapshot fork) set up at its entry stop, no child yet",
+    "clone.event": "a guarded clone3: the child exists (fork event), not yet owned",
+    "clone.exit": "a guarded clone3: at its exit stop, injected registers in the parent",
+    "clone.rest": "a guarded clone3 done, the child not yet carrying EXITKILL",
+    "track.uffd": "resources/dirty.py: the tracker's userfaultfd exists in the target",
     # restart (engine/restore.py)
     "restore.spawned": "the blank task exists, not yet seized",
     "restore.tree": "right after each task of the tree is made (seized)",

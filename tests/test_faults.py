@@ -10,10 +10,8 @@ image file, not even a partial one.  After a restart that did not complete
 there is no process left of what it was making (tasks, blank forks, the
 namespace init), and the image restores fine afterwards.
 
-Known defect (xfail, strict, so it fails loudly once fixed): killed while it
-runs its few queries inside the target, lcr leaves the one-page scratch
-mapping it made there (registers and signal mask are the target's own
-between any two injected calls; see docs/guarantees.md, "What remains").
+Killed while it runs its queries inside the target, lcr's guardian puts
+the target back (docs/guarantees.md; every boundary in test_killsafe.py).
 """
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ _SCRATCH = ("lcr killed during its injected queries leaves its one-page scratch 
 DUMP_POINTS = {
     "dump.seized": None,
     "dump.frozen": None,
-    "dump.inject": _SCRATCH,
+    "dump.inject": None,
     "dump.collected": None,
     "dump.pages@2": None,
     "dump.trailer": None,

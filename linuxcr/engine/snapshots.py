@@ -602,12 +602,11 @@ def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
     the application's own wait()s are unchanged; discard reaps it."""
     t = fz.leader
     base = ptrace.PTRACE_O_TRACESYSGOOD
-    # EXITKILL is inherited by the auto-attached child: it can never run on
-    # its own, even if we died right after the fork.  (The target carries it
-    # only for this one injected call.)
+    # No EXITKILL on the target (lcr dying would kill it): the guarded clone
+    # (Tracee.clone) leaves parent and child parked in pause() if we die
+    # before the child carries EXITKILL; the guardian kills the child.
     # exit_signal 0 makes it a PTRACE_EVENT_CLONE, not a FORK
-    _set_options(t.pid, base | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE
-                 | ptrace.PTRACE_O_EXITKILL)
+    _set_options(t.pid, base | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE)
     try:
         with t.scratch() as addr:
             cpid = None
@@ -623,6 +622,7 @@ def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
                 t.write(addr, bytes(args))
                 try:
                     cpid = t.clone(addr, ctypes.sizeof(args))
+                    span = t.scratch_span or (addr, PAGE)     # the child holds it too
                     break
                 except LcrError:
                     # no event: a child made untraced must not live a moment
@@ -642,6 +642,8 @@ def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
     c.insn = t.insn
     try:
         _set_options(cpid, base | ptrace.PTRACE_O_EXITKILL)
+        if t.journal is not None:
+            t.journal.owned(t.tgid, cpid)              # the kernel kills it with us now
         ptrace.set_sigmask(cpid, (1 << 64) - 1)
         c.syscall("close_range", 0, 0xFFFFFFFF, 0)     # it holds no file at all
         # its own session: a dead child must not keep the target's pid number
@@ -649,7 +651,7 @@ def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
         c.syscall("setsid", check=False)
         c.write(addr, SNAP_COMM.encode() + b"\0")      # our scratch page came along:
         c.syscall("prctl", PR_SET_NAME, addr, 0, 0, 0, check=False)   # a name that says what it is
-        c.syscall("munmap", addr, PAGE, check=False)
+        c.syscall("munmap", *span, check=False)
     except BaseException:
         kill_child(c)
         raise
@@ -796,7 +798,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
     try:
         for part in snap.parts:
             fz = tree.procs[part.pid]
-            fz.block_signals()
+            fz.block_signals(guard=False)      # rewrites the process: not kill-safe yet
             per.append(_rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings,
                                         trackers, full))
         if not memory_only:
@@ -1175,7 +1177,8 @@ def _pending_now(pairs) -> list:
     for i, (live, _saved) in enumerate(pairs):
         shared = [True] if i == 0 else []
         out.append([(sh, info) for sh in [False] + shared
-                    for info in ptrace.peek_siginfo(live.pid, sh)])
+                    for info in ptrace.peek_siginfo(live.pid, sh)
+                    if sh or not signals.ours(info)])       # not our held thread's SIGSTOP
     return out
 
 

@@ -7,6 +7,8 @@ import signal
 import time
 
 from linuxcr.errors import NoSuchProcess, TaskGone
+from linuxcr.procfs import read_stat
+from linuxcr.remote import guardian
 from linuxcr.remote.task import ALL_SIGNALS, Tracee
 from linuxcr.sys import ptrace
 
@@ -27,6 +29,9 @@ class Frozen:
         self.pid = pid
         self.threads: dict[int, Tracee] = {}
         self.masks: dict[int, int] = {}
+        self.was_stopped = False        # in a group-stop before we came: no SIGCONT for it
+        self.starttime = 0
+        self.journal: guardian.Journal | None = None   # guarded: the guardian knows it
 
     @property
     def leader(self) -> Tracee:
@@ -38,12 +43,19 @@ class Frozen:
     def freeze(self) -> None:
         """Seize until no thread appears that we do not hold (threads being
         created while we work are caught on the next round)."""
+        if not self.threads:
+            try:
+                st = read_stat(self.pid)
+                self.was_stopped, self.starttime = st.state == "T", st.starttime
+            except (FileNotFoundError, ProcessLookupError):
+                raise NoSuchProcess(f"pid {self.pid}: no such process") from None
         for _ in range(MAX_ROUNDS):
             new = [tid for tid in list_tids(self.pid) if tid not in self.threads]
             if not new:
                 return
             for tid in new:
                 t = Tracee(tid)
+                t.tgid = self.pid
                 try:
                     t.seize()
                 except NoSuchProcess:
@@ -59,18 +71,39 @@ class Frozen:
                     del self.threads[tid]
         raise NoSuchProcess(f"pid {self.pid} keeps creating threads; cannot freeze it")
 
-    def block_signals(self) -> None:
-        """Keep every signal pending while we run code in the threads: blocked
-        only around each injected call (Tracee.own_mask), so that a lcr that
-        dies between calls leaves the threads with their own masks."""
+    def block_signals(self, guard: bool = True) -> None:
+        """Before lcr changes anything in the process: hand its state to the
+        guardian (remote/guardian.py: it survives lcr and puts the process
+        back if lcr dies) and make every thread guarded (Tracee.prime: a
+        SIGSTOP kept pending, so a thread lcr leaves behind stops before it
+        runs any code of its own).  Injected calls then block every signal
+        only while they run; registers and masks are the threads' own
+        between any two calls."""
+        if not guard:                # rollback (agent): its own rules (issue 14, item 4)
+            for tid, t in self.threads.items():
+                self.masks[tid] = ptrace.get_sigmask(tid)
+                t.own_mask = self.masks[tid]
+            return
+        if self.journal is not None:
+            return
+        journal = guardian.ensure()           # refuses before anything is changed
+        fds = [int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")]
+        journal.process(self.pid, stopped=self.was_stopped, fds=fds, starttime=self.starttime)
+        self.journal = journal
         for tid, t in self.threads.items():
             self.masks[tid] = ptrace.get_sigmask(tid)
             t.own_mask = self.masks[tid]
+            assert t.saved_regs is not None
+            journal.thread(self.pid, tid, bytes(t.saved_regs), self.masks[tid])
+            t.journal = journal
+            t.prime()
 
     def unblock_signals(self) -> None:
-        """Registers and masks back as they were: from here on lcr may die
-        at any moment and the threads run on untouched."""
+        """Registers and masks as they were (a guarded thread is so between
+        any two calls already)."""
         for tid, t in self.threads.items():
+            if t.primed:
+                continue
             if t.attached and t.saved_regs is not None:
                 t.set_regs(t.saved_regs)
             if tid in self.masks:
@@ -81,6 +114,12 @@ class Frozen:
         for tid, t in self.threads.items():
             if not t.attached:
                 continue
+            if t.primed:
+                try:
+                    t.release()          # own registers and mask already; SIGSTOP consumed
+                except OSError:
+                    t.detach()           # it died
+                continue
             try:
                 if t.saved_regs is not None:
                     t.set_regs(t.resume_regs())
@@ -89,6 +128,12 @@ class Frozen:
             except OSError:
                 pass  # it died; nothing left to put back
             t.detach()
+        self._end()
+
+    def _end(self) -> None:
+        if self.journal is not None:
+            self.journal.end(self.pid)
+            self.journal = None
 
     def kill(self) -> None:
         self.send_kill()
@@ -99,6 +144,7 @@ class Frozen:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self._end()                  # gone by design (a SIGKILL cannot be taken back)
 
     def reap(self) -> None:
         """Consume the death of every thread we trace (the parent reaps).

@@ -17,15 +17,21 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from linuxcr import faults
 from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied, TaskGone
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
     IOV_MAX, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
-    user_regs_struct,
+    tgkill, user_regs_struct,
 )
 
 SYSCALL_INSN = b"\x0f\x05"
+# The code page of a guarded scratch mapping: `syscall`, then a parking loop
+# (mov eax, __NR_pause; syscall; jmp back to the mov).  A clone injected here
+# returns into pause() -- parent and child alike -- if lcr is gone by then.
+PARK_CODE = b"\x0f\x05\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"
+MAP_FIXED_NOREPLACE = 0x100000
 ALL_SIGNALS = (1 << 64) - 1
 PAGE = 4096
 
@@ -47,6 +53,14 @@ class Tracee:
         self.own_mask: int | None = None      # live task: its signal mask between our calls
         self.cow_shared = False               # a snapshot child: read without pinning
         self._mem_fd: int | None = None
+        self.tgid = pid                       # its process (tgkill)
+        # Guarded (a live task lcr has changed): a SIGSTOP is kept pending in
+        # it, so that if lcr dies it stops before running any code of its
+        # own, and the guardian (remote/guardian.py) puts it back.
+        self.primed = False
+        self.journal = None                   # guardian.Journal, or None (the guardian itself)
+        self.park: int | None = None          # PARK_CODE inside our scratch mapping
+        self.scratch_span: tuple[int, int] | None = None
 
     # --- attach / stop / detach -------------------------------------------------
     def seize(self) -> None:
@@ -162,10 +176,11 @@ class Tracee:
     def syscall(self, name: str, *args: int, check: bool = True) -> int:
         """Run one system call inside the stopped task; returns its result.
 
-        On a live task (own_mask set) signals are blocked only for the call,
-        and its own registers are put back right after: if lcr dies between
-        two calls, the kernel lets the task go exactly as it was."""
-        own = self.own_mask
+        A guarded live task (primed) runs it by the kill-safe scheme of
+        _guarded; a task lcr made itself (restore, snapshot child) directly."""
+        if self.primed:
+            return self._guarded(name, args, check)
+        own = self.own_mask          # live but unguarded (rollback): mask all for the call
         if own is not None:
             ptrace.set_sigmask(self.pid, ALL_SIGNALS)
         self._enter(name, args)
@@ -178,12 +193,125 @@ class Tracee:
                 if self.saved_regs is not None:
                     ptrace.set_regs(self.pid, self.saved_regs)
 
+    # --- kill-safe injection into a live task ---------------------------------
+    #
+    # Rest state (between calls): the thread's own registers and mask, a
+    # SIGSTOP pending.  One call:
+    #   1. mask = all (only SIGSTOP/SIGKILL can now be delivered);
+    #   2. resume -> signal-delivery-stop for the SIGSTOP (suppressed);
+    #   3. there, rip = a syscall insn, rax = pause, orig_rax = -1: dying now
+    #      leaves it parked in pause() with every signal blocked;
+    #   4. at pause's entry stop: queue a new SIGSTOP, then switch orig_rax
+    #      and the arguments to the real call (the kernel runs what the
+    #      tracer leaves at the entry stop);
+    #   5. at the exit stop: read rax, put back the own registers and mask.
+    # Whenever lcr dies, the thread either sleeps in pause (mask all) or meets
+    # a pending SIGSTOP on its way back to user mode: no instruction of its
+    # own ever runs with our registers or mask.  The guardian fixes it.
+
+    def prime(self) -> None:
+        """Enter the guarded state: a SIGSTOP pending (the safety net)."""
+        self._sigstop()
+        self.primed = True
+
+    def _sigstop(self) -> None:
+        try:
+            tgkill(self.tgid, self.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            raise TaskGone(f"pid {self.pid} exited while being held") from None
+
+    def _to_sigstop(self, what: str) -> None:
+        """Resume to the signal-delivery-stop of our pending SIGSTOP.  Event
+        stops on the way (a PTRACE_INTERRUPT or group-stop trap of a task
+        seized while group-stopped: the guardian's case) are passed."""
+        for _ in range(8):
+            ptrace.resume_syscall(self.pid)
+            status = ptrace.wait_stop(self.pid)
+            if not ptrace.is_event(status, ptrace.PTRACE_EVENT_STOP):
+                break
+        if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+                and status >> 16 == 0):
+            self._unexpected(status, what)
+
+    def _park(self, name: str, at: int) -> user_regs_struct:
+        """Steps 1-3 and the entry stop of the parking pause(); the registers
+        to run ``name`` with at that entry stop."""
+        assert self.saved_regs is not None
+        ptrace.set_sigmask(self.pid, ALL_SIGNALS)
+        faults.point("inject.masked")
+        self._to_sigstop(name)
+        regs = self.saved_regs.copy()
+        regs.rip, regs.rax, regs.orig_rax = at, NR["pause"], (1 << 64) - 1
+        ptrace.set_regs(self.pid, regs)
+        faults.point("inject.parked")
+        self._step(name)             # entry stop of pause()
+        return regs
+
+    def _real(self, regs: user_regs_struct, name: str, args: tuple[int, ...]) -> None:
+        regs.orig_rax = regs.rax = NR[name]
+        for reg, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(regs, reg, val & 0xFFFFFFFFFFFFFFFF)
+        ptrace.set_regs(self.pid, regs)
+
+    def _rest(self) -> None:
+        """Step 5's end: the thread's own registers and mask again."""
+        assert self.saved_regs is not None and self.own_mask is not None
+        ptrace.set_regs(self.pid, self.saved_regs)
+        ptrace.set_sigmask(self.pid, self.own_mask)
+        faults.point("inject.rest")
+
+    def _guarded(self, name: str, args: tuple[int, ...], check: bool) -> int:
+        assert self.insn is not None
+        regs = self._park(name, self.insn)
+        self._sigstop()              # first the net, then the real call
+        faults.point("inject.entry")
+        self._real(regs, name, args)
+        self._step(name)             # exit stop
+        faults.point("inject.exit")
+        ret = _to_signed(ptrace.get_regs(self.pid).rax)
+        self._rest()
+        if check and -4096 < ret < 0:
+            raise OSError(-ret, f"{name} in pid {self.pid}: {os.strerror(-ret)}")
+        return ret
+
+    def release(self) -> None:
+        """Leave the guarded state and detach: consume the pending SIGSTOP at
+        its signal-delivery-stop (registers and mask are the thread's own
+        throughout: dying here is harmless), delivering on the way any
+        signal of the application that comes first, as the kernel would."""
+        if self.journal is not None:
+            self.journal.release(self.tgid, self.pid)
+        sig = 0
+        while True:
+            ptrace.cont(self.pid, sig)
+            status = ptrace.wait_stop(self.pid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self.attached = False
+                break
+            if status >> 16 == 0 and os.WSTOPSIG(status) == signal.SIGSTOP:
+                ptrace.detach(self.pid)
+                self.attached = False
+                break
+            sig = 0 if status >> 16 else os.WSTOPSIG(status)
+        self.primed = False
+        self.close()
+
     def clone(self, args_addr: int, size: int) -> int:
         """Inject clone3() creating a thread or a process; returns its host
         tid/pid: it is auto-attached (TRACECLONE/TRACEFORK), stopped."""
-        if self.own_mask is not None:        # a live task: nothing delivered meanwhile
-            ptrace.set_sigmask(self.pid, ALL_SIGNALS)
-        self._enter("clone3", (args_addr, size))
+        if self.primed:
+            tid = self._guarded_clone(args_addr, size)
+        else:
+            self._enter("clone3", (args_addr, size))
+            tid = self._clone_event()
+            self._step("clone3")
+            self._result("clone3", True)
+        while True:
+            st = ptrace.wait_stop(tid)
+            if os.WIFSTOPPED(st):
+                return tid
+
+    def _clone_event(self) -> int:
         ptrace.resume_syscall(self.pid)
         status = ptrace.wait_stop(self.pid)
         if not (ptrace.is_event(status, ptrace.PTRACE_EVENT_CLONE)
@@ -191,17 +319,33 @@ class Tracee:
             if ptrace.is_syscall_stop(status):   # it failed: no event
                 self._result("clone3", True)
             self._unexpected(status, "clone3")
-        tid = ptrace.get_event_msg(self.pid)
-        self._step("clone3")
-        self._result("clone3", True)
-        if self.own_mask is not None:
-            ptrace.set_sigmask(self.pid, self.own_mask)
-            if self.saved_regs is not None:
-                ptrace.set_regs(self.pid, self.saved_regs)
-        while True:
-            st = ptrace.wait_stop(tid)
-            if os.WIFSTOPPED(st):
-                return tid
+        return ptrace.get_event_msg(self.pid)
+
+    def _guarded_clone(self, args_addr: int, size: int) -> int:
+        """clone3 in a live task: clone refuses to start with a signal pending
+        (-ERESTARTNOINTR), so no SIGSTOP can be queued before it; instead it
+        runs from our parking code: dying before the fork event leaves the
+        task -- and the new child -- in pause() with every signal blocked."""
+        if self.park is None:
+            raise KernelError(f"pid {self.pid}: clone injected without a guarded scratch mapping")
+        regs = self._park("clone3", self.park)
+        self._real(regs, "clone3", (args_addr, size))
+        faults.point("clone.entry")
+        try:
+            tid = self._clone_event()
+        except OSError:
+            self._sigstop()          # failed: at its exit stop, no child
+            self._rest()
+            raise
+        if self.journal is not None:
+            self.journal.child(self.tgid, tid)
+        faults.point("clone.event")
+        self._sigstop()
+        self._step("clone3")         # exit stop
+        faults.point("clone.exit")
+        self._rest()
+        faults.point("clone.rest")
+        return tid
 
     def exit_now(self, status: int) -> None:
         """Make the task exit as a process that ended with wait-status ``status``
@@ -301,12 +445,56 @@ class Tracee:
 
     @contextmanager
     def scratch(self, size: int = PAGE) -> Iterator[int]:
-        """An anonymous mapping inside the task, removed again afterwards."""
-        addr = self.syscall("mmap", 0, size, 3, 0x22, (1 << 64) - 1, 0)  # RW, PRIVATE|ANON
+        """An anonymous mapping inside the task, removed again afterwards.
+
+        In a guarded task: at an address chosen (and journaled) before it
+        exists, so the guardian can remove it whatever instant lcr dies at,
+        plus a code page (PARK_CODE, a cookie) for kill-safe clone."""
+        if not self.primed:
+            addr = self.syscall("mmap", 0, size, 3, 0x22, (1 << 64) - 1, 0)  # RW, PRIVATE|ANON
+            span = (addr, size)
+        else:
+            span = (_free_gap(self.tgid, size + PAGE), size + PAGE)
+            cookie = os.urandom(16)
+            assert self.insn is not None
+            if self.journal is not None:
+                self.journal.mapping(self.tgid, span[0], span[1], cookie, self.insn)
+            addr = self.syscall("mmap", span[0], span[1], 7, 0x22 | MAP_FIXED_NOREPLACE,
+                                (1 << 64) - 1, 0)
+            faults.point("inject.mapped")
+            code = bytearray(PAGE)
+            code[:len(PARK_CODE)] = PARK_CODE
+            code[COOKIE_AT:COOKIE_AT + 16] = cookie
+            self.write(addr + size, code)
+            self.park = addr + size
+        self.scratch_span = span
         try:
             yield addr
         finally:
-            self.syscall("munmap", addr, size, check=False)
+            self.syscall("munmap", span[0], span[1], check=False)
+            self.park = self.scratch_span = None
+            if self.primed and self.journal is not None:
+                self.journal.unmapped(self.tgid, span[0])
+
+
+COOKIE_AT = 64      # guardian.COOKIE_AT: where in the code page the cookie is
+
+
+def _free_gap(pid: int, size: int) -> int:
+    """A free range of ``size`` bytes in a frozen task, away from its
+    neighbours (a guard page each side: no merging with their VMAs)."""
+    spans = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            a, b = line.split(None, 1)[0].split("-")
+            spans.append((int(a, 16), int(b, 16)))
+    spans.sort()
+    lo = 1 << 32             # above the low 4 GiB (brk, non-PIE programs)
+    for a, b in spans:
+        if a - lo >= size + 2 * PAGE and lo + PAGE + size <= 0x7FFF_FFFF_0000:
+            return lo + PAGE
+        lo = max(lo, b)
+    raise KernelError(f"pid {pid}: no free address range for a scratch mapping")
 
 
 def restartable_regs(saved: user_regs_struct, *, restart_block_ok: bool) -> user_regs_struct:

@@ -101,6 +101,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from linuxcr import faults
 from linuxcr.errors import KernelError, NoSuchProcess, PermissionDenied
 from linuxcr.procfs import MapEntry, read_maps
 from linuxcr.sys import uffd as U
@@ -275,6 +276,7 @@ class Tracker:
         pid = t.pid
         try:
             tfd = t.syscall("userfaultfd", UFFD_FLAGS)
+            faults.point("track.uffd")
         except OSError as e:
             raise KernelError(f"pid {pid}: userfaultfd() inside the process failed: "
                               f"{os.strerror(e.errno)}", "write tracking is not possible here") from None

@@ -2,6 +2,7 @@
 signals (private and process-wide), alternate signal stack."""
 from __future__ import annotations
 
+import os
 import signal
 import struct
 
@@ -68,7 +69,19 @@ def restore_itimers(t: Tracee, arena: Arena, timers: list[list[int]]) -> None:
 
 def dump_pending(pid: int) -> list[PendingSignal]:
     return [PendingSignal(shared=shared, siginfo=info)
-            for shared in (False, True) for info in ptrace.peek_siginfo(pid, shared)]
+            for shared in (False, True) for info in ptrace.peek_siginfo(pid, shared)
+            if shared or not ours(info)]
+
+
+SI_TKILL = -6
+
+
+def ours(siginfo: bytes) -> bool:
+    """The SIGSTOP lcr keeps pending in a thread it holds (remote/task.py,
+    Tracee.prime): sent by us with tgkill; never part of the process."""
+    sig, _errno, code, spid = struct.unpack_from("<iii4xi", siginfo)   # union at 16
+    # si_pid is 0 when lcr is outside the target's pid namespace (lcr run)
+    return sig == signal.SIGSTOP and code == SI_TKILL and spid in (os.getpid(), 0)
 
 
 def restore_actions(t: Tracee, arena: Arena, actions: list[SigAction], inherited: int) -> None:

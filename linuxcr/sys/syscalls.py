@@ -28,7 +28,7 @@ NR = dict(
     process_vm_writev=311, kcmp=312, rseq=334, pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438, userfaultfd=323, openat=257, epoll_ctl=233, epoll_wait=232, poll=7,
     flock=73, timer_create=222, timer_settime=223, timer_gettime=224, timer_getoverrun=225,
-    timer_delete=226, connect=42,
+    timer_delete=226, connect=42, pause=34, tgkill=234,
 )
 
 # The kernel's restart codes, seen in rax of a task stopped inside a syscall.
@@ -146,6 +146,11 @@ def clone3_stopped_child(set_tid: int | None) -> int:
         args.set_tid = ctypes.addressof(tid_arr)
         args.set_tid_size = 1
     return syscall(NR["clone3"], ctypes.byref(args), ctypes.sizeof(args))
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """A signal to one thread (os.kill would pick any thread of the process)."""
+    syscall(NR["tgkill"], tgid, tid, sig)
 
 
 def pidfd_open(pid: int) -> int:
