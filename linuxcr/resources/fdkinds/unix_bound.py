@@ -206,13 +206,14 @@ class UnixBound:
             mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         with sockdiag.grab_socket(ctx.pid, ctx.fd) as s:
             listening = d.state == unix_sockets.TCP_LISTEN
-            queue = unix_sockets.peek_all(s, ctx.pid, ctx.fd, ino) \
-                if d.rqueue and not listening else []
+            queue, extras = unix_sockets.peek_full(s, ctx.pid, ctx.fd, ino, ctx.adopt) \
+                if d.rqueue and not listening else ([], [])
             peer = sockdiag.unix_diag(d.peer) if one_way(d) else None
             return UnixBoundState(sotype=d.type, name=name, cwd=cwd, mode=mode, uid=uid, gid=gid,
                                   peer_name=_norm(peer.name) if peer else b"",
                                   listening=listening, backlog=d.wqueue if listening else 0,
-                                  shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue)
+                                  shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue,
+                                  extras=extras)
 
     def open(self, state: UnixBoundState, flags: int) -> int:
         if state.sotype not in TYPES:
@@ -225,12 +226,6 @@ class UnixBound:
                     _bind(s, state)
                 if state.listening:
                     s.listen(state.backlog)
-                if state.queue:
-                    _refill(s, state)
-            how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
-            if how is not None:
-                with contextlib.suppress(OSError):
-                    s.shutdown(how)
             set_peek_off(s, state.opts)
             s.setblocking(not flags & os.O_NONBLOCK)
         except BaseException:
@@ -238,6 +233,19 @@ class UnixBound:
             raise
         return s.detach()
 
+    def after_open(self, fd: int, state: UnixBoundState, env) -> None:
+        """The queued datagrams, once every file they may carry is open
+        (files.open_all), each from a socket bound to its sender's name."""
+        if state.queue:
+            with in_dir(state.cwd):
+                _refill(fd, state, env)
+
+    def finish_open(self, fd: int, state: UnixBoundState, env) -> None:
+        how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
+        if how is not None:
+            s = socket.socket(fileno=os.dup(fd))
+            with contextlib.suppress(OSError), s:
+                s.shutdown(how)
 
     def after_install(self, t, arena, fd: int, state: UnixBoundState, table) -> None:
         """A datagram socket connect()ed to a named peer: connected again
@@ -304,30 +312,69 @@ def _in_use(st: os.stat_result) -> bool:
     return any(d.vfs == key for d in sockdiag.unix_all())
 
 
-def _refill(s: socket.socket, state: UnixBoundState) -> None:
-    """Queue the saved datagrams again, sent from a temporary socket (lcr
-    runs in the directory of a relative name, see in_dir)."""
+def _refill(fd: int, state: UnixBoundState, env) -> None:
+    """Queue the saved datagrams again (lcr runs in the directory of a
+    relative name, see in_dir).  A datagram keeps its sender's name: it is
+    sent from the restored socket bound to that name, or else from a
+    temporary socket bound to it for the time of the send; only if the
+    name is taken by a socket outside the image does it come unnamed."""
     if state.sotype != socket.SOCK_DGRAM or not state.name:
         raise RestoreError("image holds queued messages for a UNIX socket that cannot receive any")
-    tmp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    where = f"UNIX socket {_named(state.name)}"
+    by_index = {e.index: e for e in state.extras}
+    anon: socket.socket | None = None
     try:
-        set_buffers(tmp, 1 << 24, 0)
-        for m in state.queue:
+        for i, m in enumerate(state.queue):
+            extra = by_index.get(i)
+            anc = unix_sockets.ancillary(extra, env.ours, where)
+            sender = extra.sender if extra else b""
             try:
-                tmp.sendto(m, socket.MSG_DONTWAIT, state.name)
-            except BlockingIOError:     # this sender's budget is spent: another one
-                tmp.close()
-                tmp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                set_buffers(tmp, 1 << 24, 0)
+                if sender and sender in env.names:
+                    with socket.socket(fileno=os.dup(env.names[sender])) as s:
+                        unix_sockets.send_one(s, m, anc, state.name)
+                    continue
+                if sender and _send_as(sender, m, anc, state.name):
+                    continue
+                if anon is None:
+                    anon = _sender()
                 try:
-                    tmp.sendto(m, socket.MSG_DONTWAIT, state.name)
-                except OSError as e:
-                    raise RestoreError(f"cannot queue {len(state.queue)} datagrams again on "
-                                       f"{_named(state.name)}: {e.strerror}",
-                                       "net.unix.max_dgram_qlen may be lower than where the "
-                                       "image was taken") from None
+                    unix_sockets.send_one(anon, m, anc, state.name)
+                except BlockingIOError:     # this sender's budget is spent: another one
+                    anon.close()
+                    anon = _sender()
+                    unix_sockets.send_one(anon, m, anc, state.name)
+            except OSError as e:
+                raise RestoreError(f"cannot queue {len(state.queue)} datagrams again on {where}: "
+                                   f"{e.strerror}", "net.unix.max_dgram_qlen may be lower than "
+                                   "where the image was taken") from None
     finally:
-        tmp.close()
+        if anon is not None:
+            anon.close()
+
+
+def _sender() -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    set_buffers(s, 1 << 24, 0)
+    return s
+
+
+def _send_as(name: bytes, m: bytes, anc: list, dest: bytes) -> bool:
+    """Send from a temporary socket bound to ``name`` (False: the name is taken)."""
+    s = _sender()
+    try:
+        try:
+            s.bind(name)
+        except OSError:
+            return False
+        try:
+            unix_sockets.send_one(s, m, anc, dest)
+        finally:
+            if name[:1] != b"\0":
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        return True
+    finally:
+        s.close()
 
 
 KIND = UnixBound()
