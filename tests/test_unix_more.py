@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 PROGS = {
     "sock_unix_states": lambda b, d: [b["sock_unix_states"], d],
+    "sock_unix_inflight": lambda b, d: [b["sock_unix_inflight"], d],
 }
 
 
