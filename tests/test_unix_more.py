@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 PROGS = {
     "sock_unix_states": lambda b, d: [b["sock_unix_states"], d],
     "sock_unix_inflight": lambda b, d: [b["sock_unix_inflight"], d],
+    "sock_unix_backlog": lambda b, d: [b["sock_unix_backlog"], d],
 }
 
 
@@ -86,3 +87,22 @@ def test_as_user(name, user, wd, bins, trees):
         trees.add(pid)
         assert nspid(pid)[-1] == p.pid
         assert_pass(pid, log, name)
+
+
+def test_backlog_with_data_refused(bins, procs, tmp_path):
+    """A client that already sent bytes to a connection not accepted yet:
+    refused in one line naming pid, fd, listener and the way out."""
+    d = tmp_path / "s"
+    d.mkdir()
+    r = _start(procs, [bins["sock_unix_backlog"], d, "data"], tmp_path / "bl.log")
+    cp = lcr("check", r.pid, check=False)
+    _no_internal(cp)
+    assert cp.returncode == 5, cp
+    lines = [ln for ln in cp.stdout.splitlines() if "listening" in ln]
+    assert len(lines) == 1, cp.stdout
+    assert f"pid {r.pid}" in lines[0] and "fd 3" in lines[0] and str(d / "l") in lines[0] and \
+        "has sent data" in lines[0] and "until the program accepts them" in lines[0], lines[0]
+    cp = lcr("checkpoint", r.pid, "-o", tmp_path / "img", check=False)
+    _no_internal(cp)
+    assert cp.returncode != 0 and not (tmp_path / "img").exists()
+    helpers.assert_running_untraced(r.pid)

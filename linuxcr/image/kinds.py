@@ -151,6 +151,9 @@ class UnixBoundState(Struct, tag="unix_bound", forbid_unknown_fields=True):
     queue: Datagrams = []                               # datagrams not read yet
     peer_name: Annotated[bytes, Meta(max_length=108)] = b""   # datagram: connect()ed to this name
     extras: MsgExtras = []                              # files, credentials, senders of the queue
+    ino: U64 = 0                                        # the original's inode (links listener and clients)
+    pending: Annotated[list[U64], Meta(max_length=1 << 16)] = []   # listener: clients not accepted yet, in order
+    pending_on: U64 = 0                                 # client: the listener (ino) it waits on
 
 
 class InetAddr(Struct, forbid_unknown_fields=True):

@@ -272,6 +272,7 @@ class OpenEnv:
     description is open in lcr."""
     ours: dict[int, int]                                   # fid -> lcr's fd
     names: dict[bytes, int] = field(default_factory=dict)  # UNIX name -> lcr's fd bound to it
+    descs: list[FileDesc] = field(default_factory=list)
 
 
 
@@ -318,7 +319,7 @@ def _after_open(descs: list[FileDesc], ours: dict[int, int], pairs: dict[int, Un
                 socks: dict[int, int]) -> None:
     """Queues that may carry open files go back once all are open (first
     every queue, then every shutdown: a sender may be shut down itself)."""
-    env = OpenEnv(ours)
+    env = OpenEnv(ours, descs=descs)
     for d in descs:
         name = getattr(d.state, "name", b"") if d.kind == "unix_bound" else b""
         if name:

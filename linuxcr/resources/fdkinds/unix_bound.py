@@ -155,8 +155,9 @@ class UnixBound:
             return False
         if d.type == socket.SOCK_DGRAM:    # a server others connect() to says ESTABLISHED, no peer
             return not d.peer or one_way(d)
-        return d.state == unix_sockets.TCP_LISTEN or \
-            (not d.peer and d.state != unix_sockets.TCP_ESTABLISHED)
+        if d.state == unix_sockets.TCP_LISTEN or not d.peer and d.state != unix_sockets.TCP_ESTABLISHED:
+            return True
+        return not d.peer and listener_of(d.ino) is not None   # connected, not accepted yet
 
     def reason(self, ctx) -> str | None:
         ino = ctx.st.st_ino
@@ -176,8 +177,16 @@ class UnixBound:
                 return (f"{where} is connected to socket:[{d.peer}] ({_named(pname)}): only a "
                         "peer bound to an absolute path or an abstract name can be reached again")
         if d.state == unix_sockets.TCP_LISTEN and d.rqueue:
-            return (f"{where} is listening with {d.rqueue} connection(s) not accepted yet: "
-                    "cannot be checkpointed until the program accepts them")
+            why = _pending_reason(d)
+            if why:
+                return (f"{where} is listening with {d.rqueue} connection(s) not accepted yet, "
+                        f"{why}: cannot be checkpointed until the program accepts them")
+        if d.state == unix_sockets.TCP_ESTABLISHED and not d.peer and d.type != socket.SOCK_DGRAM:
+            lst = listener_of(d.ino)
+            lname = _norm(lst.name) if lst else b""
+            if lst is None or (lname[:1] != b"\0" and not lname.startswith(b"/")):
+                return (f"{where} waits to be accepted by {_named(lname)}: only a listener "
+                        "bound to an absolute path or an abstract name can be reached again")
         if name and name[:1] != b"\0":
             _cwd, path = _socket_path(ctx.pid, name)
             try:
@@ -209,11 +218,14 @@ class UnixBound:
             queue, extras = unix_sockets.peek_full(s, ctx.pid, ctx.fd, ino, ctx.adopt) \
                 if d.rqueue and not listening else ([], [])
             peer = sockdiag.unix_diag(d.peer) if one_way(d) else None
+            lst = listener_of(ino) if d.state == unix_sockets.TCP_ESTABLISHED and not d.peer \
+                and d.type != socket.SOCK_DGRAM else None
             return UnixBoundState(sotype=d.type, name=name, cwd=cwd, mode=mode, uid=uid, gid=gid,
                                   peer_name=_norm(peer.name) if peer else b"",
                                   listening=listening, backlog=d.wqueue if listening else 0,
                                   shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue,
-                                  extras=extras)
+                                  extras=extras, ino=ino, pending_on=lst.ino if lst else 0,
+                                  pending=sockdiag.unix_icons(ino) if listening and d.rqueue else [])
 
     def open(self, state: UnixBoundState, flags: int) -> int:
         if state.sotype not in TYPES:
@@ -235,10 +247,14 @@ class UnixBound:
 
     def after_open(self, fd: int, state: UnixBoundState, env) -> None:
         """The queued datagrams, once every file they may carry is open
-        (files.open_all), each from a socket bound to its sender's name."""
-        if state.queue:
-            with in_dir(state.cwd):
+        (files.open_all), each from a socket bound to its sender's name;
+        a listener's waiting connections, made again in their order from
+        the restored clients."""
+        with in_dir(state.cwd):
+            if state.queue:
                 _refill(fd, state, env)
+            if state.pending:
+                _reconnect(state, env)
 
     def finish_open(self, fd: int, state: UnixBoundState, env) -> None:
         how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
@@ -350,6 +366,46 @@ def _refill(fd: int, state: UnixBoundState, env) -> None:
     finally:
         if anon is not None:
             anon.close()
+
+
+def listener_of(ino: int):
+    """The listener a connected-but-not-accepted socket waits on (or None)."""
+    for d in sockdiag.unix_all():
+        if d.state == unix_sockets.TCP_LISTEN and d.rqueue and ino in sockdiag.unix_icons(d.ino):
+            return d
+    return None
+
+
+def _pending_reason(d) -> str | None:
+    """Why the connections waiting on listener ``d`` cannot be made again
+    (their clients must not have sent anything: those bytes sit in a socket
+    no one holds until accept(), which lcr will not do for the program)."""
+    for ino in sockdiag.unix_icons(d.ino):
+        if not ino:
+            return "one of whose clients has closed"
+        c = sockdiag.unix_diag(ino)
+        if c is None or c.wqueue:
+            return f"whose client socket:[{ino}] has sent data already"
+    return None
+
+
+def _reconnect(state: UnixBoundState, env) -> None:
+    """connect() each saved client again, oldest first, so that accept()
+    returns them in the same order (a client the image lacks: made and
+    closed, as the program would see a client that went away)."""
+    clients = {d.state.ino: env.ours[d.fid] for d in env.descs
+               if d.kind == "unix_bound" and d.state.pending_on == state.ino}
+    for ino in state.pending:
+        fd = clients.get(ino)
+        s = socket.socket(fileno=os.dup(fd)) if fd is not None else \
+            socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(state.name)
+        except OSError as e:
+            raise RestoreError(f"cannot connect a waiting client to {_named(state.name)} again: "
+                               f"{e.strerror}") from None
+        finally:
+            s.close()
 
 
 def _sender() -> socket.socket:
