@@ -106,3 +106,19 @@ def test_backlog_with_data_refused(bins, procs, tmp_path):
     _no_internal(cp)
     assert cp.returncode != 0 and not (tmp_path / "img").exists()
     helpers.assert_running_untraced(r.pid)
+
+
+def test_socket_file_replaced_refused(bins, procs, tmp_path):
+    """A regular file took the place of a bound socket's file: refused in
+    one line with pid, fd, the path and the way out."""
+    d = tmp_path / "s"
+    d.mkdir()
+    r = _start(procs, [bins["sock_unix_states"], d, "replaced"], tmp_path / "st.log")
+    assert_pass(r.pid, r.log, "sock_unix_states")
+    cp = lcr("check", r.pid, check=False)
+    _no_internal(cp)
+    assert cp.returncode == 5, cp
+    lines = [ln for ln in cp.stdout.splitlines() if "took the place" in ln]
+    assert len(lines) == 1, cp.stdout
+    assert f"pid {r.pid}" in lines[0] and str(d / "gone") in lines[0] and "remove that file" in lines[0]
+    helpers.assert_running_untraced(r.pid)

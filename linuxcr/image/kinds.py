@@ -154,6 +154,7 @@ class UnixBoundState(Struct, tag="unix_bound", forbid_unknown_fields=True):
     ino: U64 = 0                                        # the original's inode (links listener and clients)
     pending: Annotated[list[U64], Meta(max_length=1 << 16)] = []   # listener: clients not accepted yet, in order
     pending_on: U64 = 0                                 # client: the listener (ino) it waits on
+    unlinked: bool = False                              # its socket file was removed after bind()
 
 
 class InetAddr(Struct, forbid_unknown_fields=True):

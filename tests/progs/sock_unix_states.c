@@ -10,6 +10,9 @@
  * a0/a1: stream pair, a0 shut down for writing (SHUT_WR)
  * b0/b1: stream pair, b1 shut down for reading (SHUT_RD)
  * c0/c1: stream pair, "abcdef" queued for c0, c0's SO_PEEK_OFF at 2
+ * ul:  datagram socket bound to DIR/gone, whose file was then removed
+ *       (with "replaced" as second argument: a regular file put there,
+ *       which lcr refuses)
  * The probe checks types, names, not-connected, options, buffer sizes (as
  * they were at the start), shutdown behaviour and that a peek on c0 starts
  * at its peek offset; the listener still accepts a new connection.
@@ -31,6 +34,8 @@
 
 static void die(const char *w) { fprintf(stderr, NAME ": %s: %s\n", w, strerror(errno)); exit(1); }
 
+static int ul, replaced;
+static struct sockaddr_un a_ul;
 static int st, sq, ls, dg, a0, a1, b0, b1, c0, c1;
 static struct sockaddr_un a_sq, a_ls, a_dg;
 static socklen_t l_sq, l_ls;
@@ -103,6 +108,9 @@ static void verify(void)
 	if (recv(c0, buf, 2, MSG_PEEK | MSG_DONTWAIT) != 2 || memcmp(buf, "cd", 2)) fail("c0 peek gave '%.2s'", buf);
 	int two = 2;
 	setsockopt(c0, SOL_SOCKET, SO_PEEK_OFF, &two, sizeof(two));
+	/* bound to a name whose file is gone */
+	name_is(ul, "ul", &a_ul, offsetof(struct sockaddr_un, sun_path) + strlen(a_ul.sun_path) + 1);
+	if (!access(a_ul.sun_path, F_OK) && !replaced) fail("%s exists again", a_ul.sun_path);
 	/* the listener takes a new connection */
 	int c = socket(AF_UNIX, SOCK_STREAM, 0);
 	if (connect(c, (struct sockaddr *)&a_ls, l_ls)) fail("connect to ls: %s", strerror(errno));
@@ -120,7 +128,7 @@ static void verify(void)
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	if (argc != 2) return 2;
+	if (argc < 2) return 2;
 	int sv[2], one = 1, v;
 	if ((st = socket(AF_UNIX, SOCK_STREAM, 0)) < 0) die("st");
 	v = 50000;
@@ -148,6 +156,18 @@ int main(int argc, char **argv)
 	if (send(c1, "abcdef", 6, 0) != 6) die("send c");
 	v = 2;
 	if (setsockopt(c0, SOL_SOCKET, SO_PEEK_OFF, &v, sizeof(v))) die("peek_off");
+	memset(&a_ul, 0, sizeof(a_ul));
+	a_ul.sun_family = AF_UNIX;
+	snprintf(a_ul.sun_path, sizeof(a_ul.sun_path), "%.90s/gone", argv[1]);
+	unlink(a_ul.sun_path);
+	if ((ul = socket(AF_UNIX, SOCK_DGRAM, 0)) < 0 || bind(ul, (void *)&a_ul, sizeof(a_ul))) die("ul");
+	unlink(a_ul.sun_path);
+	replaced = argc > 2 && !strcmp(argv[2], "replaced");
+	if (replaced) {
+		FILE *f = fopen(a_ul.sun_path, "w");
+		if (!f) die("replaced");
+		fclose(f);
+	}
 	st_snd = opt(st, SO_SNDBUF);
 	dg_rcv = opt(dg, SO_RCVBUF);
 	dg_snd = opt(dg, SO_SNDBUF);

@@ -193,10 +193,10 @@ class UnixBound:
                 st = os.stat(path)
             except OSError:
                 st = None
-            if st is None or d.vfs is None or (sockdiag.kernel_dev(st.st_dev), st.st_ino) != d.vfs:
-                return (f"{where}: its socket file was removed or replaced since bind() "
-                        "(or is a relative name no longer reachable from the working directory): "
-                        "not supported")
+            if st is not None and (d.vfs is None or (sockdiag.kernel_dev(st.st_dev), st.st_ino) != d.vfs):
+                return (f"{where}: another file took the place of its socket file since bind() "
+                        "(or it is a relative name no longer reachable from the working "
+                        "directory): cannot be bound again; close it or remove that file")
         return None
 
     def dump(self, ctx) -> UnixBoundState:
@@ -207,12 +207,15 @@ class UnixBound:
         why = self.reason(ctx)
         if why:
             raise RestoreError(f"pid {ctx.pid} fd {ctx.fd}: {why}")
-        cwd, mode, uid, gid = "", 0o777, 0, 0
+        cwd, mode, uid, gid, unlinked = "", 0o777, 0, 0, False
         name = _norm(d.name)
         if name and name[:1] != b"\0":
             cwd, path = _socket_path(ctx.pid, name)
-            st = os.stat(path)
-            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            try:
+                st = os.stat(path)
+                mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            except FileNotFoundError:     # removed since bind(): bound again, then removed
+                unlinked = True
         with sockdiag.grab_socket(ctx.pid, ctx.fd) as s:
             listening = d.state == unix_sockets.TCP_LISTEN
             queue, extras = unix_sockets.peek_full(s, ctx.pid, ctx.fd, ino, ctx.adopt) \
@@ -224,7 +227,7 @@ class UnixBound:
                                   peer_name=_norm(peer.name) if peer else b"",
                                   listening=listening, backlog=d.wqueue if listening else 0,
                                   shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue,
-                                  extras=extras, ino=ino, pending_on=lst.ino if lst else 0,
+                                  extras=extras, ino=ino, unlinked=unlinked, pending_on=lst.ino if lst else 0,
                                   pending=sockdiag.unix_icons(ino) if listening and d.rqueue else [])
 
     def open(self, state: UnixBoundState, flags: int) -> int:
@@ -257,6 +260,9 @@ class UnixBound:
                 _reconnect(state, env)
 
     def finish_open(self, fd: int, state: UnixBoundState, env) -> None:
+        if state.unlinked:      # bound, queues refilled: now its file goes, as it had
+            with in_dir(state.cwd), contextlib.suppress(FileNotFoundError):
+                os.unlink(os.fsdecode(state.name))
         how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
         if how is not None:
             s = socket.socket(fileno=os.dup(fd))
@@ -298,6 +304,9 @@ def _bind(s: socket.socket, state: UnixBoundState) -> None:
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
+        if st is not None and state.unlinked:
+            raise RestoreError(f"cannot bind a UNIX socket to {full} again: its file had been "
+                               "removed, and a file is there now", "move it out of the way")
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise RestoreError(f"cannot bind a UNIX socket to {full}: a file that is not a "
