@@ -109,6 +109,18 @@ Datagrams = Annotated[list[Annotated[bytes, Meta(max_length=1 << 20)]], Meta(max
 I32 = Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)]
 
 
+class MsgExtra(Struct, forbid_unknown_fields=True):
+    """What travels with a queued UNIX message besides its bytes
+    (resources/unix_sockets.py): files in flight, credentials, sender."""
+    index: U32                                          # position in the queue
+    fids: Annotated[list[U32], Meta(max_length=253)] = []   # SCM_RIGHTS: open files (FileDesc.fid)
+    creds: Annotated[list[I32], Meta(max_length=3)] = []    # SCM_CREDENTIALS: pid, uid, gid
+    sender: Annotated[bytes, Meta(max_length=108)] = b""    # datagram: the sender's name
+
+
+MsgExtras = Annotated[list[MsgExtra], Meta(max_length=1 << 16)]
+
+
 class SockOpts(Struct, forbid_unknown_fields=True):
     """SOL_SOCKET options of a socket."""
     rcvbuf: U32 = 0             # as getsockopt reports them (twice what was asked)
@@ -138,6 +150,11 @@ class UnixBoundState(Struct, tag="unix_bound", forbid_unknown_fields=True):
     shutdown: Annotated[int, Meta(ge=0, le=3)] = 0
     queue: Datagrams = []                               # datagrams not read yet
     peer_name: Annotated[bytes, Meta(max_length=108)] = b""   # datagram: connect()ed to this name
+    extras: MsgExtras = []                              # files, credentials, senders of the queue
+    ino: U64 = 0                                        # the original's inode (links listener and clients)
+    pending: Annotated[list[U64], Meta(max_length=1 << 16)] = []   # listener: clients not accepted yet, in order
+    pending_on: U64 = 0                                 # client: the listener (ino) it waits on
+    unlinked: bool = False                              # its socket file was removed after bind()
 
 
 class InetAddr(Struct, forbid_unknown_fields=True):

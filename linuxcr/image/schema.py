@@ -35,7 +35,7 @@ from typing import Union
 import msgspec
 from msgspec import Meta, Struct
 
-from linuxcr.image.kinds import KIND_STATES, MemfdState, UnlinkedState
+from linuxcr.image.kinds import KIND_STATES, MemfdState, MsgExtras, UnlinkedState
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 2          # 2: image_id, parent, PAGEMAP (incremental images)
@@ -157,6 +157,8 @@ class UnixPair(Struct, forbid_unknown_fields=True):
     sndbuf: U32
     passcred: bool = False
     queue: Annotated[list[Annotated[bytes, Meta(max_length=MAX_META // 4)]], Meta(max_length=MAX_LIST)] = []
+    peek_off: I32 = -1         # SO_PEEK_OFF; -1: off
+    extras: MsgExtras = []     # files in flight, credentials (image/kinds.py MsgExtra)
 
 
 class ShmObject(Struct, forbid_unknown_fields=True):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
@@ -143,6 +144,11 @@ class Table:
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
         self.pids: set[int] = set()                      # tasks whose files were read
         self.refs: list[tuple[int, int, int]] = []       # (pid, fd, pid it points at): pidfds
+        # files found in flight (SCM_RIGHTS): lcr's copies, kept open while the
+        # table lives so that kcmp can match them against the tasks' fds
+        self._held: list[int] = []
+        self._depth = 0
+        weakref.finalize(self, _close_fds, self._held)
 
     def task_files(self, pid: int) -> list[OpenFile]:
         self.pids.add(pid)
@@ -165,31 +171,56 @@ class Table:
                 return fid
         return None
 
+    def _adopt(self, fd: int) -> int:
+        """Save a file lcr received in flight (a copy of ``fd`` is kept) and
+        give its fid: the same description as a task's fd shares its fid."""
+        me = os.getpid()
+        mine = os.dup(fd)
+        self._held.append(mine)
+        v = describe(me, mine)
+        if v.reason:
+            raise NotCheckpointable(me, [f"a file in flight in a UNIX socket: {v.reason}"])
+        for p2, fd2, fid in self._seen.get(v.key, []):
+            if kcmp_file(me, p2, mine, fd2):
+                return fid
+        if self._depth > 4:
+            raise NotCheckpointable(me, ["files in flight nested more than 4 deep (a socket "
+                                         "passed in a socket passed in ...): not supported"])
+        self._depth += 1
+        try:
+            return self._add(me, mine, v, v.info.flags & ~O_CLOEXEC, v.info.pos)
+        finally:
+            self._depth -= 1
+
     def _add(self, pid: int, fd: int, v: FdView, flags: int, pos: int) -> int:
         fid = len(self.descs)
+        self.descs.append(None)    # reserved: a file in flight found meanwhile takes the next one
+        self._seen.setdefault(v.key, []).append((pid, fd, fid))
+        d = self._desc(pid, fd, fid, v, flags, pos)
+        self.descs[fid] = d
+        return fid
+
+    def _desc(self, pid: int, fd: int, fid: int, v: FdView, flags: int, pos: int) -> FileDesc:
         if v.kind == "pipe":
             ino = v.key[1]
             if (flags & os.O_ACCMODE) == os.O_RDONLY and ino not in self.pipes:
                 self.pipes[ino] = pipes.dump(pid, fd, ino)
-            self.descs.append(FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino))
+            return FileDesc(fid=fid, kind="pipe", flags=flags, pipe=ino)
         elif v.kind in fdkinds.BY_NAME:
-            ctx = fdkinds.FdContext(pid, fd, v.link, v.st, v.info)
+            ctx = fdkinds.FdContext(pid, fd, v.link, v.st, v.info, adopt=self._adopt)
             try:
                 state = fdkinds.BY_NAME[v.kind].dump(ctx)
             finally:
                 ctx.close()
-            self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, state=state))
             if getattr(state, "host_pid", -1) > 0:       # a pidfd of a live process
                 self.refs.append((pid, fd, state.host_pid))
+            return FileDesc(fid=fid, kind=v.kind, flags=flags, state=state)
         elif v.kind == "unix":
             ino = v.key[1]
-            self.unix[ino] = unix_sockets.dump(pid, fd, ino)
             self.where[ino] = (pid, fd)
-            self.descs.append(FileDesc(fid=fid, kind="unix", flags=flags, sock=ino))
-        else:
-            self.descs.append(FileDesc(fid=fid, kind=v.kind, flags=flags, path=v.link, pos=pos))
-        self._seen.setdefault(v.key, []).append((pid, fd, fid))
-        return fid
+            self.unix[ino] = unix_sockets.dump(pid, fd, ino, adopt=self._adopt)
+            return FileDesc(fid=fid, kind="unix", flags=flags, sock=ino)
+        return FileDesc(fid=fid, kind=v.kind, flags=flags, path=v.link, pos=pos)
 
     def check_refs(self) -> None:
         """Every process a pidfd points at must be saved too (or be a zombie
@@ -224,7 +255,26 @@ class Table:
         return [self.pipes.get(ino) or pipes.empty(ino) for ino in sorted(inos)]
 
 
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 # --- restore ---------------------------------------------------------------
+
+@dataclass
+class OpenEnv:
+    """What the kinds' after_open/finish_open hooks see once every
+    description is open in lcr."""
+    ours: dict[int, int]                                   # fid -> lcr's fd
+    names: dict[bytes, int] = field(default_factory=dict)  # UNIX name -> lcr's fd bound to it
+    descs: list[FileDesc] = field(default_factory=list)
+
+
 
 def open_all(descs: list[FileDesc], pipe_data: list[PipeData],
              unix: list[UnixPair] = ()) -> dict[int, int]:
@@ -254,6 +304,7 @@ def open_all(descs: list[FileDesc], pipe_data: list[PipeData],
             else:
                 ours[d.fid] = _open_one(d, ends, used)
             used.add(ours[d.fid])
+        _after_open(descs, ours, pairs, socks)
     except BaseException:
         close_all(ours, ends)
         raise
@@ -262,6 +313,29 @@ def open_all(descs: list[FileDesc], pipe_data: list[PipeData],
             if x not in used:
                 os.close(x)
     return ours
+
+
+def _after_open(descs: list[FileDesc], ours: dict[int, int], pairs: dict[int, UnixPair],
+                socks: dict[int, int]) -> None:
+    """Queues that may carry open files go back once all are open (first
+    every queue, then every shutdown: a sender may be shut down itself)."""
+    env = OpenEnv(ours, descs=descs)
+    for d in descs:
+        name = getattr(d.state, "name", b"") if d.kind == "unix_bound" else b""
+        if name:
+            env.names[name] = ours[d.fid]
+    done: set[int] = set()
+    for ino, u in pairs.items():
+        if ino not in done:
+            done |= {ino, u.peer}
+            unix_sockets.fill(socks[ino], socks[u.peer], u, pairs[u.peer], ours)
+    for hook in ("after_open", "finish_open"):
+        for d in descs:
+            fn = getattr(fdkinds.BY_NAME.get(d.kind), hook, None)
+            if fn is not None:
+                fn(ours[d.fid], d.state, env)
+    for ino, u in pairs.items():
+        unix_sockets.shut(socks[ino], u)
 
 
 def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> int:

@@ -21,6 +21,7 @@ NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x01, 0x02, 0x04, 0x10
 UDIAG_SHOW_SHUTDOWN = 0x20
+UDIAG_SHOW_ICONS, UNIX_DIAG_ICONS = 0x08, 3
 UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 1, 2, 4, 6
 _NLMSG = struct.Struct("<IHHII")
 _REQ = struct.Struct("<BBHIIIII")    # family, protocol, pad, states, ino, show, cookie[2]
@@ -84,6 +85,28 @@ def unix_diag(ino: int) -> UnixDiag | None:
     if mtype == NLMSG_ERROR or length > len(data):
         return None
     return _parse(data, 0, length)
+
+
+def unix_icons(ino: int) -> list[int]:
+    """The connections waiting on listener ``ino``, oldest first: the inode
+    of each one's client (0: the client is gone)."""
+    req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, UDIAG_SHOW_ICONS, 0xFFFFFFFF, 0xFFFFFFFF)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req)
+        data = nl.recv(1 << 20)
+    length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data)
+    if mtype == NLMSG_ERROR or length > len(data):
+        return []
+    off, end = _NLMSG.size + _MSG.size, length
+    while off + 4 <= end:
+        rlen, rtype = struct.unpack_from("<HH", data, off)
+        if rlen < 4:
+            break
+        if rtype == UNIX_DIAG_ICONS:
+            body = data[off + 4:off + rlen]
+            return list(struct.unpack_from(f"<{len(body) // 4}I", body))
+        off += (rlen + 3) & ~3
+    return []
 
 
 def unix_all() -> list[UnixDiag]:

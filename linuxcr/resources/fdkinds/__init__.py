@@ -10,6 +10,9 @@ A kind is an object with:
                              consuming anything the program would see
   open(state, flags) -> int  an fd of lcr's holding the same thing, made
                              before the tasks exist (they inherit it)
+  after_open(fd, state, env) / finish_open(fd, state, env)   optional:
+                             work once every description is open (env:
+                             files.OpenEnv), e.g. queues carrying files
   after_install(t, arena, fd, state, fds)   optional: work done inside the
                              task once its fds are in place (fds: the task's
                              fd -> FileDesc), e.g. epoll watches
@@ -30,6 +33,7 @@ class FdContext:
     link: str                 # readlink of /proc/PID/fd/N
     st: os.stat_result        # stat of the open file
     info: FdInfo              # /proc/PID/fdinfo/N
+    adopt: object = None      # files.Table: adopt(our_fd) -> fid saves a file found in flight
     _grabbed: list[int] = field(default_factory=list)
 
     def grab(self) -> int:

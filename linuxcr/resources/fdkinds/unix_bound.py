@@ -155,8 +155,9 @@ class UnixBound:
             return False
         if d.type == socket.SOCK_DGRAM:    # a server others connect() to says ESTABLISHED, no peer
             return not d.peer or one_way(d)
-        return d.state == unix_sockets.TCP_LISTEN or \
-            (not d.peer and d.state != unix_sockets.TCP_ESTABLISHED)
+        if d.state == unix_sockets.TCP_LISTEN or not d.peer and d.state != unix_sockets.TCP_ESTABLISHED:
+            return True
+        return not d.peer and listener_of(d.ino) is not None   # connected, not accepted yet
 
     def reason(self, ctx) -> str | None:
         ino = ctx.st.st_ino
@@ -176,18 +177,26 @@ class UnixBound:
                 return (f"{where} is connected to socket:[{d.peer}] ({_named(pname)}): only a "
                         "peer bound to an absolute path or an abstract name can be reached again")
         if d.state == unix_sockets.TCP_LISTEN and d.rqueue:
-            return (f"{where} is listening with {d.rqueue} connection(s) not accepted yet: "
-                    "cannot be checkpointed until the program accepts them")
+            why = _pending_reason(d)
+            if why:
+                return (f"{where} is listening with {d.rqueue} connection(s) not accepted yet, "
+                        f"{why}: cannot be checkpointed until the program accepts them")
+        if d.state == unix_sockets.TCP_ESTABLISHED and not d.peer and d.type != socket.SOCK_DGRAM:
+            lst = listener_of(d.ino)
+            lname = _norm(lst.name) if lst else b""
+            if lst is None or (lname[:1] != b"\0" and not lname.startswith(b"/")):
+                return (f"{where} waits to be accepted by {_named(lname)}: only a listener "
+                        "bound to an absolute path or an abstract name can be reached again")
         if name and name[:1] != b"\0":
             _cwd, path = _socket_path(ctx.pid, name)
             try:
                 st = os.stat(path)
             except OSError:
                 st = None
-            if st is None or d.vfs is None or (sockdiag.kernel_dev(st.st_dev), st.st_ino) != d.vfs:
-                return (f"{where}: its socket file was removed or replaced since bind() "
-                        "(or is a relative name no longer reachable from the working directory): "
-                        "not supported")
+            if st is not None and (d.vfs is None or (sockdiag.kernel_dev(st.st_dev), st.st_ino) != d.vfs):
+                return (f"{where}: another file took the place of its socket file since bind() "
+                        "(or it is a relative name no longer reachable from the working "
+                        "directory): cannot be bound again; close it or remove that file")
         return None
 
     def dump(self, ctx) -> UnixBoundState:
@@ -198,21 +207,28 @@ class UnixBound:
         why = self.reason(ctx)
         if why:
             raise RestoreError(f"pid {ctx.pid} fd {ctx.fd}: {why}")
-        cwd, mode, uid, gid = "", 0o777, 0, 0
+        cwd, mode, uid, gid, unlinked = "", 0o777, 0, 0, False
         name = _norm(d.name)
         if name and name[:1] != b"\0":
             cwd, path = _socket_path(ctx.pid, name)
-            st = os.stat(path)
-            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            try:
+                st = os.stat(path)
+                mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            except FileNotFoundError:     # removed since bind(): bound again, then removed
+                unlinked = True
         with sockdiag.grab_socket(ctx.pid, ctx.fd) as s:
             listening = d.state == unix_sockets.TCP_LISTEN
-            queue = unix_sockets.peek_all(s, ctx.pid, ctx.fd, ino) \
-                if d.rqueue and not listening else []
+            queue, extras = unix_sockets.peek_full(s, ctx.pid, ctx.fd, ino, ctx.adopt) \
+                if d.rqueue and not listening else ([], [])
             peer = sockdiag.unix_diag(d.peer) if one_way(d) else None
+            lst = listener_of(ino) if d.state == unix_sockets.TCP_ESTABLISHED and not d.peer \
+                and d.type != socket.SOCK_DGRAM else None
             return UnixBoundState(sotype=d.type, name=name, cwd=cwd, mode=mode, uid=uid, gid=gid,
                                   peer_name=_norm(peer.name) if peer else b"",
                                   listening=listening, backlog=d.wqueue if listening else 0,
-                                  shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue)
+                                  shutdown=d.shutdown & 3, opts=read_opts(s), queue=queue,
+                                  extras=extras, ino=ino, unlinked=unlinked, pending_on=lst.ino if lst else 0,
+                                  pending=sockdiag.unix_icons(ino) if listening and d.rqueue else [])
 
     def open(self, state: UnixBoundState, flags: int) -> int:
         if state.sotype not in TYPES:
@@ -225,12 +241,6 @@ class UnixBound:
                     _bind(s, state)
                 if state.listening:
                     s.listen(state.backlog)
-                if state.queue:
-                    _refill(s, state)
-            how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
-            if how is not None:
-                with contextlib.suppress(OSError):
-                    s.shutdown(how)
             set_peek_off(s, state.opts)
             s.setblocking(not flags & os.O_NONBLOCK)
         except BaseException:
@@ -238,6 +248,26 @@ class UnixBound:
             raise
         return s.detach()
 
+    def after_open(self, fd: int, state: UnixBoundState, env) -> None:
+        """The queued datagrams, once every file they may carry is open
+        (files.open_all), each from a socket bound to its sender's name;
+        a listener's waiting connections, made again in their order from
+        the restored clients."""
+        with in_dir(state.cwd):
+            if state.queue:
+                _refill(fd, state, env)
+            if state.pending:
+                _reconnect(state, env)
+
+    def finish_open(self, fd: int, state: UnixBoundState, env) -> None:
+        if state.unlinked:      # bound, queues refilled: now its file goes, as it had
+            with in_dir(state.cwd), contextlib.suppress(FileNotFoundError):
+                os.unlink(os.fsdecode(state.name))
+        how = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(state.shutdown)
+        if how is not None:
+            s = socket.socket(fileno=os.dup(fd))
+            with contextlib.suppress(OSError), s:
+                s.shutdown(how)
 
     def after_install(self, t, arena, fd: int, state: UnixBoundState, table) -> None:
         """A datagram socket connect()ed to a named peer: connected again
@@ -274,6 +304,9 @@ def _bind(s: socket.socket, state: UnixBoundState) -> None:
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
+        if st is not None and state.unlinked:
+            raise RestoreError(f"cannot bind a UNIX socket to {full} again: its file had been "
+                               "removed, and a file is there now", "move it out of the way")
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise RestoreError(f"cannot bind a UNIX socket to {full}: a file that is not a "
@@ -304,30 +337,109 @@ def _in_use(st: os.stat_result) -> bool:
     return any(d.vfs == key for d in sockdiag.unix_all())
 
 
-def _refill(s: socket.socket, state: UnixBoundState) -> None:
-    """Queue the saved datagrams again, sent from a temporary socket (lcr
-    runs in the directory of a relative name, see in_dir)."""
+def _refill(fd: int, state: UnixBoundState, env) -> None:
+    """Queue the saved datagrams again (lcr runs in the directory of a
+    relative name, see in_dir).  A datagram keeps its sender's name: it is
+    sent from the restored socket bound to that name, or else from a
+    temporary socket bound to it for the time of the send; only if the
+    name is taken by a socket outside the image does it come unnamed."""
     if state.sotype != socket.SOCK_DGRAM or not state.name:
         raise RestoreError("image holds queued messages for a UNIX socket that cannot receive any")
-    tmp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    where = f"UNIX socket {_named(state.name)}"
+    by_index = {e.index: e for e in state.extras}
+    anon: socket.socket | None = None
     try:
-        set_buffers(tmp, 1 << 24, 0)
-        for m in state.queue:
+        for i, m in enumerate(state.queue):
+            extra = by_index.get(i)
+            anc = unix_sockets.ancillary(extra, env.ours, where)
+            sender = extra.sender if extra else b""
             try:
-                tmp.sendto(m, socket.MSG_DONTWAIT, state.name)
-            except BlockingIOError:     # this sender's budget is spent: another one
-                tmp.close()
-                tmp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                set_buffers(tmp, 1 << 24, 0)
+                if sender and sender in env.names:
+                    with socket.socket(fileno=os.dup(env.names[sender])) as s:
+                        unix_sockets.send_one(s, m, anc, state.name)
+                    continue
+                if sender and _send_as(sender, m, anc, state.name):
+                    continue
+                if anon is None:
+                    anon = _sender()
                 try:
-                    tmp.sendto(m, socket.MSG_DONTWAIT, state.name)
-                except OSError as e:
-                    raise RestoreError(f"cannot queue {len(state.queue)} datagrams again on "
-                                       f"{_named(state.name)}: {e.strerror}",
-                                       "net.unix.max_dgram_qlen may be lower than where the "
-                                       "image was taken") from None
+                    unix_sockets.send_one(anon, m, anc, state.name)
+                except BlockingIOError:     # this sender's budget is spent: another one
+                    anon.close()
+                    anon = _sender()
+                    unix_sockets.send_one(anon, m, anc, state.name)
+            except OSError as e:
+                raise RestoreError(f"cannot queue {len(state.queue)} datagrams again on {where}: "
+                                   f"{e.strerror}", "net.unix.max_dgram_qlen may be lower than "
+                                   "where the image was taken") from None
     finally:
-        tmp.close()
+        if anon is not None:
+            anon.close()
+
+
+def listener_of(ino: int):
+    """The listener a connected-but-not-accepted socket waits on (or None)."""
+    for d in sockdiag.unix_all():
+        if d.state == unix_sockets.TCP_LISTEN and d.rqueue and ino in sockdiag.unix_icons(d.ino):
+            return d
+    return None
+
+
+def _pending_reason(d) -> str | None:
+    """Why the connections waiting on listener ``d`` cannot be made again
+    (their clients must not have sent anything: those bytes sit in a socket
+    no one holds until accept(), which lcr will not do for the program)."""
+    for ino in sockdiag.unix_icons(d.ino):
+        if not ino:
+            return "one of whose clients has closed"
+        c = sockdiag.unix_diag(ino)
+        if c is None or c.wqueue:
+            return f"whose client socket:[{ino}] has sent data already"
+    return None
+
+
+def _reconnect(state: UnixBoundState, env) -> None:
+    """connect() each saved client again, oldest first, so that accept()
+    returns them in the same order (a client the image lacks: made and
+    closed, as the program would see a client that went away)."""
+    clients = {d.state.ino: env.ours[d.fid] for d in env.descs
+               if d.kind == "unix_bound" and d.state.pending_on == state.ino}
+    for ino in state.pending:
+        fd = clients.get(ino)
+        s = socket.socket(fileno=os.dup(fd)) if fd is not None else \
+            socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(state.name)
+        except OSError as e:
+            raise RestoreError(f"cannot connect a waiting client to {_named(state.name)} again: "
+                               f"{e.strerror}") from None
+        finally:
+            s.close()
+
+
+def _sender() -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    set_buffers(s, 1 << 24, 0)
+    return s
+
+
+def _send_as(name: bytes, m: bytes, anc: list, dest: bytes) -> bool:
+    """Send from a temporary socket bound to ``name`` (False: the name is taken)."""
+    s = _sender()
+    try:
+        try:
+            s.bind(name)
+        except OSError:
+            return False
+        try:
+            unix_sockets.send_one(s, m, anc, dest)
+        finally:
+            if name[:1] != b"\0":
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        return True
+    finally:
+        s.close()
 
 
 KIND = UnixBound()
