@@ -2,7 +2,10 @@
  * state_attrs -- per-process and per-thread kernel state that must come
  * back exactly after checkpoint/restart (run as root).
  *
- *   state_attrs CPU
+ *   state_attrs CPU            everything below (as root)
+ *   state_attrs CPU plain      nothing set up: for `lcr check` refusals of
+ *                              state given by whoever started it (nice ...)
+ *   state_attrs CPU seccomp    only no_new_privs and the getppid filter
  *
  * Sets up: SCHED_BATCH nice 5 for the main thread, nice 7 for a second
  * thread, CPU affinity {CPU}, oom_score_adj 500, timer slack 123456 ns,
@@ -151,6 +154,9 @@ static void setup(void)
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
+static int full = 1;      /* 0: "plain" or "seccomp" mode */
+static int filtered;
+
 static void check(void)
 {
 	struct sched_attr_ a = {0};
@@ -160,6 +166,12 @@ static void check(void)
 	long lck, lck2;
 	char *p;
 
+	if (!full) {
+		errno = 0;
+		if (filtered && (syscall(SYS_getppid) != -1 || errno != EPERM))
+			fail("getppid() is not refused by the seccomp filter (errno %d)", errno);
+		goto out;
+	}
 	if (syscall(SYS_sched_getattr, 0, &a, sizeof(a), 0) || a.policy != SCHED_BATCH || a.nice != 5)
 		fail("main thread sched policy %u nice %d, want BATCH/5", a.policy, a.nice);
 	errno = 0;
@@ -221,6 +233,7 @@ static void check(void)
 		if (filters != 2)
 			fail("thread has %d seccomp filters, want 2", filters);
 	}
+out:
 	if (fails[0])
 		printf("FAIL " NAME ": %s (pid=%d)\n", fails, getpid());
 	else
@@ -243,8 +256,8 @@ int main(int argc, char **argv)
 	pid_t child;
 	cpu = argc > 1 ? atoi(argv[1]) : 0;
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	child = fork();
-	if (child == 0) {
+	child = argc > 2 ? 0 : fork();   /* only the full set-up has a child */
+	if (argc <= 2 && child == 0) {
 		signal(SIGUSR2, on_usr2);
 		prctl(PR_SET_PDEATHSIG, SIGUSR2, 0, 0, 0);
 		printf("CHILD pid=%d\n", getpid());
@@ -252,7 +265,12 @@ int main(int argc, char **argv)
 			pause();
 	}
 	signal(SIGUSR1, on_usr1);
-	setup();
+	full = argc <= 2;
+	if (argc > 2 && strcmp(argv[2], "seccomp") == 0) {
+		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+		filtered = install_filter(SYS_getppid, EPERM) == 0;
+	} else if (argc <= 2)
+		setup();
 	printf("READY pid=%d child=%d\n", getpid(), child);
 	for (;;) {
 		pause();
