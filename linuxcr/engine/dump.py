@@ -24,7 +24,8 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena
-from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
+from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, pstree,
+                               sched, security, signals, threads)
 
 
 PF_KTHREAD = 0x00200000
@@ -78,6 +79,7 @@ def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]
     try:
         reasons += files.check(pid)
         reasons += locks.check(pid)
+        reasons += security.check(pid) + sched.check(pid) + procattrs.check(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
@@ -346,6 +348,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
         tinfo = process.dump_threadinfo(t, arena)
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
         ptimers = posix_timers.dump(t, arena)
+        attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena)
     frozen.unblock_signals()         # masks and registers back: safe to die from here on
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
@@ -357,7 +360,8 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
-        boot_id=_boot_id(), posix_timers=ptimers, locks=locks.dump(pid), **cpu.dump(t), **tinfo)
+        boot_id=_boot_id(), posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
+        **cpu.dump(t), **tinfo)
 
 
 def _boot_id() -> str:

@@ -32,8 +32,8 @@ from linuxcr.image.stream import PAGE, SMALL_DATA, ImageReader, Record
 from linuxcr.pipeline import prefetch
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, process, pstree,
-                               signals, threads)
+from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, procattrs, process,
+                               pstree, sched, security, signals, threads)
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
@@ -297,7 +297,8 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
         finally:
             os.close(blank.keep)
     except BaseException as e:
-        _destroy([root] + [r.t for r in made if r.t is not root], blank.init_pid)
+        _destroy([root] + [r.t for r in made if r.t is not root] + [th for r in made for th in r.made],
+                 blank.init_pid)    # threads too: a leader is reaped only after them
         if isinstance(e, OSError):
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise
@@ -431,13 +432,20 @@ def _finish(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
         r.made.append(new)
         threads.restore_thread(new, arena, th)
     posix_timers.restore(t, arena, task.posix_timers)
+    procattrs.restore(t, task.proc, task.vmas)       # oom, subreaper, THP, membarrier, mlock
+    for tt, a in [(t, task.attrs)] + [(n, th.attrs) for th, n in zip(task.threads, r.made)]:
+        sched.restore(tt, a)
+        security.restore_early(tt, arena, a)         # seccomp: before identity (privilege)
     process.restore_creds(t, arena, task.creds)
     vpid = task.vpid or task.pid    # the task names itself so in its namespace
     signals.queue_pending(t, arena, task.pending, vpid, vpid)
     for th, new in zip(task.threads, r.made):
         signals.queue_pending(t, arena, th.pending, vpid, th.vtid)
+        security.restore_identity(new, arena, task.creds, th.attrs)
         threads.finish_thread(new, th)
     process.restore_caps(t, arena, task.caps, _caps_now(t.pid))
+    security.restore_ambient(t, task.attrs)
+    warnings += procattrs.restore_late(t, task.proc, task.pid == tree.root)
     cpu.register_rseq(t, task.rseq)
     t.syscall("munmap", r.tramp, TRAMPOLINE)      # the last thing the task does for us
     cpu.restore_fpu(t, task.xstate)

@@ -228,6 +228,42 @@ class Creds(Struct, forbid_unknown_fields=True):
     groups: Annotated[list[U32], Long]
 
 
+class SeccompFilter(Struct, forbid_unknown_fields=True):
+    """One seccomp BPF filter of a thread (resources/security.py)."""
+    prog: Annotated[bytes, Meta(min_length=8, max_length=4096 * 8)]   # struct sock_filter[]
+    flags: U64 = 0               # SECCOMP_FILTER_FLAG_LOG: what the kernel keeps
+
+
+class ThreadAttrs(Struct, forbid_unknown_fields=True):
+    """Per-thread kernel state besides registers and signals: scheduling
+    (resources/sched.py) and security (resources/security.py)."""
+    policy: U32 = 0              # SCHED_OTHER 0, FIFO 1, RR 2, BATCH 3, IDLE 5, DEADLINE 6
+    sched_flags: U64 = 0         # SCHED_FLAG_RESET_ON_FORK, ...
+    nice: Annotated[int, Meta(ge=-20, le=19)] = 0
+    priority: Annotated[int, Meta(ge=0, le=99)] = 0
+    runtime: U64 = 0             # SCHED_DEADLINE parameters (ns)
+    deadline: U64 = 0
+    period: U64 = 0
+    affinity: Annotated[list[U64], Meta(max_length=128)] = []   # CPU mask, 64 CPUs a word
+    timerslack: U64 = 0          # ns; 0: not saved (RT and DEADLINE threads have none)
+    no_new_privs: bool = False
+    securebits: U32 = 0
+    caps: Annotated[list[U64], Meta(max_length=5)] = []    # inh, prm, eff, bnd, amb
+    seccomp_mode: Annotated[int, Meta(ge=0, le=2)] = 0     # disabled, strict, filter
+    seccomp: Annotated[list[SeccompFilter], Meta(max_length=1024)] = []   # oldest first
+
+
+class ProcAttrs(Struct, forbid_unknown_fields=True):
+    """Process-wide attributes (resources/procattrs.py)."""
+    oom_score_adj: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    pdeathsig: Annotated[int, Meta(ge=0, le=64)] = 0     # the leader's
+    subreaper: bool = False
+    thp_disable: Annotated[int, Meta(ge=0, le=3)] = 0    # PR_GET_THP_DISABLE
+    dumpable: Annotated[int, Meta(ge=0, le=2)] = 1
+    membarrier: U32 = 0          # MEMBARRIER_CMD_REGISTER_* to repeat
+    mlockall: Annotated[int, Meta(ge=0, le=7)] = 0       # MCL_FUTURE | MCL_ONFAULT
+
+
 class Thread(Struct, forbid_unknown_fields=True):
     """A thread other than the leader (whose state is in Task itself)."""
     tid: Pid
@@ -241,6 +277,7 @@ class Thread(Struct, forbid_unknown_fields=True):
     rseq: Annotated[list[U64], Small]
     robust_list: Annotated[list[U64], Small]
     tid_address: U64
+    attrs: ThreadAttrs | None = None   # None: an image made before they were saved
 
 
 class PosixTimer(Struct, forbid_unknown_fields=True):
@@ -302,6 +339,8 @@ class Task(Struct, forbid_unknown_fields=True):
     boot_id: Str = ""            # process apart from a later one with its pid
     posix_timers: Annotated[list[PosixTimer], Meta(max_length=MAX_LIST)] = []
     locks: Annotated[list[FileLock], Meta(max_length=MAX_LIST)] = []
+    attrs: ThreadAttrs | None = None      # the leader's (None: an older image)
+    proc: ProcAttrs | None = None
 
 
 class Pages(Struct, forbid_unknown_fields=True):

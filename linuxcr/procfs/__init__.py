@@ -5,6 +5,7 @@ read_* helpers let FileNotFoundError / ProcessLookupError / PermissionError
 through unchanged for callers to translate.
 """
 
+from .attrs import read_cap_last_cap, read_oom_score_adj, thread_tids
 from .auxv import parse_auxv, read_auxv
 from .fdinfo import FdInfo, list_fds, parse_fdinfo, read_fd_link, read_fdinfo
 from .maps import MapEntry, SmapsEntry, parse_maps, parse_maps_line, parse_smaps, read_maps, read_smaps
@@ -22,6 +23,9 @@ __all__ = [
     "list_fds",
     "page_runs",
     "parse_auxv",
+    "read_cap_last_cap",
+    "read_oom_score_adj",
+    "thread_tids",
     "parse_fdinfo",
     "parse_maps",
     "parse_maps_line",

@@ -22,6 +22,16 @@ def list_tids(pid: int) -> list[int]:
         raise NoSuchProcess(f"pid {pid}: no such process") from None
 
 
+def _suspend_seccomp(t: Tracee) -> None:
+    """Keep a seccomp'd task's filters away from the syscalls we inject
+    (root only: CAP_SYS_ADMIN; without it `lcr check` refuses such a task)."""
+    if os.geteuid() == 0:
+        try:
+            t.suspend_seccomp()
+        except OSError:
+            pass
+
+
 class Frozen:
     """All threads of ``pid`` seized and stopped; the leader first."""
 
@@ -65,6 +75,7 @@ class Frozen:
                 self.threads[tid] = t
                 try:
                     t.stop()
+                    _suspend_seccomp(t)
                 except TaskGone:
                     if tid == self.pid:
                         raise

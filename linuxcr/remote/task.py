@@ -63,9 +63,17 @@ class Tracee:
         self.scratch_span: tuple[int, int] | None = None
 
     # --- attach / stop / detach -------------------------------------------------
-    def seize(self) -> None:
-        opts = ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0) \
+    def _options(self) -> int:
+        return ptrace.PTRACE_O_TRACESYSGOOD | (ptrace.PTRACE_O_EXITKILL if self.exitkill else 0) \
             | (ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK if self.traceclone else 0)
+
+    def suspend_seccomp(self) -> None:
+        """While we hold it, the task's seccomp filters (or strict mode) do not
+        judge the syscalls we inject (needs CAP_SYS_ADMIN; ends at detach)."""
+        ptrace.set_options(self.pid, self._options() | ptrace.PTRACE_O_SUSPEND_SECCOMP)
+
+    def seize(self) -> None:
+        opts = self._options()
         for attempt in range(SEIZE_RETRIES + 1):
             try:
                 ptrace.seize(self.pid, opts)

@@ -40,7 +40,7 @@ MAX_OBJECTS_TOTAL = 3 * MAX_CONTENT  # data of all memfds and unlinked files of 
 LCR_SHM = "/memfd:lcr-shm"           # shared anonymous memory as open_shm restores it
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x10, 0x20, 0x100
-MADVISE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # vmflag -> MADV_*
+MADVISE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18, "mg": 12}   # vmflag -> MADV_*
 
 
 @dataclass(frozen=True)

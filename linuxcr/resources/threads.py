@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ctypes
 
-from linuxcr.image.schema import Thread
+from linuxcr.image.schema import Thread, ThreadAttrs
 from linuxcr.procfs import read_status
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, process, signals
+from linuxcr.resources import cpu, process, sched, security, signals
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import clone_args
 
@@ -25,6 +25,11 @@ def thread_comm(pid: int, tid: int) -> str:
         return f.read().rstrip("\n")
 
 
+def dump_attrs(pid: int, t: Tracee) -> ThreadAttrs:
+    """Scheduling and security of one frozen thread (the leader's too)."""
+    return ThreadAttrs(**sched.dump(t), **security.dump(pid, t))
+
+
 def dump_thread(pid: int, t: Tracee, arena: Arena, sigmask: int) -> Thread:
     altstack = signals.dump_altstack(t, arena)
     info = process.dump_threadinfo(t, arena)
@@ -32,7 +37,7 @@ def dump_thread(pid: int, t: Tracee, arena: Arena, sigmask: int) -> Thread:
     vtid = read_status(t.pid).ns_pid[-1]
     return Thread(tid=t.pid, vtid=vtid, comm=thread_comm(pid, t.pid), sigmask=sigmask,
                   pending=[p for p in signals.dump_pending(t.pid) if not p.shared],
-                  altstack=altstack, **state, **info)
+                  altstack=altstack, attrs=dump_attrs(pid, t), **state, **info)
 
 
 def create(leader: Tracee, arena: Arena, th: Thread, insn: int) -> Tracee:

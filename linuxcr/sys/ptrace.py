@@ -25,11 +25,15 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+PTRACE_SECCOMP_GET_METADATA = 0x420D
 
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
+PTRACE_O_SUSPEND_SECCOMP = 0x200000
 PTRACE_EVENT_FORK = 1
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
@@ -182,3 +186,35 @@ def is_event(status: int, event: int) -> bool:
 
 def is_syscall_stop(status: int) -> bool:
     return os.WIFSTOPPED(status) and os.WSTOPSIG(status) == (signal.SIGTRAP | 0x80)
+
+
+def set_options(pid: int, options: int) -> None:
+    _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
+
+
+BPF_INSN = 8     # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+
+
+def seccomp_filter(pid: int, index: int) -> bytes | None:
+    """The thread's index-th seccomp filter (0: the newest) as raw BPF, None
+    past the oldest.  Needs CAP_SYS_ADMIN."""
+    try:
+        n = _ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, 0)
+    except OSError as e:
+        if e.errno == 2:    # ENOENT: no filter at that index
+            return None
+        raise
+    buf = ctypes.create_string_buffer(n * BPF_INSN)
+    n = _ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, buf)
+    return buf.raw[: n * BPF_INSN]
+
+
+class _SeccompMetadata(ctypes.Structure):
+    _fields_ = [("filter_off", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def seccomp_metadata(pid: int, index: int) -> int:
+    """The flags a filter was installed with (the kernel keeps only LOG)."""
+    md = _SeccompMetadata(index, 0)
+    _ptrace(PTRACE_SECCOMP_GET_METADATA, pid, ctypes.sizeof(md), ctypes.byref(md))
+    return md.flags

@@ -29,6 +29,9 @@ NR = dict(
     close_range=436, pidfd_getfd=438, userfaultfd=323, openat=257, epoll_ctl=233, epoll_wait=232, poll=7,
     flock=73, timer_create=222, timer_settime=223, timer_gettime=224, timer_getoverrun=225,
     timer_delete=226, connect=42, pause=34, tgkill=234,
+    # process attributes (resources/sched.py, security.py, procattrs.py)
+    getpriority=140, setpriority=141, mincore=27, mlock=149, mlockall=151, mkdir=83, rmdir=84,
+    sched_setattr=314, sched_getattr=315, seccomp=317, membarrier=324, mlock2=325,
 )
 
 # The kernel's restart codes, seen in rax of a task stopped inside a syscall.
@@ -230,3 +233,23 @@ def pagemap_scan(fd: int, start: int, end: int, *, anyof: int, inverted: int = 0
             break
         pos = arg.walk_end
     return out
+
+
+class sched_attr(ctypes.Structure):
+    """struct sched_attr (SCHED_ATTR_SIZE_VER1, 56 bytes: without the
+    utilization clamps, which stay as inherited)."""
+    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
+                ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
+                ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
+                ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64)]
+
+
+def sched_getattr(tid: int) -> sched_attr:
+    attr = sched_attr()
+    syscall(NR["sched_getattr"], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    return attr
+
+
+def sched_setattr(tid: int, attr: sched_attr) -> None:
+    attr.size = ctypes.sizeof(attr)
+    syscall(NR["sched_setattr"], tid, ctypes.byref(attr), 0)

@@ -1,0 +1,114 @@
+"""Scheduling of each thread: policy, priority, nice value, deadline
+parameters, CPU affinity, timer slack.
+
+Dump: read from outside (sched_getattr, sched_getaffinity) plus one injected
+prctl(PR_GET_TIMERSLACK) per thread.  Restore: lcr sets policy and affinity
+of each new thread from outside and reads them back (a CPU missing here
+would silently narrow the mask); the timer slack is injected after the
+policy, because a change of policy resets it.  What an ordinary user could
+not give back (a lower nice value than RLIMIT_NICE allows, a real-time or
+deadline policy) is refused by `lcr check`, not found out at restart."""
+from __future__ import annotations
+
+import os
+import resource
+
+from linuxcr.errors import RestoreError
+from linuxcr.procfs import read_status, thread_tids
+from linuxcr.remote.task import Tracee
+from linuxcr.sys.syscalls import sched_attr, sched_getattr, sched_setattr
+
+SCHED_OTHER, SCHED_FIFO, SCHED_RR, SCHED_BATCH, SCHED_IDLE, SCHED_DEADLINE = 0, 1, 2, 3, 5, 6
+POLICY_NAMES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH",
+                5: "SCHED_IDLE", 6: "SCHED_DEADLINE"}
+REAL_TIME = (SCHED_FIFO, SCHED_RR, SCHED_DEADLINE)
+SCHED_FLAGS_KEPT = 0x7          # RESET_ON_FORK, RECLAIM, DL_OVERRUN
+PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
+CAP_SYS_NICE = 23
+
+
+def _mask(cpus: set[int]) -> list[int]:
+    words = [0] * ((max(cpus, default=0) >> 6) + 1)
+    for c in cpus:
+        words[c >> 6] |= 1 << (c & 63)
+    return words
+
+
+def _cpus(words: list[int]) -> set[int]:
+    return {i * 64 + b for i, w in enumerate(words) for b in range(64) if w >> b & 1}
+
+
+def dump(t: Tracee) -> dict:
+    """The thread's scheduling, as ThreadAttrs fields; ``t`` frozen."""
+    a = sched_getattr(t.pid)
+    slack = 0 if a.sched_policy in REAL_TIME else t.syscall("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    return dict(policy=a.sched_policy, sched_flags=a.sched_flags & SCHED_FLAGS_KEPT,
+                nice=a.sched_nice, priority=a.sched_priority, runtime=a.sched_runtime,
+                deadline=a.sched_deadline, period=a.sched_period,
+                affinity=_mask(os.sched_getaffinity(t.pid)), timerslack=slack)
+
+
+def _privileged() -> bool:
+    return bool(read_status(os.getpid()).cap_eff >> CAP_SYS_NICE & 1)
+
+
+def check(pid: int) -> list[str]:
+    """What the caller could not give back (root with CAP_SYS_NICE can all)."""
+    if _privileged():
+        return []
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        nice_lim = resource.prlimit(pid, resource.RLIMIT_NICE)[0]
+        rt_lim = resource.prlimit(pid, resource.RLIMIT_RTPRIO)[0]
+    except PermissionError:
+        return []          # not ours: the permission check says so already
+    inf = resource.RLIM_INFINITY
+    out = []
+    for tid in thread_tids(pid):
+        try:
+            a = sched_getattr(tid)
+        except ProcessLookupError:
+            continue
+        who = f"thread {tid}" if tid != pid else f"pid {pid}"
+        if a.sched_policy == SCHED_DEADLINE:
+            out.append(f"{who} runs under SCHED_DEADLINE: restoring it needs CAP_SYS_NICE "
+                       "(checkpoint and restart as root)")
+        elif a.sched_policy in REAL_TIME and rt_lim != inf and a.sched_priority > rt_lim:
+            out.append(f"{who} runs under {POLICY_NAMES[a.sched_policy]} priority "
+                       f"{a.sched_priority}, above its RLIMIT_RTPRIO {rt_lim}: restoring it needs "
+                       "CAP_SYS_NICE (checkpoint and restart as root)")
+        elif a.sched_nice < mine and nice_lim != inf and 20 - a.sched_nice > nice_lim:
+            out.append(f"{who} has nice value {a.sched_nice}, lower than yours ({mine}) and than "
+                       "its RLIMIT_NICE allows: restoring it needs CAP_SYS_NICE (checkpoint and "
+                       "restart as root)")
+    return out
+
+
+def restore(t: Tracee, a) -> None:
+    """Policy, priority, nice, affinity (from outside), then the timer slack."""
+    if a is None:
+        return
+    attr = sched_attr(sched_policy=a.policy, sched_flags=a.sched_flags, sched_nice=a.nice,
+                      sched_priority=a.priority, sched_runtime=a.runtime,
+                      sched_deadline=a.deadline, sched_period=a.period)
+    name = POLICY_NAMES.get(a.policy, str(a.policy))
+    try:
+        sched_setattr(t.pid, attr)
+    except OSError as e:
+        raise RestoreError(f"tid {t.pid}: cannot set its scheduling ({name}, priority "
+                           f"{a.priority}, nice {a.nice}): {e.strerror}",
+                           "restart as root (CAP_SYS_NICE)") from None
+    if a.affinity:
+        want = _cpus(a.affinity)
+        try:
+            os.sched_setaffinity(t.pid, want)
+            got = os.sched_getaffinity(t.pid)
+        except OSError as e:
+            got, why = set(), e.strerror
+        else:
+            why = f"only CPUs {sorted(got)} are usable here"
+        if got != want:
+            raise RestoreError(f"tid {t.pid}: cannot restore its CPU affinity {sorted(want)}: {why}",
+                               "restart on a machine (or cpuset) with those CPUs")
+    if a.timerslack and a.policy not in REAL_TIME:
+        t.syscall("prctl", PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)

@@ -1,0 +1,117 @@
+"""Process state that must never come back silently different (issue 17):
+seccomp filters, no_new_privs, securebits, bounding set, scheduling per
+thread, affinity, oom_score_adj, timer slack, subreaper, THP disable,
+dumpable, membarrier, mlock/MCL_FUTURE, madvise flags, the parent-death
+signal (tests/progs/state_attrs.c checks all of it itself).  As root; the
+refusals for an ordinary user run as ``lcrtest``."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+
+import pytest
+
+import helpers
+from helpers import (assert_clean_error, assert_pass, kill_and_reap, lcr, reap, restart_image,
+                     wait_for_line)
+from rootless_helpers import find_user, lcr_as, user_can_run_lcr, user_workdir
+
+pytestmark = pytest.mark.e2e
+
+
+def _cpu() -> int:
+    return max(os.sched_getaffinity(0))
+
+
+def _start(procs, bins, tmp_path, *mode: str, prefix=()):
+    log = tmp_path / "state.log"
+    p = procs.start([*prefix, bins["state_attrs"], str(_cpu()), *mode], log)
+    m = wait_for_line(log, r"^READY pid=(\d+) child=(\d+)", pid=p.pid)
+    child = int(m.group(2))
+    if child:
+        procs.add(child)
+    return p.pid, child, log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sets state only root may set (securebits, ...)")
+def test_state_comes_back(bins, procs, tmp_path):
+    pid, child, log = _start(procs, bins, tmp_path)
+    assert_pass(pid, log, "state_attrs")       # the set-up itself holds
+    img = tmp_path / "img"
+    lcr("checkpoint", pid, "-o", img)
+    reap(pid)
+    reap(child)              # re-parented to us (the tests are a subreaper)
+    new = restart_image(img, procs)
+    assert new == pid
+    assert_pass(pid, log, "state_attrs")
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+    assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+    # the child's parent-death signal fires when its restored parent dies
+    kill_and_reap(pid)
+    wait_for_line(log, rf"^PDEATH pid={child}$")
+
+
+@pytest.fixture
+def agent_env(tmp_path, monkeypatch):
+    d = tmp_path / "agent"
+    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
+    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    try:
+        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sets a seccomp filter as root")
+def test_seccomp_filter_survives_rollback(bins, procs, tmp_path, agent_env):
+    """A snapshot of a seccomp'd process: the dump's injected syscalls are
+    not judged by the filter (the process is not killed) and a rollback
+    leaves the filter in place."""
+    pid, child, log = _start(procs, bins, tmp_path, "seccomp")
+    crid = lcr("snapshot", pid, env=agent_env).stdout.strip()
+    lcr("rollback", crid, env=agent_env)
+    assert_pass(pid, log, "state_attrs")
+    lcr("discard", crid, env=agent_env)
+    with open(f"/proc/{pid}/status") as f:
+        assert re.search(r"^Seccomp:\s+2$", f.read(), re.M)
+
+
+@pytest.fixture(scope="module")
+def user():
+    u = find_user("lcrtest")
+    why = user_can_run_lcr(u)
+    if why:
+        pytest.skip(why)
+    return u
+
+
+@pytest.fixture
+def wd(user):
+    d = user_workdir(user)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_user_refused_seccomp(user, wd, bins, procs, tmp_path):
+    pid, child, log = _start(procs, bins, tmp_path, "seccomp", prefix=user.prefix)
+    img = wd / "img"
+    cp = lcr_as(user, "check", pid, check=False)
+    assert cp.returncode != 0 and re.search(rf"pid {pid} runs under seccomp.*CAP_SYS_ADMIN.*root",
+                                            cp.stdout), cp
+    cp = lcr_as(user, "checkpoint", pid, "-o", img, check=False)
+    assert_clean_error(cp, "NotCheckpointable", mentions=["seccomp", str(pid), "root"])
+    assert not img.exists()
+    assert_pass(pid, log, "state_attrs")      # untouched: its filter still holds
+
+
+def test_user_refused_lower_nice(user, wd, bins, procs, tmp_path):
+    """Started by root at nice -5 and running as lcrtest: lcrtest could not
+    give that nice value back (RLIMIT_NICE 0)."""
+    pid, child, log = _start(procs, bins, tmp_path, "plain",
+                             prefix=["nice", "-n", "-5", "prlimit", "--nice=0", *user.prefix])
+    cp = lcr_as(user, "check", pid, check=False)
+    assert cp.returncode != 0 and re.search(r"nice value -5.*CAP_SYS_NICE", cp.stdout), cp
