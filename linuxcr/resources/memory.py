@@ -913,12 +913,11 @@ def roll_back_written(child: Tracee, t: Tracee, vmas: list[Vma], written: list[S
                               sum((e - s) // PAGE for s, e in runs.subtract(live, have))))
     # drop first: a drop range never overlaps a page copied
     for v, ranges, _n in drops:
-        anon = v.kind == "anon" and not v.shared
-        try:
-            drop_pages(t, ranges, zeros_if_refused=anon)
-        except OSError as ex:
-            raise NotFast(f"madvise(MADV_DONTNEED) in 0x{v.start:x}-0x{v.end:x} failed: "
-                          f"{ex.strerror}") from None
+        for s, e in ranges:
+            try:
+                drop_pages(t, [(s, e)], zeros_if_refused=v.kind == "anon" and not v.shared)
+            except OSError as ex:
+                raise NotFast(f"madvise(MADV_DONTNEED) at 0x{s:x} failed: {ex.strerror}") from None
     dropped = sum(n for _v, _rs, n in drops)
     copied = copy_pages(child, t, copy)
     for addr, b in copies:
