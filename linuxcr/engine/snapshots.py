@@ -29,11 +29,9 @@ agent therefore does all of this itself, from one thread.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import secrets
-import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -47,15 +45,8 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, finish, memory, pstree
-from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import clone_args
+from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child
 
-CLONE_PARENT = 0x8000
-PTRACE_SETOPTIONS = 0x4200
-WNOHANG, WALL = 1, 0x40000000
-PR_SET_NAME = 15
-SNAP_COMM = "lcr-snapshot"       # the comm of every snapshot child
 
 
 class RollbackRefused(LcrError):
@@ -385,10 +376,6 @@ def _private_dirty(pid: int) -> int:
     return 0
 
 
-def _set_options(pid: int, opts: int) -> None:
-    ptrace._ptrace(PTRACE_SETOPTIONS, pid, 0, opts)
-
-
 # --- take -------------------------------------------------------------------
 
 def _fd_reason(r: str) -> bool:
@@ -476,7 +463,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
-            part = Part(task=task, child=_fork(fz, sibling=task.pid == pid), copies=copies,
+            part = Part(task=task, child=snapshot_child.fork(fz, sibling=task.pid == pid), copies=copies,
                         maps=[e.map for e in smaps[task.pid]])
             parts.append(part)
             if trackers is not None:
@@ -554,87 +541,7 @@ def _no_uffd(v: Vma) -> Vma:
 
 
 def _gettid() -> int:
-    return ctypes.CDLL(None).syscall(186)
-
-
-def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
-    """The snapshot child: a fork of the frozen leader, stopped for good.
-
-    ``sibling`` (the root of a tree): a sibling of the target (CLONE_PARENT,
-    SIGCHLD), outside the tree.  Otherwise -- a process inside the tree,
-    whose parent is application code -- a child of the target itself with
-    no exit signal: an ordinary wait() never sees it (only __WALL does), so
-    the application's own wait()s are unchanged; discard reaps it."""
-    t = fz.leader
-    base = ptrace.PTRACE_O_TRACESYSGOOD
-    # EXITKILL is inherited by the auto-attached child: it can never run on
-    # its own, even if we died right after the fork.  (The target carries it
-    # only for this one injected call.)
-    # exit_signal 0 makes it a PTRACE_EVENT_CLONE, not a FORK
-    _set_options(t.pid, base | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE
-                 | ptrace.PTRACE_O_EXITKILL)
-    try:
-        with t.scratch() as addr:
-            cpid = None
-            # A sibling of the target (CLONE_PARENT) whose death its parent is told
-            # of, so an ordinary wait() reaps it (clone3 wants exit_signal 0 with
-            # CLONE_PARENT: the child gets the target's own exit signal).  A
-            # namespace init cannot use CLONE_PARENT: then a child of its own
-            # that only wait(__WALL) sees (discard makes it reap that).
-            tries = ((CLONE_PARENT, 0), (0, 0)) if sibling else ((0, 0),)
-            for flags, sig in tries:
-                args = clone_args()
-                args.flags, args.exit_signal = flags, sig
-                t.write(addr, bytes(args))
-                try:
-                    cpid = t.clone(addr, ctypes.sizeof(args))
-                    break
-                except LcrError:
-                    # no event: a child made untraced must not live a moment
-                    ret = ptrace.get_regs(t.pid).rax
-                    if 0 < ret < 1 << 31:
-                        os.kill(ret, signal.SIGKILL)
-                    raise
-                except OSError as e:
-                    if e.errno != errno.EINVAL or flags == 0:
-                        raise LcrError(f"pid {t.pid}: cannot fork a snapshot: {e.strerror}") from None
-    finally:
-        _set_options(t.pid, base)
-    c = Tracee(cpid, exitkill=True)
-    c.attached = True
-    c.cow_shared = True          # read it without pinning (which would unshare it)
-    c.saved_regs = ptrace.get_regs(cpid)
-    c.insn = t.insn
-    try:
-        _set_options(cpid, base | ptrace.PTRACE_O_EXITKILL)
-        ptrace.set_sigmask(cpid, (1 << 64) - 1)
-        c.syscall("close_range", 0, 0xFFFFFFFF, 0)     # it holds no file at all
-        # its own session: a dead child must not keep the target's pid number
-        # (as session or group id) taken, or a restart could not reuse it
-        c.syscall("setsid", check=False)
-        c.write(addr, SNAP_COMM.encode() + b"\0")      # our scratch page came along:
-        c.syscall("prctl", PR_SET_NAME, addr, 0, 0, 0, check=False)   # a name that says what it is
-        c.syscall("munmap", addr, PAGE, check=False)
-    except BaseException:
-        kill_child(c)
-        raise
-    return c
-
-
-def kill_child(c: Tracee) -> None:
-    try:
-        os.kill(c.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        while True:
-            st = os.waitpid(c.pid, ptrace.WALL)[1]
-            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                break
-    except ChildProcessError:
-        pass
-    c.attached = False
-    c.close()
+    return threading.get_native_id()
 
 
 def discard(snap: Snapshot, trackers: WriteTrackers | None = None) -> None:
@@ -651,7 +558,7 @@ def _kill_and_reap(part: Part) -> None:
     signal (a process inside a tree), nobody would reap it: the target
     does, by an injected wait4(__WALL)."""
     cpid = part.child.pid
-    kill_child(part.child)
+    snapshot_child.kill(part.child)
     try:
         st = read_stat(cpid)
     except (FileNotFoundError, ProcessLookupError):
@@ -661,27 +568,11 @@ def _kill_and_reap(part: Part) -> None:
     try:
         if read_stat(part.task.pid).starttime != part.task.starttime:
             return
-        reap_in(part.task.pid, cpid)
+        snapshot_child.reap_in(part.task.pid, cpid)
     except (LcrError, OSError) as e:
         import sys
         print(f"lcr: snapshot process {cpid} left a zombie of pid {part.task.pid}: {e}",
               file=sys.stderr)     # it stays one until its parent exits
-
-
-def reap_in(parent: int, cpid: int) -> None:
-    """Make ``parent`` (a live process) reap its zombie child ``cpid``."""
-    fz = Frozen(parent)
-    try:
-        fz.freeze()
-        t = fz.leader
-        insn = t.find_syscall_insn(memory.vdso_text(memory.collect(read_smaps(parent))))
-        for th in fz.threads.values():
-            th.insn = insn
-        fz.block_signals()
-        t.syscall("wait4", cpid, 0, WNOHANG | WALL, 0, check=False)
-        fz.unblock_signals()
-    finally:
-        fz.thaw()
 
 
 # --- writeback ---------------------------------------------------------------

@@ -72,6 +72,7 @@ class Step:
     name: str
     restart: Way
     rollback: Way
+    fields: tuple[str, ...] = ()      # the Task fields it gives back (tests check all are)
 
 
 # --- the steps -------------------------------------------------------------------
@@ -326,26 +327,36 @@ KEPT = "a rollback brings back the same live process: "
 STEPS: tuple[Step, ...] = (
     Step("protect", _protect, Skip("the rollback's memory path drops the write permission it "
                                    "added (memory.roll_back_all); the fast path adds none")),
-    Step("mm", _mm, _mm_back),
-    Step("files", _files, _files_back),
-    Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold")),
-    Step("fs", _fs, _fs_back),
-    Step("misc", _misc, _umask),   # rollback: personality, name and the leader's pointers are kept
-    Step("sigactions", _sigactions, _sigactions),
-    Step("altstack", _altstack, Skip("with each thread's own, in step threads")),
+    Step("mm", _mm, _mm_back, ("mm",)),
+    Step("files", _files, _files_back, ("files",)),
+    Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
+    Step("fs", _fs, _fs_back, ("cwd", "root")),
+    # rollback: the umask only; personality, name and the leader's pointers are kept
+    Step("misc", _misc, _umask, ("umask", "personality", "comm", "robust_list", "tid_address")),
+    Step("sigactions", _sigactions, _sigactions, ("sigactions",)),
+    Step("altstack", _altstack, Skip("with each thread's own, in step threads"), ("altstack",)),
     Step("itimers", _itimers, Skip("with the pending signals (step pending): set once those "
-                                   "that arrived since are drained")),
-    Step("rlimits", _rlimits, Skip(KEPT + "its resource limits are left as they are")),
-    Step("threads", _threads, _threads_back),
-    Step("posix_timers", _posix_timers, Skip("with the pending signals (step pending)")),
-    Step("creds", _creds, Skip(KEPT + "its credentials are left as they are")),
-    Step("pending", _pending, _signal_state_back),
+                                   "that arrived since are drained"), ("itimers",)),
+    Step("rlimits", _rlimits, Skip(KEPT + "its resource limits are left as they are"),
+         ("rlimits",)),
+    Step("threads", _threads, _threads_back, ("threads",)),
+    Step("posix_timers", _posix_timers, Skip("with the pending signals (step pending)"),
+         ("posix_timers",)),
+    Step("creds", _creds, Skip(KEPT + "its credentials are left as they are"), ("creds",)),
+    Step("pending", _pending, _signal_state_back, ("pending",)),
     Step("thread_regs", _thread_regs, _thread_regs_back),
-    Step("caps", _caps, Skip(KEPT + "its capabilities are left as they are")),
-    Step("rseq", _rseq, _rseq_back),
+    Step("caps", _caps, Skip(KEPT + "its capabilities are left as they are"), ("caps",)),
+    Step("rseq", _rseq, _rseq_back, ("rseq",)),
     Step("trampoline", _trampoline, _trampoline),
-    Step("registers", _registers, _registers_back),
+    Step("registers", _registers, _registers_back, ("regs", "xstate", "sigmask")),
 )
+# Task fields given back before the finish, by whom
+BEFORE: dict[str, str] = {
+    **dict.fromkeys(("pid", "tid", "ppid", "pgid", "sid", "vpid", "pidns_init"),
+                    "the tree: engine/restore.py build_tree, resources/pstree.py"),
+    "vmas": "memory: resources/memory.py (map, fill, reconcile)",
+    **dict.fromkeys(("starttime", "boot_id"), "identity of the original: checked, not given back"),
+}
 NAMES = frozenset(s.name for s in STEPS)
 # lcr rollback --memory-only: memory, handlers and per-thread state only
 MEMORY_ONLY = frozenset({"files", "fs", "misc", "pending"})

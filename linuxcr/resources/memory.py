@@ -145,12 +145,19 @@ def collect(smaps: list[SmapsEntry]) -> list[Vma]:
 def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
     """(address, pages) of every page worth saving, in chunks of at most CHUNK."""
     out: list[tuple[int, int]] = []
+    for _v, got in _saved_runs(pid, vmas):
+        out += split_runs(got, CHUNK // PAGE)
+    return out
+
+
+def _saved_runs(pid: int, vmas: list[Vma]) -> Iterator[tuple[Vma, list[tuple[int, int]]]]:
+    """Each area with pages, and (address, pages) of its pages present or
+    swapped -- in private file mappings (and memfds, unlinked files) only
+    the anonymous copies: the rest is the file's."""
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
-                private_file = v.kind == "file" or v.kind in OBJECT_KINDS   # only COWed pages
-                out += split_runs(pm.runs(v.start, v.end, anon_only=private_file), CHUNK // PAGE)
-    return out
+                yield v, pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
 
 
 _RING: list[memoryview] = []
@@ -251,11 +258,8 @@ def _present(pid: int, vmas: list[Vma]) -> tuple[list[tuple[int, int]], list[tup
     them, which no per-process tracker sees."""
     private: list[tuple[int, int]] = []
     shared: list[tuple[int, int]] = []
-    with PagemapReader(pid) as pm:
-        for v in vmas:
-            if v.pages:
-                got = pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
-                (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
+    for v, got in _saved_runs(pid, vmas):
+        (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
     return runs.normalize(private), runs.normalize(shared)
 
 
