@@ -159,8 +159,7 @@ def _threads_back(f: Finish) -> None:
                 live.syscall("set_robust_list", saved.robust_list[0], saved.robust_list[1])
             live.syscall("set_tid_address", saved.tid_address)
         if saved.altstack[1] & SS_DISABLE:
-            live.syscall("sigaltstack", f.arena.put(signals._STACK_T.pack(0, SS_DISABLE, 0, 0)), 0,
-                         check=False)
+            signals.disable_altstack(live, f.arena)
         else:
             signals.restore_altstack(live, f.arena, saved.altstack)
 

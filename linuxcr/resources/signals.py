@@ -87,6 +87,11 @@ def restore_altstack(t: Tracee, arena: Arena, alt: list[int]) -> None:
     t.syscall("sigaltstack", arena.put(_STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size)), 0)
 
 
+def disable_altstack(t: Tracee, arena: Arena) -> None:
+    """No alternate signal stack (a live task may have set one since)."""
+    t.syscall("sigaltstack", arena.put(_STACK_T.pack(0, SS_DISABLE, 0, 0)), 0, check=False)
+
+
 def queue_pending(t: Tracee, arena: Arena, pending: list[PendingSignal], pid: int, tid: int) -> None:
     """Queue the saved signals again; the task sends them to itself, which the
     kernel allows for any si_code.  All signals are blocked while we work, so

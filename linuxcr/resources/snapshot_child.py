@@ -97,22 +97,6 @@ def fork(fz: Frozen, sibling: bool = True) -> Tracee:
     return c
 
 
-def kill_child(c: Tracee) -> None:
-    try:
-        os.kill(c.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        while True:
-            st = os.waitpid(c.pid, ptrace.WALL)[1]
-            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                break
-    except ChildProcessError:
-        pass
-    c.attached = False
-    c.close()
-
-
 def kill(c: Tracee) -> None:
     """SIGKILL a snapshot child and wait until it is gone (or a zombie of another parent)."""
     try:
