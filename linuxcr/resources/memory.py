@@ -1,10 +1,18 @@
-"""Memory: the address space of a process (VMAs, page contents, vDSO).
+"""Memory: the address space of a process (VMAs, page contents, vDSO), both halves.
 
 Dump: classify every mapping from /proc/PID/smaps, then copy only the pages
 that are present or swapped (pagemap), and for private file mappings only
 those that were written (anonymous copies): the rest is re-mapped from the
-file at restore.  Restore: map every area at its address inside the new
-task, then pour the pages in with process_vm_writev.
+file at restore.  Every copy out of a task goes through one loop
+(read_ahead: a ring of buffers, a helper thread one chunk ahead).
+
+Restore (restart, the migration destination, rollback): a trampoline where
+the saved layout leaves room (map_trampoline, empty_but_trampoline), every
+area mapped at its address (prepare_areas, map_areas), the pages poured in
+from the image (PageFill) or from a snapshot child (copy_pages); a live
+address space reconciled with a saved layout (plan, reconcile: the
+migration's skeleton, a full rollback) and the pages it should not hold
+dropped (drop_pages).
 """
 from __future__ import annotations
 
