@@ -233,35 +233,9 @@ def _private(name: str) -> bool:
 
 # (using module, used name): private names still used across modules, each
 # with why.  Remove an entry when its use goes; never add one without a reason.
-ALLOWED = {
-    # The memory helper (issue 13, memory half) rewrites these five files at
-    # the same time: engine/restore.py, engine/snapshots.py,
-    # engine/migrate.py, migration/skeleton.py, resources/memory.py.  Their
-    # cross-module private uses go with that rewrite (restore.py's helpers
-    # become the public finish order / memory functions):
-    ("linuxcr.engine.migrate", "linuxcr.resources.memory._ring"),
-    ("linuxcr.engine.migrate", "linuxcr.engine.restore._check_vdso"),
-    ("linuxcr.engine.migrate", "linuxcr.engine.restore._raise_nofile"),
-    ("linuxcr.engine.migrate", "linuxcr.engine.restore._read_meta"),
-    ("linuxcr.engine.migrate", "linuxcr.engine.restore._restore_tree"),
-    ("linuxcr.engine.migrate", "linuxcr.engine.restore._finish"),
-    ("linuxcr.engine.snapshots", "linuxcr.engine.restore._free_gap"),
-    ("linuxcr.engine.snapshots", "linuxcr.resources.memory._ring"),
-    ("linuxcr.migration.skeleton", "linuxcr.engine.restore._raise_nofile"),
-    ("linuxcr.migration.skeleton", "linuxcr.engine.restore._free_gap"),
-    ("linuxcr.migration.skeleton", "linuxcr.engine.restore._destroy"),
-    ("linuxcr.migration.skeleton", "linuxcr.engine.restore._build_tree"),
-    ("linuxcr.migration.skeleton", "linuxcr.engine.restore._prepare"),
-    # ... and old names kept as aliases of the new public ones until those
-    # files switch (dump.collect_task, ptrace.request, signals.STACK_T):
-    ("linuxcr.engine.migrate", "linuxcr.engine.dump._collect"),
-    ("linuxcr.engine.snapshots", "linuxcr.engine.dump._collect"),
-    ("linuxcr.engine.snapshots", "linuxcr.sys.ptrace._ptrace"),
-    ("linuxcr.engine.snapshots", "linuxcr.resources.signals._STACK_T"),
-    # the agent server marks a write tracker's count lost: Tracked._lose
-    # lives in engine/snapshots.py (memory helper's file; to become lose())
-    ("linuxcr.agent.server", "._lose"),
-}
+# (module, private name) pairs allowed across modules, each with a comment
+# saying why; today none: every name used across modules is public.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 @lru_cache(maxsize=None)

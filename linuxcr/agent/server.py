@@ -277,7 +277,7 @@ class Agent:
                 # ours, back: the snapshots' count survives only with what was reset meanwhile
                 tr.lent = False
                 if written is None:
-                    tr._lose("an incremental checkpoint reset the write tracker")
+                    tr.lose("an incremental checkpoint reset the write tracker")
                 else:
                     tr.fold(runs.normalize([(int(a), int(b)) for a, b in written]))
                 tr.fd = fds.pop()

@@ -372,4 +372,3 @@ def _boot_id() -> str:
 __all__ = ["checkpoint", "check_process", "check_tree", "DumpResult", "LcrError"]
 
 
-_collect = collect_task   # old name: engine/snapshots.py and engine/migrate.py still use it

@@ -41,12 +41,11 @@ from linuxcr.engine import dump, restore
 from linuxcr.engine.incremental import Trackers
 from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess, NotCheckpointable
 from linuxcr.image import runs
-from linuxcr.image.schema import MAX_TASKS, PageMap, Pages, ParentRef, RecType, Task, Tree
+from linuxcr.image.schema import MAX_TASKS, Pages, ParentRef, Task, Tree
 from linuxcr.image.stream import PAGE, ImageReader
 from linuxcr.migration import protocol as P
 from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
-from linuxcr.migration.skeleton import Skeleton, clip, identical_areas, in_skeleton, skeleton_vmas
-from linuxcr.pipeline import RING, prefetch
+from linuxcr.migration.skeleton import Skeleton, identical_areas, in_skeleton, skeleton_vmas
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
 from linuxcr.resources import files, memory, process
@@ -169,7 +168,7 @@ class PrecopyBase:
         for p in tree.order:
             final = memory.collect(read_smaps(p))
             same = identical_areas(by_pid[p].vmas, final)
-            self._held[p] = [(s, e, 1) for s, e in clip(runs.normalize(self.sent.get(p, [])), same)]
+            self._held[p] = [(s, e, 1) for s, e in memory.clip(runs.normalize(self.sent.get(p, [])), same)]
         _mark("source held computed")
         _fault("source.final")
 
@@ -243,7 +242,7 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
         tree.freeze()
         smaps = tree.checked()
         table = files.Table()
-        tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [dump.collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
         collected = time.monotonic() - t0     # what the final freeze will take again
         trackers.on_frozen(tree, None)
         trackers.set_epoch(EPOCH)
@@ -264,24 +263,13 @@ def _send_ranges(conn: Conn, pid: int, ranges: list[tuple[int, int]],
     joins ``sent``.  A range that cannot be read (unmapped meanwhile) is
     skipped: it is not counted as held, the final image has it if it exists."""
     t = Tracee(pid)
-    ring = memory._ring()
-
-    def chunks():
-        for i, (s, e) in enumerate(runs.split(ranges, memory.CHUNK)):
-            view = ring[i % RING][: e - s]
-            try:
-                t.readinto(s, view)
-            except (OSError, LcrError):
-                yield s, None
-                continue
-            yield s, view
-
     total = 0
     since = 0
     try:
-        for s, view in prefetch(chunks()):
+        for _tag, pieces, view in memory.read_ahead(memory.runs_work(t, ranges), skip_unreadable=True):
             if view is None:
                 continue
+            s = pieces[0][0]
             conn.send(Msg.PAGES, Pages(pid=pid, addr=s, npages=len(view) // PAGE), view)
             sent.append((s, s + len(view)))
             total += len(view) // PAGE
@@ -304,7 +292,7 @@ def _present(pid: int, vmas, within: list[tuple[int, int]] | None = None) -> lis
             for v in vmas:
                 if not in_skeleton(v):
                     continue
-                parts = [(v.start, v.end)] if within is None else clip(within, [(v.start, v.end)])
+                parts = [(v.start, v.end)] if within is None else memory.clip(within, [(v.start, v.end)])
                 for s, e in parts:
                     out += [(a, a + n * PAGE) for a, n in pm.runs(s, e, anon_only=v.kind == "file")]
     except FileNotFoundError:
@@ -343,7 +331,7 @@ def _precopy(conn: Conn, pre: _Prelim, trackers: Trackers, res: MigrateResult,
             sent[k.pid] = runs.subtract(runs.normalize(sent[k.pid]),
                                         runs.normalize(written + untracked))
             areas = runs.normalize((v.start, v.end) for v in k.vmas if in_skeleton(v))
-            todo[k.pid] = runs.normalize(clip(written, areas) + _present(k.pid, k.vmas, untracked))
+            todo[k.pid] = runs.normalize(memory.clip(written, areas) + _present(k.pid, k.vmas, untracked))
         nbytes = sum(runs.total(r) for r in todo.values())
         nruns = sum(len(r) for r in todo.values())
         # what copying these would cost, frozen: bytes, and a cost per run
@@ -511,7 +499,7 @@ class _Receiver:
                 reason = process.check_creds(k)
                 if reason:
                     raise MigrationError(reason)
-        restore._check_vdso(tasks[0])
+        restore.check_vdso(tasks[0])
 
     def _run(self) -> ReceiveResult:
         conn = self.conn
@@ -553,7 +541,7 @@ class _Receiver:
         _mark("FINAL received")
         reader = ImageReader(conn.fd, name=f"the migration stream from {conn.peer}")
         try:
-            header, ftree, ftasks, first = restore._read_meta(reader)
+            header, ftree, ftasks, first = restore.read_meta(reader)
             _mark("final metadata read")
             self._check(ftree, ftasks)
             _mark("checked")
@@ -582,8 +570,7 @@ class _Receiver:
         self.sk.destroy()
         self.say("the source sent a full image: plain restore")
         memory.forget_objects()
-        restore._raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix)
-                              + len(tree.shm) + len(tree.mapped) + 64)
+        restore.raise_nofile(tree)
         from linuxcr.migration.skeleton import spawn_blank
         ours = files.open_all(tree.files, tree.pipes, tree.unix)
         shm: dict = {}
@@ -591,7 +578,7 @@ class _Receiver:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = spawn_blank(tasks[0], tree, tasks)
             with process.restore_policy(self._policy(tree, tasks)):
-                r = restore._restore_tree(blank, mode, False, tree, tasks, reader, first, ours, shm)
+                r = restore.restore_tree(blank, mode, False, tree, tasks, reader, first, ours, shm)
         finally:
             files.close_all(ours)
             files.close_all(shm)
@@ -604,8 +591,7 @@ class _Receiver:
         sk = self.sk
         assert sk is not None
         memory.forget_objects()
-        restore._raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix)
-                              + len(tree.shm) + len(tree.mapped) + 64)
+        restore.raise_nofile(tree)
         ours = files.open_all(tree.files, tree.pipes, tree.unix)
         shm: dict = {}
         warnings: list[str] = []
@@ -623,18 +609,19 @@ class _Receiver:
                 given[k.pid] = m
                 sk.reconcile(r, k, {key: m[fd] for key, fd in shm.items() if fd in m})
             _mark("fds given, areas reconciled")
-            stored, maps, final_pages = self._fill(reader, first, tasks)
+            fill = memory.PageFill({k.pid: (r.t, k.vmas) for r, k in zip(sk.made, tasks)},
+                                   reader.name)
+            final_pages = fill.pour(reader, first)
             _mark("pages written")
             inherited = 0
             for r, k in zip(sk.made, tasks):
-                inherited += sk.drop_stale(r, k, maps.get(k.pid, []), stored.get(k.pid, []),
-                                           reader.name)
+                inherited += sk.drop_stale(r, k, fill)
             _mark("stale pages dropped")
             with process.restore_policy(self._policy(tree, tasks)):
                 for r, k in zip(sk.made, tasks):
                     r.task = k
                     m = given[k.pid]
-                    warnings += restore._finish(r, {fid: m[fd] for fid, fd in ours.items()
+                    warnings += restore.finish_task(r, {fid: m[fd] for fid, fd in ours.items()
                                                     if fd in m}, tree)
         finally:
             files.close_all(ours)
@@ -646,43 +633,6 @@ class _Receiver:
         return ReceiveResult(pid=sk.root.pid, original_pid=root.pid, vpid=root.vpid or root.pid,
                              namespace=sk.mode != "host", peer="", final_pages=final_pages,
                              inherited_pages=inherited, processes=len(tasks), warnings=warnings)
-
-    def _fill(self, reader: ImageReader, first, tasks: list[Task]):
-        """The final image's pages into the tasks; its page maps kept."""
-        sk = self.sk
-        assert sk is not None
-        by_pid = sk.by_pid()
-        final = {k.pid: k for k in tasks}
-        stored: dict[int, list[tuple[int, int]]] = {}
-        maps: dict[int, list[tuple[int, int, int]]] = {}
-        total = 0
-        rec = first
-        while True:
-            if rec.type is RecType.TRAILER:
-                reader.expect_end()
-                return stored, maps, total
-            if rec.type is RecType.PAGEMAP:
-                pm: PageMap = rec.meta  # type: ignore[assignment]
-                if pm.pid not in by_pid:
-                    raise MigrationError(f"{reader.name}: a page map of pid {pm.pid}, "
-                                         "which it does not hold")
-                maps.setdefault(pm.pid, []).extend(
-                    (x.addr, x.addr + x.npages * PAGE, x.depth) for x in pm.runs)
-            elif rec.type is RecType.PAGES:
-                if maps:
-                    raise MigrationError(f"{reader.name}: pages after its page map")
-                meta: Pages = rec.meta  # type: ignore[assignment]
-                r = by_pid.get(meta.pid)
-                if r is None or not memory.check_pages_fit(final[meta.pid].vmas, meta.addr,
-                                                           meta.npages):
-                    raise MigrationError(f"{reader.name}: pages at 0x{meta.addr:x} lie outside "
-                                         "every saved memory area")
-                r.t.write(meta.addr, rec.data)
-                stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
-                total += meta.npages
-            else:
-                raise MigrationError(f"{reader.name}: unexpected {rec.type.name} record among pages")
-            rec = reader.next()
 
 
 __all__ = ["migrate", "receive", "MigrateResult", "ReceiveResult", "Round", "MigrationError",

@@ -25,23 +25,16 @@ from dataclasses import dataclass, field
 from linuxcr import faults
 from linuxcr.engine import spawn
 from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreError
-from linuxcr.image import runs
 from linuxcr.image.chain import Chain
-from linuxcr.image.schema import Header, PageMap, Pages, RecType, Task, Tree
-from linuxcr.image.stream import PAGE, SMALL_DATA, ImageReader, Record
-from linuxcr.pipeline import prefetch
+from linuxcr.image.schema import Header, RecType, Task, Tree
+from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, procattrs, process,
-                               pstree, sched, security, signals, threads)
+from linuxcr.resources import cpu, fdkinds, files, finish, memory, process, pstree
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
 
-ARCH_MAP_VDSO_64 = 0x2003
-TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
-MIN_ADDR = 0x1000000
-CHAIN_BATCH = 4 << 20           # bytes of small pieces gathered per write from a chain
 PID_WAIT = 30.0                 # seconds to wait for the original to be reaped
 
 
@@ -59,7 +52,8 @@ class RestoreResult:
 
 @dataclass
 class Rebuild:
-    """One task being rebuilt."""
+    """One task being rebuilt (restart, and the migration destination's
+    skeleton): its saved record, the blank under ptrace, its trampoline."""
     task: Task
     t: Tracee
     tramp: int = 0
@@ -144,7 +138,7 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
             raise ImageError(f"image holds an open device {d.path!r} that lcr does not restore")
 
 
-def _check_vdso(task: Task) -> None:
+def check_vdso(task: Task) -> None:
     """The new task gets this kernel's vDSO; glibc holds pointers into the
     saved one, so both must have the same layout."""
     saved = [(v.kind, v.end - v.start) for v in task.vmas if v.kind in memory.VDSO_KINDS]
@@ -223,7 +217,8 @@ def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
 
 # --- the restart --------------------------------------------------------------
 
-def _read_meta(reader: ImageReader) -> tuple[Header, Tree, list[Task], Record]:
+def read_meta(reader: ImageReader) -> tuple[Header, Tree, list[Task], Record]:
+    """HEADER, TREE and every TASK of an image; the first record after them."""
     header = reader.read_header()
     rec = reader.next()
     if rec.type is not RecType.TREE:
@@ -243,7 +238,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
     reader = ImageReader(fd, name=name)
     chain: Chain | None = None
     try:
-        header, tree, tasks, first = _read_meta(reader)
+        header, tree, tasks, first = read_meta(reader)
         validate_tree(tree, tasks)
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
@@ -251,9 +246,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
             reason = process.check_creds(k)
             if reason:
                 raise RestoreError(reason)
-        _check_vdso(tasks[0])
-        _raise_nofile(len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm)
-                      + len(tree.mapped) + 64)
+        check_vdso(tasks[0])
+        raise_nofile(tree)
         memory.forget_objects()
         # Before anything is opened: the originals may still hold the pids,
         # the addresses their sockets are bound to, their locks.
@@ -264,7 +258,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
-            res = _restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm, chain)
+            res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm, chain)
         finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
@@ -276,9 +270,14 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
     return res
 
 
-def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks: list[Task],
-                  reader: ImageReader, first: Record, ours: dict[int, int],
-                  shm: dict[int, int], chain: Chain | None = None) -> RestoreResult:
+def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks: list[Task],
+                 reader: ImageReader, first: Record, ours: dict[int, int],
+                 shm: dict[int, int], chain: Chain | None = None) -> RestoreResult:
+    """The whole tree from the image's records after its metadata (``first``):
+    blanks made and seized, areas mapped, pages poured in, every task
+    finished; then released to run.  ``ours``: lcr's fds of the tree's open
+    files (fid -> fd), ``shm``: its shared memory objects.  On any failure
+    every task made is killed."""
     root = Tracee(blank.pid, exitkill=True, traceclone=True)
     made: list[Rebuild] = []
     try:
@@ -286,19 +285,20 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
             faults.point("restore.spawned")
             root.seize()
             root.stop()
-            _build_tree(root, tasks, tree, any_pid, made)
+            build_tree(root, tasks, tree, any_pid, made)
             for r in made:
-                _prepare(r, shm)
-            pages = _fill_pages(made, reader, first, chain)
+                prepare(r, shm)
+            pages = memory.fill_image({r.task.pid: (r.t, r.task.vmas) for r in made},
+                                      reader, first, chain)
             warnings: list[str] = []
             for r in made:
-                warnings += _finish(r, ours, tree)
+                warnings += finish_task(r, ours, tree)
             faults.point("restore.finished")
         finally:
             os.close(blank.keep)
     except BaseException as e:
-        _destroy([root] + [r.t for r in made if r.t is not root] + [th for r in made for th in r.made],
-                 blank.init_pid)    # threads too: a leader is reaped only after them
+        destroy([root] + [r.t for r in made if r.t is not root] + [th for r in made for th in r.made],
+                blank.init_pid)    # threads too: a leader is reaped only after them
         if isinstance(e, OSError):
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise
@@ -311,10 +311,10 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
                          namespace=mode != "host", processes=len(tasks))
 
 
-def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
+def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
                 made: list[Rebuild]) -> None:
     """Every task as a blank, forked by its blank parent; then groups, zombies.
-    Each blank is emptied (_empty) before it forks: the root blank is a copy
+    Each blank is emptied (empty) before it forks: the root blank is a copy
     of lcr, and a child forked from that copy would have to have it copied
     (page tables) and torn down again; forked from an emptied parent it
     holds one trampoline page.
@@ -332,7 +332,7 @@ def _build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         made.append(r)
         ptrace.set_sigmask(t.pid, ALL_SIGNALS)
         pstree.set_session(t, k)
-        _empty(r, inherited=None if t is root else by_pid[k.ppid])
+        empty(r, inherited=None if t is root else by_pid[k.ppid])
         faults.point("restore.tree")
     pstree.set_groups([(r.t, r.task) for r in made])
     for z in tree.zombies:
@@ -354,20 +354,7 @@ def _own_vdso(pid: int) -> tuple[int, int] | None:
     return next(((m.start, m.end) for m in read_maps(pid) if m.path == "[vdso]"), None)
 
 
-def _free_gap(task: Task, pid: int) -> int:
-    """An address free both in the image's layout and in the new task."""
-    busy = sorted([(v.start, v.end) for v in task.vmas] + [(m.start, m.end) for m in read_maps(pid)])
-    addr = MIN_ADDR
-    for start, end in busy:
-        if addr + TRAMPOLINE <= start:
-            break
-        addr = max(addr, (end + PAGE - 1) & ~(PAGE - 1))
-    if addr + TRAMPOLINE > TASK_SIZE:
-        raise RestoreError("no free address for the restore trampoline")
-    return addr
-
-
-def _empty(r: Rebuild, inherited: Rebuild | None = None) -> None:
+def empty(r: Rebuild, inherited: Rebuild | None = None) -> None:
     """Empty the blank's address space but for a trampoline page (code, then
     scratch for arguments) at an address the image leaves free.  A blank
     forked from an emptied parent (``inherited``) holds nothing but the
@@ -378,230 +365,46 @@ def _empty(r: Rebuild, inherited: Rebuild | None = None) -> None:
         else os.readlink(f"/proc/{t.pid}/exe")
     if inherited is None:
         cpu.unregister_rseq(t)          # a fork of lcr: glibc's registration goes
-    at = inherited.tramp if inherited is not None else 0
-    if at and _free_in(task, at):
-        tramp = at
-    else:
-        tramp = _free_gap(task, t.pid)
-        t.syscall("mmap", tramp, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)  # RWX, FIXED_NOREPLACE
-        t.write(tramp, b"\x0f\x05")
-    r.tramp = tramp
-    t.insn = tramp
-    r.arena = Arena(t, tramp + PAGE, TRAMPOLINE - PAGE)
-    t.syscall("munmap", 0, tramp)
-    t.syscall("munmap", tramp + TRAMPOLINE, TASK_SIZE - tramp - TRAMPOLINE)
+    r.tramp, r.arena = memory.empty_but_trampoline(t, task.vmas,
+                                                   inherited.tramp if inherited is not None else 0)
 
 
-def _free_in(task: Task, at: int) -> bool:
-    """[at, at + TRAMPOLINE) is free in the image's layout of the task."""
-    return MIN_ADDR <= at and at + TRAMPOLINE <= TASK_SIZE and \
-        not any(v.start < at + TRAMPOLINE and at < v.end for v in task.vmas)
-
-
-def _prepare(r: Rebuild, shm: dict[int, int]) -> None:
-    """The emptied blank (_empty, done by _build_tree): map the saved areas."""
+def prepare(r: Rebuild, shm: dict[int, int]) -> None:
+    """The emptied blank (empty, done by build_tree): map the saved areas."""
     t, task = r.t, r.task
     reason = cpu.check_restorable(task.xstate, ptrace.get_xstate(t.pid))
     if reason:
         raise RestoreError(reason, "restart on a machine with the same CPU features")
     if not r.tramp:
-        _empty(r)
-    vdso = memory.vdso_area(task.vmas)
-    if vdso:
-        t.syscall("arch_prctl", ARCH_MAP_VDSO_64, vdso[0])
-    memory.map_areas(t, task.vmas, r.arena, shm)
+        empty(r)
+    assert r.arena is not None
+    memory.prepare_areas(t, task.vmas, r.arena, shm)
 
 
-def _finish(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
-    """Everything after the pages; last, return into the saved registers."""
-    t, task, arena = r.t, r.task, r.arena
-    assert arena is not None
-    memory.protect_areas(t, task.vmas)
-    process.restore_mm(t, arena, task.mm, r.inherited_exe)
-    files.install(t, task.files, ours)
-    files.after_install(t, arena, task.files, tree.files)
-    locks.restore(t, arena, task.locks, task.files)
-    files.restore_fs(t, arena, task.cwd, task.root)
-    process.restore_misc(t, arena, task)
-    signals.restore_actions(t, arena, task.sigactions, r.inherited_sigs)
-    signals.restore_altstack(t, arena, task.altstack)
-    signals.restore_itimers(t, arena, task.itimers)
-    warnings = process.restore_rlimits(t.pid, task.rlimits)
-    for th in task.threads:   # threads share everything restored so far
-        new = threads.create(t, arena, th, r.tramp)
-        r.made.append(new)
-        threads.restore_thread(new, arena, th)
-    posix_timers.restore(t, arena, task.posix_timers)
-    procattrs.restore(t, task.proc, task.vmas)       # oom, subreaper, THP, membarrier, mlock
-    for tt, a in [(t, task.attrs)] + [(n, th.attrs) for th, n in zip(task.threads, r.made)]:
-        sched.restore(tt, a)
-        security.restore_early(tt, arena, a)         # seccomp: before identity (privilege)
-    process.restore_creds(t, arena, task.creds)
-    vpid = task.vpid or task.pid    # the task names itself so in its namespace
-    signals.queue_pending(t, arena, task.pending, vpid, vpid)
-    for th, new in zip(task.threads, r.made):
-        signals.queue_pending(t, arena, th.pending, vpid, th.vtid)
-        security.restore_identity(new, arena, task.creds, th.attrs)
-        threads.finish_thread(new, th)
-    process.restore_caps(t, arena, task.caps, _caps_now(t.pid))
-    security.restore_ambient(t, task.attrs)
-    warnings += procattrs.restore_late(t, task.proc, task.pid == tree.root)
-    cpu.register_rseq(t, task.rseq)
-    t.syscall("munmap", r.tramp, TRAMPOLINE)      # the last thing the task does for us
-    cpu.restore_fpu(t, task.xstate)
-    t.set_regs(cpu.final_regs(task.regs))
-    ptrace.set_sigmask(t.pid, task.sigmask)
-    return warnings
+def finish_task(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:
+    """Everything after the pages, in the one finish order (resources/finish.py);
+    last, return into the saved registers.  The warnings."""
+    assert r.arena is not None
+    f = finish.Finish(t=r.t, arena=r.arena, task=r.task, tramp=r.tramp,
+                      inherited_sigs=r.inherited_sigs, ours=ours, descs=tree.files,
+                      inherited_exe=r.inherited_exe, is_root=r.task.pid == tree.root)
+    try:
+        return finish.run(f)
+    finally:
+        r.made = [new for new, _th in f.threads]
 
 
-def _caps_now(pid: int) -> tuple[int, int, int]:
-    st = read_status(pid)
-    return st.cap_inh, st.cap_prm, st.cap_eff
-
-
-def _records(reader: ImageReader, first: Record):
-    rec = first
-    while True:
-        yield rec
-        if rec.type is RecType.TRAILER:
-            return
-        rec = reader.next()
-
-
-def _grouped(reader: ImageReader, first: Record):
-    """Records in groups: a run of small PAGES records (each has a buffer of
-    its own, stream.SMALL_DATA) together, anything else alone.  Scattered
-    pages of an incremental image come in thousands of small records."""
-    group: list[Record] = []
-    size = 0
-    for rec in _records(reader, first):
-        small = rec.type is RecType.PAGES and len(rec.data) <= SMALL_DATA \
-            and rec.data_len <= SMALL_DATA
-        if group and (not small or size >= CHAIN_BATCH or len(group) >= 512):
-            yield group
-            group, size = [], 0
-        if small:
-            group.append(rec)
-            size += len(rec.data)
-        else:
-            yield [rec]
-    if group:
-        yield group
-
-
-def _fill_pages(made: list[Rebuild], reader: ImageReader, first: Record,
-                chain: Chain | None = None) -> int:
-    """Pour pages into the tasks; a helper thread reads (and checks) the next
-    records from the image meanwhile.  An incremental image's PAGEMAP then
-    says which pages its parents hold: those come from the chain."""
-    by_pid = {r.task.pid: r for r in made}
-    total = 0
-    stored: dict[int, list[tuple[int, int]]] = {}
-    maps: dict[int, list[tuple[int, int, int]]] = {}
-    for group in prefetch(_grouped(reader, first)):
-        if len(group) > 1 or (group[0].type is RecType.PAGES and len(group[0].data) <= SMALL_DATA):
-            total += _write_group(group, by_pid, stored, maps, reader.name)
-            continue
-        rec = group[0]
-        if rec.type is RecType.TRAILER:
-            reader.expect_end()
-            if chain is not None:
-                total += _fill_from_chain(by_pid, chain, stored, maps, reader.name)
-            elif maps:
-                raise ImageError(f"{reader.name} is corrupt: a page map in a full image")
-            return total
-        if rec.type is RecType.PAGEMAP:
-            pm: PageMap = rec.meta  # type: ignore[assignment]
-            if pm.pid not in by_pid:
-                raise ImageError(f"{reader.name} is corrupt: a page map of pid {pm.pid}, "
-                                 "which it does not hold")
-            maps.setdefault(pm.pid, []).extend(
-                (r.addr, r.addr + r.npages * PAGE, r.depth) for r in pm.runs)
-            continue
-        if rec.type is not RecType.PAGES:
-            raise ImageError(f"{reader.name} is corrupt: unexpected {rec.type.name} record among pages")
-        if maps:
-            raise ImageError(f"{reader.name} is corrupt: pages after its page map")
-        meta: Pages = rec.meta  # type: ignore[assignment]
-        r = by_pid.get(meta.pid)
-        if r is None or not memory.check_pages_fit(r.task.vmas, meta.addr, meta.npages):
-            raise ImageError(f"{reader.name} is corrupt: pages at 0x{meta.addr:x} lie outside "
-                             "every saved memory area")
-        r.t.write(meta.addr, rec.data)
-        stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
-        total += meta.npages
-        faults.point("restore.pages")
-    raise ImageError(f"{reader.name} is truncated: it ends without its trailer")
-
-
-def _write_group(group: list[Record], by_pid: dict[int, Rebuild], stored, maps, name: str) -> int:
-    """Small PAGES records, written with one process_vm_writev per task."""
-    if maps:
-        raise ImageError(f"{name} is corrupt: pages after its page map")
-    pieces: dict[int, list] = {}
-    n = 0
-    for rec in group:
-        meta: Pages = rec.meta  # type: ignore[assignment]
-        r = by_pid.get(meta.pid)
-        if r is None or not memory.check_pages_fit(r.task.vmas, meta.addr, meta.npages):
-            raise ImageError(f"{name} is corrupt: pages at 0x{meta.addr:x} lie outside "
-                             "every saved memory area")
-        pieces.setdefault(meta.pid, []).append((meta.addr, rec.data))
-        stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
-        n += meta.npages
-    for pid, ps in pieces.items():
-        by_pid[pid].t.write_many(ps)
-        faults.point("restore.pages")
-    return n
-
-
-def _fill_from_chain(by_pid: dict[int, Rebuild], chain: Chain, stored, maps, name: str) -> int:
-    """The pages an incremental image left to its parents.  A helper thread
-    reads them from the chain (each record the chain reads is a buffer of its
-    own, so the pieces stay valid) while this one writes them, gathered, one
-    process_vm_writev per batch."""
-    def batches():
-        for pid, r in by_pid.items():
-            try:
-                rr = runs.merge_tagged(maps.get(pid, []))
-            except ValueError as e:
-                raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
-            if runs.normalize(s for s in stored.get(pid, [])) != \
-                    runs.normalize((s, e) for s, e, d in rr if d == 0):
-                raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
-                                 "match its page map")
-            batch: list = []
-            held = 0
-            for s, e, d in rr:
-                if d == 0:
-                    continue
-                if not memory.check_pages_fit(r.task.vmas, s, (e - s) // PAGE):
-                    raise ImageError(f"{name} is corrupt: its page map puts pages at 0x{s:x} "
-                                     "outside every saved memory area")
-                for addr, data in chain.read(d, pid, s, e):
-                    batch.append((addr, data))
-                    held += len(data)
-                    if held >= CHAIN_BATCH or len(batch) >= 512:
-                        yield r, batch, held
-                        batch, held = [], 0
-            if batch:
-                yield r, batch, held
-
-    total = 0
-    for r, batch, nbytes in prefetch(batches()):
-        r.t.write_many(batch)
-        total += nbytes // PAGE
-        faults.point("restore.pages")
-    return total
-
-
-def _raise_nofile(need: int) -> None:
+def raise_nofile(tree: Tree | None = None, need: int = 64) -> None:
+    """Room for lcr's fds: those of the tree's open files and objects, and ``need`` more."""
+    if tree is not None:
+        need += len(tree.files) + len(tree.pipes) * 2 + len(tree.unix) + len(tree.shm) \
+            + len(tree.mapped)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need + 3:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need + 3, soft)), hard))
 
 
-def _destroy(ts: list[Tracee], init_pid: int | None) -> None:
+def destroy(ts: list[Tracee], init_pid: int | None) -> None:
     """Kill everything this restart made (a failed restart leaves nothing)."""
     for t in ts:
         try:

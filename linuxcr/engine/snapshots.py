@@ -29,41 +29,24 @@ agent therefore does all of this itself, from one thread.
 """
 from __future__ import annotations
 
-import bisect
-import ctypes
-import errno
 import os
 import secrets
-import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
 import msgspec
 
 from linuxcr.engine import dump
-from linuxcr.engine.restore import TRAMPOLINE, _free_gap
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError, RollbackRefused
 from linuxcr.image import runs
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
-from linuxcr.pipeline import RING, prefetch
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, memory, posix_timers, process, pstree, signals
-from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import clone_args
+from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child
 
-CLONE_PARENT = 0x8000
-PTRACE_SETOPTIONS = 0x4200
-F_SETFD, F_SETFL = 2, 4
-FD_CLOEXEC = 1
-SEEK_SET = 0
-SS_DISABLE = 2
-WNOHANG, WALL = 1, 0x40000000
-PR_SET_NAME = 15
-SNAP_COMM = "lcr-snapshot"       # the comm of every snapshot child
-MADV_DONTNEED = 4
 
 
 class SnapTable(files.Table):
@@ -206,22 +189,6 @@ UFFD_VMFLAGS = frozenset({"uw", "um", "ui"})   # set by a userfaultfd registrati
 
 
 _merge = runs.normalize     # span lists: image/runs.py
-_and = runs.intersect
-
-
-def _clip(spans: list[Span], s: int, e: int) -> list[Span]:
-    """The parts of sorted, merged ``spans`` within [s, e)."""
-    i = max(bisect.bisect_right(spans, (s, 1 << 64)) - 1, 0)
-    out = []
-    while i < len(spans) and spans[i][0] < e:
-        a, b = max(spans[i][0], s), min(spans[i][1], e)
-        if a < b:
-            out.append((a, b))
-        i += 1
-    return out
-
-
-_sub = runs.subtract        # a minus b (sorted, merged): image/runs.py
 
 
 @dataclass
@@ -249,7 +216,7 @@ class Tracked:
                 self.tracker = dirty.Tracker.adopt(self.pid, fd)
             except LcrError as e:
                 self.failed = str(e)
-                self._lose(f"the write tracker handed in cannot be used ({e})")
+                self.lose(f"the write tracker handed in cannot be used ({e})")
         return self.tracker
 
     def collect(self, *, skip: Part | None = None):
@@ -279,7 +246,7 @@ class Tracked:
         if self.epoch is not None:
             self.since_epoch = _merge(self.since_epoch + spans)
 
-    def _lose(self, why: str) -> None:
+    def lose(self, why: str) -> None:
         for p in self.parts:
             if p.written is not None:
                 p.written, p.why_full = None, why
@@ -298,7 +265,7 @@ class Tracked:
         return fd
 
     def close(self, why: str = "the write tracker was closed") -> None:
-        self._lose(why)
+        self.lose(why)
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
@@ -404,15 +371,6 @@ def _private_dirty(pid: int) -> int:
     return 0
 
 
-def _special(v: Vma) -> bool:
-    """An area fork() does not give the child as a copy-on-write copy."""
-    return v.pages and (v.shared or "dc" in v.vmflags or "wf" in v.vmflags)
-
-
-def _set_options(pid: int, opts: int) -> None:
-    ptrace._ptrace(PTRACE_SETOPTIONS, pid, 0, opts)
-
-
 # --- take -------------------------------------------------------------------
 
 def _fd_reason(r: str) -> bool:
@@ -493,14 +451,14 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         tree.freeze()
         smaps = tree.checked(lambda p: _smaps_frozen(p, pre), keep=lambda r: not _fd_reason(r))
         table = SnapTable()
-        tasks = [dump._collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [dump.collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         for task in tasks:
             fz = tree.procs[task.pid]
-            copies = _copy_special(fz.leader, task.vmas)
-            part = Part(task=task, child=_fork(fz, sibling=task.pid == pid), copies=copies,
+            copies = memory.copy_not_cow(fz.leader, task.vmas)
+            part = Part(task=task, child=snapshot_child.fork(fz, sibling=task.pid == pid), copies=copies,
                         maps=[e.map for e in smaps[task.pid]])
             parts.append(part)
             if trackers is not None:
@@ -578,100 +536,7 @@ def _no_uffd(v: Vma) -> Vma:
 
 
 def _gettid() -> int:
-    return ctypes.CDLL(None).syscall(186)
-
-
-def _copy_special(t: Tracee, vmas: list[Vma]) -> list[tuple[int, bytearray]]:
-    out = []
-    for v in vmas:
-        if _special(v):
-            for addr, n in memory.page_runs(t.pid, [v]):
-                buf = bytearray(n * PAGE)
-                t.readinto(addr, buf)
-                out.append((addr, buf))
-    return out
-
-
-def _fork(fz: Frozen, sibling: bool = True) -> Tracee:
-    """The snapshot child: a fork of the frozen leader, stopped for good.
-
-    ``sibling`` (the root of a tree): a sibling of the target (CLONE_PARENT,
-    SIGCHLD), outside the tree.  Otherwise -- a process inside the tree,
-    whose parent is application code -- a child of the target itself with
-    no exit signal: an ordinary wait() never sees it (only __WALL does), so
-    the application's own wait()s are unchanged; discard reaps it."""
-    t = fz.leader
-    base = ptrace.PTRACE_O_TRACESYSGOOD
-    # No EXITKILL on the target (lcr dying would kill it): the guarded clone
-    # (Tracee.clone) leaves parent and child parked in pause() if we die
-    # before the child carries EXITKILL; the guardian kills the child.
-    # exit_signal 0 makes it a PTRACE_EVENT_CLONE, not a FORK
-    _set_options(t.pid, base | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE)
-    try:
-        with t.scratch() as addr:
-            cpid = None
-            # A sibling of the target (CLONE_PARENT) whose death its parent is told
-            # of, so an ordinary wait() reaps it (clone3 wants exit_signal 0 with
-            # CLONE_PARENT: the child gets the target's own exit signal).  A
-            # namespace init cannot use CLONE_PARENT: then a child of its own
-            # that only wait(__WALL) sees (discard makes it reap that).
-            tries = ((CLONE_PARENT, 0), (0, 0)) if sibling else ((0, 0),)
-            for flags, sig in tries:
-                args = clone_args()
-                args.flags, args.exit_signal = flags, sig
-                t.write(addr, bytes(args))
-                try:
-                    cpid = t.clone(addr, ctypes.sizeof(args))
-                    span = t.scratch_span or (addr, PAGE)     # the child holds it too
-                    break
-                except LcrError:
-                    # no event: a child made untraced must not live a moment
-                    ret = ptrace.get_regs(t.pid).rax
-                    if 0 < ret < 1 << 31:
-                        os.kill(ret, signal.SIGKILL)
-                    raise
-                except OSError as e:
-                    if e.errno != errno.EINVAL or flags == 0:
-                        raise LcrError(f"pid {t.pid}: cannot fork a snapshot: {e.strerror}") from None
-    finally:
-        _set_options(t.pid, base)
-    c = Tracee(cpid, exitkill=True)
-    c.attached = True
-    c.cow_shared = True          # read it without pinning (which would unshare it)
-    c.saved_regs = ptrace.get_regs(cpid)
-    c.insn = t.insn
-    try:
-        _set_options(cpid, base | ptrace.PTRACE_O_EXITKILL)
-        if t.journal is not None:
-            t.journal.owned(t.tgid, cpid)              # the kernel kills it with us now
-        ptrace.set_sigmask(cpid, (1 << 64) - 1)
-        c.syscall("close_range", 0, 0xFFFFFFFF, 0)     # it holds no file at all
-        # its own session: a dead child must not keep the target's pid number
-        # (as session or group id) taken, or a restart could not reuse it
-        c.syscall("setsid", check=False)
-        c.write(addr, SNAP_COMM.encode() + b"\0")      # our scratch page came along:
-        c.syscall("prctl", PR_SET_NAME, addr, 0, 0, 0, check=False)   # a name that says what it is
-        c.syscall("munmap", *span, check=False)
-    except BaseException:
-        kill_child(c)
-        raise
-    return c
-
-
-def kill_child(c: Tracee) -> None:
-    try:
-        os.kill(c.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        while True:
-            st = os.waitpid(c.pid, ptrace.WALL)[1]
-            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                break
-    except ChildProcessError:
-        pass
-    c.attached = False
-    c.close()
+    return threading.get_native_id()
 
 
 def discard(snap: Snapshot, trackers: WriteTrackers | None = None) -> None:
@@ -688,7 +553,7 @@ def _kill_and_reap(part: Part) -> None:
     signal (a process inside a tree), nobody would reap it: the target
     does, by an injected wait4(__WALL)."""
     cpid = part.child.pid
-    kill_child(part.child)
+    snapshot_child.kill(part.child)
     try:
         st = read_stat(cpid)
     except (FileNotFoundError, ProcessLookupError):
@@ -698,27 +563,11 @@ def _kill_and_reap(part: Part) -> None:
     try:
         if read_stat(part.task.pid).starttime != part.task.starttime:
             return
-        reap_in(part.task.pid, cpid)
+        snapshot_child.reap_in(part.task.pid, cpid)
     except (LcrError, OSError) as e:
         import sys
         print(f"lcr: snapshot process {cpid} left a zombie of pid {part.task.pid}: {e}",
               file=sys.stderr)     # it stays one until its parent exits
-
-
-def reap_in(parent: int, cpid: int) -> None:
-    """Make ``parent`` (a live process) reap its zombie child ``cpid``."""
-    fz = Frozen(parent)
-    try:
-        fz.freeze()
-        t = fz.leader
-        insn = t.find_syscall_insn(memory.vdso_text(memory.collect(read_smaps(parent))))
-        for th in fz.threads.values():
-            th.insn = insn
-        fz.block_signals()
-        t.syscall("wait4", cpid, 0, WNOHANG | WALL, 0, check=False)
-        fz.unblock_signals()
-    finally:
-        fz.thaw()
 
 
 # --- writeback ---------------------------------------------------------------
@@ -734,21 +583,15 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
                 unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped,
                 zombies=snap.zombies)
-    ring = memory._ring()
-
-    def chunks():
-        i = 0
+    def work():
         for part in snap.parts:
-            normal = [v for v in part.task.vmas if v.pages and not _special(v)]
+            normal = [v for v in part.task.vmas if v.pages and not memory.not_cow(v)]
             for addr, n in memory.page_runs(part.child.pid, normal):
-                view = ring[i % RING][: n * PAGE]
-                i += 1
-                part.child.readinto(addr, view)
-                yield part.pid, addr, view
+                yield part.pid, part.child, [(addr, n * PAGE)]
 
     def pages(w: ImageWriter) -> None:
-        for pid, addr, view in prefetch(chunks()):
-            w.page_run(pid, addr, view)
+        for pid, pieces, view in memory.read_ahead(work()):
+            w.page_run(pid, pieces[0][0], view)
             if progress:
                 progress(len(view))
         for part in snap.parts:
@@ -872,7 +715,7 @@ def _refill_pipes(snap: Snapshot) -> list[str]:
         if not {os.O_RDONLY, os.O_WRONLY} <= ends.get(pd.ino, set()) or pd.ino not in holders:
             continue
         pid, fd, key = holders[pd.ino]
-        if _fd_key(pid, fd) != key:
+        if finish.fd_key(pid, fd) != key:
             warnings.append(f"pipe:[{pd.ino}]: no longer at fd {fd} of pid {pid}; its bytes were not put back")
             continue
         try:
@@ -928,15 +771,6 @@ def _vdso_insn(t: Tracee, vmas: list[Vma]) -> int:
     raise RollbackRefused(f"cannot roll back pid {t.pid}: no vDSO to run system calls from")
 
 
-def _same_shared(a: Vma, b: Vma) -> bool:
-    return (a.start, a.end, a.kind, a.shared) == (b.start, b.end, b.kind, b.shared) and a.shared \
-        and (a.shm == b.shm if a.kind == "shmem" else a.path == b.path and a.offset == b.offset)
-
-
-class _Fallback(Exception):
-    """The fast path cannot finish: rebuild the whole address space."""
-
-
 def _fast_why(part: Part, tracked: Tracked | None) -> str:
     """Why the fast path cannot be taken for this process ("" if it can):
     its snapshot must have been counted by a tracker since, and the layout
@@ -978,63 +812,30 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     for live, saved in pairs:
         cpu.unregister_rseq(live)
     # scratch space at an address free in both layouts
-    gap = _free_gap(task, pid)
-    t.syscall("mmap", gap, TRAMPOLINE, 3, 0x22 | 0x100000, (1 << 64) - 1, 0)
-    arena = Arena(t, gap, TRAMPOLINE)
+    gap = memory.free_gap(task.vmas, pid)
+    arena = memory.map_trampoline(t, gap, code=False)
     inherited = (lambda st: st.sig_cgt | st.sig_ign)(read_status(pid))
 
-    # 1.-2. the address space and the pages
+    # the address space and the pages
     res = dict(pid=pid, path="fast", pages_copied=0, pages_dropped=0, reason="")
     touched: list[Span] = []
     if not why:
         try:
-            res["pages_copied"], res["pages_dropped"], touched = _fast_memory(part, t, arena)
-        except _Fallback as e:
+            res["pages_copied"], res["pages_dropped"], touched = memory.roll_back_written(
+                part.child, t, task.vmas, part.written or [], part.copies)
+        except memory.NotFast as e:
             why = str(e)
             now = memory.collect(read_smaps(pid))
     if why:
         res.update(path="full", reason=why, pages_dropped=0,
-                   pages_copied=_full_memory(snap, part, t, now, arena, gap))
-    # 3. kernel view of the memory layout (brk) when it moved
-    arena.reset()
-    if t.syscall("brk", 0) != task.mm.brk:
-        try:
-            process.restore_mm(t, arena, task.mm, os.readlink(f"/proc/{pid}/exe"))
-        except LcrError as e:
-            warnings.append(f"program break not restored: {e}")
-    # 4. signals, per-thread state
-    signals.restore_actions(t, arena, task.sigactions, inherited)
-    for live, saved in pairs:
-        arena.reset()
-        if live.pid != saved.tid:      # a thread made since: its kernel-side pointers
-            if saved.robust_list[0]:
-                live.syscall("set_robust_list", saved.robust_list[0], saved.robust_list[1])
-            live.syscall("set_tid_address", saved.tid_address)
-        if saved.altstack[1] & SS_DISABLE:
-            live.syscall("sigaltstack", arena.put(signals._STACK_T.pack(0, SS_DISABLE, 0, 0)), 0,
-                         check=False)
-        else:
-            signals.restore_altstack(live, arena, saved.altstack)
-        cpu.register_rseq(live, list(saved.rseq))
-    # 5. timers and pending signals
-    if not memory_only:
-        _rollback_signal_state(part, pairs, arena)
-    # 6. files
-    if not memory_only:
-        arena.reset()
-        warnings += _rollback_files(snap, part, t, arena)
-        try:
-            files.restore_fs(t, arena, task.cwd, "/")
-        except LcrError as e:
-            warnings.append(str(e))
-        t.syscall("umask", task.umask)
-    t.syscall("munmap", gap, TRAMPOLINE)
-    # 7. registers, FPU and masks come back at thaw
-    for live, saved in pairs:
-        cpu.restore_fpu(live, saved.xstate)
-        live.saved_regs = cpu.final_regs(saved.regs)
-        fz.masks[live.pid] = saved.sigmask
-    # 8. the process equals the snapshot again: count from here.  What we
+                   pages_copied=memory.roll_back_all(part.child, t, now, task.vmas, snap.shm,
+                                                     part.copies, arena, (gap, gap + memory.TRAMPOLINE)))
+    # the rest of the task, in the one finish order (resources/finish.py)
+    f = finish.Finish(t=t, arena=arena, task=task, tramp=gap, inherited_sigs=inherited,
+                      rollback=True, descs=snap.table.descs, threads=list(pairs),
+                      fd_keys=snap.table.keys.get(pid, {}), masks=fz.masks)
+    warnings += finish.run(f, skip=finish.MEMORY_ONLY if memory_only else frozenset())
+    # the process equals the snapshot again: count from here.  What we
     # changed may differ from every other snapshot of the process; the
     # tracker's reset (our own writes) goes to those only.
     if res["path"] == "full":
@@ -1047,253 +848,6 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
             if part not in tracked.parts:     # counted from now on (a full rollback of an untracked one)
                 tracked.parts.append(part)
     return res
-
-
-def _fast_memory(part: Part, t: Tracee, arena: Arena) -> tuple[int, int, list[Span]]:
-    """Only what may differ from the snapshot: (pages copied, pages
-    dropped, spans touched).  For each area of the snapshot that holds
-    pages, C = the snapshot child's pages, L = the live process's pages
-    (present or swapped; in private file mappings only their anonymous
-    copies), W = spans written since the snapshot (and areas not tracked):
-      copy from the child  (C & W) | (C - L)   written, or dropped since
-      drop (MADV_DONTNEED) L - C               appeared since: back to zeros
-                                               or to the file's content
-    Shared areas and DONTFORK/WIPEONFORK ones: their copy, whole, as the
-    full path does (another process may have written shared memory)."""
-    from linuxcr.procfs import PagemapReader
-    child, task = part.child, part.task
-    written = part.written or []
-    copy: list[Span] = []
-    drops: list[tuple[Vma, list[Span], int]] = []
-    copied_spans = _merge([(a, a + len(b)) for a, b in part.copies])
-    with PagemapReader(child.pid) as cpm, PagemapReader(part.pid) as lpm:
-        for v in task.vmas:
-            if not v.pages or v.kind in memory.VDSO_KINDS:
-                continue
-            anon_only = v.kind == "file" or v.kind in memory.OBJECT_KINDS
-            live = _live_runs(lpm, v.start, v.end, anon_only)
-            w = _clip(written, v.start, v.end)
-            if _special(v):
-                if v.shared:
-                    continue                  # its copy goes back whole, pages are not dropped
-                have = _clip(copied_spans, v.start, v.end)
-            else:
-                have = _merge([(a, a + n * PAGE) for a, n in cpm.runs(v.start, v.end, anon_only=anon_only)])
-                copy += _merge(_and(have, w) + _sub(have, live))
-            extra = _sub(_merge(live + w), have)
-            if extra:
-                # one madvise per gap between the child's pages that holds any
-                gaps = _sub([(v.start, v.end)], have)
-                drops.append((v, [g for g in gaps if _and([g], extra)],
-                              sum((e - s) // PAGE for s, e in _sub(live, have))))
-    # drop first: a drop range never overlaps a page copied
-    for v, ranges, _n in drops:
-        for s, e in ranges:
-            try:
-                t.syscall("madvise", s, e - s, MADV_DONTNEED)
-            except OSError as ex:
-                if v.kind != "anon" or v.shared:
-                    raise _Fallback(f"madvise(MADV_DONTNEED) at 0x{s:x} failed: {ex.strerror}") from None
-                t.write(s, bytes(e - s))      # mlocked: zeros instead
-    dropped = sum(n for _v, _rs, n in drops)
-    # then the pages, in batches of one process_vm_writev
-    ring = memory._ring()
-    buf = ring[0]
-    pieces: list[tuple[int, memoryview]] = []
-    off = copied = 0
-    for s, e in copy:
-        while s < e:
-            n = min(e - s, len(buf) - off)
-            view = buf[off:off + n]
-            child.readinto(s, view)
-            pieces.append((s, view))
-            off += n
-            s += n
-            copied += n
-            if off == len(buf):
-                t.write_many(pieces)
-                pieces, off = [], 0
-    if pieces:
-        t.write_many(pieces)
-    for addr, b in part.copies:
-        t.write(addr, b)
-        copied += len(b)
-    touched = _merge(copy + [r for _v, rs, _n in drops for r in rs] + copied_spans)
-    return copied // PAGE, dropped, touched
-
-
-def _live_runs(pm, start: int, end: int, anon_only: bool) -> list[Span]:
-    """The live process's pages in [start, end): present or swapped; in
-    private file mappings (``anon_only``) only present anonymous copies: the
-    write tracker's uffd-wp markers in their empty slots are swap-type
-    entries that PAGEMAP_SCAN reports as PAGE_IS_SWAPPED.  (A written copy
-    swapped out since is in the written spans: dropped all the same.)"""
-    from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
-    from linuxcr.sys.syscalls import pagemap_scan
-    if not anon_only:
-        return _merge([(a, a + n * PAGE) for a, n in pm.runs(start, end)])
-    excl = PAGE_IS_PFNZERO | PAGE_IS_FILE
-    return _merge(pagemap_scan(pm.fd, start, end, anyof=PAGE_IS_PRESENT, inverted=excl, mask=excl,
-                               return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED))
-
-
-def _full_memory(snap: Snapshot, part: Part, t: Tracee, now: list[Vma], arena: Arena, gap: int) -> int:
-    """The whole address space rebuilt as at the snapshot, every page copied
-    from the snapshot child: the pages copied."""
-    task = part.task
-    # 1. the address space: keep the vDSO, the scratch, identical shared areas
-    kept = [c for c in now if c.kind not in memory.VDSO_KINDS
-            and any(_same_shared(c, v) for v in task.vmas)]
-    keep = sorted([(v.start, v.end) for v in now if v.kind in memory.VDSO_KINDS]
-                  + [(c.start, c.end) for c in kept] + [(gap, gap + TRAMPOLINE)])
-    prev = 0
-    from linuxcr.sys.syscalls import TASK_SIZE
-    for s, e in keep + [(TASK_SIZE, TASK_SIZE)]:
-        if s > prev:
-            t.syscall("munmap", prev, s - prev)
-        prev = max(prev, e)
-    kept_ranges = {(c.start, c.end) for c in kept}
-    remap = [v for v in task.vmas if (v.start, v.end) not in kept_ranges or not v.shared]
-    shmfds: dict[int, int] = {}
-    try:
-        for o in snap.shm:
-            if any(v.kind == "shmem" and v.shm == o.id for v in remap):
-                fd = t.syscall("memfd_create", arena.cstr("lcr-shm"), 1)   # MFD_CLOEXEC
-                shmfds[o.id] = fd
-                t.syscall("ftruncate", fd, o.size)
-        memory.map_areas(t, remap, arena, shmfds)
-    finally:
-        for fd in shmfds.values():
-            t.syscall("close", fd, check=False)
-    # 2. the pages
-    n = _pour(part, t, [v for v in task.vmas if v.pages and not _special(v)])
-    memory.protect_areas(t, remap)
-    return n
-
-
-def _pending_now(pairs) -> list:
-    """What is queued now, in the shape of the saved records."""
-    out = []
-    for i, (live, _saved) in enumerate(pairs):
-        shared = [True] if i == 0 else []
-        out.append([(sh, info) for sh in [False] + shared
-                    for info in ptrace.peek_siginfo(live.pid, sh)
-                    if sh or not signals.ours(info)])       # not our held thread's SIGSTOP
-    return out
-
-
-def _rollback_signal_state(part: Part, pairs, arena: Arena) -> None:
-    """setitimer() timers, POSIX timers, and the pending signals of the
-    process and of each thread become the snapshot's.  Signals that arrived
-    since are taken away (drained inside each thread); the snapshot's are
-    queued again with their siginfo."""
-    task, t = part.task, pairs[0][0]
-    arena.reset()
-    saved_pending = [[(p.shared, p.siginfo) for p in s.pending] for _l, s in pairs]
-    if _pending_now(pairs) != saved_pending:
-        for live, _saved in pairs[1:]:      # their own queues first
-            arena.reset()
-            signals.drain_pending(live, arena)
-        arena.reset()
-        signals.drain_pending(t, arena)     # its own queue, then the process's
-        refill = True
-    else:
-        refill = False
-    arena.reset()
-    signals.set_itimers(t, arena, task.itimers)
-    vtid = {live.pid: _vtid(live.pid) for live, _s in pairs}
-    tids = {(s.vtid if s is not task else (task.vpid or task.pid)): vtid[live.pid] for live, s in pairs}
-    if task.posix_timers or os.path.exists(f"/proc/{part.pid}/timers"):
-        arena.reset()
-        posix_timers.roll_back(t, arena, list(task.posix_timers), tids)
-    if refill:
-        vpid = vtid[t.pid]
-        for live, saved in pairs:
-            arena.reset()
-            if saved is task:
-                signals.queue_pending(t, arena, task.pending, vpid, vpid)
-            else:
-                signals.queue_pending(t, arena, saved.pending, vpid, vtid[live.pid])
-
-
-def _vtid(tid: int) -> int:
-    return read_status(tid).ns_pid[-1]
-
-
-def _pour(snap: Part, t: Tracee, normal: list[Vma]) -> int:
-    """Pages from the snapshot child into the live process, then the copies."""
-    child = snap.child
-    ring = memory._ring()
-
-    def chunks():
-        for i, (addr, n) in enumerate(memory.page_runs(child.pid, normal)):
-            view = ring[i % RING][: n * PAGE]
-            child.readinto(addr, view)
-            yield addr, view
-
-    n = 0
-    for addr, view in prefetch(chunks()):
-        t.write(addr, view)
-        n += len(view)
-    for addr, buf in snap.copies:
-        t.write(addr, buf)
-        n += len(buf)
-    return n // PAGE
-
-
-def _fd_key(pid: int, fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _rollback_files(snap: Snapshot, part: Part, t: Tracee, arena: Arena) -> list[str]:
-    """Offsets back; fds opened since closed; regular files closed since reopened.
-    Pipes, sockets and other kinds are left as they are (pipes inside the
-    tree get their bytes back later: _refill_pipes)."""
-    pid, warnings = part.pid, []
-    saved = {f.fd: f for f in part.task.files}
-    descs = {d.fid: d for d in snap.table.descs}
-    keys = snap.table.keys.get(pid, {})
-    for fd in list_fds(pid):
-        if fd not in keys:
-            t.syscall("close", fd, check=False)
-    reopened: dict[int, int] = {}     # fid -> fd number it now lives on
-    for fd, key in sorted(keys.items()):
-        f = saved.get(fd)
-        d = descs.get(f.fid) if f else None
-        now = _fd_key(pid, fd)
-        if now == key:
-            if d is not None and d.kind in ("reg", "dir"):
-                t.syscall("lseek", fd, d.pos, SEEK_SET, check=False)
-                t.syscall("fcntl", fd, F_SETFL, d.flags & files.STATUS_FLAGS, check=False)
-            if f is not None:
-                t.syscall("fcntl", fd, F_SETFD, FD_CLOEXEC if f.cloexec else 0, check=False)
-            continue
-        if d is None or d.kind not in ("reg", "dir", "chr"):
-            kind = d.kind if d is not None else "file"
-            warnings.append(f"fd {fd} ({kind}) was closed or replaced since the snapshot: "
-                            "left as it is now (only regular files are reopened)")
-            continue
-        arena.reset()
-        if d.fid in reopened:
-            src, temp = reopened[d.fid], False
-        else:
-            try:
-                src = arena.open(d.path, d.flags & files.REOPEN_FLAGS, what=f"fd {fd}")
-            except LcrError as e:
-                warnings.append(f"fd {fd}: {e}")
-                continue
-            temp = True
-            if d.pos:
-                t.syscall("lseek", src, d.pos, SEEK_SET, check=False)
-        t.syscall("dup3", src, fd, files.O_CLOEXEC if f.cloexec else 0)
-        if temp:
-            t.syscall("close", src, check=False)
-        reopened.setdefault(d.fid, fd)
-    return warnings
 
 
 __all__ = ["Snapshot", "take", "writeback", "rollback", "discard", "RollbackRefused"]

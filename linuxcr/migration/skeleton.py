@@ -21,18 +21,18 @@ import struct
 from dataclasses import dataclass, field
 
 from linuxcr.engine import restore, spawn
-from linuxcr.engine.restore import TRAMPOLINE, Rebuild
+from linuxcr.engine.restore import Rebuild
 from linuxcr.errors import ImageError, RestoreError
 from linuxcr.image import runs
 from linuxcr.image.schema import Task, Tree, Vma
 from linuxcr.image.stream import PAGE
-from linuxcr.remote.task import Arena, Tracee
+from linuxcr.remote.task import Tracee
 from linuxcr.resources import memory
+from linuxcr.resources.memory import TRAMPOLINE, PageFill
 from linuxcr.migration.protocol import MigrationError
 
 SKELETON_KINDS = ("anon", "file")
 IGNORED_VMFLAGS = frozenset({"uw", "um", "ui"})   # userfaultfd registrations (the tracker's)
-MADV_DONTNEED = 4
 
 
 def in_skeleton(v: Vma) -> bool:
@@ -55,9 +55,9 @@ def identical_areas(prelim: list[Vma], final: list[Vma]) -> list[tuple[int, int]
     return runs.normalize((v.start, v.end) for v in final if in_skeleton(v) and area_key(v) in keys)
 
 
-def clip(ranges: list[tuple[int, int]], within: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of ``ranges`` inside ``within`` (both normalized)."""
-    return [(s, e) for s, e, _ in runs.intersect_tagged(ranges, [(a, b, 0) for a, b in within])]
+def area_in_skeleton(v: Vma) -> tuple | None:
+    """memory.plan's key: skeleton areas identical in both layouts are kept."""
+    return area_key(v) if in_skeleton(v) else None
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Skeleton:
             if bad:
                 raise ImageError(f"the preliminary metadata of pid {k.pid} holds a shared area "
                                  f"at 0x{bad[0].start:x}")
-        restore._raise_nofile(64)
+        restore.raise_nofile()
         # the blanks inherit one end: how the final files reach them later
         # (SCM_RIGHTS; pidfd_getfd would need ptrace rights over lcr, which
         # a task in a user namespace of its own does not have)
@@ -98,9 +98,9 @@ class Skeleton:
         try:
             sk.root.seize()
             sk.root.stop()
-            restore._build_tree(sk.root, tasks, tree, False, sk.made)
+            restore.build_tree(sk.root, tasks, tree, False, sk.made)
             for r in sk.made:
-                restore._prepare(r, {})
+                restore.prepare(r, {})
         except BaseException as e:
             sk.destroy()
             if isinstance(e, OSError):
@@ -115,11 +115,10 @@ class Skeleton:
     # --- pre-copy ---------------------------------------------------------------------
     def write(self, pid: int, addr: int, npages: int, data: memoryview) -> None:
         r = next((x for x in self.made if x.task.pid == pid), None)
-        if r is None or not memory.check_pages_fit([v for v in r.task.vmas if in_skeleton(v)],
-                                                   addr, npages):
+        if r is None or not memory.put_pages(r.t, [v for v in r.task.vmas if in_skeleton(v)],
+                                             addr, npages, data):
             raise MigrationError(f"the source sent pages at 0x{addr:x} of pid {pid}, outside "
                                  "every pre-copied area")
-        r.t.write(addr, data)
         self.filled[pid].append((addr, addr + npages * PAGE))
         self.pages += npages
 
@@ -149,58 +148,31 @@ class Skeleton:
 
     def reconcile(self, r: Rebuild, final: Task, shm: dict) -> None:
         """Unmap the areas that changed, map the final ones (pages come later)."""
-        t = r.t
         if memory.vdso_area(r.task.vmas) != memory.vdso_area(final.vmas):
             raise MigrationError(f"pid {final.pid}: its vDSO moved during the migration")
-        pkeys = {area_key(v) for v in r.task.vmas if in_skeleton(v)}
-        fkeys = {area_key(v) for v in final.vmas if in_skeleton(v)}
-        gone = runs.normalize((v.start, v.end) for v in r.task.vmas
-                              if in_skeleton(v) and area_key(v) not in fkeys)
-        new = [v for v in final.vmas if v.kind not in memory.VDSO_KINDS
-               and not (in_skeleton(v) and area_key(v) in pkeys)]
-        if any(v.start < r.tramp + TRAMPOLINE and r.tramp < v.end for v in final.vmas):
-            self._move_trampoline(r, final)
+        if not memory.free_in(final.vmas, r.tramp):
+            r.tramp, r.arena = memory.move_trampoline(r.t, r.tramp, final.vmas)
         assert r.arena is not None
-        for s, e in gone:
-            t.syscall("munmap", s, e - s)
-        if new:
-            memory.map_areas(t, new, r.arena, shm)
+        plan = memory.plan(r.task.vmas, final.vmas, area_in_skeleton,
+                           reserved=[(r.tramp, r.tramp + TRAMPOLINE)])
+        memory.reconcile(r.t, plan, r.arena, shm)
 
-    def _move_trampoline(self, r: Rebuild, final: Task) -> None:
-        t = r.t
-        at = restore._free_gap(final, t.pid)
-        t.syscall("mmap", at, TRAMPOLINE, 7, 0x22 | 0x100000, (1 << 64) - 1, 0)
-        t.write(at, b"\x0f\x05")
-        old = r.tramp
-        t.insn, r.tramp = at, at
-        r.arena = Arena(t, at + PAGE, TRAMPOLINE - PAGE)
-        t.syscall("munmap", old, TRAMPOLINE)
-
-    def drop_stale(self, r: Rebuild, final: Task, pagemap: list[tuple[int, int, int]],
-                   stored: list[tuple[int, int]], name: str) -> int:
+    def drop_stale(self, r: Rebuild, final: Task, fill: PageFill) -> int:
         """Check the final page map against what we hold; drop pages we filled
         that the process no longer has.  Returns the pages it inherited."""
         pid = final.pid
-        try:
-            rr = runs.merge_tagged(pagemap)
-        except ValueError as e:
-            raise ImageError(f"{name} is corrupt: its page map of pid {pid} has {e}") from None
+        rr = fill.page_map(pid)
         if any(d > 1 for _, _, d in rr):
-            raise ImageError(f"{name} is corrupt: its page map of pid {pid} reaches beyond "
+            raise ImageError(f"{fill.name} is corrupt: its page map of pid {pid} reaches beyond "
                              "the pre-copied state")
-        if runs.normalize(stored) != runs.normalize((s, e) for s, e, d in rr if d == 0):
-            raise ImageError(f"{name} is corrupt: the pages it stores for pid {pid} do not "
-                             "match its page map")
-        held = clip(runs.normalize(self.filled.get(pid, [])),
-                    identical_areas(r.task.vmas, final.vmas))
+        held = memory.clip(runs.normalize(self.filled.get(pid, [])),
+                           identical_areas(r.task.vmas, final.vmas))
         inherited = runs.normalize((s, e) for s, e, d in rr if d == 1)
         missing = runs.subtract(inherited, held)
         if missing:
             raise MigrationError(f"the source counts pages of pid {pid} at 0x{missing[0][0]:x} as "
                                  "already sent, but they were not")
-        stale = runs.subtract(held, runs.normalize((s, e) for s, e, _ in rr))
-        for s, e in stale:
-            r.t.syscall("madvise", s, e - s, MADV_DONTNEED)
+        memory.drop_pages(r.t, runs.subtract(held, runs.normalize((s, e) for s, e, _ in rr)))
         return runs.total(inherited) // PAGE
 
     def release(self) -> None:
@@ -213,7 +185,7 @@ class Skeleton:
     def destroy(self) -> None:
         if self.closed:
             return
-        restore._destroy([self.root] + [r.t for r in self.made if r.t is not self.root],
+        restore.destroy([self.root] + [r.t for r in self.made if r.t is not self.root],
                          self.blank.init_pid)
         self._close_fds()
 

@@ -1,28 +1,40 @@
-"""Memory: the address space of a process (VMAs, page contents, vDSO).
+"""Memory: the address space of a process (VMAs, page contents, vDSO), both halves.
 
 Dump: classify every mapping from /proc/PID/smaps, then copy only the pages
 that are present or swapped (pagemap), and for private file mappings only
 those that were written (anonymous copies): the rest is re-mapped from the
-file at restore.  Restore: map every area at its address inside the new
-task, then pour the pages in with process_vm_writev.
+file at restore.  Every copy out of a task goes through one loop
+(read_ahead: a ring of buffers, a helper thread one chunk ahead).
+
+Restore (restart, the migration destination, rollback): a trampoline where
+the saved layout leaves room (map_trampoline, empty_but_trampoline), every
+area mapped at its address (prepare_areas, map_areas), the pages poured in
+from the image (PageFill) or from a snapshot child (copy_pages); a live
+address space reconciled with a saved layout (plan, reconcile: the
+migration's skeleton, a full rollback) and the pages it should not hold
+dropped (drop_pages).
 """
 from __future__ import annotations
 
 import bisect
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 from linuxcr.pipeline import RING, prefetch
 import msgspec
 
-from linuxcr.errors import ImageError, NotCheckpointable, RestoreError
+from linuxcr.errors import ImageError, LcrError, NotCheckpointable, RestoreError
 from linuxcr.image.kinds import MAX_CONTENT, MemfdState, UnlinkedState
-from linuxcr.image.schema import FileDesc, ShmObject, Vma
+from linuxcr import faults
+from linuxcr.image.schema import FileDesc, PageMap, Pages, RecType, ShmObject, Vma
 from linuxcr.image import runs
-from linuxcr.image.stream import ImageWriter
-from linuxcr.procfs import PagemapReader, SmapsEntry, split_runs
-from linuxcr.remote.task import Tracee
+from linuxcr.image.stream import SMALL_DATA, ImageReader, ImageWriter, Record
+from linuxcr.procfs import PagemapReader, SmapsEntry, read_maps, split_runs
+from linuxcr.remote.task import Arena, Tracee
+from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
+from linuxcr.sys.syscalls import TASK_SIZE, pagemap_scan
 from linuxcr.resources.fdkinds import memfd as memfds, unlinked
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -41,6 +53,11 @@ LCR_SHM = "/memfd:lcr-shm"           # shared anonymous memory as open_shm resto
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x10, 0x20, 0x100
 MADVISE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18, "mg": 12}   # vmflag -> MADV_*
+MADV_DONTNEED = 4
+ARCH_MAP_VDSO_64 = 0x2003
+TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
+MIN_ADDR = 0x1000000
+CHAIN_BATCH = 4 << 20           # bytes of small pieces gathered per write from a chain
 
 
 @dataclass(frozen=True)
@@ -136,12 +153,19 @@ def collect(smaps: list[SmapsEntry]) -> list[Vma]:
 def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
     """(address, pages) of every page worth saving, in chunks of at most CHUNK."""
     out: list[tuple[int, int]] = []
+    for _v, got in _saved_runs(pid, vmas):
+        out += split_runs(got, CHUNK // PAGE)
+    return out
+
+
+def _saved_runs(pid: int, vmas: list[Vma]) -> Iterator[tuple[Vma, list[tuple[int, int]]]]:
+    """Each area with pages, and (address, pages) of its pages present or
+    swapped -- in private file mappings (and memfds, unlinked files) only
+    the anonymous copies: the rest is the file's."""
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
-                private_file = v.kind == "file" or v.kind in OBJECT_KINDS   # only COWed pages
-                out += split_runs(pm.runs(v.start, v.end, anon_only=private_file), CHUNK // PAGE)
-    return out
+                yield v, pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
 
 
 _RING: list[memoryview] = []
@@ -160,24 +184,70 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     would drain at every task boundary): a helper thread reads the next
     chunk, of this task or of the next one, while this one checksums and
     writes the previous one out."""
-    ring = _ring()
-
-    def chunks():
-        i = 0
-        for t, vmas in tasks:
-            for addr, n in page_runs(t.pid, vmas):
-                view = ring[i % RING][: n * PAGE]
-                i += 1
-                t.readinto(addr, view)
-                yield t.pid, addr, view
-
+    work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks for addr, n in page_runs(t.pid, vmas))
     total = 0
-    for pid, addr, view in prefetch(chunks()):
-        w.page_run(pid, addr, view)
+    for pid, pieces, view in read_ahead(work):
+        w.page_run(pid, pieces[0][0], view)
         total += len(view) // PAGE
         if progress:
             progress(len(view))
     return total
+
+
+# --- the one copy loop -----------------------------------------------------------
+
+Piece = tuple[int, int]      # (address, bytes)
+Span = tuple[int, int]       # (start, end)
+
+
+def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False
+               ) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
+    """Every copy of pages out of a task goes through here: for each item
+    (tag, task, pieces), the pieces (at most CHUNK bytes in all) read back
+    to back into the next buffer of the ring, by a helper thread one item
+    ahead of the caller; yields (tag, pieces, view).  The view is valid
+    until the caller asks for the next item but one (RING buffers: one
+    queued, one filling, one in use).  ``skip_unreadable``: a piece that
+    cannot be read (unmapped meanwhile) yields None instead of failing."""
+    ring = _ring()
+
+    def chunks():
+        for i, (tag, t, pieces) in enumerate(work):
+            view: memoryview | None = ring[i % RING][: sum(n for _, n in pieces)]
+            try:
+                if len(pieces) == 1:
+                    t.readinto(pieces[0][0], view)
+                else:
+                    t.readinto_many(pieces, view)
+            except (OSError, LcrError):
+                if not skip_unreadable:
+                    raise
+                view = None
+            yield tag, pieces, view
+
+    return prefetch(chunks())
+
+
+def runs_work(t: Tracee, ranges: Iterable[Span], tag: Any = None):
+    """read_ahead work: ranges cut into pieces of at most CHUNK bytes, one per item."""
+    return ((tag, t, [(s, e - s)]) for s, e in runs.split(ranges, CHUNK))
+
+
+def copy_pages(src: Tracee, dst: Tracee, spans: list[Span]) -> int:
+    """Pages from one task into the same addresses of another (a snapshot
+    child into the live process): gathered, one process_vm_writev per
+    batch, the next batch read meanwhile.  Bytes copied."""
+    n = 0
+    for _tag, pieces, view in read_ahead((None, src, [(s, e - s) for s, e in batch])
+                                         for batch in _batches(spans)):
+        assert view is not None
+        off, out = 0, []
+        for addr, size in pieces:
+            out.append((addr, view[off:off + size]))
+            off += size
+        dst.write_many(out)
+        n += len(view)
+    return n
 
 
 # --- incremental dump ----------------------------------------------------------
@@ -196,11 +266,8 @@ def _present(pid: int, vmas: list[Vma]) -> tuple[list[tuple[int, int]], list[tup
     them, which no per-process tracker sees."""
     private: list[tuple[int, int]] = []
     shared: list[tuple[int, int]] = []
-    with PagemapReader(pid) as pm:
-        for v in vmas:
-            if v.pages:
-                got = pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
-                (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
+    for v, got in _saved_runs(pid, vmas):
+        (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
     return runs.normalize(private), runs.normalize(shared)
 
 
@@ -242,21 +309,13 @@ def _batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
 
 def _write_ranges(t: Tracee, ranges: list[tuple[int, int]], w: ImageWriter, progress) -> int:
     """One PAGES record per range, read a batch of ranges at a time."""
-    ring = _ring()
-
-    def chunks():
-        for i, batch in enumerate(_batches(ranges)):
-            total = sum(e - s for s, e in batch)
-            view = ring[i % RING][:total]
-            t.readinto_many([(s, e - s) for s, e in batch], view)
-            yield batch, view
-
     n = 0
-    for batch, view in prefetch(chunks()):
+    work = ((None, t, [(s, e - s) for s, e in batch]) for batch in _batches(ranges))
+    for _tag, pieces, view in read_ahead(work):
         off = 0
-        for s, e in batch:
-            w.page_run(t.pid, s, view[off:off + e - s])
-            off += e - s
+        for s, size in pieces:
+            w.page_run(t.pid, s, view[off:off + size])
+            off += size
         n += len(view) // PAGE
         if progress:
             progress(len(view))
@@ -269,17 +328,10 @@ def _dump_by_content(t: Tracee, private, shared, w: ImageWriter, held, hashes, p
 
     h = xxhash.xxh3_64_intdigest
     paddr, phash = hashes if hashes is not None else (np.empty(0, np.uint64), np.empty(0, np.uint64))
-    ring = _ring()
     out: list[tuple[int, int, int]] = []
     stored = inherited = 0
-
-    def chunks():
-        for i, (s, e) in enumerate(runs.split(private, CHUNK)):
-            view = ring[i % RING][: e - s]
-            t.readinto(s, view)
-            yield s, view
-
-    for s, view in prefetch(chunks()):
+    for _tag, pieces, view in read_ahead(runs_work(t, private)):
+        s = pieces[0][0]
         n = len(view) // PAGE
         addrs = np.arange(s, s + n * PAGE, PAGE, dtype=np.uint64)
         same = np.zeros(n, dtype=bool)
@@ -495,3 +547,428 @@ def check_pages_fit(vmas: list[Vma], addr: int, npages: int) -> bool:
         cur = v.end
         i += 1
     return cur >= end
+
+
+def put_pages(t: Tracee, vmas: list[Vma], addr: int, npages: int, data) -> bool:
+    """Write one run of pages into a task being rebuilt, if saved areas with
+    pages hold it (False, nothing written, if not)."""
+    if not check_pages_fit(vmas, addr, npages):
+        return False
+    t.write(addr, data)
+    return True
+
+
+# --- the trampoline: where injected syscalls run in a task being rebuilt --------
+
+def free_in(vmas: list[Vma], at: int) -> bool:
+    """[at, at + TRAMPOLINE) is free in the saved layout ``vmas``."""
+    return MIN_ADDR <= at and at + TRAMPOLINE <= TASK_SIZE and \
+        not any(v.start < at + TRAMPOLINE and at < v.end for v in vmas)
+
+
+def free_gap(vmas: list[Vma], pid: int) -> int:
+    """An address free both in the saved layout and in the live task ``pid``."""
+    busy = sorted([(v.start, v.end) for v in vmas] + [(m.start, m.end) for m in read_maps(pid)])
+    addr = MIN_ADDR
+    for start, end in busy:
+        if addr + TRAMPOLINE <= start:
+            break
+        addr = max(addr, (end + PAGE - 1) & ~(PAGE - 1))
+    if addr + TRAMPOLINE > TASK_SIZE:
+        raise RestoreError("no free address for the restore trampoline")
+    return addr
+
+
+def map_trampoline(t: Tracee, at: int, *, code: bool = True) -> Arena:
+    """The trampoline at ``at`` (MAP_FIXED_NOREPLACE): with ``code``, RWX, its
+    first page holding the `syscall` instruction the task runs for us and
+    the rest scratch for arguments; without, all of it scratch (RW).
+    Returns the scratch."""
+    t.syscall("mmap", at, TRAMPOLINE, 7 if code else 3, 0x22 | 0x100000, (1 << 64) - 1, 0)
+    if not code:
+        return Arena(t, at, TRAMPOLINE)
+    t.write(at, b"\x0f\x05")
+    return Arena(t, at + PAGE, TRAMPOLINE - PAGE)
+
+
+def move_trampoline(t: Tracee, old: int, vmas: list[Vma]) -> tuple[int, Arena]:
+    """A new trampoline where the layout ``vmas`` leaves room; the old one goes."""
+    at = free_gap(vmas, t.pid)
+    arena = map_trampoline(t, at)
+    t.insn = at
+    t.syscall("munmap", old, TRAMPOLINE)
+    return at, arena
+
+
+def empty_but_trampoline(t: Tracee, vmas: list[Vma], at: int = 0) -> tuple[int, Arena]:
+    """Empty a blank's address space but for a trampoline at an address the
+    saved layout ``vmas`` leaves free: the one at ``at`` (inherited from its
+    parent) if that is free, else a new one.  (trampoline, scratch)."""
+    if not (at and free_in(vmas, at)):
+        at = free_gap(vmas, t.pid)
+        map_trampoline(t, at)
+    t.insn = at
+    t.syscall("munmap", 0, at)
+    t.syscall("munmap", at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE)
+    return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
+
+
+def prepare_areas(t: Tracee, vmas: list[Vma], scratch: Arena, shm: dict) -> None:
+    """In an emptied blank: the vDSO moved to its saved address, every saved
+    area mapped (pages come later)."""
+    vdso = vdso_area(vmas)
+    if vdso:
+        t.syscall("arch_prctl", ARCH_MAP_VDSO_64, vdso[0])
+    map_areas(t, vmas, scratch, shm)
+
+
+# --- fill: pages from an image into tasks being rebuilt ---------------------------
+
+def _records(reader: ImageReader, first: Record) -> Iterator[Record]:
+    rec = first
+    while True:
+        yield rec
+        if rec.type is RecType.TRAILER:
+            return
+        rec = reader.next()
+
+
+def _grouped(reader: ImageReader, first: Record) -> Iterator[list[Record]]:
+    """Records in groups: a run of small PAGES records (each has a buffer of
+    its own, stream.SMALL_DATA) together, anything else alone.  Scattered
+    pages of an incremental image come in thousands of small records."""
+    group: list[Record] = []
+    size = 0
+    for rec in _records(reader, first):
+        small = rec.type is RecType.PAGES and len(rec.data) <= SMALL_DATA \
+            and rec.data_len <= SMALL_DATA
+        if group and (not small or size >= CHAIN_BATCH or len(group) >= 512):
+            yield group
+            group, size = [], 0
+        if small:
+            group.append(rec)
+            size += len(rec.data)
+        else:
+            yield [rec]
+    if group:
+        yield group
+
+
+@dataclass
+class PageFill:
+    """The pages of an image poured into the tasks being rebuilt, for
+    restart and for the migration destination alike.
+
+    ``targets``: pid -> (task, its saved areas: pages must lie inside them).
+    Afterwards ``stored`` says which pages the image held, ``maps`` the page
+    maps of an incremental image (the pages its parents hold)."""
+    targets: dict[int, tuple[Tracee, list[Vma]]]
+    name: str
+    stored: dict[int, list[Span]] = field(default_factory=dict)
+    maps: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    def _outside(self, addr: int) -> ImageError:
+        return ImageError(f"{self.name} is corrupt: pages at 0x{addr:x} lie outside "
+                          "every saved memory area")
+
+    def pour(self, reader: ImageReader, first: Record) -> int:
+        """Every record from ``first`` to the trailer (the end checked): pages
+        written as they come, a helper thread reading (and checking) the
+        next records meanwhile.  Pages written."""
+        total = 0
+        for group in prefetch(_grouped(reader, first)):
+            rec = group[0]
+            if len(group) > 1 or (rec.type is RecType.PAGES and len(rec.data) <= SMALL_DATA):
+                total += self._small(group)
+            elif rec.type is RecType.TRAILER:
+                reader.expect_end()
+                return total
+            elif rec.type is RecType.PAGEMAP:
+                self._page_map(rec.meta)  # type: ignore[arg-type]
+            elif rec.type is RecType.PAGES:
+                total += self._large(rec)
+            else:
+                raise ImageError(f"{self.name} is corrupt: unexpected {rec.type.name} record "
+                                 "among pages")
+        raise ImageError(f"{self.name} is truncated: it ends without its trailer")
+
+    def _page_map(self, pm: PageMap) -> None:
+        if pm.pid not in self.targets:
+            raise ImageError(f"{self.name} is corrupt: a page map of pid {pm.pid}, "
+                             "which it does not hold")
+        self.maps.setdefault(pm.pid, []).extend(
+            (r.addr, r.addr + r.npages * PAGE, r.depth) for r in pm.runs)
+
+    def _take(self, meta: Pages) -> Tracee:
+        """The task a PAGES record goes to, its pages counted as stored."""
+        if self.maps:
+            raise ImageError(f"{self.name} is corrupt: pages after its page map")
+        got = self.targets.get(meta.pid)
+        if got is None or not check_pages_fit(got[1], meta.addr, meta.npages):
+            raise self._outside(meta.addr)
+        self.stored.setdefault(meta.pid, []).append((meta.addr, meta.addr + meta.npages * PAGE))
+        return got[0]
+
+    def _large(self, rec: Record) -> int:
+        meta: Pages = rec.meta  # type: ignore[assignment]
+        self._take(meta).write(meta.addr, rec.data)
+        faults.point("restore.pages")
+        return meta.npages
+
+    def _small(self, group: list[Record]) -> int:
+        """Small PAGES records, written with one process_vm_writev per task."""
+        pieces: dict[int, list] = {}
+        n = 0
+        for rec in group:
+            meta: Pages = rec.meta  # type: ignore[assignment]
+            self._take(meta)
+            pieces.setdefault(meta.pid, []).append((meta.addr, rec.data))
+            n += meta.npages
+        for pid, ps in pieces.items():
+            self.targets[pid][0].write_many(ps)
+            faults.point("restore.pages")
+        return n
+
+    def page_map(self, pid: int) -> list[tuple[int, int, int]]:
+        """The page map of pid, checked against the pages the image stored:
+        (start, end, depth); depth 0 are the stored ones."""
+        try:
+            rr = runs.merge_tagged(self.maps.get(pid, []))
+        except ValueError as e:
+            raise ImageError(f"{self.name} is corrupt: its page map of pid {pid} has {e}") from None
+        if runs.normalize(self.stored.get(pid, [])) != \
+                runs.normalize((s, e) for s, e, d in rr if d == 0):
+            raise ImageError(f"{self.name} is corrupt: the pages it stores for pid {pid} do not "
+                             "match its page map")
+        return rr
+
+    def from_chain(self, chain) -> int:
+        """The pages an incremental image left to its parents (image/chain.py
+        Chain).  A helper thread reads them from the chain (each record the
+        chain reads is a buffer of its own, so the pieces stay valid) while
+        this one writes them, gathered, one process_vm_writev per batch."""
+        def batches():
+            for pid, (t, vmas) in self.targets.items():
+                batch: list = []
+                held = 0
+                for s, e, d in self.page_map(pid):
+                    if d == 0:
+                        continue
+                    if not check_pages_fit(vmas, s, (e - s) // PAGE):
+                        raise ImageError(f"{self.name} is corrupt: its page map puts pages at "
+                                         f"0x{s:x} outside every saved memory area")
+                    for addr, data in chain.read(d, pid, s, e):
+                        batch.append((addr, data))
+                        held += len(data)
+                        if held >= CHAIN_BATCH or len(batch) >= 512:
+                            yield t, batch, held
+                            batch, held = [], 0
+                if batch:
+                    yield t, batch, held
+
+        total = 0
+        for t, batch, nbytes in prefetch(batches()):
+            t.write_many(batch)
+            total += nbytes // PAGE
+            faults.point("restore.pages")
+        return total
+
+
+def fill_image(targets: dict[int, tuple[Tracee, list[Vma]]], reader: ImageReader, first: Record,
+               chain=None) -> int:
+    """A restart's pages: the image's, then (incremental) its parents'."""
+    fill = PageFill(targets, reader.name)
+    total = fill.pour(reader, first)
+    if chain is not None:
+        total += fill.from_chain(chain)
+    elif fill.maps:
+        raise ImageError(f"{reader.name} is corrupt: a page map in a full image")
+    return total
+
+
+# --- reconcile a live address space with a saved layout ---------------------------
+
+@dataclass
+class Plan:
+    gone: list[Span]          # to unmap
+    new: list[Vma]            # to map (their pages to come)
+
+
+def plan(have: list[Vma], want: list[Vma], key: Callable[[Vma], Any], *,
+         mapped: list[Span] | None = None, reserved: list[Span] = ()) -> Plan:
+    """How to turn an address space laid out as ``have`` into ``want``.  An
+    area is kept if ``key`` (None: never kept) gives it the same value on
+    both sides; the vDSO and ``reserved`` (the trampoline) stay too.  The
+    rest of ``mapped`` (default: the areas of ``have``) goes; the areas of
+    ``want`` not kept are mapped anew."""
+    wanted = {key(v) for v in want} - {None}
+    kept = [v for v in have if key(v) is not None and key(v) in wanted]
+    kept_keys = {key(v) for v in kept}
+    keep = runs.normalize([(v.start, v.end) for v in have if v.kind in VDSO_KINDS]
+                          + [(v.start, v.end) for v in kept] + list(reserved))
+    if mapped is None:
+        mapped = [(v.start, v.end) for v in have]
+    return Plan(gone=runs.subtract(runs.normalize(mapped), keep),
+                new=[v for v in want if v.kind not in VDSO_KINDS and key(v) not in kept_keys])
+
+
+def reconcile(t: Tracee, p: Plan, scratch: Arena, shm: dict) -> None:
+    """Carry a plan out: unmap what goes, map the new areas."""
+    for s, e in p.gone:
+        t.syscall("munmap", s, e - s)
+    if p.new:
+        map_areas(t, p.new, scratch, shm)
+
+
+def drop_pages(t: Tracee, ranges: list[Span], *, zeros_if_refused: bool = False) -> None:
+    """Pages a task holds that its saved state does not: MADV_DONTNEED, back
+    to zeros (anonymous) or to the file's content.  ``zeros_if_refused``
+    (private anonymous areas): where the kernel refuses (mlocked), zeros
+    are written instead."""
+    for s, e in ranges:
+        try:
+            t.syscall("madvise", s, e - s, MADV_DONTNEED)
+        except OSError:
+            if not zeros_if_refused:
+                raise
+            t.write(s, bytes(e - s))
+
+
+def clip(spans: list[Span], within: list[Span]) -> list[Span]:
+    """The parts of sorted, merged ``spans`` inside ``within`` (sorted,
+    merged); a bisection finds the first span of each part of ``within``
+    (``spans`` may be thousands of written pages, ``within`` one area)."""
+    out: list[Span] = []
+    for s, e in within:
+        i = max(bisect.bisect_right(spans, (s, 1 << 64)) - 1, 0)
+        while i < len(spans) and spans[i][0] < e:
+            a, b = max(spans[i][0], s), min(spans[i][1], e)
+            if a < b:
+                out.append((a, b))
+            i += 1
+    return out
+
+
+# --- roll a live process back to a snapshot child's memory (engine/snapshots.py) --
+
+def not_cow(v: Vma) -> bool:
+    """An area fork() does not give the child as a copy-on-write copy
+    (MAP_SHARED, MADV_DONTFORK `dc`, MADV_WIPEONFORK `wf`)."""
+    return v.pages and (v.shared or "dc" in v.vmflags or "wf" in v.vmflags)
+
+
+def copy_not_cow(t: Tracee, vmas: list[Vma]) -> list[tuple[int, bytearray]]:
+    """A copy of the pages of the areas a snapshot child does not share (not_cow)."""
+    out = []
+    for v in vmas:
+        if not_cow(v):
+            for addr, n in page_runs(t.pid, [v]):
+                buf = bytearray(n * PAGE)
+                t.readinto(addr, buf)
+                out.append((addr, buf))
+    return out
+
+
+class NotFast(Exception):
+    """The fast path of a rollback cannot finish: rebuild the whole address space."""
+
+
+def _live_runs(pm, start: int, end: int, anon_only: bool) -> list[Span]:
+    """The live process's pages in [start, end): present or swapped; in
+    private file mappings (``anon_only``) only present anonymous copies: the
+    write tracker's uffd-wp markers in their empty slots are swap-type
+    entries that PAGEMAP_SCAN reports as PAGE_IS_SWAPPED.  (A written copy
+    swapped out since is in the written spans: dropped all the same.)"""
+    if not anon_only:
+        return runs.normalize([(a, a + n * PAGE) for a, n in pm.runs(start, end)])
+    excl = PAGE_IS_PFNZERO | PAGE_IS_FILE
+    return runs.normalize(pagemap_scan(pm.fd, start, end, anyof=PAGE_IS_PRESENT, inverted=excl,
+                                       mask=excl, return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED))
+
+
+def roll_back_written(child: Tracee, t: Tracee, vmas: list[Vma], written: list[Span],
+                      copies: list[tuple[int, bytearray]]) -> tuple[int, int, list[Span]]:
+    """Only what may differ from the snapshot: (pages copied, pages
+    dropped, spans touched).  For each area of the snapshot that holds
+    pages, C = the snapshot child's pages, L = the live process's pages
+    (present or swapped; in private file mappings only their anonymous
+    copies), W = spans written since the snapshot (and areas not tracked):
+      copy from the child  (C & W) | (C - L)   written, or dropped since
+      drop (MADV_DONTNEED) L - C               appeared since: back to zeros
+                                               or to the file's content
+    Shared areas and DONTFORK/WIPEONFORK ones: their copy, whole, as the
+    full path does (another process may have written shared memory).
+    Raises NotFast where the kernel refuses a drop."""
+    copy: list[Span] = []
+    drops: list[tuple[Vma, list[Span], int]] = []
+    copied_spans = runs.normalize([(a, a + len(b)) for a, b in copies])
+    with PagemapReader(child.pid) as cpm, PagemapReader(t.pid) as lpm:
+        for v in vmas:
+            if not v.pages or v.kind in VDSO_KINDS:
+                continue
+            anon_only = v.kind == "file" or v.kind in OBJECT_KINDS
+            live = _live_runs(lpm, v.start, v.end, anon_only)
+            w = clip(written, [(v.start, v.end)])
+            if not_cow(v):
+                if v.shared:
+                    continue                  # its copy goes back whole, pages are not dropped
+                have = clip(copied_spans, [(v.start, v.end)])
+            else:
+                have = runs.normalize([(a, a + n * PAGE)
+                                       for a, n in cpm.runs(v.start, v.end, anon_only=anon_only)])
+                copy += runs.normalize(runs.intersect(have, w) + runs.subtract(have, live))
+            extra = runs.subtract(runs.normalize(live + w), have)
+            if extra:
+                # one madvise per gap between the child's pages that holds any
+                gaps = runs.subtract([(v.start, v.end)], have)
+                drops.append((v, [g for g in gaps if runs.intersect([g], extra)],
+                              sum((e - s) // PAGE for s, e in runs.subtract(live, have))))
+    # drop first: a drop range never overlaps a page copied
+    for v, ranges, _n in drops:
+        for s, e in ranges:
+            try:
+                drop_pages(t, [(s, e)], zeros_if_refused=v.kind == "anon" and not v.shared)
+            except OSError as ex:
+                raise NotFast(f"madvise(MADV_DONTNEED) at 0x{s:x} failed: {ex.strerror}") from None
+    dropped = sum(n for _v, _rs, n in drops)
+    copied = copy_pages(child, t, copy)
+    for addr, b in copies:
+        t.write(addr, b)
+        copied += len(b)
+    touched = runs.normalize(copy + [r for _v, rs, _n in drops for r in rs] + copied_spans)
+    return copied // PAGE, dropped, touched
+
+
+def _shared_key(v: Vma):
+    """Shared areas identical at the snapshot and now are kept by a full
+    rollback (another process may map them too); any other area is rebuilt."""
+    if not v.shared:
+        return None
+    return (v.start, v.end, v.kind, v.shm) if v.kind == "shmem" else \
+        (v.start, v.end, v.kind, v.path, v.offset)
+
+
+def roll_back_all(child: Tracee, t: Tracee, now: list[Vma], vmas: list[Vma], shm: list[ShmObject],
+                  copies: list[tuple[int, bytearray]], scratch: Arena, reserved: Span) -> int:
+    """The whole address space rebuilt as ``vmas``, every page copied from
+    the snapshot child: the pages copied.  Kept: the vDSO, the scratch
+    (``reserved``), identical shared areas; every other address unmapped."""
+    p = plan(now, vmas, _shared_key, mapped=[(0, TASK_SIZE)], reserved=[reserved])
+    shmfds: dict[int, int] = {}
+    try:
+        for o in shm:
+            if any(v.kind == "shmem" and v.shm == o.id for v in p.new):
+                fd = t.syscall("memfd_create", scratch.cstr(LCR_SHM[7:]), 1)   # MFD_CLOEXEC
+                shmfds[o.id] = fd
+                t.syscall("ftruncate", fd, o.size)
+        reconcile(t, p, scratch, shmfds)
+    finally:
+        for fd in shmfds.values():
+            t.syscall("close", fd, check=False)
+    normal = [v for v in vmas if v.pages and not not_cow(v)]
+    n = copy_pages(child, t, [(a, a + k * PAGE) for a, k in page_runs(child.pid, normal)])
+    for addr, buf in copies:
+        t.write(addr, buf)
+        n += len(buf)
+    protect_areas(t, p.new)
+    return n // PAGE

@@ -14,7 +14,6 @@ from linuxcr.sys.syscalls import NR
 SIG_IGN = 1
 _KSIGACTION = struct.Struct("<QQQQ")       # handler, flags, restorer, mask
 STACK_T = struct.Struct("<QiiQ")           # ss_sp, ss_flags, pad, ss_size
-_STACK_T = STACK_T      # old name: engine/snapshots.py still uses it (to go when it uses STACK_T)
 SS_ONSTACK, SS_DISABLE = 1, 2
 UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
@@ -99,6 +98,11 @@ def restore_altstack(t: Tracee, arena: Arena, alt: list[int]) -> None:
     if flags & SS_DISABLE:
         return  # the new task starts without one
     t.syscall("sigaltstack", arena.put(STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size)), 0)
+
+
+def disable_altstack(t: Tracee, arena: Arena) -> None:
+    """No alternate signal stack (a live task may have set one since)."""
+    t.syscall("sigaltstack", arena.put(STACK_T.pack(0, SS_DISABLE, 0, 0)), 0, check=False)
 
 
 def queue_pending(t: Tracee, arena: Arena, pending: list[PendingSignal], pid: int, tid: int) -> None:

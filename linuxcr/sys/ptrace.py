@@ -52,7 +52,6 @@ def request(req: int, pid: int, addr: int | ctypes.c_void_p = 0, data: object = 
     return syscall(NR["ptrace"], req, pid, addr, data)
 
 
-_ptrace = request   # old name: engine/snapshots.py still uses it (to go when it uses request)
 
 
 def seize(pid: int, options: int) -> None:
@@ -189,7 +188,7 @@ def is_syscall_stop(status: int) -> bool:
 
 
 def set_options(pid: int, options: int) -> None:
-    _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
+    request(PTRACE_SETOPTIONS, pid, 0, options)
 
 
 BPF_INSN = 8     # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
@@ -199,13 +198,13 @@ def seccomp_filter(pid: int, index: int) -> bytes | None:
     """The thread's index-th seccomp filter (0: the newest) as raw BPF, None
     past the oldest.  Needs CAP_SYS_ADMIN."""
     try:
-        n = _ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, 0)
+        n = request(PTRACE_SECCOMP_GET_FILTER, pid, index, 0)
     except OSError as e:
         if e.errno == 2:    # ENOENT: no filter at that index
             return None
         raise
     buf = ctypes.create_string_buffer(n * BPF_INSN)
-    n = _ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, buf)
+    n = request(PTRACE_SECCOMP_GET_FILTER, pid, index, buf)
     return buf.raw[: n * BPF_INSN]
 
 
@@ -216,5 +215,5 @@ class _SeccompMetadata(ctypes.Structure):
 def seccomp_metadata(pid: int, index: int) -> int:
     """The flags a filter was installed with (the kernel keeps only LOG)."""
     md = _SeccompMetadata(index, 0)
-    _ptrace(PTRACE_SECCOMP_GET_METADATA, pid, ctypes.sizeof(md), ctypes.byref(md))
+    request(PTRACE_SECCOMP_GET_METADATA, pid, ctypes.sizeof(md), ctypes.byref(md))
     return md.flags
