@@ -225,6 +225,9 @@ class Job:
         self.since_full = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.fifo = ""
+        # held while a final checkpoint runs: what is still in the FIFO then
+        # is saved in the image and printed by the restored job, not twice
+        self.relay = threading.Lock()
 
     # signals: handlers queue them (SA_RESTART: lcr's own syscalls are not
     # interrupted); the main loop wakes on the wakeup fd.
@@ -250,8 +253,8 @@ class Job:
             os.mkfifo(self.fifo, 0o600)
         # O_RDWR: a reader is always there (no writer blocks on open) and we
         # never see EOF between a command that died and its restored copy
-        fd = os.open(self.fifo, os.O_RDWR | os.O_CLOEXEC)
-        threading.Thread(target=_relay, args=(fd, sys.stdout.fileno()), daemon=True).start()
+        fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        threading.Thread(target=_relay, args=(fd, sys.stdout.fileno(), self.relay), daemon=True).start()
 
     def start(self) -> None:
         os.makedirs(self.d, exist_ok=True)
@@ -287,7 +290,7 @@ class Job:
         self.pid = res.pid
         pages = sum(i.pages for i in self.state.chain(name))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(img.taken)) if img else "?"
-        self.say(f"resumed from {path} taken at {when}, {pages} pages")
+        self.say(f"resumed from {path} taken at {when}, {pages} pages (pid {self.pid})")
         for w in res.warnings:
             self.say(f"warning: {w}")
         if self.o.hooks:
@@ -430,20 +433,19 @@ class Job:
                  f"{img.pages} pages, {img.bytes} bytes")
 
     def stop(self, sig: int) -> int:
+        """The final checkpoint; 0 once saved, else the command's own end."""
         t0 = time.monotonic()
-        deadline = t0 + self.o.grace
-        self.say(f"{signal.Signals(sig).name}: checkpointing pid {self.pid} into {self.d} "
-                 f"(grace {self.o.grace:g} s)")
+        name = signal.Signals(sig).name
+        self.say(f"{name}: checkpointing pid {self.pid} into {self.d} (grace {self.o.grace:g} s)")
+        self.relay.acquire()
         try:
-            img = self.checkpoint(deadline=deadline, final=True)
-        except GraceExceeded:
-            keep = latest(self.d)
-            self.say(f"checkpoint not finished within {self.o.grace:g} s: dropped; latest stays "
-                     f"{keep or '(none)'}; passing {signal.Signals(sig).name} to the command")
-            return self._forward_and_wait(sig)
+            img = self.checkpoint(deadline=t0 + self.o.grace, final=True)
         except LcrError as e:
-            self.say(f"checkpoint failed: {e}; latest stays {latest(self.d) or '(none)'}; "
-                     f"passing {signal.Signals(sig).name} to the command")
+            self.relay.release()
+            why = (f"not finished within {self.o.grace:g} s" if isinstance(e, GraceExceeded)
+                   else f"failed: {e}")
+            self.say(f"checkpoint {why}: dropped; latest stays {latest(self.d) or '(none)'}; "
+                     f"passing {name} to the command")
             return self._forward_and_wait(sig)
         self._unlink_gone()
         self._reap()
@@ -490,20 +492,23 @@ class Job:
         return result
 
 
-def _relay(src: int, dst: int) -> None:
+def _relay(src: int, dst: int, lock: threading.Lock) -> None:
     while True:
         try:
-            data = os.read(src, 65536)
+            select.select([src], [], [], 0.2)
         except InterruptedError:
             continue
-        except OSError:
-            return
-        if not data:
-            return
-        try:
-            os.write(dst, data)
-        except OSError:
-            pass
+        with lock:
+            try:
+                data = os.read(src, 65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            try:
+                os.write(dst, data)
+            except OSError:
+                pass
 
 
 def _drain(fd: int) -> None:
