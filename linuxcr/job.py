@@ -277,6 +277,9 @@ class Job:
             self._fresh()
 
     def _fresh(self) -> None:
+        if self.o.hooks:      # what linuxcr.selfckpt in the program looks for
+            os.environ["LCR_JOB_DIR"] = self.d
+            os.environ["LCR_JOB_HOOK_SIGNAL"] = str(int(self.o.hook_signal))
         self.pid = api.run(list(self.o.argv), log=self.fifo, cwd=self.o.cwd)
         self.state = State(argv=list(self.o.argv), cwd=self.o.cwd, seq=self.state.seq)
         _write_atomic(os.path.join(self.d, STATE), self.state.to_json())
@@ -423,14 +426,21 @@ class Job:
             img = self.checkpoint(deadline=None, final=False)
         except GraceExceeded:
             self.say("periodic checkpoint dropped: a stop signal came")
+            self._continued()
             return
         except LcrError as e:
             self.say(f"warning: periodic checkpoint failed: {e}; the next one is full")
             self.since_full = self.o.full_every
+            self._continued()
             return
+        self._continued()
         self._unlink_gone()
         self.say(f"{self.d}/{img.name}: {'full' if img.full else 'incremental'}, "
                  f"{img.pages} pages, {img.bytes} bytes")
+
+    def _continued(self) -> None:
+        if self.o.hooks:
+            self._hook("continued", wait=0.0)
 
     def stop(self, sig: int) -> int:
         """The final checkpoint; 0 once saved, else the command's own end."""
@@ -442,6 +452,7 @@ class Job:
             img = self.checkpoint(deadline=t0 + self.o.grace, final=True)
         except LcrError as e:
             self.relay.release()
+            self._continued()
             why = (f"not finished within {self.o.grace:g} s" if isinstance(e, GraceExceeded)
                    else f"failed: {e}")
             self.say(f"checkpoint {why}: dropped; latest stays {latest(self.d) or '(none)'}; "
