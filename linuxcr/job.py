@@ -257,6 +257,7 @@ class Job:
         threading.Thread(target=_relay, args=(fd, sys.stdout.fileno(), self.relay), daemon=True).start()
 
     def start(self) -> None:
+        preflight()
         os.makedirs(self.d, exist_ok=True)
         if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise JobError("cannot become a child subreaper (prctl)")
@@ -501,6 +502,22 @@ class Job:
                 result = os.waitstatus_to_exitcode(st)
                 result = 128 - result if result < 0 else result
         return result
+
+
+def preflight() -> None:
+    """What a checkpoint will need, tried now: a job that cannot be saved
+    must fail at its start, not when it is preempted."""
+    from linuxcr.sys.syscalls import kcmp_file
+    me = os.getpid()
+    try:
+        kcmp_file(me, me, 0, 0)
+    except PermissionError:
+        raise JobError("kcmp(2) is not permitted here: lcr could not checkpoint this job",
+                       "a container's default seccomp profile allows kcmp only with "
+                       "CAP_SYS_PTRACE: add that capability, or use deploy/seccomp-lcr.json "
+                       "(docs/containers.md)") from None
+    except OSError:
+        pass          # EBADF and such: kcmp itself is there
 
 
 def _relay(src: int, dst: int, lock: threading.Lock) -> None:

@@ -148,9 +148,10 @@ def _digest(files: dict[str, str]) -> str:
     h = hashlib.sha256()
     for dst in sorted(files):
         st = os.stat(files[dst])
-        h.update(f"{dst}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\n".encode())
-        if dst.startswith(("/opt/lcr/src/", "/opt/lcr/work/")):
-            h.update(Path(files[dst]).read_bytes())
+        if dst.startswith("/opt/lcr/"):       # ours: by content (rebuilt often, same bytes)
+            h.update(f"{dst}\0{st.st_mode & 0o111}\n".encode() + Path(files[dst]).read_bytes())
+        else:
+            h.update(f"{dst}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -93,8 +93,15 @@ def enter_namespaces(user_ns: bool) -> None:
     if user_ns:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"{uid} {uid} 1")
+        try:
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+        except PermissionError:
+            # Linux 5.12+: mapping uid 0 needs CAP_SETFCAP where we unshared
+            raise RestoreError(f"cannot map uid {uid} into a new user namespace"
+                               + (" (root needs CAP_SETFCAP for that)" if uid == 0 else ""),
+                               "in a container: --cap-add SETFCAP, or run as a non-root user"
+                               ) from None
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{gid} {gid} 1")
 
