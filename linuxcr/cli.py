@@ -214,6 +214,9 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 @click.option("--hooks", is_flag=True,
               help="With --checkpoint-dir: the program runs linuxcr.before_checkpoint/"
                    "after_restore hooks (it is told by SIGUSR2).")
+@click.option("--saved-exit-code", type=click.IntRange(0, 255), default=0, metavar="N",
+              help="With --checkpoint-dir: exit status once saved (default 0; a Kubernetes Job "
+                   "wants another, see docs/kubernetes.md).")
 @click.option("--compress", is_flag=True, help="With --checkpoint-dir: compress pages with zstd.")
 @click.option("--sign", "sign_key", metavar="KEYFILE", help="With --checkpoint-dir: sign images.")
 @click.option("--verify", "verify_key", metavar="KEYFILE",
@@ -222,7 +225,8 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir: str | None = None,
         grace: str = "25s", interval: str | None = None, keep: int = 0, full_every: int = 10,
         fresh_on_bad_image: bool = False, stop_signals: tuple[str, ...] = (), hooks: bool = False,
-        compress: bool = False, sign_key: str | None = None, verify_key: str | None = None) -> None:
+        compress: bool = False, sign_key: str | None = None, verify_key: str | None = None,
+        saved_exit_code: int = 0) -> None:
     """Start a command as init of a fresh pid namespace, detached; prints its pid.
 
     The whole tree it starts can then be checkpointed, and restarts with
@@ -235,7 +239,8 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir:
                                               interval=interval, keep=keep, full_every=full_every,
                                               fresh=fresh_on_bad_image, signals=stop_signals,
                                               hooks=hooks, compress=compress, sign=sign_key,
-                                              verify=verify_key, log=log)))
+                                              verify=verify_key, log=log,
+                                              saved_exit_code=saved_exit_code)))
         from linuxcr import api
         click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
     _run(go)

@@ -81,6 +81,7 @@ class JobOptions:
     sign: str | None = None
     verify: str | None = None
     cwd: str | None = None
+    saved_exit_code: int = 0  # lcr's exit status once the final image is saved
     say: object = None        # callable(str): where lcr's own lines go (stderr)
 
 
@@ -463,7 +464,7 @@ class Job:
         self._reap()
         self.say(f"saved {self.d}/{img.name} ({img.pages} pages, {img.bytes} bytes) in "
                  f"{time.monotonic() - t0:.2f} s; exiting")
-        return 0
+        return self.o.saved_exit_code
 
     def _forward(self, sig: int) -> None:
         try:
@@ -575,7 +576,7 @@ def _signal_number(name: str) -> int:
 def options_from_cli(directory: str, argv: list[str], *, cwd: str | None, grace: str,
                      interval: str | None, keep: int, full_every: int, fresh: bool,
                      signals: tuple[str, ...], hooks: bool, compress: bool, sign: str | None,
-                     verify: str | None, log: str | None) -> JobOptions:
+                     verify: str | None, log: str | None, saved_exit_code: int = 0) -> JobOptions:
     """The `lcr run --checkpoint-dir` options, checked (one line each)."""
     from linuxcr.engine.incremental import parse_duration
     if log:
@@ -595,4 +596,5 @@ def options_from_cli(directory: str, argv: list[str], *, cwd: str | None, grace:
                       interval=dur("--interval", interval) if interval else None, keep=keep,
                       full_every=full_every, fresh_on_bad_image=fresh,
                       signals=(signal.SIGTERM, signal.SIGINT) + tuple(_signal_number(s) for s in signals),
-                      hooks=hooks, compress=compress, sign=sign, verify=verify, cwd=cwd)
+                      hooks=hooks, compress=compress, sign=sign, verify=verify, cwd=cwd,
+                      saved_exit_code=saved_exit_code)

@@ -40,7 +40,11 @@ def test_stop_and_resume_twice(procs, tmp_path):
     # the counter continues exactly where the checkpoint left it: no gap, no repeat
     assert c2[0] == c1[-1] + 1, (c1[-3:], c2[:3])
     assert c2 == list(range(c2[0], c2[0] + len(c2)))
-    job3, c3 = _cycle(procs, ck, tmp_path, argv)
+    job3 = start_job(procs, ck, tmp_path, argv, "--saved-exit-code", "75")
+    track_command(procs, job3)
+    job3.wait_out(rf"^count {c2[-1] + 3} ")
+    assert job3.stop() == 75, job3.err_text()            # a Kubernetes Job's "preempted"
+    c3 = counts(job3.out_text())
     assert c3[0] == c2[-1] + 1
     assert os.readlink(ck / "latest") == "ckpt-000003.img"
     # without --interval only the latest image is kept

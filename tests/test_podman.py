@@ -228,8 +228,10 @@ def test_corrupt_latest_in_a_container(ctrs, tmp_path):
 @pytest.mark.parametrize("opts", [
     pytest.param(["--cap-drop", "ALL", "--cap-add", "SETFCAP", "--security-opt",
                   f"seccomp={SECCOMP}"], id="root-setfcap-only"),
+    # what a Kubernetes "restricted" pod gets (deploy/job.yaml)
     pytest.param(["--cap-drop", "ALL", "--user", "65534:65534", "--security-opt",
-                  f"seccomp={SECCOMP}"], id="nonroot-no-caps"),
+                  f"seccomp={SECCOMP}", "--security-opt", "no-new-privileges"],
+                 id="nonroot-no-caps-no-new-privs"),
 ])
 def test_fewest_capabilities(ctrs, tmp_path, opts):
     vol = _volume(tmp_path)
