@@ -228,6 +228,9 @@ def test_corrupt_latest_in_a_container(ctrs, tmp_path):
 @pytest.mark.parametrize("opts", [
     pytest.param(["--cap-drop", "ALL", "--cap-add", "SETFCAP", "--security-opt",
                   f"seccomp={SECCOMP}"], id="root-setfcap-only"),
+    # deploy/statefulset.yaml: root, the default seccomp profile
+    pytest.param(["--cap-drop", "ALL", "--cap-add", "SYS_PTRACE,SETFCAP", "--security-opt",
+                  "no-new-privileges"], id="root-default-seccomp-ptrace-setfcap"),
     # what a Kubernetes "restricted" pod gets (deploy/job.yaml)
     pytest.param(["--cap-drop", "ALL", "--user", "65534:65534", "--security-opt",
                   f"seccomp={SECCOMP}", "--security-opt", "no-new-privileges"],
