@@ -224,6 +224,7 @@ class Job:
         self.pending: list[int] = []
         self.trackers = None
         self.since_full = 0
+        self._gone: list[Image] = []     # dropped by retention, unlinked once job.json is written
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.fifo = ""
         # held while a final checkpoint runs: what is still in the FIFO then
@@ -389,7 +390,7 @@ class Job:
         self._gone = gone
 
     def _unlink_gone(self) -> None:
-        for i in getattr(self, "_gone", []):
+        for i in self._gone:
             try:
                 os.unlink(os.path.join(self.d, i.name))
             except FileNotFoundError:

@@ -173,3 +173,17 @@ def test_bad_options(tmp_path):
     assert cp.returncode != 0 and "--grace" in cp.stderr
     cp = helpers.lcr("run", "--checkpoint-dir", tmp_path, "--keep", "2", "--", "true", check=False)
     assert cp.returncode != 0 and "--keep needs --interval" in cp.stderr
+
+
+def test_signed_images_resume_only_with_the_key(procs, tmp_path):
+    ck = tmp_path / "ck"
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_bytes(os.urandom(32))
+    other.write_bytes(os.urandom(32))
+    argv = py_job()
+    _cycle(procs, ck, tmp_path, argv, "--sign", str(key))
+    cp = helpers.lcr("run", "--checkpoint-dir", ck, "--verify", other, "--", *argv, check=False)
+    assert cp.returncode != 0 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+    assert "ckpt-000001.img" in cp.stderr
+    job, _ = _cycle(procs, ck, tmp_path, argv, "--sign", str(key), "--verify", str(key))
+    assert "resumed from" in job.err_text()
