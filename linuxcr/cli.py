@@ -170,13 +170,54 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-o", "--output", "log", metavar="LOG", help="Send the command's stdout and stderr to LOG.")
 @click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
+@click.option("--checkpoint-dir", metavar="DIR",
+              help="A job that survives preemption (docs/kubernetes.md): resume from DIR if it "
+                   "holds a checkpoint of this command, stay in the foreground, and on SIGTERM "
+                   "or SIGINT checkpoint into DIR and exit 0.")
+@click.option("--grace", default="25s", metavar="DURATION",
+              help="With --checkpoint-dir: time allowed for the checkpoint on SIGTERM (default "
+                   "25s; less than the engine's grace period); past it the command gets the signal.")
+@click.option("--interval", metavar="DURATION", help="With --checkpoint-dir: also a checkpoint "
+                                                     "every DURATION (incremental).")
+@click.option("--keep", type=click.IntRange(min=0), default=0, metavar="N",
+              help="With --interval: keep the N newest images (and the parents they need).")
+@click.option("--full-every", type=click.IntRange(min=1), default=10, metavar="M",
+              help="With --interval: every M-th image is a full one (default 10).")
+@click.option("--fresh-on-bad-image", is_flag=True,
+              help="With --checkpoint-dir: a corrupt or foreign image is moved aside and the "
+                   "command starts fresh (default: refuse).")
+@click.option("--signal", "stop_signals", multiple=True, metavar="SIG",
+              help="With --checkpoint-dir: another signal that means checkpoint and exit.")
+@click.option("--hooks", is_flag=True,
+              help="With --checkpoint-dir: the program runs linuxcr.before_checkpoint/"
+                   "after_restore hooks (it is told by SIGUSR2).")
+@click.option("--saved-exit-code", type=click.IntRange(0, 255), default=0, metavar="N",
+              help="With --checkpoint-dir: exit status once saved (default 0; a Kubernetes Job "
+                   "wants another, see docs/kubernetes.md).")
+@click.option("--compress", is_flag=True, help="With --checkpoint-dir: compress pages with zstd.")
+@click.option("--sign", "sign_key", metavar="KEYFILE", help="With --checkpoint-dir: sign images.")
+@click.option("--verify", "verify_key", metavar="KEYFILE",
+              help="With --checkpoint-dir: resume only from images signed with this key.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
+def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir: str | None = None,
+        grace: str = "25s", interval: str | None = None, keep: int = 0, full_every: int = 10,
+        fresh_on_bad_image: bool = False, stop_signals: tuple[str, ...] = (), hooks: bool = False,
+        compress: bool = False, sign_key: str | None = None, verify_key: str | None = None,
+        saved_exit_code: int = 0) -> None:
     """Start a command as init of a fresh pid namespace, detached; prints its pid.
 
     The whole tree it starts can then be checkpointed, and restarts with
-    every pid as it was."""
+    every pid as it was.  With --checkpoint-dir, lcr stays in the foreground
+    as the job's supervisor (a container entrypoint)."""
     def go() -> None:
+        if checkpoint_dir is not None:
+            from linuxcr.job import options_from_cli, run_job
+            sys.exit(run_job(options_from_cli(checkpoint_dir, list(argv), cwd=cwd, grace=grace,
+                                              interval=interval, keep=keep, full_every=full_every,
+                                              fresh=fresh_on_bad_image, signals=stop_signals,
+                                              hooks=hooks, compress=compress, sign=sign_key,
+                                              verify=verify_key, log=log,
+                                              saved_exit_code=saved_exit_code)))
         from linuxcr import api
         click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
     run_guarded(go)

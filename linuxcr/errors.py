@@ -141,6 +141,24 @@ class GuardianUnavailable(KernelError):
     not be started (remote/guardian.py): nothing was changed in the target."""
 
 
+class JobError(LcrError):
+    """`lcr run --checkpoint-dir`: the checkpoint directory cannot be used as asked."""
+
+    exit_code = 19
+
+
+class BadImage(ImageError):
+    """`lcr run --checkpoint-dir`: DIR/latest is corrupt, incomplete or made by
+    another command line."""
+
+
+class GraceExceeded(LcrError):
+    """`lcr run --checkpoint-dir`: the checkpoint could not finish within the
+    grace budget (the command gets the signal instead)."""
+
+    exit_code = 20
+
+
 class FaultInjected(LcrError):
     """LCR_FAULT=<point>:raise reached its point (faults.py; tests only)."""
 
@@ -160,6 +178,7 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (4, "PermissionDenied", "permission denied"),
     (5, "NotCheckpointable", "the process holds something that cannot be saved"),
     (6, "ImageError", "image is corrupt, truncated, or of another version/architecture"),
+    (6, "BadImage", "lcr run --checkpoint-dir: the latest image is corrupt or of another command"),
     (7, "ImageWriteError", "the image could not be written (disk full, closed pipe)"),
     (8, "RestoreError", "restart failed (nothing is left running)"),
     (9, "PidTaken", "the saved pid is taken (use --any-pid)"),
@@ -174,6 +193,8 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (16, "MigrationError", "a live migration failed (the source runs on unchanged)"),
     (17, "AuthError", "the migration peers do not share the token"),
     (18, "KeyFileError", "a --sign/--verify key file cannot be used"),
+    (19, "JobError", "lcr run --checkpoint-dir: the directory cannot be used as asked"),
+    (20, "GraceExceeded", "lcr run --checkpoint-dir: the checkpoint did not finish within --grace"),
     (INTERNAL_ERROR, "-", "internal error (a bug: run with LCR_DEBUG=1 and report it)"),
     (INTERRUPTED, "-", "interrupted (^C)"),
 )

@@ -95,7 +95,8 @@ ANYWHERE = None
 # below) and any layer under it, never one above.
 RANKS = {
     "cli": 7,            # cli.py, cli_migrate.py, cli_common.py, __main__.py
-    "periodic": 6,       # periodic.py (--interval): calls the API
+    "periodic": 6,       # above the API, calling it: periodic.py (--interval), job.py
+                         # (lcr run --checkpoint-dir), selfckpt.py (checkpoint_self)
     "api": 5,
     "agent server": 4,   # agent/server.py: drives the engine
     "engine": 3,         # engine/*, migration/skeleton.py
@@ -117,7 +118,9 @@ def layer(mod: str) -> tuple[str | None, str]:
         return ANYWHERE, top
     if top in ("cli", "cli_migrate", "cli_common", "__main__"):
         return "cli", top
-    if top in ("periodic", "api"):
+    if top in ("periodic", "job", "selfckpt"):
+        return "periodic", top
+    if top == "api":
         return top, top
     if top == "agent":
         return ("agent server", "agent server") if mod == "linuxcr.agent.server" \

@@ -71,15 +71,37 @@ def _unshare(flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+CAP_SYS_ADMIN = 21
+
+
+def _has_cap(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
 def enter_namespaces(user_ns: bool) -> None:
-    """unshare a pid namespace (and a user namespace mapping us to ourselves)."""
+    """unshare a pid namespace (and a user namespace mapping us to ourselves).
+    Root without CAP_SYS_ADMIN (a container's default capabilities) takes a
+    user namespace too: inside it, it has what a new pid namespace and
+    clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there)."""
+    user_ns = user_ns or not _has_cap(CAP_SYS_ADMIN)
     uid, gid = os.geteuid(), os.getegid()
     _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0))
     if user_ns:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"{uid} {uid} 1")
+        try:
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+        except PermissionError:
+            # Linux 5.12+: mapping uid 0 needs CAP_SETFCAP where we unshared
+            raise RestoreError(f"cannot map uid {uid} into a new user namespace"
+                               + (" (root needs CAP_SETFCAP for that)" if uid == 0 else ""),
+                               "in a container: --cap-add SETFCAP, or run as a non-root user"
+                               ) from None
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{gid} {gid} 1")
 
