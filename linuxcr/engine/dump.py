@@ -25,6 +25,7 @@ from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_st
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
+from linuxcr.resources import exe_identity
 
 
 PF_KTHREAD = 0x00200000
@@ -251,7 +252,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         w.header(_header(pid, tasks, compress, image_id, base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
-                                    mapped=mapped))
+                                    mapped=mapped, identities=exe_identity.collect(tasks)))
         for task in tasks:
             w.record(RecType.TASK, task)
         if base is None:

@@ -34,6 +34,7 @@ from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, process, pstree,
                                signals, threads)
+from linuxcr.resources import exe_identity
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 
@@ -257,6 +258,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
     try:
         header, tree, tasks, first = _read_meta(reader)
         validate_tree(tree, tasks)
+        exe_identity.verify(tree.identities)     # no task made for code that is gone
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
         for k in tasks:
