@@ -45,7 +45,7 @@ def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
                progress=None, sign: KeyArg = None, parent: str | os.PathLike | None = None,
                track: bool = False, images_dir: str | None = None,
-               trackers=None) -> dump.DumpResult:
+               trackers=None, external: bool = False) -> dump.DumpResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
@@ -55,9 +55,12 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     ``parent``: an earlier image of this process: write only the pages that
     changed since (an incremental image; engine/incremental.py).
     ``track``: keep counting the pages the process writes (userfaultfd), so
-    that the next incremental checkpoint need not compare contents."""
+    that the next incremental checkpoint need not compare contents.
+    ``external``: record pipes and sockets leading out of the tree (restart
+    then needs ``fds``, resources/external.py) instead of refusing."""
     from linuxcr.engine import incremental
     from linuxcr.image import stream
+    from linuxcr.resources import external as _ext
     pid = _pid(pid)
     signer = _key(sign, signing=True)       # a bad key fails before the process is touched
     parent = os.fspath(parent) if parent is not None else None
@@ -65,7 +68,8 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
             and os.path.exists(os.fspath(out)) and os.path.exists(parent) \
             and os.path.samefile(os.fspath(out), parent):
         raise ImageWriteError(f"{parent} cannot be both the parent and the new image")
-    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer):
+    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer), \
+            _ext.options(record=external):
         return incremental.checkpoint(pid, fd, parent=parent, track=track,
                                       leave_running=leave_running, images_dir=images_dir,
                                       name=name, compress=compress, on_written=commit,
@@ -85,20 +89,25 @@ def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 
 
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
-                 trust: Iterable[str] | str = (), images_dir: str | None = None
-                 ) -> restore.RestoreResult:
+                 trust: Iterable[str] | str = (), images_dir: str | None = None,
+                 fds: dict[int, str] | Iterable[str] | None = None) -> restore.RestoreResult:
     """As restart(); an incremental image finds its parents beside it (the
-    paths it recorded), or in ``images_dir``."""
+    paths it recorded), or in ``images_dir``.  ``fds``: {N: "PATH" | "-" |
+    "&M"}, the new file of each external fd N (resources/external.py), or
+    the CLI's ["N=PATH", ...]."""
     from linuxcr.engine import restore
     from linuxcr.image import stream
+    from linuxcr.resources import external as _ext
     from linuxcr.resources import process
     verifier = _key(verify, signing=False)
     trusted = process.parse_trust(trust)
+    if fds is not None and not isinstance(fds, dict):
+        fds = _ext.parse_fd_specs(fds)
     with files.input_image(image) as (fd, name):
         policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=files.owner(fd),
                                        image_name=name)
         with stream.options(verifier=verifier, observer=policy.observe), \
-                process.restore_policy(policy):
+                process.restore_policy(policy), _ext.options(fds=fds):
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
 
 

@@ -87,11 +87,14 @@ def main() -> None:
               help="With --interval: every M-th image is a full one (default 10).")
 @click.option("--count", type=click.IntRange(min=0), default=0, metavar="N",
               help="With --interval: stop after N checkpoints.")
+@click.option("--external", is_flag=True,
+              help="Record pipes and sockets whose other end is outside the tree (restart "
+                   "then gives each a new file with --fd N=...).")
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                low_downtime: bool = False, sign_key: str | None = None,
                parent: str | None = None, track: bool = False, images_dir: str | None = None,
                interval: str | None = None, keep: int = 0, full_every: int = 10,
-               count: int = 0) -> None:
+               count: int = 0, external: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         from linuxcr import api
@@ -115,7 +118,8 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                                                   compress=compress)
         else:
             res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
-                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir)
+                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir,
+                                 external=external)
         for w in getattr(res, "warnings", []):
             click.echo(f"lcr: warning: {w}", err=True)
         inc = getattr(res, "incremental", None)
@@ -171,13 +175,17 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
 @click.option("--images-dir", metavar="DIR",
               help="Where the parents of an incremental image are (default: the paths it "
                    "recorded, beside it).")
+@click.option("--fd", "fd_specs", multiple=True, metavar="N=PATH|-|&M",
+              help="Give the restored process a new file for external fd N: PATH, - (lcr's "
+                   "stdout) or &M (fd M of lcr). Repeatable.")
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
-            trust: tuple[str, ...] = (), images_dir: str | None = None) -> None:
+            trust: tuple[str, ...] = (), images_dir: str | None = None,
+            fd_specs: tuple[str, ...] = ()) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     def go() -> None:
         from linuxcr import api
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
-                               trust=trust, images_dir=images_dir)
+                               trust=trust, images_dir=images_dir, fds=list(fd_specs))
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
         if res.namespace:

@@ -25,7 +25,7 @@ from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_st
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, TaskGone
 from linuxcr.resources import cpu, files, locks, memory, posix_timers, process, pstree, signals, threads
-from linuxcr.resources import exe_identity
+from linuxcr.resources import exe_identity, external
 
 
 PF_KTHREAD = 0x00200000
@@ -131,7 +131,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
         queue += pstree.children(p)
-    return reasons
+    return reasons + external.reasons(seen, root)   # pipes and sockets leading out of the tree
 
 
 class FrozenTree:
@@ -239,9 +239,13 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     try:
         tree.freeze()
         smaps = tree.checked()                           # final: nothing changes now
+        ext = external.reasons(tree.order, pid)
+        if ext:
+            raise NotCheckpointable(pid, ext)
         faults.point("dump.frozen")
         table = files.Table()
         tasks = [_collect(tree.procs[p], smaps[p], table) for p in tree.order]
+        external.mark(table, tree.order)                 # --external: kept as "external" fds
         faults.point("dump.collected")
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]

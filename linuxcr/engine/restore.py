@@ -34,7 +34,7 @@ from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import (cpu, fdkinds, files, locks, memory, posix_timers, process, pstree,
                                signals, threads)
-from linuxcr.resources import exe_identity
+from linuxcr.resources import exe_identity, external
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 
@@ -273,7 +273,13 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         # the addresses their sockets are bound to, their locks.
         _claim_pids(tasks, tree, reader,
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
-        ours = files.open_all(tree.files, tree.pipes, tree.unix)
+        ours = external.resolve(tree.files, tasks)      # --fd N=...: refused if not given
+        try:
+            ours.update(files.open_all([d for d in tree.files if d.fid not in ours], tree.pipes,
+                                       tree.unix))
+        except BaseException:
+            files.close_all(ours)
+            raise
         shm: dict[int, int] = {}
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)

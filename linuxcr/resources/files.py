@@ -30,7 +30,7 @@ REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_
                 os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix")
+BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix", "external")   # external: resources/external.py
 _KIND_NAMES = {"reg": "regular file", "dir": "directory", "chr": "character device"}
 
 
@@ -274,6 +274,9 @@ def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> 
             raise RestoreError(f"cannot recreate a {d.kind}: {e.strerror}") from None
     if d.kind not in BUILTIN_KINDS:
         raise RestoreError(f"unsupported kind of open file {d.kind!r}")
+    if d.kind == "external":   # opened by resources/external.py from `--fd N=...`
+        raise RestoreError(f"open file #{d.fid} was an external connection ({d.path})",
+                           "restart it with lcr restart --fd N=PATH|-|&M")
     if d.kind == "pipe":
         if d.pipe not in ends:
             raise RestoreError(f"pipe:[{d.pipe}] has no saved state")
