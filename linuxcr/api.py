@@ -45,7 +45,7 @@ def _key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
                progress=None, sign: KeyArg = None, parent: str | os.PathLike | None = None,
                track: bool = False, images_dir: str | None = None,
-               trackers=None, external: bool = False) -> dump.DumpResult:
+               trackers=None, external: bool = False, shell_job: bool = False) -> dump.DumpResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
@@ -57,7 +57,9 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     ``track``: keep counting the pages the process writes (userfaultfd), so
     that the next incremental checkpoint need not compare contents.
     ``external``: record pipes and sockets leading out of the tree (restart
-    then needs ``fds``, resources/external.py) instead of refusing."""
+    then needs ``fds``, resources/external.py) instead of refusing.
+    ``shell_job``: the terminal the process runs on (its master outside the
+    tree) is saved as external (restart with ``shell_job``)."""
     from linuxcr.engine import incremental
     from linuxcr.image import stream
     from linuxcr.resources import external as _ext
@@ -69,7 +71,7 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
             and os.path.samefile(os.fspath(out), parent):
         raise ImageWriteError(f"{parent} cannot be both the parent and the new image")
     with files.output_image(out) as (fd, name, commit), stream.options(signer=signer), \
-            _ext.options(record=external):
+            _ext.options(record=external), _ext.pty.options(shell_job=shell_job):
         return incremental.checkpoint(pid, fd, parent=parent, track=track,
                                       leave_running=leave_running, images_dir=images_dir,
                                       name=name, compress=compress, on_written=commit,
@@ -90,7 +92,8 @@ def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
                  trust: Iterable[str] | str = (), images_dir: str | None = None,
-                 fds: dict[int, str] | Iterable[str] | None = None) -> restore.RestoreResult:
+                 fds: dict[int, str] | Iterable[str] | None = None,
+                 shell_job: bool = False) -> restore.RestoreResult:
     """As restart(); an incremental image finds its parents beside it (the
     paths it recorded), or in ``images_dir``.  ``fds``: {N: "PATH" | "-" |
     "&M"}, the new file of each external fd N (resources/external.py), or
@@ -107,7 +110,8 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
         policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, image_owner=files.owner(fd),
                                        image_name=name)
         with stream.options(verifier=verifier, observer=policy.observe), \
-                process.restore_policy(policy), _ext.options(fds=fds):
+                process.restore_policy(policy), _ext.options(fds=fds), \
+                _ext.pty.options(shell_job=shell_job):
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
 
 

@@ -288,6 +288,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
+            fdkinds.pty.release()
     finally:
         reader.close()
         if chain is not None:

@@ -30,6 +30,7 @@ from linuxcr.errors import LcrError, RestoreError
 from linuxcr.image.schema import FileDesc, Task
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
 from linuxcr.resources import unix_sockets
+from linuxcr.resources.fdkinds import pty
 
 KIND = "external"
 FD_OPTION = "--fd N=PATH|-|&M"
@@ -175,9 +176,12 @@ def _comm(pid: int) -> str:
 
 def reasons(pids: Iterable[int], root: int) -> list[str]:
     """What `lcr check` and `lcr checkpoint` say (nothing with --external)."""
+    pids = list(pids)
+    terminals = pty.tree_reasons(pids, root)
     if current().record:
-        return []
-    return [e.reason() if e.pid == root else f"child pid {e.pid}: {e.reason()}" for e in find(pids)]
+        return terminals
+    return terminals + [e.reason() if e.pid == root else f"child pid {e.pid}: {e.reason()}"
+                        for e in find(pids)]
 
 
 # --- checkpoint --external ----------------------------------------------------------
@@ -186,6 +190,7 @@ def mark(table, pids: Iterable[int]) -> None:
     """Turn the descriptions of external connections in ``table`` (a
     files.Table, every task read) into kind "external": no bytes, no peer
     saved, only the flags and what it was."""
+    pty.mark(table)                # a shell job's terminal (--shell-job)
     found = find(pids)
     if not found:
         return
@@ -219,6 +224,8 @@ def parse_fd_specs(specs: Iterable[str]) -> dict[int, str]:
 def resolve(descs: list[FileDesc], tasks: list[Task]) -> dict[int, int]:
     """fid -> an fd of lcr's for every external description (the tasks
     inherit it); refuses one not given with --fd."""
+    pty.release()                  # pairs a previous restart in this process made
+    pty.check_restart(descs, tasks)
     given = current().fds
     ext = {d.fid: d for d in descs if d.kind == KIND}
     nums_ext = {f.fd for k in tasks for f in k.files if f.fid in ext}
