@@ -115,6 +115,30 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
 
 
+def stay_parent() -> None:
+    """Before a restart that waits for its root (wait_restored): orphans of
+    the restore (an `lcr run` image's init) are re-parented to the caller."""
+    from linuxcr.engine import foreground
+    foreground.become_subreaper()
+
+
+def wait_restored(pid: int, *, shell_job: bool = False, note=None) -> int:
+    """Stay until restored root ``pid`` ends, forwarding signals to it
+    (with ``shell_job``: in the foreground of the caller's terminal, job
+    control through the caller); returns the exit code the caller should
+    exit with (a root killed by a signal: the caller is killed by it too)."""
+    from linuxcr.engine import foreground
+    tty = foreground.shell_tty() if shell_job else None
+    try:
+        o = foreground.wait(pid, tty=tty)
+    finally:
+        if tty is not None:
+            os.close(tty)
+    if o.note and note is not None:
+        note(o.note)
+    return foreground.die_like(o)
+
+
 def show(image: Target, *, verify: KeyArg = None) -> dict:
     """What ``image`` holds (``lcr show``); reads and checks all of it, and
     its signatures with ``verify``."""

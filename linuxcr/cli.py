@@ -90,11 +90,14 @@ def main() -> None:
 @click.option("--external", is_flag=True,
               help="Record pipes and sockets whose other end is outside the tree (restart "
                    "then gives each a new file with --fd N=...).")
+@click.option("--shell-job", is_flag=True,
+              help="The process runs on the terminal of a shell (its other end is outside the "
+                   "tree): save that terminal as external; restart with --shell-job.")
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                low_downtime: bool = False, sign_key: str | None = None,
                parent: str | None = None, track: bool = False, images_dir: str | None = None,
                interval: str | None = None, keep: int = 0, full_every: int = 10,
-               count: int = 0, external: bool = False) -> None:
+               count: int = 0, external: bool = False, shell_job: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         from linuxcr import api
@@ -119,7 +122,7 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
         else:
             res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
                                  sign=sign_key, parent=parent, track=track, images_dir=images_dir,
-                                 external=external)
+                                 external=external, shell_job=shell_job)
         for w in getattr(res, "warnings", []):
             click.echo(f"lcr: warning: {w}", err=True)
         inc = getattr(res, "incremental", None)
@@ -178,14 +181,25 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
 @click.option("--fd", "fd_specs", multiple=True, metavar="N=PATH|-|&M",
               help="Give the restored process a new file for external fd N: PATH, - (lcr's "
                    "stdout) or &M (fd M of lcr). Repeatable.")
+@click.option("--shell-job", is_flag=True,
+              help="Put the restored job on this terminal, in the foreground, with job control "
+                   "(^Z, fg, ^C); lcr stays until it ends (as --wait).")
+@click.option("--wait", is_flag=True,
+              help="Stay in the foreground, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/2 to the "
+                   "restored root and exit with its exit status.")
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
             trust: tuple[str, ...] = (), images_dir: str | None = None,
-            fd_specs: tuple[str, ...] = ()) -> None:
+            fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
+    code = [0]
+
     def go() -> None:
         from linuxcr import api
+        if wait or shell_job:
+            api.stay_parent()
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
-                               trust=trust, images_dir=images_dir, fds=list(fd_specs))
+                               trust=trust, images_dir=images_dir, fds=list(fd_specs),
+                               shell_job=shell_job)
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
         if res.namespace:
@@ -195,7 +209,11 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             click.echo(f"lcr: pid {res.original_pid} was in use; restored as pid {res.pid}", err=True)
         click.echo(str(res.pid))
         sys.stdout.flush()
+        if wait or shell_job:
+            code[0] = api.wait_restored(res.pid, shell_job=shell_job,
+                                        note=lambda m: click.echo(f"lcr: {m}", err=True))
     _run(go)
+    sys.exit(code[0])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

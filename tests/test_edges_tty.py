@@ -139,3 +139,126 @@ def test_program_with_its_own_pty(tmp_path, procs):
     assert "SLAVE b'typed line\\n'" in text, text
     assert "MASTER b'program output\\r\\n'" in text or "MASTER b'program output\\n'" in text, text
     assert f"TTY /dev/pts/{idx}" in text, text          # the same index: it was free
+
+
+# --------------------------------------------------------------------------
+# a shell job: checkpoint --shell-job, restart --shell-job from the shell,
+# ^Z, fg, ^C through lcr
+
+class Terminal:
+    """An interactive bash on a pty of ours; everything it prints is kept."""
+
+    def __init__(self, procs, env: dict) -> None:
+        import fcntl
+        import termios
+        import threading
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, b"\x18\x00\x50\x00\x00\x00\x00\x00")
+        self.sh = subprocess.Popen(
+            ["bash", "--norc", "--noprofile", "-i"], stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True, env=env, close_fds=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        procs.add(self.sh.pid)
+        self.out = b""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                b = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not b:
+                return
+            with self._lock:
+                self.out += b
+
+    def text(self, start: int = 0) -> str:
+        with self._lock:
+            return self.out[start:].decode(errors="replace")
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.out)
+
+    def send(self, s: str) -> None:
+        os.write(self.master, s.encode())
+
+    def expect(self, pattern: str, start: int = 0, what: str = "") -> re.Match:
+        return _until(what or pattern, lambda: re.search(pattern, self.text(start), re.M))
+
+    def close(self) -> None:
+        os.close(self.master)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_shell_job(tmp_path, procs):
+    if shutil.which("bash") is None:
+        pytest.skip("bash not found")
+    (tmp_path / "c.py").write_text(COUNTER.replace("0.05", "0.1"))
+    env = {**os.environ, "PS1": "PROMPT$ ", "PYTHONPATH": str(REPO), "TERM": "dumb",
+           "HISTFILE": "/dev/null", "PROMPT_COMMAND": ""}
+    term = Terminal(procs, env)
+    try:
+        term.expect(r"PROMPT\$ ")
+        at = term.mark()
+        term.send(f"{sys.executable} {tmp_path / 'c.py'}\n")
+        term.expect(r"^count 3\r?$", at)
+        job = _children(term.sh.pid)[0]
+        procs.add(job)
+        # without the flag: named and refused
+        cp = lcr("check", job, check=False)
+        assert cp.returncode == 5
+        assert any("--shell-job" in ln and f"pid {os.getpid()}" in ln for ln in cp.stdout.splitlines()), cp.stdout
+        img = tmp_path / "img"
+        cp = lcr("checkpoint", job, "-o", img, check=False)
+        assert_clean_error(cp, "NotCheckpointable", mentions=["--shell-job"])
+        at = term.mark()
+        lcr("checkpoint", job, "-o", img, "--shell-job")
+        term.expect(r"PROMPT\$ ", at, "the shell's prompt after the job was killed")
+        last = max(int(x) for x in re.findall(r"^count (\d+)", term.text(), re.M))
+        # restart without --shell-job: refused, naming the flag
+        cp = lcr("restart", img, check=False)
+        assert_clean_error(cp, "RestoreError", mentions=["--shell-job"])
+        # from the shell, on its terminal
+        at = term.mark()
+        term.send(f"{' '.join(LCR)} restart {img} --shell-job\n")
+        m = term.expect(r"^count (\d+)\r?$", at, "the restored job's output")
+        assert int(m.group(1)) <= last + 1, (m.group(1), last)
+        term.expect(rf"^count {int(m.group(1)) + 3}\r?$", at)
+        lcr_pid = next(p for p in _children(term.sh.pid))
+        assert job in _children(lcr_pid)                 # same pid, lcr's child
+        with open(f"/proc/{job}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        assert int(fields[5]) == int(fields[2]) == job, fields[:6]   # foreground group
+        # ^Z: the shell sees its job stopped
+        at = term.mark()
+        term.send("\x1a")
+        term.expect(r"Stopped", at, "bash reporting the stopped job")
+        _until("the job stopped", lambda: _state(job) == "T")
+        seen = term.mark()
+        # fg: counting again
+        term.send("fg\n")
+        term.expect(r"^count \d+\r?$", seen, "the job counting after fg")
+        # ^C: the job ends by SIGINT, lcr with it
+        at = term.mark()
+        term.send("\x03")
+        term.expect(r"PROMPT\$ ", at, "the prompt after ^C")
+        term.send("echo rc=$?\n")
+        term.expect(r"^rc=130\r?$", at)
+    finally:
+        term.close()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"

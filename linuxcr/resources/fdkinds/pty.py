@@ -394,12 +394,18 @@ def tree_reasons(pids: Iterable[int], root: int) -> list[str]:
     out_m, out_s = _outside(inside) if (lone and not shell_job()) or masters else ([], [])
     out = []
 
-    def who(e: _End) -> str:
-        return f"fd {e.fd}" if e.pid == root else f"child pid {e.pid}: fd {e.fd}"
+    def who(e: _End, fds: str = "") -> str:
+        fds = fds or f"fd {e.fd}"
+        return fds if e.pid == root else f"child pid {e.pid}: {fds}"
     if not shell_job():
-        for s in lone:
+        groups: dict[tuple[int, int], list[_End]] = {}
+        for s in lone:      # one line per process and terminal: "fd 0, 1, 2: terminal ..."
+            groups.setdefault((s.pid, s.index), []).append(s)
+        for same in groups.values():
+            s = same[0]
             held = [m for m in out_m if m.index == s.index]
-            out.append(f"{who(s)}: terminal /dev/pts/{s.index}, whose other end is held outside "
+            fds = ("fds " if len(same) > 1 else "fd ") + ", ".join(str(e.fd) for e in same)
+            out.append(f"{who(s, fds)}: terminal /dev/pts/{s.index}, whose other end is held outside "
                        f"the tree by {_who(held)}: checkpoint with {SHELL_JOB} (and restart with "
                        f"{SHELL_JOB} on a terminal)")
     for m in masters:
