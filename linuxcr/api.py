@@ -203,12 +203,35 @@ def tracking(pid: int) -> dict:
 
 
 def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
-    """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
-    checkpointed as a whole tree; returns its pid."""
-    from linuxcr.engine import spawn
+    """Start argv under a small init (pid 1 of a fresh pid namespace, which
+    forwards signals to argv and exits with its status), detached, ready to
+    be checkpointed as a whole tree; returns the init's pid.  Output goes to
+    ``log``, or to the default log (run_logged)."""
+    return run_logged(argv, log=log, cwd=cwd)[0]
+
+
+def run_logged(argv: list[str], *, log: str | None = None, cwd: str | None = None
+               ) -> tuple[int, str]:
+    """As run(); also returns where the output goes.  Without ``log``:
+    <default_log_dir>/<pid>.log (engine/run_init.py), never the caller's
+    stdout/stderr (`pid=$(lcr run -- CMD)` must not wait for CMD)."""
+    from linuxcr.engine import run_init, spawn
     if not argv:
         raise LcrError("nothing to run")
-    return spawn.run_in_namespace(list(argv), log, cwd)
+    if log is not None:
+        return spawn.run_in_namespace(list(argv), log, cwd), log
+    import tempfile
+    d = run_init.default_log_dir()
+    fd, tmp = tempfile.mkstemp(prefix=".starting-", suffix=".log", dir=d)
+    os.close(fd)
+    try:
+        pid = spawn.run_in_namespace(list(argv), tmp, cwd)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    final = os.path.join(d, f"{pid}.log")
+    os.replace(tmp, final)          # the command holds it open: renaming is harmless
+    return pid, final
 
 
 __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]

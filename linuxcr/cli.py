@@ -217,17 +217,24 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("-o", "--output", "log", metavar="LOG", help="Send the command's stdout and stderr to LOG.")
+@click.option("-o", "--output", "log", metavar="LOG",
+              help="Send the command's stdout and stderr to LOG (default: ~/.local/state/lcr/runs/PID.log, "
+                   "or $LCR_RUN_LOGS/PID.log).")
 @click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
-    """Start a command as init of a fresh pid namespace, detached; prints its pid.
+    """Start a command in a fresh pid namespace, detached; prints its pid.
 
-    The whole tree it starts can then be checkpointed, and restarts with
-    every pid as it was."""
+    pid 1 of the namespace is a small init (the pid printed) that forwards
+    SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the command and exits
+    with its status.  The whole tree can then be checkpointed, and restarts
+    with every pid as it was."""
     def go() -> None:
         from linuxcr import api
-        click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
+        pid, where = api.run_logged(list(argv), log=log, cwd=cwd)
+        if log is None:
+            click.echo(f"lcr: output of pid {pid} goes to {where}", err=True)
+        click.echo(str(pid))
     _run(go)
 
 
