@@ -119,6 +119,39 @@ print("TTY", os.ttyname(s), flush=True)
 """
 
 
+def _report(log, start: int) -> str:
+    return _until("its report", lambda: "TTY" in log.read_text()[start:] and log.read_text()[start:])
+
+
+def _check_report(text: str, idx: str) -> None:
+    assert "ECHO False VINTR b'\\x07' WS 33 111" in text, text
+    assert "SLAVE b'typed line\\n'" in text, text
+    assert "MASTER b'program output\\r\\n'" in text or "MASTER b'program output\\n'" in text, text
+    assert f"TTY /dev/pts/{idx}" in text, text          # the same index: it was free
+
+
+def test_pty_leave_running_consumes_nothing(tmp_path, procs):
+    """--leave-running: the bytes lcr read to save them are back where they
+    were; the image restores the same."""
+    (tmp_path / "p.py").write_text(PTYPROG)
+    log = tmp_path / "log"
+    with open(log, "ab") as out:     # O_APPEND: both runs' reports stay
+        p = subprocess.Popen([sys.executable, tmp_path / "p.py"], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    procs.add(p.pid)
+    idx = _until("READY", lambda: re.search(r"READY (\d+)", log.read_text())).group(1)
+    img = tmp_path / "img"
+    lcr("checkpoint", p.pid, "-o", img, "--leave-running")
+    n = len(log.read_text())
+    os.kill(p.pid, signal.SIGUSR1)
+    _check_report(_report(log, n), idx)
+    p.wait()
+    n = len(log.read_text())
+    pid = procs.add(parse_restored_pid(lcr("restart", img).stdout))
+    os.kill(pid, signal.SIGUSR1)
+    _check_report(_report(log, n), idx)
+
+
 def test_program_with_its_own_pty(tmp_path, procs):
     (tmp_path / "p.py").write_text(PTYPROG)
     log = tmp_path / "log"

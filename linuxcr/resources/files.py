@@ -82,8 +82,10 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
         if link in SAFE_DEVICES:
             return FdView("chr", None, link, key)
         if link.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
-            return no(f"terminal {link}: terminals are not supported yet; start the program "
-                      "with its input and output redirected to files (or /dev/null)")
+            # /dev/pts/N and /dev/ptmx are resources/fdkinds/pty.py; these are not
+            return no(f"terminal {link}: this kind of terminal is not saved (pseudo-terminals "
+                      "/dev/pts/N are); start the program with its input and output "
+                      "redirected to files (or /dev/null)")
         return no(f"character device {link}: devices are not saved")
     if link.startswith("socket:"):
         why = unix_sockets.reason(fd, key[1])
