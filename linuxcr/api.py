@@ -47,7 +47,7 @@ def load_key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
                progress=None, sign: KeyArg = None, parent: str | os.PathLike | None = None,
                track: bool = False, images_dir: str | None = None,
-               trackers=None) -> dump.DumpResult:
+               trackers=None, external: bool = False, shell_job: bool = False) -> dump.DumpResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
@@ -57,10 +57,15 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     ``parent``: an earlier image of this process: write only the pages that
     changed since (an incremental image; engine/incremental.py).
     ``track``: keep counting the pages the process writes (userfaultfd), so
-    that the next incremental checkpoint need not compare contents."""
+    that the next incremental checkpoint need not compare contents.
+    ``external``: record pipes and sockets leading out of the tree (restart
+    then needs ``fds``, resources/external.py) instead of refusing.
+    ``shell_job``: the terminal the process runs on (its master outside the
+    tree) is saved as external (restart with ``shell_job``)."""
     from linuxcr.engine import incremental
     from linuxcr.image import stream
     from linuxcr.image.chain import Chain
+    from linuxcr.resources import external as _ext
     pid = as_pid(pid)
     signer = load_key(sign, signing=True)       # a bad key fails before the process is touched
     parent = os.fspath(parent) if parent is not None else None
@@ -71,7 +76,8 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     # the agent lends its trackers for this checkpoint only when the caller
     # holds none (--interval holds its own across checkpoints)
     lent = trackers is None and (track or bool(parent)) and (leave_running or bool(parent))
-    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer):
+    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer), \
+            _ext.options(record=external), _ext.pty.options(shell_job=shell_job):
         chain = Chain.from_path(parent, images_dir) if parent else None    # before taking trackers
         if lent:
             try:
@@ -140,23 +146,54 @@ def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 
 
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
-                 trust: Iterable[str] | str = (), images_dir: str | None = None
-                 ) -> restore.RestoreResult:
+                 trust: Iterable[str] | str = (), images_dir: str | None = None,
+                 fds: dict[int, str] | Iterable[str] | None = None,
+                 shell_job: bool = False) -> restore.RestoreResult:
     """As restart(); an incremental image finds its parents beside it (the
-    paths it recorded), or in ``images_dir``."""
+    paths it recorded), or in ``images_dir``.  ``fds``: {N: "PATH" | "-" |
+    "&M"}, the new file of each external fd N (resources/external.py), or
+    the CLI's ["N=PATH", ...]."""
     from linuxcr.engine import restore
     from linuxcr.image import stream
+    from linuxcr.resources import external as _ext
     from linuxcr.resources import process
     verifier = load_key(verify, signing=False)
     trusted = process.parse_trust(trust)
+    if fds is not None and not isinstance(fds, dict):
+        fds = _ext.parse_fd_specs(fds)
     # Who could have written the image and each parent is noted as each is
     # opened (image/source.py); a good signature stands for root's own.
     policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, verified=verifier is not None)
     with files.watch_sources(policy.add_source), files.input_image(image) as (fd, name):
         policy.image_name = name
         with stream.options(verifier=verifier, observer=policy.observe), \
-                process.restore_policy(policy):
+                process.restore_policy(policy), _ext.options(fds=fds), \
+                _ext.pty.options(shell_job=shell_job):
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
+
+
+def stay_parent() -> None:
+    """Before a restart that waits for its root (wait_restored): orphans of
+    the restore (an `lcr run` image's init) are re-parented to the caller."""
+    from linuxcr.engine import foreground
+    foreground.become_subreaper()
+
+
+def wait_restored(pid: int, *, shell_job: bool = False, note=None) -> int:
+    """Stay until restored root ``pid`` ends, forwarding signals to it
+    (with ``shell_job``: in the foreground of the caller's terminal, job
+    control through the caller); returns the exit code the caller should
+    exit with (a root killed by a signal: the caller is killed by it too)."""
+    from linuxcr.engine import foreground
+    tty = foreground.shell_tty() if shell_job else None
+    try:
+        o = foreground.wait(pid, tty=tty)
+    finally:
+        if tty is not None:
+            os.close(tty)
+    if o.note and note is not None:
+        note(o.note)
+    return foreground.die_like(o)
 
 
 def show(image: Target, *, verify: KeyArg = None) -> dict:
@@ -223,12 +260,35 @@ def tracking(pid: int) -> dict:
 
 
 def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
-    """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
-    checkpointed as a whole tree; returns its pid."""
-    from linuxcr.engine import spawn
+    """Start argv under a small init (pid 1 of a fresh pid namespace, which
+    forwards signals to argv and exits with its status), detached, ready to
+    be checkpointed as a whole tree; returns the init's pid.  Output goes to
+    ``log``, or to the default log (run_logged)."""
+    return run_logged(argv, log=log, cwd=cwd)[0]
+
+
+def run_logged(argv: list[str], *, log: str | None = None, cwd: str | None = None
+               ) -> tuple[int, str]:
+    """As run(); also returns where the output goes.  Without ``log``:
+    <default_log_dir>/<pid>.log (engine/run_init.py), never the caller's
+    stdout/stderr (`pid=$(lcr run -- CMD)` must not wait for CMD)."""
+    from linuxcr.engine import run_init, spawn
     if not argv:
         raise LcrError("nothing to run")
-    return spawn.run_in_namespace(list(argv), log, cwd)
+    if log is not None:
+        return spawn.run_in_namespace(list(argv), log, cwd), log
+    import tempfile
+    d = run_init.default_log_dir()
+    fd, tmp = tempfile.mkstemp(prefix=".starting-", suffix=".log", dir=d)
+    os.close(fd)
+    try:
+        pid = spawn.run_in_namespace(list(argv), tmp, cwd)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    final = os.path.join(d, f"{pid}.log")
+    os.replace(tmp, final)          # the command holds it open: renaming is harmless
+    return pid, final
 
 
 __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]

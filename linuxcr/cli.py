@@ -64,11 +64,17 @@ def main() -> None:
               help="With --interval: every M-th image is a full one (default 10).")
 @click.option("--count", type=click.IntRange(min=0), default=0, metavar="N",
               help="With --interval: stop after N checkpoints.")
+@click.option("--external", is_flag=True,
+              help="Record pipes and sockets whose other end is outside the tree (restart "
+                   "then gives each a new file with --fd N=...).")
+@click.option("--shell-job", is_flag=True,
+              help="The process runs on the terminal of a shell (its other end is outside the "
+                   "tree): save that terminal as external; restart with --shell-job.")
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                low_downtime: bool = False, sign_key: str | None = None,
                parent: str | None = None, track: bool = False, images_dir: str | None = None,
                interval: str | None = None, keep: int = 0, full_every: int = 10,
-               count: int = 0) -> None:
+               count: int = 0, external: bool = False, shell_job: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         from linuxcr import api
@@ -92,7 +98,8 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                                                   compress=compress)
         else:
             res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
-                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir)
+                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir,
+                                 external=external, shell_job=shell_job)
         for w in getattr(res, "warnings", []):
             click.echo(f"lcr: warning: {w}", err=True)
         inc = getattr(res, "incremental", None)
@@ -148,13 +155,28 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
 @click.option("--images-dir", metavar="DIR",
               help="Where the parents of an incremental image are (default: the paths it "
                    "recorded, beside it).")
+@click.option("--fd", "fd_specs", multiple=True, metavar="N=PATH|-|&M",
+              help="Give the restored process a new file for external fd N: PATH, - (lcr's "
+                   "stdout) or &M (fd M of lcr). Repeatable.")
+@click.option("--shell-job", is_flag=True,
+              help="Put the restored job on this terminal, in the foreground, with job control "
+                   "(^Z, fg, ^C); lcr stays until it ends (as --wait).")
+@click.option("--wait", is_flag=True,
+              help="Stay in the foreground, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/2 to the "
+                   "restored root and exit with its exit status.")
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
-            trust: tuple[str, ...] = (), images_dir: str | None = None) -> None:
+            trust: tuple[str, ...] = (), images_dir: str | None = None,
+            fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
+    code = [0]
+
     def go() -> None:
         from linuxcr import api
+        if wait or shell_job:
+            api.stay_parent()
         res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
-                               trust=trust, images_dir=images_dir)
+                               trust=trust, images_dir=images_dir, fds=list(fd_specs),
+                               shell_job=shell_job)
         for w in res.warnings:
             click.echo(f"lcr: warning: {w}", err=True)
         if res.namespace:
@@ -164,11 +186,17 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             click.echo(f"lcr: pid {res.original_pid} was in use; restored as pid {res.pid}", err=True)
         click.echo(str(res.pid))
         sys.stdout.flush()
+        if wait or shell_job:
+            code[0] = api.wait_restored(res.pid, shell_job=shell_job,
+                                        note=lambda m: click.echo(f"lcr: {m}", err=True))
     run_guarded(go)
+    sys.exit(code[0])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("-o", "--output", "log", metavar="LOG", help="Send the command's stdout and stderr to LOG.")
+@click.option("-o", "--output", "log", metavar="LOG",
+              help="Send the command's stdout and stderr to LOG (default: ~/.local/state/lcr/runs/PID.log, "
+                   "or $LCR_RUN_LOGS/PID.log).")
 @click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
 @click.option("--checkpoint-dir", metavar="DIR",
               help="A job that survives preemption (docs/kubernetes.md): resume from DIR if it "
@@ -204,11 +232,13 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir:
         fresh_on_bad_image: bool = False, stop_signals: tuple[str, ...] = (), hooks: bool = False,
         compress: bool = False, sign_key: str | None = None, verify_key: str | None = None,
         saved_exit_code: int = 0) -> None:
-    """Start a command as init of a fresh pid namespace, detached; prints its pid.
+    """Start a command in a fresh pid namespace, detached; prints its pid.
 
-    The whole tree it starts can then be checkpointed, and restarts with
-    every pid as it was.  With --checkpoint-dir, lcr stays in the foreground
-    as the job's supervisor (a container entrypoint)."""
+    pid 1 of the namespace is a small init (the pid printed) that forwards
+    SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the command and exits
+    with its status.  The whole tree can then be checkpointed, and restarts
+    with every pid as it was.  With --checkpoint-dir, lcr stays in the
+    foreground as the job's supervisor (a container entrypoint)."""
     def go() -> None:
         if checkpoint_dir is not None:
             from linuxcr.job import options_from_cli, run_job
@@ -219,7 +249,10 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir:
                                               verify=verify_key, log=log,
                                               saved_exit_code=saved_exit_code)))
         from linuxcr import api
-        click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
+        pid, where = api.run_logged(list(argv), log=log, cwd=cwd)
+        if log is None:
+            click.echo(f"lcr: output of pid {pid} goes to {where}", err=True)
+        click.echo(str(pid))
     run_guarded(go)
 
 

@@ -417,7 +417,8 @@ while True:
                         lcr_fn=lambda *a: lcr(*a, timeout=60))   # it hung: fail sooner
     new, _ = restart_tree(tmp_path / "img3", trees)
     helpers.assert_running_untraced(new)
-    assert len(os.listdir(f"/proc/{new}/task")) == 9
+    prog_pid = int(open(f"/proc/{new}/task/{new}/children").read().split()[0])   # under lcr run's init
+    assert len(os.listdir(f"/proc/{prog_pid}/task")) == 9
 
 
 # --------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def test_lcr_run_pipeline_as_user(user, wd, bins, trees):
     root = int(lcr_as(user, "run", "-o", log, "-C", wd, "--", "sh", "-c", cmd).stdout)
     trees.add(root)
     assert inner_pid(root) == 1 and _uid(root) == user.uid
-    wait_until(lambda: len(descendants(root)) == 3, 30, "the 3 pipeline processes")
+    wait_until(lambda: len(descendants(root)) == 4, 30, "lcr run's init, sh, the 3 pipeline processes")
     wait_until(lambda: count_lines(out) >= 300, 60, f"300 lines in {out}")
     pids = tree_pids(root)
     inner_before = {exe_of(p): inner_pid(p) for p in pids}
@@ -259,7 +259,7 @@ def test_lcr_run_pipeline_as_user(user, wd, bins, trees):
     assert "namespace" in err, err
     assert inner_pid(new) == 1 and _uid(new) == user.uid
     pids = tree_pids(new)
-    assert len(pids) == 4, pids
+    assert len(pids) == 5, pids
     assert {exe_of(p): inner_pid(p) for p in pids} == inner_before, "pids inside the namespace changed"
     assert_tree_running_untraced(new)
 

@@ -26,6 +26,7 @@ from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena
 from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, pstree,
                                sched, security, signals, threads)
+from linuxcr.resources import exe_identity, external
 
 
 PF_KTHREAD = 0x00200000
@@ -132,7 +133,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
         queue += pstree.children(p)
-    return reasons
+    return reasons + external.reasons(seen, root)   # pipes and sockets leading out of the tree
 
 
 class FrozenTree:
@@ -240,9 +241,13 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     try:
         tree.freeze()
         smaps = tree.checked()                           # final: nothing changes now
+        ext = external.reasons(tree.order, pid)
+        if ext:
+            raise NotCheckpointable(pid, ext)
         faults.point("dump.frozen")
         table = files.Table()
         tasks = [collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
+        external.mark(table, tree.order)                 # --external: kept as "external" fds
         faults.point("dump.collected")
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
@@ -253,7 +258,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         w.header(_header(pid, tasks, compress, image_id, base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
-                                    mapped=mapped))
+                                    mapped=mapped, identities=exe_identity.collect(tasks)))
         for task in tasks:
             w.record(RecType.TASK, task)
         if base is None:

@@ -31,6 +31,7 @@ from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import cpu, fdkinds, files, finish, memory, process, pstree
+from linuxcr.resources import exe_identity, external
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
@@ -240,6 +241,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
     try:
         header, tree, tasks, first = read_meta(reader)
         validate_tree(tree, tasks)
+        exe_identity.verify(tree.identities)     # no task made for code that is gone
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
         for k in tasks:
@@ -253,7 +255,13 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         # the addresses their sockets are bound to, their locks.
         _claim_pids(tasks, tree, reader,
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
-        ours = files.open_all(tree.files, tree.pipes, tree.unix)
+        ours = external.resolve(tree.files, tasks)      # --fd N=...: refused if not given
+        try:
+            ours.update(files.open_all([d for d in tree.files if d.fid not in ours], tree.pipes,
+                                       tree.unix))
+        except BaseException:
+            files.close_all(ours)
+            raise
         shm: dict[int, int] = {}
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
@@ -262,6 +270,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
+            fdkinds.pty.release()
     finally:
         reader.close()
         if chain is not None:

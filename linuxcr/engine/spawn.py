@@ -19,8 +19,10 @@ import ctypes
 import errno
 import os
 import select
+import sys
 from dataclasses import dataclass
 
+from linuxcr.engine import run_init
 from linuxcr.errors import KernelError, PidTaken, RestoreError
 from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
 
@@ -230,8 +232,13 @@ def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None) -
                                 os.close(fd)
                             except OSError:
                                 pass
-                    os.set_inheritable(rep_w, False)
-                    os.execvp(argv[0], argv)
+                    # pid 1 is the init of run_init.py (forwards signals, reaps); it
+                    # reports CMD's exec failure on rep_w and closes it
+                    os.set_inheritable(rep_w, True)
+                    try:
+                        os.execv(sys.executable, run_init.argv(rep_w, argv))
+                    except OSError:
+                        run_init.run_here(rep_w, argv)
                 except BaseException as e:  # noqa: BLE001
                     _report(rep_w, f"ERR cannot run {argv[0]}: {getattr(e, 'strerror', None) or e}")
                     os._exit(127)

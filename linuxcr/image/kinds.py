@@ -243,3 +243,5 @@ KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
 KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]
+from linuxcr.image.kinds_tty import PtmxState, PtsState  # noqa: E402  (resources/fdkinds/pty.py)
+KIND_STATES += [PtmxState, PtsState]

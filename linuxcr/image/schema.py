@@ -174,6 +174,17 @@ class Zombie(Struct, forbid_unknown_fields=True):
     status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
 
 
+class FileIdentity(Struct, forbid_unknown_fields=True):
+    """What a mapped file (or the executable) was at the checkpoint
+    (resources/exe_identity.py): restart refuses if it changed."""
+    path: Str
+    size: U64
+    mtime_ns: U64
+    build_id: Annotated[str, Meta(max_length=128)] = ""     # ELF NT_GNU_BUILD_ID, hex
+    offsets: Annotated[list[U64], Meta(max_length=256)] = []   # file offsets fingerprinted
+    fingerprint: Annotated[str, Meta(max_length=64)] = ""  # sha256 of the page at each offset
+
+
 class Tree(Struct, forbid_unknown_fields=True):
     """What the tasks share; comes before the TASK records."""
     root: Pid
@@ -184,6 +195,8 @@ class Tree(Struct, forbid_unknown_fields=True):
     zombies: Annotated[list[Zombie], Meta(max_length=MAX_TASKS)] = []
     # memfds and unlinked files that are mapped but held by no fd of the tree
     mapped: Annotated[list[Union[MemfdState, UnlinkedState]], Meta(max_length=MAX_LIST)] = []
+    # every mapped file and executable as it was (resources/exe_identity.py)
+    identities: Annotated[list[FileIdentity], Meta(max_length=MAX_LIST)] = []
 
 
 class SigAction(Struct, forbid_unknown_fields=True):

@@ -31,7 +31,7 @@ REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_
                 os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix")
+BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix", "external")   # external: resources/external.py
 _KIND_NAMES = {"reg": "regular file", "dir": "directory", "chr": "character device"}
 
 
@@ -83,8 +83,10 @@ def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode:
         if link in SAFE_DEVICES:
             return FdView("chr", None, link, key)
         if link.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
-            return no(f"terminal {link}: terminals are not supported yet; start the program "
-                      "with its input and output redirected to files (or /dev/null)")
+            # /dev/pts/N and /dev/ptmx are resources/fdkinds/pty.py; these are not
+            return no(f"terminal {link}: this kind of terminal is not saved (pseudo-terminals "
+                      "/dev/pts/N are); start the program with its input and output "
+                      "redirected to files (or /dev/null)")
         return no(f"character device {link}: devices are not saved")
     if link.startswith("socket:"):
         why = unix_sockets.reason(fd, key[1])
@@ -348,6 +350,9 @@ def _open_one(d: FileDesc, ends: dict[int, tuple[int, int]], used: set[int]) -> 
             raise RestoreError(f"cannot recreate a {d.kind}: {e.strerror}") from None
     if d.kind not in BUILTIN_KINDS:
         raise RestoreError(f"unsupported kind of open file {d.kind!r}")
+    if d.kind == "external":   # opened by resources/external.py from `--fd N=...`
+        raise RestoreError(f"open file #{d.fid} was an external connection ({d.path})",
+                           "restart it with lcr restart --fd N=PATH|-|&M")
     if d.kind == "pipe":
         if d.pipe not in ends:
             raise RestoreError(f"pipe:[{d.pipe}] has no saved state")

@@ -57,6 +57,7 @@ from linuxcr.resources.fdkinds import fifo, memfd, unlinked  # noqa: E402
 from linuxcr.resources.fdkinds import epoll, inotify, signalfd, timerfd  # noqa: E402
 from linuxcr.resources.fdkinds import tcp, udp, unix_bound  # noqa: E402
 from linuxcr.resources.fdkinds import deleted_dir, opath, othersock, pidfd  # noqa: E402
+from linuxcr.resources.fdkinds import pty  # noqa: E402
 
 # One line per kind module; order matters only where two kinds could match
 # the same fd (the first one wins).
@@ -66,6 +67,7 @@ REGISTRY += [memfd.KIND, unlinked.KIND, fifo.KIND]   # memfd before unlinked
 REGISTRY += [timerfd.KIND, signalfd.KIND, epoll.KIND, inotify.KIND]
 REGISTRY += [unix_bound.KIND, tcp.KIND, udp.KIND]   # not connected UNIX pairs: files.py
 REGISTRY += [deleted_dir.KIND, pidfd.KIND, othersock.KIND]   # othersock: after tcp/udp, every other family
+REGISTRY += [pty.PTMX, pty.PTS]     # terminals: before files.py refuses devices
 BY_NAME = {k.name: k for k in REGISTRY}
 
 
