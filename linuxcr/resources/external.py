@@ -31,6 +31,7 @@ from linuxcr.image.schema import FileDesc, Task
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
 from linuxcr.resources import unix_sockets
 from linuxcr.resources.fdkinds import pty
+from linuxcr.sys import sockdiag
 
 KIND = "external"
 FD_OPTION = "--fd N=PATH|-|&M"
@@ -98,6 +99,11 @@ def find(pids: Iterable[int]) -> list[External]:
         peer = unix_sockets.peer_of(ino) if _is_unix(ino) else 0
         if peer and peer not in socks:
             peers[peer] = ino
+        # a listener's connections not accepted yet: their clients are the
+        # other ends, wherever they are held
+        for client in _waiting_clients(ino):
+            if client not in socks:
+                peers[client] = ino
     if not pipes and not peers:
         return []
     outside = _holders(inside, {f"pipe:[{i}]" for i in pipes} | {f"socket:[{p}]" for p in peers})
@@ -111,6 +117,18 @@ def find(pids: Iterable[int]) -> list[External]:
         pid, fd = socks[ino]
         out.append(External(pid, fd, "UNIX socket", ino, "", outside.get(f"socket:[{peer}]", [])))
     return out
+
+
+def _waiting_clients(ino: int) -> list[int]:
+    """The client sockets of the connections waiting on ``ino`` if it is a
+    listening UNIX socket with any ([] otherwise; 0 = a client that is gone)."""
+    try:
+        d = unix_sockets.unix_diag(ino)
+        if d is None or d.state != unix_sockets.TCP_LISTEN or not d.rqueue:
+            return []
+        return [c for c in sockdiag.unix_icons(ino) if c]
+    except OSError:
+        return []
 
 
 def _is_unix(ino: int) -> bool:
