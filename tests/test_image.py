@@ -94,10 +94,12 @@ def make_task(pid: int = PID, **kw) -> Task:
                               mask=1 << (s - 1)) for s in (1, 2, 10, 15, 64)],
         pending=[PendingSignal(shared=False, siginfo=b"\x0a" + bytes(127)),
                  PendingSignal(shared=True, siginfo=b"\x22\0\0\0" + bytes(range(4, 128)))],
-        altstack=[0x7FFFF0000000, 0, 8192], rseq=[0x7FFFF7D8E9E0, 32, 0x53053053],
+        altstack=[0x7FFFF0000000, 0, 8192], rseq=[BASE + 0x9E0, 32, 0x53053053],
         robust_list=[0x7FFFF7D8E9A0, 24], tid_address=0x7FFFF7D8E990,
     )
     d.update(kw)
+    if "rseq" not in kw and not any(v.start <= BASE < v.end for v in d["vmas"]):
+        d["rseq"] = []      # the rseq area must be in writable memory of the task
     return Task(**d)
 
 

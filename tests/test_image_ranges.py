@@ -129,10 +129,11 @@ def _new_value(old, data: st.DataObject):
     if isinstance(old, bool):
         return data.draw(st.sampled_from([not old, 2, None]), label="bool")
     if isinstance(old, int):
-        return data.draw(st.one_of(
+        v = data.draw(st.one_of(
             st.sampled_from(INTS),
             st.sampled_from([old - 1, old + 1, old - 4096, old + 4096, old ^ (1 << 63), -old]),
             st.integers(-(1 << 63), (1 << 64) - 1)), label="int")
+        return min(max(v, -(1 << 63)), (1 << 64) - 1)      # what msgpack can hold
     if isinstance(old, str):
         return data.draw(st.sampled_from(STRS), label="str")
     if isinstance(old, bytes):

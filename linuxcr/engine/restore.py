@@ -297,7 +297,8 @@ def _restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, task
         finally:
             os.close(blank.keep)
     except BaseException as e:
-        _destroy([root] + [r.t for r in made if r.t is not root], blank.init_pid)
+        _destroy([root] + [r.t for r in made if r.t is not root]   # threads too: a traced
+                 + [th for r in made for th in r.made], blank.init_pid)  # zombie thread blocks its leader's wait
         if isinstance(e, OSError):
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise

@@ -303,6 +303,14 @@ def _auxv(v: bytes) -> str | None:
     return None
 
 
+def _clock(v: int) -> str | None:
+    """timer_create's clockids: the fixed ones, or a CPU clock of a process or
+    thread (negative: ~pid << 3 | type, type PROF 0, VIRT 1, SCHED 2)."""
+    if v in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11) or (v < 0 and (v & 3) != 3):
+        return None
+    return "not a clock id"
+
+
 def _host(v: str) -> str | None:
     try:
         ipaddress.ip_address(v)
@@ -343,7 +351,7 @@ FIELDS: dict[type, dict[str, Rule]] = {
                              each(uid))},
     S.Thread: {"comm": utf8_max(64), "regs": _regs, "altstack": _altstack, "rseq": _rseq,
                "robust_list": _robust, "tid_address": user_addr},
-    S.PosixTimer: {"notify": one_of({0, 1, 2, 4}, "sigev_notify"),
+    S.PosixTimer: {"notify": one_of({0, 1, 2, 4}, "sigev_notify"), "clock": _clock,
                    "tid": pid0},
     S.FileLock: {"kind": one_of({"flock", "posix", "ofd"}, "lock kind")},
     S.Task: {"ppid": pid0, "pgid": pid0, "sid": pid0, "comm": utf8_max(64), "cwd": abs_path,
@@ -442,6 +450,12 @@ def _task(t: S.Task) -> tuple[str, Any, str] | None:
     why = _ordered(((v.start, v.end) for v in t.vmas), "memory area")
     if why:
         return "vmas", t.vmas, why
+    for where_, rseq in [("rseq", t.rseq)] + [(f"threads[{i}].rseq", th.rseq)
+                                              for i, th in enumerate(t.threads)]:
+        # the kernel writes the area when it is registered: it must be writable memory
+        if rseq and not any(v.start <= rseq[0] and rseq[0] + rseq[1] <= v.end and v.prot & 2
+                            for v in t.vmas):
+            return where_, rseq[0], "the rseq area is not in writable memory of the task"
     if any(th.tid == t.pid for th in t.threads):
         return "threads", t.threads, "a thread has the leader's tid"
     fds = {f.fd for f in t.files}
