@@ -17,8 +17,21 @@ Every input is read twice, as `lcr restart` / `lcr show` would read it:
    msgpack decoding, the schema bounds, the header checks, the page
    decompression, validate_tree and `lcr show`'s rendering.
 
-Only ImageError and RestoreError may come out, with a message that is one
-printable line; anything else (a zstd error, struct.error, a msgspec error,
+3. with seed images (LCR_FUZZ_SEEDS=a.img:b.img, real images), the input
+   drives edits of their *decoded* metadata: a value of a HEADER, TREE or
+   TASK record set to a boundary number (0, -1, 2^31, 2^32-1, 2^63, 2^64-2,
+   2^64-1, TASK_SIZE ...), a string made long, NUL-holding or not UTF-8, a
+   list emptied or grown, then re-encoded with right checksums and trailer:
+   this reaches image/validate.py's range checks and the restore code
+   behind them.  With LCR_FUZZ_RESTART=1 (root, a scratch machine) each such
+   mutant is also restarted through the API (any restored process is
+   killed at once); an LcrError is the only allowed failure.
+
+    LCR_FUZZ_SEEDS=fuzz/corpus/a.img python fuzz/atheris_image.py -atheris_runs=20000
+    LCR_FUZZ_SEEDS=... python fuzz/atheris_image.py --smoke 2000   # without atheris
+
+Only ImageError and RestoreError may come out (any LcrError from a
+restart), with a message that is one printable line; anything else (a zstd error, struct.error, a msgspec error,
 UnicodeDecodeError, IndexError, MemoryError, ...) is a crash.
 """
 from __future__ import annotations
@@ -164,12 +177,117 @@ def reframe(data: bytes) -> bytes:
     return b"".join(out)
 
 
+# ------------------------------------------------------------------ 3. decoded edits
+
+INTS = [0, 1, -1, 2, 9, 19, 64, 65, 4095, 4096, 4097, 1 << 22, (1 << 22) + 1, (1 << 31) - 1,
+        1 << 31, (1 << 32) - 2, (1 << 32) - 1, 1 << 32, 0x7FFFFFFFE000, 0x7FFFFFFFF000,
+        0x800000000000, (1 << 63) - 1, 1 << 63, (1 << 64) - 2, (1 << 64) - 1, -(1 << 31),
+        -(1 << 63)]
+MARK = "\x01BADUTF8\x01"          # its bytes are made non-UTF-8 after encoding
+STRS = ["", "/", "rel", "x" * 4097, "/a\0b", "\0", MARK, "\u00e9" * 300]
+SEEDS = [Path(p).read_bytes() for p in os.environ.get("LCR_FUZZ_SEEDS", "").split(":") if p]
+RESTART = os.environ.get("LCR_FUZZ_RESTART") == "1"
+
+
+class Bytes:
+    """Choices drawn from the fuzzer's input (atheris' FuzzedDataProvider is
+    not needed: this works the same without atheris)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def pick(self, n: int) -> int:
+        if n <= 1:
+            return 0
+        b = self.data[self.at:self.at + 2]
+        self.at += 2
+        return int.from_bytes(b.ljust(2, b"\0"), "little") % n
+
+
+def _leaves(obj, prefix=()):
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield prefix + (k,), v
+        yield from _leaves(v, prefix + (k,))
+
+
+def _value(old, c: Bytes):
+    if isinstance(old, bool):
+        return [not old, 2, None][c.pick(3)]
+    if isinstance(old, int):
+        v = INTS + [old - 1, old + 1, old - 4096, old + 4096]
+        return min(max(v[c.pick(len(v))], -(1 << 63)), (1 << 64) - 1)
+    if isinstance(old, str):
+        return STRS[c.pick(len(STRS))]
+    if isinstance(old, bytes):
+        return [b"", old[:-1], old + b"\0", bytes(1 << 16)][c.pick(4)]
+    if isinstance(old, list):
+        return [[], old[1:], old + old[:1], old * 65][c.pick(4)]
+    return [0, "", None][c.pick(3)]
+
+
+def edited(seed: bytes, c: Bytes) -> bytes:
+    """seed with 1-3 decoded metadata values changed, checksums and trailer right."""
+    recs, off = [], 0
+    while off < len(seed):
+        _m, rtype, _f, meta_len, _p, data_len, _cs = FRAME.unpack_from(seed, off)
+        body = seed[off + FRAME.size:off + FRAME.size + meta_len + data_len]
+        recs.append((rtype, body[:meta_len], body[meta_len:]))
+        off += FRAME.size + meta_len + data_len
+    meta_at = [i for i, r in enumerate(recs) if r[0] in (RecType.HEADER, RecType.TREE, RecType.TASK)]
+    i = meta_at[c.pick(len(meta_at))]
+    obj = msgspec.msgpack.decode(recs[i][1])
+    for _ in range(1 + c.pick(3)):
+        leaves = list(_leaves(obj))
+        path, old = leaves[c.pick(len(leaves))]
+        parent = obj
+        for k in path[:-1]:
+            parent = parent[k]
+        parent[path[-1]] = _value(old, c)
+    raw = msgspec.msgpack.encode(obj).replace(MARK.encode(), b"\xff\xfe" + MARK.encode()[2:])
+    recs[i] = (recs[i][0], raw, recs[i][2])
+    return reframe(b"".join(FRAME.pack(FRAME_MAGIC, t, 0, len(m), 0, len(d), 0) + m + d
+                            for t, m, d in recs))
+
+
+def _restart(data: bytes) -> None:
+    """A restart through the API: an LcrError or a process (killed at once)."""
+    import signal
+    import tempfile
+
+    from linuxcr import api
+    from linuxcr.errors import LcrError
+    with tempfile.NamedTemporaryFile(prefix="lcr-fuzz-", suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        try:
+            pid = api.restart(f.name, any_pid=True)
+        except LcrError as e:
+            _one_line(e)
+            return
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def one_input(data: bytes) -> None:
     _check(data)
     _check(reframe(data))
+    if SEEDS:
+        c = Bytes(data)
+        mutant = edited(SEEDS[c.pick(len(SEEDS))], c)
+        _check(mutant)
+        if RESTART:
+            _restart(mutant)
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--smoke":     # random inputs, no atheris
+        import random
+        rnd = random.Random(0)
+        for _ in range(int(sys.argv[2])):
+            one_input(rnd.randbytes(rnd.randrange(64, 512)))
+        print(f"{sys.argv[2]} inputs: no crash")
+        return
     if atheris is None:
         sys.exit("atheris is not installed (pip install atheris); it is not a linuxcr dependency")
     atheris.Setup(sys.argv, one_input)

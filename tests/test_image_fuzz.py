@@ -357,7 +357,8 @@ def test_real_prefix_then_garbage(real: dict, data: st.DataObject) -> None:
 # Values a hostile writer might put anywhere in the metadata.
 EDGE_INTS = [0, 1, -1, 2, 3, 7, 64, 65, 4095, 4096, 4097, 1 << 20, (1 << 20) + 1, 1 << 22,
              (1 << 22) + 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 47) - 4096,
-             1 << 47, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, -(1 << 63)]
+             1 << 47, (1 << 63) - 1, 1 << 63, (1 << 64) - 2, (1 << 64) - 1, -(1 << 63),
+             (1 << 32) - 2, 0x7FFFFFFFF000, 0x7FFFFFFFF000 + 4096]
 VALUES = st.one_of(
     st.sampled_from(EDGE_INTS),
     st.integers(-(1 << 63), (1 << 64) - 1),
@@ -365,7 +366,7 @@ VALUES = st.one_of(
     st.booleans(),
     st.none(),
     st.text(max_size=16),
-    st.sampled_from(["", "/", "rel/path", "x" * 4097, "anon", "file", "shmem", "vdso", "vvar",
+    st.sampled_from(["", "/", "rel/path", "x" * 4097, "/a\0b", "\0", "anon", "file", "shmem", "vdso", "vvar",
                      "hugetlb", "reg", "dir", "chr", "sock", "[heap]", "/dev/null"]),
     st.binary(max_size=300),
     st.sampled_from([bytes(127), bytes(128), bytes(129), bytes(215), bytes(216), bytes(1 << 16),

@@ -307,7 +307,7 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
             os.close(blank.keep)
     except BaseException as e:
         destroy([root] + [r.t for r in made if r.t is not root] + [th for r in made for th in r.made],
-                blank.init_pid)    # threads too: a leader is reaped only after them
+                blank.init_pid)    # threads too: a traced zombie thread blocks its leader's wait
         if isinstance(e, OSError):
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise

@@ -32,7 +32,7 @@ import zstandard
 
 from linuxcr import faults
 from linuxcr.errors import ImageError, ImageWriteError
-from linuxcr.image import sign
+from linuxcr.image import sign, validate
 from linuxcr.image.schema import (
     ARCH, DATA_TYPES, DECODERS, ENCODER, FORMAT_VERSION, FRAME, FRAME_MAGIC, MAGIC,
     MAX_DATA, MAX_META, MAX_TASKS, MAX_TOTAL_META, Header, Pages, RecType, Signature, Trailer,
@@ -354,6 +354,7 @@ class ImageReader:
         except _DECODE_ERRORS as e:
             self.offset = start
             raise self._fail(f"invalid {rt.name} record: {e}") from None
+        self._check_ranges(rt, obj, start)
         try:
             os.lseek(self.fd, data_len, os.SEEK_CUR)
         except OSError as e:
@@ -365,6 +366,15 @@ class ImageReader:
         self.pages += obj.npages  # type: ignore[attr-defined]
         return Record(rt, obj, memoryview(b""), data_offset=data_at, data_len=data_len,
                       raw_meta=meta, checksum=cs)
+
+    def _check_ranges(self, rt: RecType, obj: msgspec.Struct, start: int) -> None:
+        """Every field within what the kernel accepts and restore assumes
+        (image/validate.py), before any caller sees the record."""
+        try:
+            validate.check(obj)
+        except validate.Invalid as e:
+            self.offset = start
+            raise self._fail(f"{validate.where(rt, obj)}: {e.describe()}") from None
 
     def read_skimmed(self, rec: Record) -> memoryview:
         """The pages of a record skim() passed over, checked and decompressed."""
@@ -425,6 +435,7 @@ class ImageReader:
                 if version > FORMAT_VERSION:
                     raise self._newer(version) from None
             raise self._fail(f"invalid {rt.name} record: {e}") from None
+        self._check_ranges(rt, obj, start)
         if rt is not RecType.TRAILER:
             self._digest.update(_digest_bytes(cs))
             self.records += 1
