@@ -221,3 +221,18 @@ def test_restart_pid_taken(bins, procs, tmp_path):
     assert new != r.pid
     r.assert_pass(new)           # the copy (same log file, its own pid)
     r.assert_pass()              # and the original
+
+
+def test_restart_any_pid_with_pending_signals(bins, procs, tmp_path):
+    """--any-pid: the pending signals are queued to the task's new pid (not
+    to the saved one, which here is the original process, still running).
+    (The copy's own probe would fail: the program checks it kept its pid.)"""
+    r = start_prog(procs, "signals", bins, tmp_path)
+    r.assert_pass()
+    img = tmp_path / "img"
+    lcr("checkpoint", r.pid, "-o", img, "--leave-running")
+    cp = lcr("restart", img, "--any-pid")
+    new = procs.add(parse_restored_pid(cp.stdout))
+    assert new != r.pid
+    assert_running_untraced(new)
+    r.assert_pass()               # the original got nothing of the copy's signals

@@ -190,9 +190,12 @@ def _creds(f: Finish) -> None:
 
 
 def _pending(f: Finish) -> None:
-    signals.queue_pending(f.t, f.arena, f.task.pending, f.vpid, f.vpid)
-    for _new, th in f.threads:
-        signals.queue_pending(f.t, f.arena, th.pending, f.vpid, th.vtid)
+    # the ids the task has now, in its own namespace: with --any-pid they are
+    # not the saved ones (and the saved ones may be another process's)
+    vpid = _vtid(f.t.pid)
+    signals.queue_pending(f.t, f.arena, f.task.pending, vpid, vpid)
+    for new, th in f.threads:
+        signals.queue_pending(f.t, f.arena, th.pending, vpid, _vtid(new.pid))
 
 
 def _vtid(tid: int) -> int:

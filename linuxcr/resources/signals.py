@@ -13,7 +13,7 @@ from linuxcr.sys.syscalls import NR
 
 SIG_IGN = 1
 _KSIGACTION = struct.Struct("<QQQQ")       # handler, flags, restorer, mask
-STACK_T = struct.Struct("<QiiQ")           # ss_sp, ss_flags, pad, ss_size
+STACK_T = struct.Struct("<QIiQ")           # ss_sp, ss_flags (SS_AUTODISARM is bit 31), pad, ss_size
 SS_ONSTACK, SS_DISABLE = 1, 2
 UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
