@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Iterable, Union
 
 from linuxcr import faults
-from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess
+from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess, PermissionDenied
 from linuxcr.image import files
 
 # The engine, image and resource modules are imported in the functions that
@@ -147,6 +147,8 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.engine import restore
     from linuxcr.image import stream
     from linuxcr.resources import process
+    if any_pid:
+        _check_any_pid()
     verifier = load_key(verify, signing=False)
     trusted = process.parse_trust(trust)
     with files.input_image(image) as (fd, name):
@@ -155,6 +157,28 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy):
             return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
+
+
+CAP_SYS_ADMIN = 21
+CAP_CHECKPOINT_RESTORE = 40
+
+
+def _check_any_pid() -> None:
+    """--any-pid restores in the caller's own pid namespace, where setting
+    the process's executable (PR_SET_MM_MAP's exe_fd) needs
+    CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) there: an ordinary user lacks
+    it, and the restart would fail late (after reading the whole image) with
+    EPERM.  Refused up front instead, with the way that works."""
+    if os.geteuid() == 0:
+        return
+    from linuxcr.procfs import read_status
+    if read_status(os.getpid()).cap_eff & (1 << CAP_CHECKPOINT_RESTORE | 1 << CAP_SYS_ADMIN):
+        return
+    raise PermissionDenied(
+        "--any-pid needs root (or CAP_CHECKPOINT_RESTORE): only then does the kernel let lcr set "
+        "a restored process's memory layout (PR_SET_MM_MAP) in your own pid namespace",
+        "restart without --any-pid: the process comes back in a new user+pid namespace of yours, "
+        "where its saved pid is free")
 
 
 def show(image: Target, *, verify: KeyArg = None) -> dict:
