@@ -181,9 +181,9 @@ def snapshots(pid: int | None = None) -> list[dict]:
         return c.call("list", pid=pid)["snapshots"]
 
 
-def writeback(crid: str, out, *, compress: bool = False) -> dict:
+def writeback(crid: str, out, *, compress: bool = False, overwrite: bool = True) -> dict:
     from linuxcr.image.files import output_image
-    with output_image(out) as (fd, name, commit):
+    with output_image(out, overwrite=overwrite) as (fd, name, commit):
         with Client() as c:
             res = c.call("writeback", fds=(fd,), crid=crid, compress=compress, name=name)
         commit()
