@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from linuxcr.engine import dump, incremental, restore
     from linuxcr.image import sign as _sign
 
-    from linuxcr.agent.client import Snapshot
+    from linuxcr.agent.client import Snapshot, Transaction
 
 KeyArg = Union[str, "os.PathLike[str]", "_sign.Key", None]
 Progress = Callable[[int], None]      # called with the bytes just written
@@ -49,10 +49,10 @@ def _input(image: Target) -> ContextManager[tuple[int, str]]:
 def as_pid(pid: object) -> int:
     """``pid`` as a process id (> 0), or NoSuchProcess."""
     try:
-        p = int(pid)  # type: ignore[arg-type]
+        p = int(pid)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise NoSuchProcess(f"{pid!r} is not a process id") from None
-    if p <= 0:
+    if not isinstance(p, int) or p <= 0:
         raise NoSuchProcess(f"{p} is not a process id")
     return p
 
@@ -122,7 +122,7 @@ def _image_name(out: Target) -> str:
     if isinstance(out, int):
         return "-" if out == 1 else f"fd {out}"
     if isinstance(out, (str, os.PathLike)):
-        return os.fspath(out)  # type: ignore[return-value]
+        return str(os.fspath(out))
     return str(getattr(out, "name", "image"))
 
 
@@ -384,7 +384,7 @@ def discard(crid: str) -> DiscardResult:
     return DiscardResult(crid)
 
 
-def transaction(*, memory_only: bool = False, rollback_on_error: bool = True):
+def transaction(*, memory_only: bool = False, rollback_on_error: bool = True) -> Transaction:
     """``with linuxcr.transaction() as t: ...; t.rollback()`` for the calling
     process itself; after a rollback the ``with`` raises agent.RolledBack."""
     from linuxcr import agent
@@ -412,7 +412,8 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     if not leave_running:
         import signal as _signal
         try:
-            if dump.read_stat(pid).starttime == snap.starttime:
+            from linuxcr.procfs import read_stat
+            if read_stat(pid).starttime == snap.starttime:
                 os.kill(pid, _signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass

@@ -257,3 +257,21 @@ def test_progress_bar_on_a_terminal_only(bins, procs, tmp_path):
         procs.add(parse_restored_pid(out))
     assert rc == 0, shown
     assert "restart" in shown and "MiB" in shown, shown
+
+
+def test_snapshot_context_manager(bins, procs, tmp_path, agent_env):
+    """Python API: a Snapshot discards itself on exit, and rolls the process
+    back first on an exception when asked."""
+    import linuxcr
+    r = helpers.start_memhog(procs, bins, tmp_path, 8)
+    with linuxcr.snapshot(r.pid) as snap:
+        assert any(s.crid == snap.crid for s in linuxcr.snapshots(r.pid))
+    assert not any(s.crid == snap.crid for s in linuxcr.snapshots(r.pid))
+    with pytest.raises(RuntimeError):
+        with linuxcr.snapshot(r.pid).rolling_back() as snap:
+            raise RuntimeError("undo")
+    assert linuxcr.snapshots(r.pid) == []
+    assert helpers.probe_hog(r.pid, r.log).ok
+    assert issubclass(linuxcr.NoSuchSnapshot, linuxcr.LcrError)
+    with pytest.raises(linuxcr.NoSuchSnapshot):
+        linuxcr.discard(snap.crid)
