@@ -235,12 +235,6 @@ SCHEMAS: dict[str, Json] = {
     "snapshot": _schema("snapshot", {
         "crid": _STR, "pid": _PID, "processes": _PID, "time": _NUM, "frozen_seconds": _NUM,
         "held": _INT}),
-    "snapshots": {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                  "$id": schema_id("snapshots"),
-                  **_obj({"schema": {"const": schema_id("snapshots")},
-                          "snapshots": {"type": "array", "items": _obj({
-                              "crid": _STR, "pid": _PID, "processes": _PID, "time": _NUM,
-                              "frozen_seconds": _NUM, "held": _INT})}})},
     "writeback": _schema("writeback", {
         "crid": _STR, "image": _STR, "pages": _INT, "bytes": _INT, "seconds": _NUM}),
     "rollback": _schema("rollback", {
@@ -254,7 +248,4 @@ SCHEMAS: dict[str, Json] = {
         "dirty_tracking": {"oneOf": [{"type": "null"}, _obj({
             "method": _STR, "tracked": {"type": "boolean"}, "why": _STR})]}}),
     "show": _schema("show", {"header": {"type": "object"}, "tasks": {"type": "array"}}),
-    "diff": _schema("diff", {
-        "a": _STR, "b": _STR, "areas": {"type": "array"}, "files": {"type": "array"},
-        "threads": {"type": "array"}}),
 }
