@@ -91,15 +91,18 @@ class SnapshotInfo:
     time: float                   # when it was taken (seconds since the epoch)
     frozen_seconds: float
     held: int                     # bytes of memory it holds
+    extra: Mapping[str, Any] = field(default_factory=dict)   # what else the agent told (pids, child)
 
     @classmethod
     def from_agent(cls, d: Mapping[str, Any]) -> SnapshotInfo:
+        known = {"crid", "pid", "processes", "time", "frozen_seconds", "held"}
         return cls(crid=str(d["crid"]), pid=int(d["pid"]), processes=int(d.get("processes", 1)),
                    time=float(d.get("time", 0.0)), frozen_seconds=float(d.get("frozen_seconds", 0.0)),
-                   held=int(d.get("held", 0)))
+                   held=int(d.get("held", 0)),
+                   extra={k: v for k, v in d.items() if k not in known})
 
     def to_json(self) -> Json:
-        return {"schema": schema_id("snapshot"), "crid": self.crid, "pid": self.pid,
+        return {**self.extra, "schema": schema_id("snapshot"), "crid": self.crid, "pid": self.pid,
                 "processes": self.processes, "time": self.time,
                 "frozen_seconds": self.frozen_seconds, "held": self.held}
 
