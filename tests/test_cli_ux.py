@@ -286,32 +286,3 @@ def test_fault_injected_exit_code(bins, procs, tmp_path):
     assert not (tmp_path / "f.img").exists()
     assert helpers.probe_hog(r.pid, r.log).ok
 
-
-def test_interrupted_exit_code():
-    """^C while `lcr restart -` waits for its image: 130, one line."""
-    rfd, wfd = os.pipe()
-    p = subprocess.Popen([*LCR, "restart", "-"], stdin=rfd, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=helpers.REPO, env=child_env({}))
-    os.close(rfd)
-    try:
-        # wait until it reads fd 0 (read(2) is syscall 0): the handler is set by then
-        while True:
-            try:
-                with open(f"/proc/{p.pid}/syscall") as f:
-                    parts = f.read().split()
-            except OSError:
-                parts = []
-            if len(parts) > 1 and parts[0] == "0" and int(parts[1], 16) == 0:
-                break
-            assert p.poll() is None, p.communicate()
-            select.select([], [], [], 0.05)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=helpers.LCR_TIMEOUT)
-    finally:
-        os.close(wfd)
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    cp = subprocess.CompletedProcess(p.args, p.returncode, out.decode(), err.decode())
-    assert cp.returncode == 130, (cp.returncode, cp.stderr)
-    assert_clean_error(cp, mentions=["interrupted"], empty_stdout=True)
