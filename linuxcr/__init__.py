@@ -3,23 +3,40 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoint", "restart", "check", "run", "snapshot", "snapshots", "transaction",
-           "checkpoint_self", "before_checkpoint", "after_restore", "__version__"]
-_SELF = frozenset({"checkpoint_self", "before_checkpoint", "after_restore"})
+from linuxcr.errors import (AgentError, AuthError, Busy, ImageError, ImageNotFound,  # noqa: E402
+                            ImageWriteError, KernelError, KeyFileError, LcrError, MigrationError,
+                            NoSuchProcess, NoSuchSnapshot, NotCheckpointable, NoTracker,
+                            PermissionDenied, PidTaken, Reason, RestoreError, RollbackRefused,
+                            RolledBack, SnapshotLimit, TaskGone, UsageError)
+
+_ERROR_NAMES = ["AgentError", "AuthError", "Busy", "ImageError", "ImageNotFound", "ImageWriteError",
+                "KernelError", "KeyFileError", "LcrError", "MigrationError", "NoSuchProcess",
+                "NoSuchSnapshot", "NotCheckpointable", "NoTracker", "PermissionDenied", "PidTaken",
+                "Reason", "RestoreError", "RollbackRefused", "RolledBack", "SnapshotLimit",
+                "TaskGone", "UsageError"]
+_FUNCTIONS = ["checkpoint", "restart", "restart_full", "check", "check_full", "run", "snapshot",
+              "snapshots", "writeback", "rollback", "discard", "transaction", "show", "tracking"]
+_RESULTS = ["CheckpointResult", "RestartResult", "RunResult", "SnapshotInfo", "WritebackResult",
+            "RollbackResult", "DiscardResult", "CheckResult", "Tracking"]
+_SELF = ["checkpoint_self", "before_checkpoint", "after_restore"]
+
+__all__ = [*_FUNCTIONS, *_RESULTS, *_ERROR_NAMES, *_SELF, "__version__"]
 
 # The public API comes from linuxcr.api, imported on first use (PEP 562): every
 # `lcr` command imports this package, and api imports every engine and resource
 # module, which `lcr --version` or `lcr show` do not need (start-up time).
-_API = frozenset(__all__) - {"__version__"} - _SELF
+_API = frozenset(_FUNCTIONS)
 _SUBMODULES = frozenset({"agent", "api", "cli", "cli_common", "cli_migrate", "engine", "errors", "faults",
                          "image", "job", "migration", "periodic", "pipeline", "procfs", "remote",
                          "resources", "selfckpt", "sys"})
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     import importlib
     if name in _API:
         value = getattr(importlib.import_module("linuxcr.api"), name)
+    elif name in _RESULTS:
+        value = getattr(importlib.import_module("linuxcr.results"), name)
     elif name in _SELF:           # self-checkpoint and hooks (linuxcr/selfckpt.py)
         value = getattr(importlib.import_module("linuxcr.selfckpt"), name)
     elif name in _SUBMODULES:     # `import linuxcr; linuxcr.api.check(...)` as before
@@ -31,4 +48,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _API)
+    return sorted(set(globals()) | _API | set(_RESULTS))

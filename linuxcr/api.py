@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Union
 
 from linuxcr import faults
-from linuxcr.errors import ImageError, ImageWriteError, LcrError, NoSuchProcess, PermissionDenied
+from linuxcr.errors import (ImageError, ImageNotFound, ImageWriteError, LcrError, NoSuchProcess,
+                            NotCheckpointable, PermissionDenied, Reason, UsageError,
+                            group_reasons)
 from linuxcr.image import files
+from linuxcr.results import (CheckpointResult, CheckResult, DiscardResult, RestartResult,
+                             RollbackResult, SnapshotInfo, Tracking, WritebackResult)
 
 # The engine, image and resource modules are imported in the functions that
 # use them: `lcr restart` need not import the dump engine, `lcr check` not the
@@ -20,18 +24,35 @@ if TYPE_CHECKING:
     from linuxcr.engine import dump, incremental, restore
     from linuxcr.image import sign as _sign
 
-KeyArg = Union[str, os.PathLike, "_sign.Key", None]
+    from linuxcr.agent.client import Snapshot, Transaction
+
+KeyArg = Union[str, "os.PathLike[str]", "_sign.Key", None]
+Progress = Callable[[int], None]      # called with the bytes just written
 
 Target = files.Target
+
+
+def _input(image: Target) -> ContextManager[tuple[int, str]]:
+    """files.input_image, with a missing file told apart (ImageNotFound, its
+    own exit code) from one that exists and cannot be read or is corrupt;
+    a terminal on standard input refused (it would wait for typing)."""
+    if isinstance(image, int) and os.isatty(image):
+        raise UsageError("refusing to read an image from a terminal",
+                       "give a file, or pipe the image in: lcr checkpoint PID -o - | lcr restart -")
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.lexists(path):
+            raise ImageNotFound(f"{path}: no such image file")
+    return files.input_image(image)
 
 
 def as_pid(pid: object) -> int:
     """``pid`` as a process id (> 0), or NoSuchProcess."""
     try:
-        p = int(pid)  # type: ignore[arg-type]
+        p = int(pid)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise NoSuchProcess(f"{pid!r} is not a process id") from None
-    if p <= 0:
+    if not isinstance(p, int) or p <= 0:
         raise NoSuchProcess(f"{p} is not a process id")
     return p
 
@@ -45,9 +66,12 @@ def load_key(key: KeyArg, *, signing: bool) -> _sign.Key | None:
 
 
 def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: bool = False,
-               progress=None, sign: KeyArg = None, parent: str | os.PathLike | None = None,
+               progress: Progress | None = None, sign: KeyArg = None,
+               parent: str | os.PathLike[str] | None = None,
                track: bool = False, images_dir: str | None = None,
-               trackers=None, external: bool = False, shell_job: bool = False) -> dump.DumpResult:
+               trackers: incremental.Trackers | None = None,
+               overwrite: bool = True, external: bool = False,
+               shell_job: bool = False) -> CheckpointResult:
     """Save process ``pid`` to ``out`` (path, fd or binary file object).
 
     The process is killed after a complete image was written, unless
@@ -61,12 +85,17 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     ``external``: record pipes and sockets leading out of the tree (restart
     then needs ``fds``, resources/external.py) instead of refusing.
     ``shell_job``: the terminal the process runs on (its master outside the
-    tree) is saved as external (restart with ``shell_job``)."""
+    tree) is saved as external (restart with ``shell_job``).
+    ``overwrite``: replace an existing file at ``out`` (atomically, once the
+    image is complete); False refuses it (`lcr checkpoint` without --force)."""
     from linuxcr.engine import incremental
     from linuxcr.image import stream
     from linuxcr.image.chain import Chain
     from linuxcr.resources import external as _ext
     pid = as_pid(pid)
+    whole = _whole_refusal(pid)
+    if whole is not None:
+        raise NotCheckpointable(pid, [whole])
     signer = load_key(sign, signing=True)       # a bad key fails before the process is touched
     parent = os.fspath(parent) if parent is not None else None
     if parent is not None and not isinstance(out, int) and not hasattr(out, "fileno") \
@@ -76,8 +105,9 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     # the agent lends its trackers for this checkpoint only when the caller
     # holds none (--interval holds its own across checkpoints)
     lent = trackers is None and (track or bool(parent)) and (leave_running or bool(parent))
-    with files.output_image(out) as (fd, name, commit), stream.options(signer=signer), \
-            _ext.options(record=external), _ext.pty.options(shell_job=shell_job):
+    with files.output_image(out, overwrite=overwrite) as (fd, name, commit), \
+            stream.options(signer=signer), _ext.options(record=external), \
+            _ext.pty.options(shell_job=shell_job):
         chain = Chain.from_path(parent, images_dir) if parent else None    # before taking trackers
         if lent:
             try:
@@ -89,10 +119,26 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
         res = incremental.checkpoint(pid, fd, parent=chain, track=track,
                                      leave_running=leave_running, name=name, compress=compress,
                                      on_written=commit, progress=progress, trackers=trackers)
-    if lent and leave_running:
+    if lent and leave_running and trackers is not None:
         give_trackers(trackers, res.image_id.hex())   # counting from this image on
         res.warnings += trackers.warnings
-    return res
+    return _checkpoint_result(res, out)
+
+
+def _image_name(out: Target) -> str:
+    if isinstance(out, int):
+        return "-" if out == 1 else f"fd {out}"
+    if isinstance(out, (str, os.PathLike)):
+        return str(os.fspath(out))
+    return str(getattr(out, "name", "image"))
+
+
+def _checkpoint_result(res: dump.DumpResult, out: Target) -> CheckpointResult:
+    return CheckpointResult(pid=res.pid, image=_image_name(out), image_id=res.image_id,
+                            pages=res.pages, bytes_written=res.bytes_written,
+                            seconds=res.seconds, frozen_seconds=res.frozen_seconds,
+                            processes=res.processes, warnings=tuple(res.warnings),
+                            incremental=dict(res.incremental), digest=res.digest)
 
 
 def take_trackers(pid: int, *, track: bool) -> incremental.Trackers:
@@ -148,7 +194,7 @@ def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
                  trust: Iterable[str] | str = (), images_dir: str | None = None,
                  fds: dict[int, str] | Iterable[str] | None = None,
-                 shell_job: bool = False) -> restore.RestoreResult:
+                 shell_job: bool = False) -> RestartResult:
     """As restart(); an incremental image finds its parents beside it (the
     paths it recorded), or in ``images_dir``.  ``fds``: {N: "PATH" | "-" |
     "&M"}, the new file of each external fd N (resources/external.py), or
@@ -157,6 +203,8 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.image import stream
     from linuxcr.resources import external as _ext
     from linuxcr.resources import process
+    if any_pid:
+        _check_any_pid()
     verifier = load_key(verify, signing=False)
     trusted = process.parse_trust(trust)
     if fds is not None and not isinstance(fds, dict):
@@ -164,12 +212,15 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     # Who could have written the image and each parent is noted as each is
     # opened (image/source.py); a good signature stands for root's own.
     policy = process.RestorePolicy(trust=trusted, any_pid=any_pid, verified=verifier is not None)
-    with files.watch_sources(policy.add_source), files.input_image(image) as (fd, name):
+    with files.watch_sources(policy.add_source), _input(image) as (fd, name):
         policy.image_name = name
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy), _ext.options(fds=fds), \
                 _ext.pty.options(shell_job=shell_job):
-            return restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
+            r = restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
+    return RestartResult(pid=r.pid, original_pid=r.original_pid, vpid=r.vpid or r.pid,
+                         namespace=r.namespace, processes=r.processes, pages=r.pages,
+                         seconds=r.seconds, warnings=tuple(r.warnings))
 
 
 def stay_parent() -> None:
@@ -196,14 +247,36 @@ def wait_restored(pid: int, *, shell_job: bool = False, note=None) -> int:
     return foreground.die_like(o)
 
 
-def show(image: Target, *, verify: KeyArg = None) -> dict:
+CAP_SYS_ADMIN = 21
+CAP_CHECKPOINT_RESTORE = 40
+
+
+def _check_any_pid() -> None:
+    """--any-pid restores in the caller's own pid namespace, where setting
+    the process's executable (PR_SET_MM_MAP's exe_fd) needs
+    CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) there: an ordinary user lacks
+    it, and the restart would fail late (after reading the whole image) with
+    EPERM.  Refused up front instead, with the way that works."""
+    if os.geteuid() == 0:
+        return
+    from linuxcr.procfs import read_status
+    if read_status(os.getpid()).cap_eff & (1 << CAP_CHECKPOINT_RESTORE | 1 << CAP_SYS_ADMIN):
+        return
+    raise PermissionDenied(
+        "--any-pid needs root (or CAP_CHECKPOINT_RESTORE): only then does the kernel let lcr set "
+        "a restored process's memory layout (PR_SET_MM_MAP) in your own pid namespace",
+        "restart without --any-pid: the process comes back in a new user+pid namespace of yours, "
+        "where its saved pid is free")
+
+
+def show(image: Target, *, verify: KeyArg = None) -> dict[str, Any]:
     """What ``image`` holds (``lcr show``); reads and checks all of it, and
     its signatures with ``verify``."""
     from linuxcr.image import sign as _sign
     from linuxcr.image import stream
     from linuxcr.image.show import summarize
     verifier = load_key(verify, signing=False)
-    with files.input_image(image) as (fd, name), stream.options(verifier=verifier):
+    with _input(image) as (fd, name), stream.options(verifier=verifier):
         s = summarize(fd, name)
     if verifier is not None:
         s["signature"] = {"verified": True, "alg": verifier.alg,
@@ -211,31 +284,69 @@ def show(image: Target, *, verify: KeyArg = None) -> dict:
     return s
 
 
-def check(pid: int, tree: bool = True) -> list[str]:
+PF_KTHREAD = 0x00200000
+
+
+def _whole_refusal(pid: int) -> Reason | None:
+    """A process that can never be checkpointed, whatever it holds: a kernel
+    thread (pid 2 and its children) or the init of lcr's own pid namespace.
+    One reason for it, not one per kernel thread below pid 2."""
+    from linuxcr.procfs import read_stat
+    try:
+        st = read_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid}: no such process") from None
+    except PermissionError:
+        return None
+    if st.flags & PF_KTHREAD:
+        return Reason(pid, "it is a kernel thread (pid 2 and its children belong to the kernel); "
+                      "only user-space processes can be checkpointed")
+    if pid == 1:
+        try:
+            same = os.path.samefile("/proc/1/ns/pid", "/proc/self/ns/pid")
+        except OSError:       # pid 1 may not be ours to look at: /proc is our namespace's
+            same = True
+        if same:
+            return Reason(1, "it is the init of the pid namespace lcr runs in (the whole system); "
+                          "checkpoint a process of it, or a tree started with lcr run")
+    return None
+
+
+def check(pid: int, tree: bool = True) -> list[Reason]:
     """Reasons why ``pid`` (and, with tree, its descendants) cannot be
-    checkpointed now ([] if it can)."""
+    checkpointed now ([] if it can), fds that share a reason in one."""
     from linuxcr.engine import dump
     pid = as_pid(pid)
-    return dump.check_tree(pid) if tree else dump.check_process(pid)
+    whole = _whole_refusal(pid)
+    if whole is not None:
+        return [whole]
+    found = dump.check_tree(pid) if tree else dump.check_process(pid)
+    return group_reasons([Reason.parse(pid, r) for r in found])
 
 
-def migrate(pid: int, host: str, port: int, **kw):
+def migrate(pid: int, host: str, port: int, **kw: Any) -> Any:
     """Live-migrate pid (and its descendants) to ``lcr receive`` at host:port
     (engine/migrate.py); returns a MigrateResult."""
     from linuxcr.engine import migrate as _m
     return _m.migrate(pid, host, port, **kw)
 
 
-def receive(*args, **kw):
+def receive(*args: Any, **kw: Any) -> Any:
     """Accept one migration and restart it here (engine/migrate.py)."""
     from linuxcr.engine import migrate as _m
     return _m.receive(*args, **kw)
 
 
-def tracking(pid: int) -> dict:
+def check_full(pid: int, tree: bool = True) -> CheckResult:
+    """check() with how incremental checkpoints would find changed pages
+    (what `lcr check --json` prints)."""
+    reasons = check(pid, tree=tree)
+    return CheckResult(pid=as_pid(pid), reasons=tuple(reasons), tracking=tracking(pid))
+
+
+def tracking(pid: int) -> Tracking:
     """How an incremental checkpoint of pid would find the pages changed since
-    its parent: {"method": "uffd-wp-async" | "content-hash", "tracked": bool,
-    "why": one line}."""
+    its parent: method "uffd-wp-async" | "content-hash", tracked, why (one line)."""
     from linuxcr.resources import dirty
     pid = as_pid(pid)
     ok, why = dirty.available(pid)
@@ -248,15 +359,15 @@ def tracking(pid: int) -> dict:
     except (LcrError, OSError):
         held = None
     if held:
-        return {"method": dirty.METHOD_UFFD, "tracked": True,
-                "why": f"the agent holds its write tracker (counting since image {held[:12]}); "
-                       "a --parent checkpoint of that image uses it"}
+        return Tracking(method=dirty.METHOD_UFFD, tracked=True,
+                        why=f"the agent holds its write tracker (counting since image {held[:12]}); "
+                       "a --parent checkpoint of that image uses it")
     if ok:
-        return {"method": dirty.METHOD_HASH, "tracked": False,
-                "why": f"no write tracker yet; --track starts one ({dirty.METHOD_UFFD} works here), "
-                       "and later --parent checkpoints use it"}
-    return {"method": dirty.METHOD_HASH, "tracked": False,
-            "why": f"write tracking is not available ({why}): every page is hashed and compared"}
+        return Tracking(method=dirty.METHOD_HASH, tracked=False,
+                        why=f"no write tracker yet; --track starts one ({dirty.METHOD_UFFD} works here), "
+                       "and later --parent checkpoints use it")
+    return Tracking(method=dirty.METHOD_HASH, tracked=False,
+                    why=f"write tracking is not available ({why}): every page is hashed and compared")
 
 
 def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
@@ -296,38 +407,47 @@ __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]
 
 # --- in-memory checkpoints (crid snapshots, held by the per-user agent) -----
 
-def snapshot(pid: int):
+def snapshot(pid: int) -> Snapshot:
     """Snapshot process ``pid`` in memory (copy-on-write); returns a handle
-    with .crid, .writeback(out), .rollback(), .discard()."""
+    with .crid, .writeback(out), .rollback(), .discard(); as a context
+    manager it discards the snapshot on exit (and rolls back first on an
+    exception if made with ``rollback_on_error=True``)."""
     from linuxcr import agent
     return agent.snapshot(as_pid(pid))
 
 
-def snapshots(pid: int | None = None) -> list[dict]:
+def snapshots(pid: int | None = None) -> list[SnapshotInfo]:
     """The snapshots you may use (of ``pid`` only, if given)."""
     from linuxcr import agent
-    return agent.snapshots(None if pid is None else as_pid(pid))
+    return [SnapshotInfo.from_agent(d)
+            for d in agent.snapshots(None if pid is None else as_pid(pid))]
 
 
-def writeback(crid: str, out: Target, *, compress: bool = False) -> dict:
+def writeback(crid: str, out: Target, *, compress: bool = False,
+              overwrite: bool = True) -> WritebackResult:
+    """In-memory checkpoint ``crid`` written out as a normal image."""
+    import time
     from linuxcr import agent
-    return agent.writeback(crid, out, compress=compress)
+    t0 = time.monotonic()
+    d = agent.writeback(crid, out, compress=compress, overwrite=overwrite)
+    return WritebackResult.from_agent(crid, _image_name(out), d, time.monotonic() - t0)
 
 
-def rollback(crid: str, *, memory_only: bool = False, full: bool = False) -> dict:
-    """Bring the process (or tree) of ``crid`` back; the reply says how:
+def rollback(crid: str, *, memory_only: bool = False, full: bool = False) -> RollbackResult:
+    """Bring the process (or tree) of ``crid`` back; the result says how:
     ``path`` fast (only the pages written since, known from the write
     tracker) or full, ``pages_copied``, ``pages_dropped``."""
     from linuxcr import agent
-    return agent.rollback(crid, memory_only=memory_only, full=full)
+    return RollbackResult.from_agent(crid, agent.rollback(crid, memory_only=memory_only, full=full))
 
 
-def discard(crid: str) -> None:
+def discard(crid: str) -> DiscardResult:
     from linuxcr import agent
     agent.discard(crid)
+    return DiscardResult(crid)
 
 
-def transaction(*, memory_only: bool = False, rollback_on_error: bool = True):
+def transaction(*, memory_only: bool = False, rollback_on_error: bool = True) -> Transaction:
     """``with linuxcr.transaction() as t: ...; t.rollback()`` for the calling
     process itself; after a rollback the ``with`` raises agent.RolledBack."""
     from linuxcr import agent
@@ -357,7 +477,8 @@ def may_read_memory(pid: int) -> None:
 
 
 def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = False,
-                            compress: bool = False, progress=None) -> dump.DumpResult:
+                            compress: bool = False, progress: Progress | None = None,
+                            overwrite: bool = True) -> CheckpointResult:
     """checkpoint() frozen only for a copy-on-write snapshot: the image is
     written from the snapshot while the process runs on (lcr itself holds
     the snapshot; no agent).  Then the process is killed unless leave_running."""
@@ -371,7 +492,7 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     t0 = time.monotonic()
     snap = snaps.take(pid)
     try:
-        with files.output_image(out) as (fd, name, commit):
+        with files.output_image(out, overwrite=overwrite) as (fd, name, commit):
             res = snaps.writeback(snap, fd, compress=compress, name=name, progress=progress)
             commit()
     finally:
@@ -379,9 +500,11 @@ def checkpoint_low_downtime(pid: int, out: Target, *, leave_running: bool = Fals
     if not leave_running:
         import signal as _signal
         try:
-            if dump.read_stat(pid).starttime == snap.starttime:
+            from linuxcr.procfs import read_stat
+            if read_stat(pid).starttime == snap.starttime:
                 os.kill(pid, _signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return dump.DumpResult(pid=pid, pages=res["pages"], bytes_written=res["bytes"],
-                           seconds=time.monotonic() - t0, frozen_seconds=snap.frozen_seconds)
+    return CheckpointResult(pid=pid, image=_image_name(out), image_id=b"", pages=res["pages"],
+                            bytes_written=res["bytes"], seconds=time.monotonic() - t0,
+                            frozen_seconds=snap.frozen_seconds)

@@ -8,8 +8,9 @@ import sys
 import click
 
 from linuxcr import __version__
-from linuxcr.cli_common import help_epilog, run_guarded
-from linuxcr.errors import LcrError
+from linuxcr.cli_common import help_epilog, main_guarded, run_guarded
+from linuxcr.cli_output import emit_json, note, opts, reporting, say, warn
+from linuxcr.errors import LcrError, UsageError
 
 # linuxcr.api (and with it every engine and resource module), json and the
 # rest are imported inside the commands that use them: start-up time of each
@@ -29,6 +30,15 @@ class _Group(click.Group):
             from linuxcr import cli_migrate
             self.add_command(getattr(cli_migrate, self._LAZY[name]), name)
         return super().get_command(ctx, name)
+
+    def main(self, args=None, prog_name=None, complete_var=None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra):
+        """Usage errors as one `lcr: ...` line with their own exit code
+        (cli_common.main_guarded) instead of click's usage block and 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        main_guarded(lambda: super(_Group, self).main(args, prog_name or "lcr", complete_var,
+                                                      False, **extra))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
@@ -70,11 +80,14 @@ def main() -> None:
 @click.option("--shell-job", is_flag=True,
               help="The process runs on the terminal of a shell (its other end is outside the "
                    "tree): save that terminal as external; restart with --shell-job.")
+@click.option("-f", "--force", is_flag=True, help="Replace IMAGE if it exists (atomically).")
+@reporting()
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                low_downtime: bool = False, sign_key: str | None = None,
                parent: str | None = None, track: bool = False, images_dir: str | None = None,
                interval: str | None = None, keep: int = 0, full_every: int = 10,
-               count: int = 0, external: bool = False, shell_job: bool = False) -> None:
+               count: int = 0, external: bool = False, shell_job: bool = False,
+               force: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         from linuxcr import api
@@ -86,34 +99,42 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
         if output == "-":
             if sys.stdout.isatty():
                 raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
-            out = 1
+            if opts().json:
+                raise UsageError("--json prints to standard output: it does not combine with -o -")
+            out: int | str = 1
         else:
             out = output
         if low_downtime and (parent or track):
             raise LcrError("--low-downtime does not combine with --parent or --track yet")
+        from linuxcr.cli_output import bar, tree_memory
+        with bar(f"checkpoint pid {pid}", tree_memory(pid)) as b:
+            if low_downtime:
+                from linuxcr.image import stream
+                with stream.options(signer=api.load_key(sign_key, signing=True)):
+                    res = api.checkpoint_low_downtime(pid, out, leave_running=leave_running,
+                                                      compress=compress, overwrite=force,
+                                                      progress=b.advance)
+            else:
+                res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
+                                     sign=sign_key, parent=parent, track=track,
+                                     images_dir=images_dir, overwrite=force, progress=b.advance,
+                                     external=external, shell_job=shell_job)
+        for w in res.warnings:
+            warn(w)
+        inc = res.incremental
+        if opts().json:
+            emit_json(res)
         if low_downtime:
-            from linuxcr.image import stream
-            with stream.options(signer=api.load_key(sign_key, signing=True)):
-                res = api.checkpoint_low_downtime(pid, out, leave_running=leave_running,
-                                                  compress=compress)
-        else:
-            res = api.checkpoint(pid, out, leave_running=leave_running, compress=compress,
-                                 sign=sign_key, parent=parent, track=track, images_dir=images_dir,
-                                 external=external, shell_job=shell_job)
-        for w in getattr(res, "warnings", []):
-            click.echo(f"lcr: warning: {w}", err=True)
-        inc = getattr(res, "incremental", None)
-        if low_downtime:
-            click.echo(f"lcr: pid {pid} frozen {res.frozen_seconds * 1e3:.1f} ms "
-                       f"(image written in {res.seconds:.3f} s)", err=True)
+            note(f"pid {pid} frozen {res.frozen_seconds * 1e3:.1f} ms "
+                 f"(image written in {res.seconds:.3f} s)")
         elif inc:
             methods = sorted(set(inc.get("method", {}).values()))
-            click.echo(f"lcr: pid {pid}: incremental image: {inc['stored']} pages stored, "
-                       f"{inc['inherited']} left to its parents ({', '.join(methods)}), "
-                       f"{res.bytes_written} bytes in {res.seconds:.3f} s", err=True)
-        elif os.environ.get("LCR_VERBOSE"):
-            click.echo(f"lcr: pid {pid}: {res.pages} pages, {res.bytes_written} bytes in "
-                       f"{res.seconds:.3f} s (frozen {res.frozen_seconds:.3f} s)", err=True)
+            note(f"pid {pid}: incremental image: {inc['stored']} pages stored, "
+                 f"{inc['inherited']} left to its parents ({', '.join(methods)}), "
+                 f"{res.bytes_written} bytes in {res.seconds:.3f} s")
+        else:
+            say(f"pid {pid}: {res.pages} pages, {res.bytes_written} bytes in "
+                f"{res.seconds:.3f} s (frozen {res.frozen_seconds:.3f} s)")
     run_guarded(go)
 
 
@@ -164,6 +185,7 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
 @click.option("--wait", is_flag=True,
               help="Stay in the foreground, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/2 to the "
                    "restored root and exit with its exit status.")
+@reporting()
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
             trust: tuple[str, ...] = (), images_dir: str | None = None,
             fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False) -> None:
@@ -172,18 +194,29 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 
     def go() -> None:
         from linuxcr import api
+        from linuxcr.cli_output import bar
         if wait or shell_job:
             api.stay_parent()
-        res = api.restart_full(0 if image == "-" else image, any_pid=any_pid, verify=verify_key,
-                               trust=trust, images_dir=images_dir, fds=list(fd_specs),
-                               shell_job=shell_job)
+        src: int | str = 0 if image == "-" else image
+        size = os.stat(image).st_size if image != "-" and os.path.isfile(image) else None
+        with bar("restart", size) as b:
+            if size:
+                b.poll(_reading(image))
+            res = api.restart_full(src, any_pid=any_pid, verify=verify_key,
+                                   trust=trust, images_dir=images_dir, fds=list(fd_specs),
+                                   shell_job=shell_job)
         for w in res.warnings:
-            click.echo(f"lcr: warning: {w}", err=True)
+            warn(w)
         if res.namespace:
-            click.echo(f"lcr: restored in a new pid namespace: the process sees pid {res.vpid}, "
-                       f"pid {res.pid} from here", err=True)
+            note(f"restored in a new pid namespace: the process sees pid {res.vpid}, "
+                 f"pid {res.pid} from here")
         elif res.pid != res.original_pid:
-            click.echo(f"lcr: pid {res.original_pid} was in use; restored as pid {res.pid}", err=True)
+            note(f"pid {res.original_pid} was in use; restored as pid {res.pid}")
+        say(f"pid {res.original_pid} -> {res.pid}: {res.processes} process(es), {res.pages} pages "
+            f"in {res.seconds:.3f} s")
+        if opts().json:
+            emit_json(res)
+            return
         click.echo(str(res.pid))
         sys.stdout.flush()
         if wait or shell_job:
@@ -191,6 +224,21 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
                                         note=lambda m: click.echo(f"lcr: {m}", err=True))
     run_guarded(go)
     sys.exit(code[0])
+
+
+def _reading(path: str):
+    """How far this process has read the image file ``path`` (the bar of
+    `lcr restart`): the offset of our fd open on it."""
+    def get() -> int | None:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(path):
+                    with open(f"/proc/self/fdinfo/{fd}") as f:
+                        return int(f.readline().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+    return get
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -227,6 +275,7 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 @click.option("--verify", "verify_key", metavar="KEYFILE",
               help="With --checkpoint-dir: resume only from images signed with this key.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@reporting(progress_option=False)
 def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir: str | None = None,
         grace: str = "25s", interval: str | None = None, keep: int = 0, full_every: int = 10,
         fresh_on_bad_image: bool = False, stop_signals: tuple[str, ...] = (), hooks: bool = False,
@@ -249,9 +298,13 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir:
                                               verify=verify_key, log=log,
                                               saved_exit_code=saved_exit_code)))
         from linuxcr import api
+        from linuxcr.results import RunResult
         pid, where = api.run_logged(list(argv), log=log, cwd=cwd)
         if log is None:
-            click.echo(f"lcr: output of pid {pid} goes to {where}", err=True)
+            note(f"output of pid {pid} goes to {where}")
+        if opts().json:
+            emit_json(RunResult(pid=pid, argv=tuple(argv)))
+            return
         click.echo(str(pid))
     run_guarded(go)
 
@@ -270,7 +323,8 @@ def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
         from linuxcr.image.show import render_text
         s = api.show(0 if image == "-" else image, verify=verify_key)
         if as_json:
-            click.echo(json.dumps(s, indent=2))
+            from linuxcr.results import schema_id
+            click.echo(json.dumps({"schema": schema_id("show"), **s}, indent=2))
             return
         click.echo(render_text(s))
         if "signed" in s["header"].get("flags", []):
@@ -290,20 +344,19 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
         import json
 
         from linuxcr import api
-        reasons = api.check(pid, tree=tree)
-        tracking = api.tracking(pid)
+        from linuxcr.errors import NotCheckpointable
+        res = api.check_full(pid, tree=tree)
         if as_json:
-            click.echo(json.dumps({"pid": pid, "checkpointable": not reasons, "reasons": reasons,
-                                   "dirty_tracking": tracking}))
-        elif reasons:
-            for r in reasons:
+            click.echo(json.dumps(res.to_json(), indent=2))
+        elif res.reasons:
+            for r in res.reasons:
                 click.echo(f"pid {pid}: {r}")
-        else:
+        elif res.tracking is not None:
             click.echo(f"pid {pid}: can be checkpointed")
             click.echo(f"pid {pid}: incremental checkpoints (--parent) find changed pages by "
-                       f"{tracking['method']}: {tracking['why']}")
-        if reasons:
-            sys.exit(5)
+                       f"{res.tracking.method}: {res.tracking.why}")
+        if res.reasons:
+            sys.exit(NotCheckpointable.exit_code)
     run_guarded(go)
 
 
@@ -319,13 +372,18 @@ def agent(foreground: bool) -> None:
 
 @main.command()
 @click.argument("pid", type=int)
+@reporting(progress_option=False)
 def snapshot(pid: int) -> None:
     """Take an in-memory (copy-on-write) checkpoint of PID; prints its crid."""
     def go() -> None:
         from linuxcr import api
+        from linuxcr.results import SnapshotInfo
         s = api.snapshot(pid)
-        if os.environ.get("LCR_VERBOSE"):
-            click.echo(f"lcr: pid {pid} frozen {s.info['frozen_seconds'] * 1e3:.1f} ms", err=True)
+        info = SnapshotInfo.from_agent(s.info)
+        say(f"pid {pid} frozen {info.frozen_seconds * 1e3:.1f} ms")
+        if opts().json:
+            emit_json(info)
+            return
         click.echo(s.crid)
     run_guarded(go)
 
@@ -341,7 +399,7 @@ def snapshots(pid: int | None, as_json: bool) -> None:
         import json
 
         from linuxcr import api
-        rows = api.snapshots(pid)
+        rows = [r.to_json() for r in api.snapshots(pid)]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
@@ -357,14 +415,47 @@ def snapshots(pid: int | None, as_json: bool) -> None:
 @click.argument("crid")
 @click.option("-o", "--output", required=True, metavar="PATH|-", help="Image file, or - for stdout.")
 @click.option("--compress", is_flag=True, help="Compress memory pages with zstd.")
-def writeback(crid: str, output: str, compress: bool) -> None:
+@click.option("-f", "--force", is_flag=True, help="Replace IMAGE if it exists (atomically).")
+@reporting()
+def writeback(crid: str, output: str, compress: bool, force: bool = False) -> None:
     """Write in-memory checkpoint CRID out as a normal image."""
     def go() -> None:
         from linuxcr import api
         if output == "-" and sys.stdout.isatty():
             raise LcrError("refusing to write an image to a terminal", "use -o FILE or a pipe")
-        api.writeback(crid, 1 if output == "-" else output, compress=compress)
+        if output == "-" and opts().json:
+            raise UsageError("--json prints to standard output: it does not combine with -o -")
+        from linuxcr.cli_output import bar
+        held = next((r.held for r in api.snapshots() if r.crid == crid), None)
+        with bar(f"writeback {crid}", held) as b:
+            if output != "-":
+                b.poll(_growing(output))
+            res = api.writeback(crid, 1 if output == "-" else output, compress=compress,
+                                overwrite=force)
+        say(f"{crid}: {res.pages} pages, {res.bytes_written} bytes in {res.seconds:.3f} s")
+        if opts().json:
+            emit_json(res)
     run_guarded(go)
+
+
+def _growing(path: str):
+    """Bytes written so far to the image going to ``path`` (its temporary,
+    unnamed file is one of our fds in the same directory): the bar of
+    `lcr writeback`."""
+    where = os.path.realpath(os.path.dirname(path) or ".")
+
+    def get() -> int | None:
+        best = None
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                if link.startswith(where + "/") and ("#" in link or ".lcr-partial-" in link
+                                                     or link.endswith("(deleted)")):
+                    best = max(best or 0, os.fstat(int(fd)).st_size)
+            except (OSError, ValueError):
+                continue
+        return best
+    return get
 
 
 @main.command()
@@ -373,29 +464,37 @@ def writeback(crid: str, output: str, compress: bool) -> None:
               help="Memory and registers only (signal handlers, fds and offsets stay as they are now).")
 @click.option("--full", is_flag=True,
               help="Rebuild the whole address space even where only the written pages need copying.")
+@reporting()
 def rollback(crid: str, memory_only: bool, full: bool = False) -> None:
     """Bring the process of CRID (same pid) back to the snapshot's state."""
     def go() -> None:
         from linuxcr import api
-        res = api.rollback(crid, memory_only=memory_only, full=full)
-        for w in res.get("warnings", []):
-            click.echo(f"lcr: warning: {w}", err=True)
-        why = "; ".join(f"pid {r['pid']}: {r['reason']}" for r in res.get("per_process", [])
-                        if r.get("reason"))
-        click.echo(f"lcr: pid {res['pid']} rolled back in {res['seconds'] * 1e3:.1f} ms "
-                   f"({res.get('path', 'full')}: {res.get('pages_copied', 0)} pages copied, "
-                   f"{res.get('pages_dropped', 0)} dropped" + (f"; full because {why}" if why else "")
-                   + ")", err=True)
+        from linuxcr.cli_output import bar
+        with bar(f"rollback {crid}", None) as b:     # no byte count from the agent: a pulse
+            b.poll(lambda: None)
+            res = api.rollback(crid, memory_only=memory_only, full=full)
+        for w in res.warnings:
+            warn(w)
+        why = "; ".join(res.full_because)
+        if opts().json:
+            emit_json(res)
+            return
+        note(f"pid {res.pid} rolled back in {res.seconds * 1e3:.1f} ms "
+             f"({res.path}: {res.pages_copied} pages copied, "
+             f"{res.pages_dropped} dropped" + (f"; full because {why}" if why else "") + ")")
     run_guarded(go)
 
 
 @main.command()
 @click.argument("crid")
+@reporting(progress_option=False)
 def discard(crid: str) -> None:
     """Free in-memory checkpoint CRID."""
     def go() -> None:
         from linuxcr import api
-        api.discard(crid)
+        res = api.discard(crid)
+        if opts().json:
+            emit_json(res)
     run_guarded(go)
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 
-from linuxcr.errors import INTERNAL_ERROR, INTERRUPTED, LcrError, exit_code_table
+from linuxcr.errors import INTERNAL_ERROR, INTERRUPTED, LcrError, UsageError, exit_code_table
 
 
 def fail(msg: str, code: int) -> NoReturn:
@@ -40,3 +40,30 @@ def run_guarded(fn: Callable[[], None]) -> None:
 def help_epilog() -> str:
     """The exit codes (errors.EXIT_CODES), kept as lines by click (\\b)."""
     return "\b\nExit codes:\n" + exit_code_table()
+
+
+def usage_line(e: click.ClickException) -> str:
+    """click's usage error (3-4 lines: usage, hint, error) as one line:
+    the command, what is wrong, where its help is."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "lcr"
+    sub = path.partition(" ")[2]
+    return f"{sub + ': ' if sub else ''}{msg} (see {path} --help)"
+
+
+def main_guarded(run: Callable[[], Any]) -> NoReturn:
+    """Run the `lcr` group (``run``: its main() with standalone_mode off):
+    usage errors become one `lcr: ...` line and UsageError's exit code
+    (errors.EXIT_CODES); --help and --version exit 0 as usual."""
+    try:
+        rv = run()
+    except click.UsageError as e:
+        fail(usage_line(e), UsageError.exit_code)
+    except click.Abort:
+        fail("interrupted", INTERRUPTED)
+    except click.ClickException as e:          # e.g. click.FileError
+        fail(" ".join(e.format_message().split()), e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -9,7 +9,10 @@ it, README's exit-code table matches it and tests/test_layers.py checks both
 (and that every class here is in it).  A class shares its code only with the
 class it derives from, when it means the same thing to the user.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: tests load this file on its own
+# (not in sys.modules), where dataclasses cannot resolve string annotations.
+import re
+from dataclasses import dataclass, replace
 
 
 class LcrError(Exception):
@@ -36,14 +39,103 @@ class PermissionDenied(LcrError):
     exit_code = 4
 
 
+class UsageError(LcrError):
+    """The command line is wrong (unknown option, missing argument, bad value)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why one thing a process holds cannot be saved: what `lcr check` lists
+    and NotCheckpointable carries.  ``str()`` is the one line of text the
+    resource modules build (they still return strings; ``parse`` gives them
+    their structure).  ``fds``: several fds that share the reason."""
+
+    pid: int
+    reason: str
+    kind: str = "process"            # process | fd | memory | lock | tree
+    fds: tuple[int, ...] = ()
+    address: str | None = None       # "0x1000-0x2000" for a memory area
+    remedy: str | None = None
+    child: bool = False              # a descendant of the pid asked about
+
+    @property
+    def fd(self) -> int | None:
+        return self.fds[0] if len(self.fds) == 1 else None
+
+    def __str__(self) -> str:
+        head = f"child pid {self.pid}: " if self.child else ""
+        if self.fds:
+            head += (f"fd {self.fds[0]}: " if len(self.fds) == 1
+                     else f"fds {', '.join(map(str, self.fds))}: ")
+        return head + self.reason
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "fd": self.fd, "fds": list(self.fds), "address": self.address,
+                "kind": self.kind, "reason": self.reason, "remedy": self.remedy,
+                "text": str(self)}
+
+    @classmethod
+    def parse(cls, pid: int, text: object) -> "Reason":
+        """A reason line as the resource modules build it ("child pid N: fd
+        M: why", "mapping 0xA-0xB: why", ...) as a Reason."""
+        if isinstance(text, Reason):
+            return text
+        rest, child = str(text), False
+        m = re.match(r"child pid (\d+): ", rest)
+        if m:
+            pid, child, rest = int(m.group(1)), True, rest[m.end():]
+        fds: tuple[int, ...] = ()
+        kind, address = "process", None
+        m = re.match(r"fds? ([\d, ]+): ", rest)
+        if m:
+            fds = tuple(int(x) for x in m.group(1).split(",") if x.strip())
+            kind, rest = "fd", rest[m.end():]
+        else:
+            m = re.search(r"\b(0x[0-9a-f]+-0x[0-9a-f]+)", rest)
+            if m and re.match(r"(mapping|area|memory|\w+ 0x)", rest):
+                kind, address = "memory", m.group(1)
+        if kind == "fd" and "lock" in rest and "holds a file lock" in rest:
+            kind = "lock"
+        remedy = None
+        m = re.search(r"; ((?:use|run|restart|close|give|set|checkpoint|try|stop|kill|start)\b.*)$",
+                      rest)
+        if m:
+            remedy = m.group(1)
+        return cls(pid=pid, reason=rest, kind=kind, fds=fds, address=address, remedy=remedy,
+                   child=child)
+
+
+def group_reasons(reasons: list[Reason]) -> list[Reason]:
+    """One Reason per (pid, text) with every fd that shares it, in order of
+    first appearance: fds 0, 1 and 2 on the same terminal give one line."""
+    out: list[Reason] = []
+    where: dict[tuple[int, bool, str, str], int] = {}
+    for r in reasons:
+        if not r.fds:
+            out.append(r)
+            continue
+        key = (r.pid, r.child, r.kind, r.reason)
+        if key in where:
+            i = where[key]
+            out[i] = replace(out[i], fds=out[i].fds + tuple(f for f in r.fds if f not in out[i].fds))
+        else:
+            where[key] = len(out)
+            out.append(r)
+    return out
+
+
 class NotCheckpointable(LcrError):
-    """State we cannot save.  ``reasons`` holds one line per blocking resource."""
+    """State we cannot save.  ``reasons`` holds one line per blocking resource
+    (fds that share a reason on one line), ``details`` the same as Reasons."""
 
     exit_code = 5
 
-    def __init__(self, pid: int, reasons: list[str]) -> None:
+    def __init__(self, pid: int, reasons: list[str] | list[Reason]) -> None:
         self.pid = pid
-        self.reasons = list(reasons)
+        self.details = group_reasons([Reason.parse(pid, r) for r in reasons])
+        self.reasons = [str(r) for r in self.details]
         head = f"pid {pid} cannot be checkpointed"
         if len(self.reasons) == 1:
             super().__init__(f"{head}: {self.reasons[0]}")
@@ -141,10 +233,22 @@ class GuardianUnavailable(KernelError):
     not be started (remote/guardian.py): nothing was changed in the target."""
 
 
+class ImageNotFound(ImageError):
+    """The image file (or a parent of an incremental image) does not exist."""
+
+    exit_code = 19
+
+
+class NoSuchSnapshot(LcrError):
+    """No in-memory checkpoint has that crid (or it was discarded)."""
+
+    exit_code = 20
+
+
 class JobError(LcrError):
     """`lcr run --checkpoint-dir`: the checkpoint directory cannot be used as asked."""
 
-    exit_code = 19
+    exit_code = 21
 
 
 class BadImage(ImageError):
@@ -156,7 +260,7 @@ class GraceExceeded(LcrError):
     """`lcr run --checkpoint-dir`: the checkpoint could not finish within the
     grace budget (the command gets the signal instead)."""
 
-    exit_code = 20
+    exit_code = 22
 
 
 class FaultInjected(LcrError):
@@ -173,6 +277,7 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (SUCCESS, "-", "success"),
     (1, "LcrError", "other error"),
     (1, "FaultInjected", "a fault injected with LCR_FAULT (tests only)"),
+    (2, "UsageError", "the command line is wrong (see lcr COMMAND --help)"),
     (3, "NoSuchProcess", "no such process"),
     (3, "TaskGone", "the process exited while lcr worked on it"),
     (4, "PermissionDenied", "permission denied"),
@@ -193,8 +298,10 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (16, "MigrationError", "a live migration failed (the source runs on unchanged)"),
     (17, "AuthError", "the migration peers do not share the token"),
     (18, "KeyFileError", "a --sign/--verify key file cannot be used"),
-    (19, "JobError", "lcr run --checkpoint-dir: the directory cannot be used as asked"),
-    (20, "GraceExceeded", "lcr run --checkpoint-dir: the checkpoint did not finish within --grace"),
+    (19, "ImageNotFound", "the image file does not exist"),
+    (20, "NoSuchSnapshot", "no in-memory checkpoint has that crid"),
+    (21, "JobError", "lcr run --checkpoint-dir: the directory cannot be used as asked"),
+    (22, "GraceExceeded", "lcr run --checkpoint-dir: the checkpoint did not finish within --grace"),
     (INTERNAL_ERROR, "-", "internal error (a bug: run with LCR_DEBUG=1 and report it)"),
     (INTERRUPTED, "-", "interrupted (^C)"),
 )

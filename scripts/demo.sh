@@ -3,7 +3,9 @@
 #
 #   bash scripts/demo.sh [MiB]          (default 64)
 #
-# 1. pip install -e .   (set LCR_DEMO_NO_INSTALL=1 to skip)
+# 1. install into a virtual environment of its own ($REPO/.venv, made with
+#    python3 -m venv; no root, no PEP 668 trouble; set LCR_DEMO_NO_INSTALL=1 to
+#    use python3 as it is, with the repository on PYTHONPATH)
 # 2. build memhog (shared/workloads/memhog.c, or a built-in copy) into a temp dir
 # 3. start memhog: MiB of random memory + a running checksum; SIGUSR1 makes it
 #    recompute the checksum over all its memory and log "counter=N ... OK"
@@ -31,22 +33,32 @@ fail() { echo "DEMO FAIL: $*" >&2; exit 1; }
 run() { echo "+ $*" >&2; "$@"; }
 
 # ---- 1. install
+LCR_ENV=${LCR:-}                        # override, e.g. LCR="python3 -m linuxcr"
+# Into a venv of the demo's own: a system python may be "externally managed"
+# (PEP 668, Debian) and refuse `pip install`; a venv works for any user.
 if [ "${LCR_DEMO_NO_INSTALL:-0}" != 1 ]; then
-  echo "== installing linuxcr (pip install -e .)" >&2
-  (cd "$REPO" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q -e .) ||
-    fail "pip install -e . failed"
-fi
-if [ -n "${LCR:-}" ]; then
-  read -r -a LCR <<<"$LCR"              # override, e.g. LCR="python3 -m linuxcr"
-elif command -v lcr >/dev/null; then
-  LCR=(lcr)                             # the console script pip installed
+  VENV=${LCR_DEMO_VENV:-$REPO/.venv}
+  if ! { [ -w "$REPO" ] || [ -d "$VENV" ]; }; then VENV="$TMP/venv"; fi   # read-only clone
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "== creating a virtual environment in $VENV" >&2
+    "$PY" -m venv "$VENV" >&2 ||
+      fail "python3 -m venv failed: on Debian/Ubuntu install it with: apt-get install python3-venv"
+  fi
+  echo "== installing linuxcr into $VENV (pip install -e .)" >&2
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -q -e "$REPO" >&2 ||
+    fail "pip install -e . into $VENV failed"
+  PY="$VENV/bin/python"
+  LCR=("$VENV/bin/lcr")
 else
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   LCR=("$PY" -m linuxcr)
 fi
+[ -z "$LCR_ENV" ] || read -r -a LCR <<<"$LCR_ENV"
 
 # ---- 2. build memhog
 SRC=""
-for d in "${LCR_SHARED:-}" "$REPO/../shared" /work/shared; do
+# shared/ lies beside the repository (as CI lays it out); nowhere else
+for d in "$REPO/../shared"; do
   [ -n "$d" ] && [ -f "$d/workloads/memhog.c" ] && { SRC="$(cd "$d/workloads" && pwd)/memhog.c"; break; }
 done
 if [ -z "$SRC" ]; then
@@ -151,8 +163,9 @@ run "${LCR[@]}" show "$IMG" || fail "lcr show exited with $?"
 
 # ---- 6. restart
 echo "== restart" >&2
+# As root the process gets its saved pid back; as an ordinary user it comes
+# back in a new user+pid namespace where the saved pid is free (no option).
 RESTART=("${LCR[@]}" restart "$IMG")
-[ "$(id -u)" = 0 ] || RESTART+=(--any-pid)   # the saved pid needs root (or a pid namespace)
 t0=$(date +%s%N)
 NEW=$(run "${RESTART[@]}") || fail "lcr restart exited with $?"
 t1=$(date +%s%N)

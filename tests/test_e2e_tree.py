@@ -390,7 +390,10 @@ def test_check_tree_names_unsupported_child(bins, trees, tmp_path):
     assert js.returncode == 5
     data = json.loads(js.stdout)
     assert data["checkpointable"] is False and data["pid"] == root
-    assert len(data["reasons"]) == 1 and f"child pid {bad}" in data["reasons"][0], data
+    assert len(data["reasons"]) == 1, data
+    r0 = data["reasons"][0]
+    assert r0["pid"] == bad and r0["fd"] == fd and r0["kind"] == "fd", data
+    assert f"child pid {bad}" in r0["text"], data
 
     # the parent alone, and the good child, can be checkpointed
     assert lcr("check", root, "--no-tree", check=False).returncode == 0

@@ -371,8 +371,8 @@ def test_show_summarize_and_render() -> None:
     assert "compressed" in text.splitlines()[1]
     assert f"task pid {PID} (prog) ppid 1" in text
     assert "uid 1000" in text and "8 memory areas, 8 pages saved" in text
-    assert "6 open files, 1 threads" in text
-    assert "fd 1   chr  /dev/null flags 0o100001" in text and "fd 2   chr  /dev/null" in text
+    assert "6 open files, 1 thread" in text
+    assert "fd 1   chr  /dev/null flags O_WRONLY" in text and "fd 2   chr  /dev/null" in text
     assert "fd 9   pipe pipe:[77]" in text and "(file #4)" in text
     assert s["tree"]["pipes"][0]["data"] == "<12 bytes>"
     assert "signals: 5 handlers" in text and "2 pending" in text

@@ -247,7 +247,7 @@ def test_lease_refused(bins, procs, tmp_path):
     assert re.search(rf"^pid {r.pid}: fd \d+: .*leased\.dat: holds a file lease", cp.stdout, re.M), \
         cp.stdout
     data = json.loads(lcr("check", r.pid, "--json", check=False).stdout)
-    assert not data["checkpointable"] and any("lease" in x for x in data["reasons"])
+    assert not data["checkpointable"] and any("lease" in x["reason"] for x in data["reasons"])
     img = tmp_path / "img"
     cp = lcr("checkpoint", r.pid, "-o", img, check=False)
     assert_clean_error(cp, "NotCheckpointable", mentions=["lease", "leased.dat"])

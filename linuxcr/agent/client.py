@@ -151,12 +151,37 @@ def agent_pid() -> int | None:
 
 
 class Snapshot:
-    """A handle on an in-memory checkpoint held by the agent."""
+    """A handle on an in-memory checkpoint held by the agent.
 
-    def __init__(self, info: dict) -> None:
+    As a context manager it is discarded on exit; with
+    ``rollback_on_error`` (snapshot(pid).rolling_back()) an exception
+    leaving the block first rolls the process back to it.
+    """
+
+    def __init__(self, info: dict, rollback_on_error: bool = False) -> None:
         self.info = info
         self.crid: str = info["crid"]
         self.pid: int = info["pid"]
+        self.rollback_on_error = rollback_on_error
+
+    def rolling_back(self) -> "Snapshot":
+        """``with linuxcr.snapshot(pid).rolling_back(): ...``: roll back on an exception."""
+        self.rollback_on_error = True
+        return self
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            if et is not None and self.rollback_on_error:
+                rollback(self.crid)
+        finally:
+            try:
+                discard(self.crid)
+            except LcrError:
+                if et is None:
+                    raise
 
     def __repr__(self) -> str:
         return f"<Snapshot {self.crid} of pid {self.pid}>"
@@ -181,9 +206,9 @@ def snapshots(pid: int | None = None) -> list[dict]:
         return c.call("list", pid=pid)["snapshots"]
 
 
-def writeback(crid: str, out, *, compress: bool = False) -> dict:
+def writeback(crid: str, out, *, compress: bool = False, overwrite: bool = True) -> dict:
     from linuxcr.image.files import output_image
-    with output_image(out) as (fd, name, commit):
+    with output_image(out, overwrite=overwrite) as (fd, name, commit):
         with Client() as c:
             res = c.call("writeback", fds=(fd,), crid=crid, compress=compress, name=name)
         commit()

@@ -200,7 +200,7 @@ class Agent:
         crid = str(req.get("crid", ""))
         s = self.snaps.get(crid)
         if s is None:
-            raise errors.NoSuchProcess(f"no snapshot {crid!r}", "lcr snapshots lists them")
+            raise errors.NoSuchSnapshot(f"no snapshot {crid!r}", "lcr snapshots lists them")
         self._may(c, s.uid, f"snapshot {crid}")
         return s
 

@@ -22,13 +22,19 @@ Target = Union[int, str, os.PathLike, IO[bytes]]
 
 
 @contextmanager
-def output_image(target: Target) -> Iterator[tuple[int, str, Callable[[], None]]]:
+def output_image(target: Target, *, overwrite: bool = False
+                 ) -> Iterator[tuple[int, str, Callable[[], None]]]:
     """fd to write to, its name, and the commit step (naming the file).
 
     Files are written unnamed (O_TMPFILE) or under a temporary name, and get
     their name only once complete: a failed checkpoint never leaves
     something that looks like an image.  A path is checked first
-    (check_output): no symlink, FIFO, device or file someone else controls."""
+    (check_output): no symlink, FIFO, device or file someone else controls.
+    An existing regular file is refused unless ``overwrite`` (then replaced
+    atomically at commit)."""
+    if not overwrite and isinstance(target, (str, os.PathLike)) \
+            and os.path.isfile(os.fspath(target)):
+        raise ImageWriteError(f"{os.fspath(target)} exists", "give --force to replace it")
     if isinstance(target, int):
         yield target, f"fd {target}", lambda: None
         return

@@ -77,6 +77,57 @@ def _when(t: float) -> str:
         return f"at an impossible time ({t})"
 
 
+_ACC = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}
+_FLAG_NAMES = [(0o100, "O_CREAT"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"), (0o4000, "O_NONBLOCK"),
+               (0o10000, "O_DSYNC"), (0o20000, "O_ASYNC"), (0o40000, "O_DIRECT"),
+               (0o100000, "O_LARGEFILE"), (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"),
+               (0o1000000, "O_NOATIME"), (0o4010000, "O_SYNC"), (0o10000000, "O_PATH"),
+               (0o20000000, "O_TMPFILE")]
+
+
+def flag_names(flags: int) -> str:
+    """open(2) flags by name: O_WRONLY|O_APPEND (O_LARGEFILE, always set on
+    64-bit, left out)."""
+    names = [_ACC.get(flags & 3, f"access{flags & 3}")]
+    rest = flags & ~3 & ~0o100000
+    for bit, name in _FLAG_NAMES:
+        if bit != 0o100000 and rest & bit == bit:
+            names.append(name)
+            rest &= ~bit
+    if rest:
+        names.append(f"0o{rest:o}")
+    return "|".join(names)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _sock_addr(d: dict[str, Any]) -> str | None:
+    """A socket's addresses from its saved state, where it has them."""
+    st = d.get("state") or {}
+    if not isinstance(st, dict):
+        return None
+    local = st.get("local") or st.get("src") or st.get("addr") or st.get("path")
+    peer = st.get("peer") or st.get("remote") or st.get("dst")
+
+    def fmt(a: Any) -> str:
+        if isinstance(a, dict) and "host" in a:
+            a = (a["host"], a.get("port", "?"))
+        if isinstance(a, bytes):
+            a = a.decode(errors="replace")
+        if isinstance(a, (list, tuple)) and len(a) >= 2:
+            host = str(a[0])
+            return f"[{host}]:{a[1]}" if ":" in host else f"{host}:{a[1]}"
+        return str(a)
+    if local is None and peer is None:
+        return None
+    kind = str(st.get("type") or d.get("kind") or "socket")
+    state = f" {st['state']}" if isinstance(st.get("state"), str) else ""
+    return (f"{kind}{state} {fmt(local) if local is not None else '?'}"
+            + (f" -> {fmt(peer)}" if peer else ""))
+
+
 def render_text(s: dict[str, Any]) -> str:
     h = s["header"]
     created = _when(h["created"])
@@ -100,13 +151,15 @@ def render_text(s: dict[str, Any]) -> str:
                          f"{'s' if v['shared'] else 'p'} {_size(v['end'] - v['start']):>10} "
                          f"{v['kind']:<6} {what}")
         descs = {d["fid"]: d for d in s.get("tree", {}).get("files", [])}
-        lines.append(f"  {len(t['files'])} open files, {len(t['threads']) + 1} threads")
+        lines.append(f"  {_plural(len(t['files']), 'open file')}, "
+                     f"{_plural(len(t['threads']) + 1, 'thread')}")
         for f in t["files"]:
             d = descs.get(f["fid"], {})
-            what = d.get("path") or (f"pipe:[{d.get('pipe')}]" if d.get("kind") == "pipe" else "?")
-            lines.append(f"    fd {f['fd']:<3} {d.get('kind', '?'):<4} {what} flags 0o{d.get('flags', 0):o} "
+            what = d.get("path") or (f"pipe:[{d.get('pipe')}]" if d.get("kind") == "pipe" else None) \
+                or _sock_addr(d) or "?"
+            lines.append(f"    fd {f['fd']:<3} {d.get('kind', '?'):<4} {what} flags {flag_names(d.get('flags', 0))} "
                          f"pos {d.get('pos', 0)}{' cloexec' if f['cloexec'] else ''} (file #{f['fid']})")
-        lines.append(f"  signals: {len(t['sigactions'])} handlers, mask 0x{t['sigmask']:x}, "
+        lines.append(f"  signals: {_plural(len(t['sigactions']), 'handler')}, mask 0x{t['sigmask']:x}, "
                      f"{len(t['pending'])} pending")
     # names, paths, hostname come from the image: no newlines or terminal escapes
     return "\n".join(printable(line) for line in lines)
