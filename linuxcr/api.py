@@ -177,9 +177,11 @@ def show(image: Target, *, verify: KeyArg = None) -> dict:
 def check(pid: int, tree: bool = True) -> list[str]:
     """Reasons why ``pid`` (and, with tree, its descendants) cannot be
     checkpointed now ([] if it can)."""
+    from linuxcr.agent import client
     from linuxcr.engine import dump
     pid = as_pid(pid)
-    return dump.check_tree(pid) if tree else dump.check_process(pid)
+    held = client.recovery_notes(pid)       # left held by a dead agent and its dead guardian
+    return held + (dump.check_tree(pid) if tree else dump.check_process(pid))
 
 
 def migrate(pid: int, host: str, port: int, **kw):
