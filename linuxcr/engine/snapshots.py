@@ -745,6 +745,9 @@ def _after_death(snap: Snapshot, memory_only: bool, procs: dict, begun: bool, re
         what = "the rollback had not begun: " + (what or "nothing to put back")
     for part in snap.parts:
         if snapshot_child.is_snapshot_child(part.child.pid):
+            if not part.child.attached or part.child.journal is not None:
+                # our copy of the agent's Tracee: its fds are closed here
+                part.child = Tracee(part.child.pid)
             _kill_and_reap(part)
     if record is not None:
         record("done")
@@ -784,8 +787,10 @@ def _complete(snap: Snapshot, memory_only: bool, procs: dict) -> str:
     for fz in frozen.values():
         fz.thaw()
     for part in snap.parts:
+        # let go, a thread of a group-stopped process stops again, later:
+        # whether it did cannot be seen yet; SIGCONT unless it was stopped before
         p = procs.get(part.pid)
-        if p is not None and not p.stopped and guardian.stopped_now(part.pid):
+        if p is not None and not p.stopped:
             os.kill(part.pid, signal.SIGCONT)
     return f"the rollback to snapshot {snap.crid} it had begun was completed (full path)"
 

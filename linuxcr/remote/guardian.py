@@ -287,6 +287,7 @@ def recover(p: Proc) -> str:
     wait_untraced(p.pid)
     stopped = stopped_now(p.pid)             # group-stopped by our pending SIGSTOP
     held: list[Tracee] = []
+    released = False
     done: list[str] = []
     try:
         for tid, (regs, mask) in sorted(p.threads.items()):
@@ -311,14 +312,16 @@ def recover(p: Proc) -> str:
             done += _undo_in(leader, p)
         for t in held:
             t.release()
-        held = []
+        released, held = bool(held), []
     finally:
         for t in held:                    # a failure: at least let them go
             try:
                 t.detach()
             except OSError:
                 pass
-    if not p.stopped and (stopped or stopped_now(p.pid)):
+    if not p.stopped and (stopped or released):
+        # a thread let go in a group-stopped process stops again, later:
+        # whether it will cannot be seen yet, so SIGCONT whenever it may
         os.kill(p.pid, signal.SIGCONT)
         done.append("SIGCONT sent")
     return "; ".join(done) or ""
