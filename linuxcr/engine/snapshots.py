@@ -743,11 +743,11 @@ def _after_death(snap: Snapshot, memory_only: bool, procs: dict, begun: bool, re
     else:
         what = "; ".join(filter(None, (guardian.recover(p) for p in procs.values())))
         what = "the rollback had not begun: " + (what or "nothing to put back")
+        for part in snap.parts:
+            # our copy of the agent's Tracee: its fds are closed here, it traces nothing
+            part.child = Tracee(part.child.pid)
     for part in snap.parts:
         if snapshot_child.is_snapshot_child(part.child.pid):
-            if not part.child.attached or part.child.journal is not None:
-                # our copy of the agent's Tracee: its fds are closed here
-                part.child = Tracee(part.child.pid)
             _kill_and_reap(part)
     if record is not None:
         record("done")
