@@ -23,7 +23,10 @@ because an entry always precedes the change it describes).  When lcr exits
 normally the pipe closes with nothing outstanding and the guardian just exits.
 
 ``ensure()`` gives the process-wide Journal (guardian started on first use);
-``start()`` starts one explicitly (the agent can hold its own).
+``start()`` starts one explicitly.  A rollback (engine/snapshots.py) starts
+its own with a ``complete`` hook and journals ``begin`` before its first
+change and ``done`` when complete: lcr dead in between, the guardian calls
+the hook, which finishes the rollback, instead of putting the old state back.
 """
 from __future__ import annotations
 
