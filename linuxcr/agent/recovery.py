@@ -32,7 +32,15 @@ def _start(pid: int) -> int:
 
 
 def _alive(pid: int, start: int) -> bool:
-    return bool(pid) and _start(pid) == start and start != 0
+    """pid is that process (same start time), not a zombie."""
+    if not pid or not start:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X") and int(fields[19]) == start
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 class Record:
