@@ -314,13 +314,16 @@ def _whole_refusal(pid: int) -> Reason | None:
 
 def check(pid: int, tree: bool = True) -> list[Reason]:
     """Reasons why ``pid`` (and, with tree, its descendants) cannot be
-    checkpointed now ([] if it can), fds that share a reason in one."""
+    checkpointed now ([] if it can), fds that share a reason in one.  First,
+    a process left held by a dead agent and its dead guardian."""
+    from linuxcr.agent import client
     from linuxcr.engine import dump
     pid = as_pid(pid)
     whole = _whole_refusal(pid)
     if whole is not None:
         return [whole]
-    found = dump.check_tree(pid) if tree else dump.check_process(pid)
+    held = client.recovery_notes(pid)       # left held by a dead agent and its dead guardian
+    found = held + (dump.check_tree(pid) if tree else dump.check_process(pid))
     return group_reasons([Reason.parse(pid, r) for r in found])
 
 

@@ -49,6 +49,16 @@ POINTS = {
     "clone.exit": "a guarded clone3: at its exit stop, injected registers in the parent",
     "clone.rest": "a guarded clone3 done, the child not yet carrying EXITKILL",
     "track.uffd": "resources/dirty.py: the tracker's userfaultfd exists in the target",
+    # the snapshot agent (LCR_AGENT_FAULT of a client arms LCR_FAULT in the
+    # agent for that client's requests: agent/server.py)
+    "snapshot.taken": "agent: a snapshot taken and held, its reply not yet sent",
+    "snapshot.reply": "client (agent/client.py): the crid read, not yet acknowledged",
+    "rollback.frozen": "agent: the processes frozen, no guardian yet, nothing changed",
+    "rollback.begun": "agent: guarded, snapshot children loosened, rollback marked begun",
+    "rollback.dropped": "resources/memory.py fast path: pages dropped, none copied back yet",
+    "rollback.unmapped": "resources/memory.py full path: areas rebuilt, no page copied yet",
+    "rollback.finished": "agent: memory and the rest rolled back, threads not settled",
+    "rollback.done": "agent: marked done in the journal, threads not let go",
     # restart (engine/restore.py)
     "restore.spawned": "the blank task exists, not yet seized",
     "restore.tree": "right after each task of the tree is made (seized)",

@@ -4,7 +4,10 @@ Snapshots (engine/snapshots.py) outlive the lcr command that took them: a
 small daemon per user holds them.  It is the ptrace tracer of every
 snapshot child (ptrace belongs to the tracer thread, so the agent serves
 requests from one thread, one at a time); PTRACE_O_EXITKILL makes the kernel
-kill every snapshot child when the agent dies.
+kill every snapshot child when the agent dies -- but during a rollback, whose
+guardian finishes it if the agent dies (docs/guarantees.md).  Snapshot
+children nobody traces (orphans) are killed when an agent starts; while it
+works on a process the agent keeps a recovery record (agent/recovery.py).
 
 Where: $LCR_AGENT_DIR, else $XDG_RUNTIME_DIR/lcr, else /tmp/lcr-$UID (mode
 0700), holding agent.sock (0600), agent.lock, agent.pid and agent.log.
@@ -14,7 +17,11 @@ an image's fd travels with its request as SCM_RIGHTS.  Every request is
 authenticated with SO_PEERCRED: only root or the owner of the process may
 snapshot it or use its crids.
 
-    {"op": "snapshot", "pid": P}                 -> {"ok": true, "crid": C, ...}
+    {"op": "snapshot", "pid": P, "ack": b}       -> {"ok": true, "crid": C, ...}
+    {"op": "ack", "crid": C}                     (no reply) the client read the crid: with
+                                                 "ack", a snapshot whose connection closes
+                                                 before this is discarded
+    any request may carry "fault": a LCR_FAULT spec armed for it (tests: LCR_AGENT_FAULT)
     {"op": "list", "pid": P|null}                -> {"ok": true, "snapshots": [...]}
     {"op": "writeback", "crid": C, "compress": b} + fd
     {"op": "rollback", "crid": C, "memory_only": b, "full": b, "note": s}

@@ -16,10 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from linuxcr import errors
+from linuxcr import errors, faults
 from linuxcr.errors import AgentError, LcrError, NoTracker, NotCheckpointable, PermissionDenied, RolledBack
 
 START_TIMEOUT = 15.0
+RESTART_EVERY = 0.5
+FAULT_ENV = "LCR_AGENT_FAULT"     # tests: a LCR_FAULT spec armed in the agent for each request
 
 
 def runtime_dir() -> Path:
@@ -74,12 +76,18 @@ class Client:
                 s.close()
                 if not start:
                     raise AgentError(f"no lcr agent is running ({path})") from None
+                now = time.monotonic()
                 if deadline is None:
-                    deadline = time.monotonic() + START_TIMEOUT
+                    deadline, again = now + START_TIMEOUT, now + RESTART_EVERY
                     self._start()
-                elif time.monotonic() > deadline:
+                elif now > deadline:
                     raise AgentError(f"the lcr agent did not start ({e.strerror}); see "
                                      f"{self.dir / 'agent.log'}") from None
+                elif now > again:
+                    # the lock was held: by an agent on its way out, or by the
+                    # guardian of a dead one finishing a rollback; try again
+                    again = now + RESTART_EVERY
+                    self._start()
                 time.sleep(0.02)
             except PermissionError:
                 s.close()
@@ -108,7 +116,14 @@ class Client:
         return reply
 
     def call_fds(self, op: str, *, fds: tuple[int, ...] = (), **args) -> tuple[dict, list[int]]:
-        """call(), and the fds that came with the reply (the caller owns them)."""
+        """call(), and the fds that came with the reply (the caller owns them).
+
+        A snapshot is acknowledged once its reply (the crid) is read: the
+        agent discards a snapshot whose client went away before that."""
+        if os.environ.get(FAULT_ENV):
+            args["fault"] = os.environ[FAULT_ENV]
+        if op == "snapshot":
+            args["ack"] = True
         data = (json.dumps(dict(op=op, **args)) + "\n").encode()
         if fds:
             n = socket.send_fds(self.sock, [data], list(fds))
@@ -121,6 +136,9 @@ class Client:
             reply = self._read_line(got)
             if not reply.get("ok"):
                 _raise(reply)
+            if op == "snapshot" and reply.get("crid"):
+                faults.point("snapshot.reply")
+                self.sock.sendall((json.dumps(dict(op="ack", crid=reply["crid"])) + "\n").encode())
         except BaseException:
             for fd in got:
                 os.close(fd)
@@ -141,6 +159,13 @@ class Client:
                                  f"see {self.dir / 'agent.log'}")
             buf += chunk
         return json.loads(buf)
+
+
+def recovery_notes(pid: int) -> list[str]:
+    """What a dead agent (and its dead guardian) left pid in, if anything
+    (agent/recovery.py): for ``lcr check``."""
+    from linuxcr.agent import recovery
+    return recovery.notes(runtime_dir(), int(pid))
 
 
 def agent_pid() -> int | None:

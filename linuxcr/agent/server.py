@@ -17,7 +17,8 @@ import time
 import traceback
 from pathlib import Path
 
-from linuxcr import errors
+from linuxcr import errors, faults
+from linuxcr.agent import recovery
 from linuxcr.agent.client import ensure_dir, runtime_dir
 from linuxcr.errors import AgentError, LcrError, NoTracker, NotCheckpointable, PermissionDenied, SnapshotLimit
 from linuxcr.image import runs
@@ -63,8 +64,9 @@ class _Conn:
 
 
 class Agent:
-    def __init__(self, d: Path) -> None:
+    def __init__(self, d: Path, lock_fd: int = -1) -> None:
         self.dir = d
+        self.lock_fd = lock_fd                # kept open by a rollback's guardian
         self.snaps: dict = {}                 # crid -> engine Snapshot
         from linuxcr.engine.snapshots import WriteTrackers
         # pid -> Tracked: one write tracker per process, for its snapshots and
@@ -104,6 +106,7 @@ class Agent:
 
     def _close(self, c: _Conn) -> None:
         if c.open:
+            self._drop_unacked(c)
             c.open = False
             self.sel.unregister(c.sock)
             self.conns.pop(c.sock.fileno(), None)
@@ -129,9 +132,16 @@ class Agent:
             self._close(c)
 
     def _request(self, c: _Conn, line: bytes) -> None:
+        spec = None
         try:
             req = json.loads(line)
             op = req.get("op")
+            spec = req.get("fault") if isinstance(req, dict) else None
+            if spec:
+                # tests: LCR_AGENT_FAULT of the client arms a fault point here,
+                # for this request only (the requester owns this agent anyway)
+                os.environ[faults.ENV] = str(spec)
+                faults.reset()
             fn = getattr(self, f"op_{op}", None)
             if fn is None or not isinstance(req, dict):
                 raise AgentError(f"unknown request {op!r}")
@@ -146,6 +156,8 @@ class Agent:
             reply = dict(ok=False, error=f"internal error in the agent: {type(e).__name__}: {e}",
                          hint=f"see {self.dir / 'agent.log'}", code=70, **{"class": "AgentError"})
         finally:
+            if spec:
+                os.environ.pop(faults.ENV, None)
             for fd in c.take_fds():
                 os.close(fd)
         if reply is not None:
@@ -230,12 +242,36 @@ class Agent:
             raise SnapshotLimit(f"snapshots hold {held >> 20} MiB, the limit is {self.max_mem >> 20} MiB",
                                 "lcr discard some, or set LCR_MAX_SNAPSHOT_MEMORY for the agent")
         held = {c for x in self.snaps.values() for c in x.children()}
-        s = snapshots.take(pid, exclude=held, trackers=self.wt)
+        rec = recovery.Record(self.dir, "snapshot", pid)
+        try:
+            s = snapshots.take(pid, exclude=held, trackers=self.wt)
+        finally:
+            rec.clear()
         s.extra["conn"] = c if c.pid == pid else None     # a process snapshotting itself
+        if req.get("ack"):
+            # held until the client says it got the crid; discarded if its
+            # connection closes first (a killed `lcr snapshot`)
+            s.extra["unacked"] = c
         self.snaps[s.crid] = s
+        faults.point("snapshot.taken")
         self.log(f"snapshot {s.crid} of pid {pid} ({len(s.parts)} process(es), frozen "
                  f"{s.frozen_seconds * 1e3:.1f} ms, children {s.children()})")
         return dict(ok=True, **s.info())
+
+    def op_ack(self, c: _Conn, req: dict) -> None:
+        """The client got the crid of its snapshot: keep it.  No reply."""
+        s = self.snaps.get(str(req.get("crid", "")))
+        if s is not None and s.extra.get("unacked") is c:
+            del s.extra["unacked"]
+        return None
+
+    def _drop_unacked(self, c: _Conn) -> None:
+        from linuxcr.engine import snapshots
+        for crid, s in list(self.snaps.items()):
+            if s.extra.get("unacked") is c:
+                snapshots.discard(s, self.wt)
+                del self.snaps[crid]
+                self.log(f"snapshot {crid} discarded: its client went away before it got the crid")
 
     def op_list(self, c: _Conn, req: dict) -> dict:
         pid = req.get("pid")
@@ -364,8 +400,13 @@ class Agent:
         from linuxcr.engine import snapshots
         s = self._snap(c, req)
         self_conn = s.extra.get("conn")
-        res = snapshots.rollback(s, memory_only=bool(req.get("memory_only")), trackers=self.wt,
-                                 full=bool(req.get("full")))
+        rec = recovery.Record(self.dir, "rollback", s.pid, crid=s.crid)
+        try:
+            res = snapshots.rollback(s, memory_only=bool(req.get("memory_only")), trackers=self.wt,
+                                     full=bool(req.get("full")), record=rec.state,
+                                     keep_fds=(self.lock_fd,) if self.lock_fd >= 0 else ())
+        finally:
+            rec.clear()
         why = "; ".join(f"pid {r['pid']}: {r['reason']}" for r in res["per_process"] if r["reason"])
         self.log(f"snapshot {s.crid}: pid {s.pid} rolled back in {res['seconds'] * 1e3:.1f} ms "
                  f"({res['path']}, {res['pages_copied']} pages copied, {res['pages_dropped']} dropped"
@@ -438,7 +479,13 @@ def run_agent(foreground: bool = False) -> None:
     os.umask(old)
     listener.listen(64)
     (d / "agent.pid").write_text(f"{os.getpid()}\n")
-    agent = Agent(d)
+    agent = Agent(d, lock)
+    from linuxcr.engine import snapshots
+    killed = snapshots.kill_orphans()
+    if killed:
+        agent.log(f"killed orphaned snapshot process(es) {killed} (left by an agent that died)")
+    for line in recovery.sweep(d):
+        agent.log(line)
     try:
         agent.serve(listener)
     finally:

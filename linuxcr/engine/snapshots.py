@@ -31,18 +31,21 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
 import msgspec
 
+from linuxcr import faults
 from linuxcr.engine import dump
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError, RollbackRefused
 from linuxcr.image import runs
 from linuxcr.image.schema import ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
+from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child
@@ -608,7 +611,7 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
 # --- rollback -----------------------------------------------------------------
 
 def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTrackers | None = None,
-             full: bool = False) -> dict:
+             full: bool = False, keep_fds: tuple[int, ...] = (), record=None) -> dict:
     """Bring the live process (or tree: the same processes, same pids) back
     to the snapshot.
 
@@ -617,7 +620,13 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
     the pages dropped since, and the areas not tracked or shared, and drops
     the pages that appeared since; otherwise (or ``full``) the whole address
     space is rebuilt and every page copied.  The result says which was taken
-    (``path``: fast | full | mixed for a tree; ``processes``: per process)."""
+    (``path``: fast | full | mixed for a tree; ``processes``: per process).
+
+    Kill-safe (docs/guarantees.md): a guardian forked for this rollback
+    (holding the snapshot in its copy of our memory; ``keep_fds`` stay open
+    in it) puts the processes back if we die before the first change, and
+    finishes the rollback by the full path if we die after it.  ``record``
+    (state: str): told "begun" at the first change, "done" when complete."""
     t0 = time.monotonic()
     pid = snap.pid
     _check_same_tree(snap)
@@ -635,23 +644,54 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
     except BaseException:
         tree.thaw()
         raise
+    faults.point("rollback.frozen")
     frozen_at = time.monotonic()
+    journal = None
+    try:
+        # the guardian, then our safety net in every thread, then the children
+        # free to outlive us (parked: see resources/snapshot_child.py)
+        journal = guardian.start(lambda procs, begun: _after_death(snap, memory_only, procs, begun,
+                                                                   record),
+                                 keep=keep_fds)
+        if record is not None:
+            record("held", journal.guardian_pid)
+        for part in snap.parts:
+            tree.procs[part.pid].hold(journal)
+        for part in snap.parts:
+            snapshot_child.loosen(part.child)
+    except BaseException:
+        _own_children(snap)
+        tree.thaw()
+        if journal is not None:
+            journal.close()
+        raise
     per: list[dict] = []
     warnings: list[str] = []
     try:
+        if record is not None:
+            record("begun")
+        journal.begin(pid)
+        faults.point("rollback.begun")
         for part in snap.parts:
             fz = tree.procs[part.pid]
-            fz.block_signals(guard=False)      # rewrites the process: not kill-safe yet
             per.append(_rollback_frozen(snap, part, fz, pairs[part.pid], memory_only, warnings,
                                         trackers, full))
         if not memory_only:
             warnings += _refill_pipes(snap)
+        faults.point("rollback.finished")
+        for p in tree.order:
+            tree.procs[p].settle()
+        journal.done(pid)
+        faults.point("rollback.done")
+        _own_children(snap)
     except BaseException as e:
         # address spaces may be half rebuilt: the processes cannot go on
         for p in tree.order:
             tree.procs[p].send_kill()
             for th in tree.procs[p].threads.values():
                 th.detach()
+        _own_children(snap)
+        journal.close()
         what = f"pid {pid}" if len(snap.parts) == 1 else f"the tree of pid {pid}"
         killed = "the process was killed" if len(snap.parts) == 1 else "its processes were killed"
         if isinstance(e, LcrError):
@@ -659,6 +699,9 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         raise RestoreError(f"rollback of {what} failed midway ({type(e).__name__}: {e}); "
                            f"{killed}") from None
     tree.thaw()
+    journal.close()
+    if record is not None:
+        record("done")
     gone = [z.pid for z in snap.zombies if not pstree.is_zombie(z.pid)]
     if gone:
         warnings.append(f"zombie child(ren) {', '.join(map(str, gone))} of the snapshot were reaped "
@@ -669,6 +712,87 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
                 path=paths.pop() if len(paths) == 1 else "mixed",
                 pages_copied=sum(r["pages_copied"] for r in per),
                 pages_dropped=sum(r["pages_dropped"] for r in per), per_process=per)
+
+
+def _own_children(snap: Snapshot) -> None:
+    """EXITKILL back on every snapshot child we still hold."""
+    for part in snap.parts:
+        try:
+            snapshot_child.own(part.child)
+        except OSError:
+            pass          # it died: the agent's reaper forgets the snapshot
+
+
+# --- the rollback's guardian, after our death ---------------------------------------
+#
+# It runs in the guardian process (a fork of the agent made right before the
+# rollback: it holds ``snap`` in its memory); the agent is dead.  Not begun:
+# the processes are put back as the journal says (remote/guardian.py).
+# Begun: whatever instant we died at, every thread is held (a SIGSTOP
+# pending, or parked in pause() with every signal blocked) and the snapshot
+# children are parked and alive (EXITKILL dropped): the rollback is done
+# again from the start by the full path, which rewrites the whole state
+# from the snapshot and so does not care what was done already.  Either way
+# the snapshot children go (the agent that knew the crid is gone).
+
+def _after_death(snap: Snapshot, memory_only: bool, procs: dict, begun: bool, record) -> str:
+    if begun:
+        if record is not None:
+            record(f"completing by guardian {os.getpid()}")
+        what = _complete(snap, memory_only, procs)
+    else:
+        what = "; ".join(filter(None, (guardian.recover(p) for p in procs.values())))
+        what = "the rollback had not begun: " + (what or "nothing to put back")
+        for part in snap.parts:
+            # our copy of the agent's Tracee: its fds are closed here, it traces nothing
+            part.child = Tracee(part.child.pid)
+    for part in snap.parts:
+        if snapshot_child.is_snapshot_child(part.child.pid):
+            _kill_and_reap(part)
+    if record is not None:
+        record("done")
+    return what
+
+
+def _complete(snap: Snapshot, memory_only: bool, procs: dict) -> str:
+    for part in snap.parts:
+        guardian.wait_untraced(part.pid)
+        guardian.wait_untraced(part.child.pid)
+    for part in snap.parts:
+        child = snapshot_child.adopt(part.child.pid, part.child.insn)
+        if child is None:
+            raise LcrError(f"snapshot process {part.child.pid} is gone: pid {part.pid} stays held "
+                           "half rolled back; kill it")
+        part.child = child
+    frozen: dict[int, Frozen] = {}
+    try:
+        for part in snap.parts:
+            fz = frozen[part.pid] = Frozen(part.pid)
+            fz.freeze()
+            fz.hold(None)
+        warnings: list[str] = []
+        for part in snap.parts:
+            fz = frozen[part.pid]
+            _rollback_frozen(snap, part, fz, _pair_threads(fz, part.task), memory_only, warnings,
+                             None, True)
+        if not memory_only:
+            _refill_pipes(snap)
+        for fz in frozen.values():
+            fz.settle()
+    except BaseException:
+        for fz in frozen.values():       # let them go held: they never run in a half state
+            for t in fz.threads.values():
+                t.detach()
+        raise
+    for fz in frozen.values():
+        fz.thaw()
+    for part in snap.parts:
+        # let go, a thread of a group-stopped process stops again, later:
+        # whether it did cannot be seen yet; SIGCONT unless it was stopped before
+        p = procs.get(part.pid)
+        if p is not None and not p.stopped:
+            os.kill(part.pid, signal.SIGCONT)
+    return f"the rollback to snapshot {snap.crid} it had begun was completed (full path)"
 
 
 def _check_same_tree(snap: Snapshot) -> None:
@@ -850,4 +974,10 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     return res
 
 
-__all__ = ["Snapshot", "take", "writeback", "rollback", "discard", "RollbackRefused"]
+def kill_orphans() -> list[int]:
+    """Snapshot processes a dead agent (and its dead guardian) left parked:
+    killed (the agent calls this as it starts)."""
+    return snapshot_child.kill_orphans()
+
+
+__all__ = ["kill_orphans", "Snapshot", "take", "writeback", "rollback", "discard", "RollbackRefused"]

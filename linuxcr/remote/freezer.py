@@ -89,25 +89,53 @@ class Frozen:
         SIGSTOP kept pending, so a thread lcr leaves behind stops before it
         runs any code of its own).  Injected calls then block every signal
         only while they run; registers and masks are the threads' own
-        between any two calls."""
-        if not guard:                # rollback (agent): its own rules (issue 14, item 4)
+        between any two calls.  ``guard=False``: unguarded (only masks
+        recorded; lcr's death leaves the threads as they are)."""
+        if not guard:
             for tid, t in self.threads.items():
                 self.masks[tid] = ptrace.get_sigmask(tid)
                 t.own_mask = self.masks[tid]
             return
         if self.journal is not None:
             return
-        journal = guardian.ensure()           # refuses before anything is changed
-        fds = [int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")]
-        journal.process(self.pid, stopped=self.was_stopped, fds=fds, starttime=self.starttime)
-        self.journal = journal
+        self.hold(guardian.ensure())          # refuses before anything is changed
+
+    def hold(self, journal: guardian.Journal | None) -> None:
+        """Guard every thread, journaling to ``journal`` (a guardian of the
+        caller's choosing: a rollback's own, engine/snapshots.py), or to none
+        (the guardian itself finishing a rollback: the pending SIGSTOPs alone
+        then keep the threads from running if it dies too)."""
+        if journal is not None:
+            fds = [int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")]
+            journal.process(self.pid, stopped=self.was_stopped, fds=fds, starttime=self.starttime)
+            self.journal = journal
         for tid, t in self.threads.items():
             self.masks[tid] = ptrace.get_sigmask(tid)
             t.own_mask = self.masks[tid]
             assert t.saved_regs is not None
-            journal.thread(self.pid, tid, bytes(t.saved_regs), self.masks[tid])
-            t.journal = journal
+            if journal is not None:
+                journal.thread(self.pid, tid, bytes(t.saved_regs), self.masks[tid])
+                t.journal = journal
             t.prime()
+
+    def settle(self) -> None:
+        """Guarded threads whose state lcr replaced (a rollback: saved_regs
+        and masks now the snapshot's): make that their own state, in the
+        threads and in the journal, before they are let go.  Sent to the
+        guardian first: a death from here puts back the new state."""
+        if self.journal is not None:
+            fds = [int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")]
+            self.journal.process(self.pid, stopped=self.was_stopped, fds=fds,
+                                 starttime=self.starttime)
+        for tid, t in self.threads.items():
+            if not (t.primed and t.attached and t.saved_regs is not None):
+                continue
+            t.saved_regs = t.resume_regs()
+            t.own_mask = self.masks.get(tid, t.own_mask)
+            if self.journal is not None:
+                self.journal.thread(self.pid, tid, bytes(t.saved_regs), t.own_mask)
+            t.set_regs(t.saved_regs)
+            ptrace.set_sigmask(tid, t.own_mask)
 
     def unblock_signals(self) -> None:
         """Registers and masks as they were (a guarded thread is so between

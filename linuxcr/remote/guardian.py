@@ -23,7 +23,10 @@ because an entry always precedes the change it describes).  When lcr exits
 normally the pipe closes with nothing outstanding and the guardian just exits.
 
 ``ensure()`` gives the process-wide Journal (guardian started on first use);
-``start()`` starts one explicitly (the agent can hold its own).
+``start()`` starts one explicitly.  A rollback (engine/snapshots.py) starts
+its own with a ``complete`` hook and journals ``begin`` before its first
+change and ``done`` when complete: lcr dead in between, the guardian calls
+the hook, which finishes the rollback, instead of putting the old state back.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from linuxcr.errors import GuardianUnavailable, KernelError, LcrError
 
@@ -92,6 +96,18 @@ class Journal:
         """Every thread of ``pid`` let go (or the process killed by design)."""
         self._send(op="end", pid=pid)
 
+    def begin(self, pid: int) -> None:
+        """A rollback (engine/snapshots.py) is about to change the processes
+        held: from here on, if lcr dies, the guardian's ``complete`` finishes
+        it instead of putting the old state back (which memory rewritten
+        since would contradict)."""
+        self._send(op="begin", pid=pid)
+
+    def done(self, pid: int) -> None:
+        """The rollback is complete; the journal (threads re-sent) describes
+        the rolled-back state: a death from here is put back as usual."""
+        self._send(op="done", pid=pid)
+
     def close(self) -> None:
         """Nothing outstanding: the guardian exits; reap it."""
         if self.fd >= 0:
@@ -124,8 +140,17 @@ def ensure() -> Journal:
     return _journal
 
 
-def start() -> Journal:
-    """Fork a guardian; GuardianUnavailable (before any change) if we cannot."""
+# What a guardian with a ``complete`` hook calls if lcr dies with something
+# outstanding: (the processes still held, whether a rollback was begun) ->
+# what it did, in words.  It runs in the guardian, a fork of lcr: it sees
+# lcr's memory as it was at the fork (the snapshot a rollback needs).
+Complete = Callable[[dict[int, "Proc"], bool], str]
+
+
+def start(complete: Complete | None = None, keep: tuple[int, ...] = ()) -> Journal:
+    """Fork a guardian; GuardianUnavailable (before any change) if we cannot.
+    ``complete``: see Complete; ``keep``: fds of lcr the guardian keeps open
+    until it is done (the agent's lock: no new agent starts meanwhile)."""
     try:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -137,7 +162,7 @@ def start() -> Journal:
         code = 0
         try:
             os.close(w)
-            _guardian_main(r)
+            _guardian_main(r, complete, keep)
         except BaseException:
             code = 1
         os._exit(code)
@@ -148,7 +173,7 @@ def start() -> Journal:
 # --- the guardian's side --------------------------------------------------------
 
 @dataclass
-class _Proc:
+class Proc:
     pid: int
     stopped: bool
     fds: set[int]
@@ -160,14 +185,27 @@ class _Proc:
     children: set[int] = field(default_factory=set)
 
 
-def _guardian_main(r: int) -> None:
-    """Read the journal until EOF; then put back whatever is outstanding."""
+def _guardian_main(r: int, complete: Complete | None = None, keep: tuple[int, ...] = ()) -> None:
+    """Read the journal until EOF; then put back whatever is outstanding
+    (or, a rollback begun, have ``complete`` finish it)."""
     os.setsid()                  # not in lcr's process group or session
     os.environ.pop("LCR_FAULT", None)    # lcr's fault points are lcr's, not ours
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(s, signal.SIG_IGN)
-    _close_others(keep={r, 2})
-    procs = _read_journal(r)
+    _close_others(keep={r, 2, *keep})
+    state: dict = {}
+    procs = _read_journal(r, state)
+    if not procs:
+        return
+    if complete is not None:
+        try:
+            what = complete(procs, bool(state.get("begun")))
+        except Exception as e:       # never a traceback; say what we could not do
+            what = f"could not finish what it had begun: {e}"
+        if what:
+            os.write(2, f"lcr guardian: lcr died while it held pid(s) "
+                        f"{', '.join(map(str, sorted(procs)))}; {what}\n".encode())
+        return
     for p in procs.values():
         try:
             what = recover(p)
@@ -193,8 +231,8 @@ def _close_others(keep: set[int]) -> None:
                 pass
 
 
-def _read_journal(r: int) -> dict[int, _Proc]:
-    procs: dict[int, _Proc] = {}
+def _read_journal(r: int, state: dict) -> dict[int, Proc]:
+    procs: dict[int, Proc] = {}
     buf = b""
     while True:
         chunk = os.read(r, 65536)
@@ -203,15 +241,18 @@ def _read_journal(r: int) -> dict[int, _Proc]:
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            _apply(procs, json.loads(line))
+            _apply(procs, json.loads(line), state)
     return procs            # a last line without its newline was never acted on
 
 
-def _apply(procs: dict[int, _Proc], e: dict) -> None:
+def _apply(procs: dict[int, Proc], e: dict, state: dict) -> None:
     op, pid = e["op"], e["pid"]
+    if op in ("begin", "done"):
+        state["begun"] = op == "begin"
+        return
     if op == "proc":
         fds = {fd for a, b in e["fds"] for fd in range(a, b + 1)}
-        procs[pid] = _Proc(pid, e["stopped"], fds, e["start"])
+        procs[pid] = Proc(pid, e["stopped"], fds, e["start"])
         return
     p = procs.get(pid)
     if p is None:
@@ -234,7 +275,7 @@ def _apply(procs: dict[int, _Proc], e: dict) -> None:
         del procs[pid]
 
 
-def recover(p: _Proc) -> str:
+def recover(p: Proc) -> str:
     """Put process ``p`` back as the journal says it was; what was done, in words."""
     from linuxcr.procfs import read_stat
     from linuxcr.remote.task import Tracee
@@ -246,9 +287,10 @@ def recover(p: _Proc) -> str:
             return ""                     # gone, its pid reused
     except (FileNotFoundError, ProcessLookupError):
         return ""
-    _wait_untraced(p.pid)
-    stopped = _stopped(p.pid)             # group-stopped by our pending SIGSTOP
+    wait_untraced(p.pid)
+    stopped = stopped_now(p.pid)             # group-stopped by our pending SIGSTOP
     held: list[Tracee] = []
+    released = False
     done: list[str] = []
     try:
         for tid, (regs, mask) in sorted(p.threads.items()):
@@ -273,20 +315,22 @@ def recover(p: _Proc) -> str:
             done += _undo_in(leader, p)
         for t in held:
             t.release()
-        held = []
+        released, held = bool(held), []
     finally:
         for t in held:                    # a failure: at least let them go
             try:
                 t.detach()
             except OSError:
                 pass
-    if not p.stopped and (stopped or _stopped(p.pid)):
+    if not p.stopped and (stopped or released):
+        # a thread let go in a group-stopped process stops again, later:
+        # whether it will cannot be seen yet, so SIGCONT whenever it may
         os.kill(p.pid, signal.SIGCONT)
         done.append("SIGCONT sent")
     return "; ".join(done) or ""
 
 
-def _undo_in(t, p: _Proc) -> list[str]:
+def _undo_in(t, p: Proc) -> list[str]:
     """Inside the held process: scratch mappings, fds and children of ours."""
     done = []
     kids = set(p.children) | _cookie_children(p)
@@ -312,7 +356,7 @@ def _undo_in(t, p: _Proc) -> list[str]:
     return done
 
 
-def _cookie_children(p: _Proc) -> set[int]:
+def _cookie_children(p: Proc) -> set[int]:
     """Forks of the target made by lcr whose pid it never learned: a child
     of the target or of its parent holding our scratch cookie."""
     from linuxcr.procfs import read_stat
@@ -373,7 +417,7 @@ def _tracer(tid_dir: str) -> int:
     return 0
 
 
-def _wait_untraced(pid: int) -> None:
+def wait_untraced(pid: int) -> None:
     """lcr's tracees are detached in its exit (exit_ptrace), after it closed
     the journal: wait for that, or seizing them would fail."""
     deadline = time.monotonic() + UNTRACED_WAIT
@@ -388,7 +432,7 @@ def _wait_untraced(pid: int) -> None:
     raise KernelError(f"pid {pid} is still traced {UNTRACED_WAIT:.0f} s after lcr died")
 
 
-def _stopped(pid: int) -> bool:
+def stopped_now(pid: int) -> bool:
     from linuxcr.procfs import read_stat
     try:
         return any(read_stat(int(t)).state == "T" for t in os.listdir(f"/proc/{pid}/task"))
@@ -396,4 +440,5 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-__all__ = ["Journal", "ensure", "start", "recover", "GuardianUnavailable", "COOKIE_AT"]
+__all__ = ["Journal", "Proc", "Complete", "ensure", "start", "recover", "wait_untraced",
+           "stopped_now", "GuardianUnavailable", "COOKIE_AT"]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 from linuxcr.pipeline import RING, prefetch
 import msgspec
 
+from linuxcr import faults
 from linuxcr.errors import ImageError, LcrError, NotCheckpointable, RestoreError
 from linuxcr.image.kinds import MAX_CONTENT, MemfdState, UnlinkedState
 from linuxcr import faults
@@ -931,6 +932,7 @@ def roll_back_written(child: Tracee, t: Tracee, vmas: list[Vma], written: list[S
             except OSError as ex:
                 raise NotFast(f"madvise(MADV_DONTNEED) at 0x{s:x} failed: {ex.strerror}") from None
     dropped = sum(n for _v, _rs, n in drops)
+    faults.point("rollback.dropped")
     copied = copy_pages(child, t, copy)
     for addr, b in copies:
         t.write(addr, b)
@@ -966,6 +968,7 @@ def roll_back_all(child: Tracee, t: Tracee, now: list[Vma], vmas: list[Vma], shm
         for fd in shmfds.values():
             t.syscall("close", fd, check=False)
     normal = [v for v in vmas if v.pages and not not_cow(v)]
+    faults.point("rollback.unmapped")
     n = copy_pages(child, t, [(a, a + k * PAGE) for a, k in page_runs(child.pid, normal)])
     for addr, buf in copies:
         t.write(addr, buf)

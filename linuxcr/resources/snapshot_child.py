@@ -5,6 +5,16 @@ It runs no instruction of the application: it is auto-attached at the
 fork (PTRACE_O_TRACEFORK), carries PTRACE_O_EXITKILL, holds no file (one
 injected close_range), has a session of its own and the comm
 ``lcr-snapshot`` (how dump.py and the agent recognise it).
+
+It is also *parked*: every signal blocked and, from its last injected call
+on, its registers point at a `syscall` instruction with rax = pause.  Let go
+by a dying tracer it would only ever sleep in pause() (SIGKILL ends it,
+SIGSTOP/SIGCONT restart the pause).  So a rollback can drop EXITKILL
+(``loosen``): if the agent dies then, the child survives for the rollback's
+guardian, which finishes the rollback from it (engine/snapshots.py), and
+never runs code of the application.  ``own`` gives EXITKILL back.  A child
+left untraced by a dead agent and a dead guardian is an orphan: the next
+agent kills it (``kill_orphans``).
 """
 from __future__ import annotations
 
@@ -17,10 +27,10 @@ from linuxcr.errors import LcrError
 from linuxcr.image.stream import PAGE
 from linuxcr.procfs import read_smaps
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Tracee
+from linuxcr.remote.task import SYSCALL_INSN, Tracee
 from linuxcr.resources import memory
 from linuxcr.sys import ptrace
-from linuxcr.sys.syscalls import clone_args
+from linuxcr.sys.syscalls import NR, clone_args
 
 CLONE_PARENT = 0x8000
 PTRACE_SETOPTIONS = 0x4200
@@ -93,10 +103,90 @@ def fork(fz: Frozen, sibling: bool = True) -> Tracee:
         c.write(addr, SNAP_COMM.encode() + b"\0")      # our scratch page came along:
         c.syscall("prctl", PR_SET_NAME, addr, 0, 0, 0, check=False)   # a name that says what it is
         c.syscall("munmap", *span, check=False)
+        _park(c)
     except BaseException:
         kill(c)
         raise
     return c
+
+
+def _park(c: Tracee) -> None:
+    """At its last injected call's exit stop: resume into pause() only."""
+    assert c.insn is not None
+    if c.read(c.insn, 2) != SYSCALL_INSN:
+        raise LcrError(f"snapshot process {c.pid}: no syscall instruction at 0x{c.insn:x}")
+    regs = ptrace.get_regs(c.pid)
+    regs.rip, regs.rax, regs.orig_rax = c.insn, NR["pause"], (1 << 64) - 1
+    ptrace.set_regs(c.pid, regs)
+
+
+def loosen(c: Tracee) -> None:
+    """Drop EXITKILL: the agent's death lets the (parked) child live on."""
+    set_options(c.pid, ptrace.PTRACE_O_TRACESYSGOOD)
+
+
+def own(c: Tracee) -> None:
+    """EXITKILL again: the child dies with its tracer."""
+    set_options(c.pid, ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_EXITKILL)
+
+
+def adopt(cpid: int, insn: int | None) -> Tracee | None:
+    """A parked child let go by a dead agent, seized (with EXITKILL) by the
+    caller (the rollback's guardian); None if it is not one any more."""
+    if not is_snapshot_child(cpid):
+        return None
+    c = Tracee(cpid, exitkill=True)
+    c.cow_shared = True
+    c.insn = insn
+    try:
+        c.seize()
+    except LcrError:
+        return None
+    return c
+
+
+def is_snapshot_child(pid: int) -> bool:
+    """A live process named lcr-snapshot."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != SNAP_COMM:
+                return False
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _tracer(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith("TracerPid:")), 0)
+    except (OSError, ValueError):
+        return -1
+
+
+def orphans() -> list[int]:
+    """Snapshot children nobody traces: left by an agent (and its guardian)
+    that died during a rollback, parked in pause() since.  A held one is
+    always traced (by its agent, by lcr making it, or by a guardian)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and is_snapshot_child(int(name)) and _tracer(int(name)) == 0:
+            out.append(int(name))
+    return out
+
+
+def kill_orphans() -> list[int]:
+    """SIGKILL every orphan (those we may signal); the pids killed."""
+    killed = []
+    for pid in orphans():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
 
 
 def kill(c: Tracee) -> None:
