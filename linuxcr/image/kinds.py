@@ -235,6 +235,17 @@ class DeletedDirState(Struct, tag="deleted_dir", forbid_unknown_fields=True):
     gid: U32 = 0
 
 
+class ProcfileState(Struct, tag="procfile", forbid_unknown_fields=True):
+    """A file under /proc/PID/ of a task of the tree (resources/fdkinds/procfile.py)."""
+    rest: Annotated[str, Meta(max_length=4096)]         # below /proc/PID: "/stat", "/fd", ""
+    pid: Annotated[int, Meta(ge=1, le=(1 << 22))]       # the target as the holder sees it
+    ftype: Annotated[int, Meta(ge=0, le=0o170000)]      # S_IFMT of the file
+    own: bool = False                                   # the holder's own /proc/PID
+    thread: bool = False                                # rest is /task/PID/... (its main thread)
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # another task, as lcr saw it
+    pos: Off = 0
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -243,3 +254,4 @@ KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
 KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]
+KIND_STATES += [ProcfileState]

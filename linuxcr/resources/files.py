@@ -143,7 +143,7 @@ class Table:
         self.where: dict[int, tuple[int, int]] = {}    # socket ino -> (pid, fd) holding it
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
         self.pids: set[int] = set()                      # tasks whose files were read
-        self.refs: list[tuple[int, int, int]] = []       # (pid, fd, pid it points at): pidfds
+        self.refs: list[tuple[int, int, int, str]] = []  # (pid, fd, pid it points at, what): pidfds, /proc files
         # files found in flight (SCM_RIGHTS): lcr's copies, kept open while the
         # table lives so that kcmp can match them against the tasks' fds
         self._held: list[int] = []
@@ -213,7 +213,8 @@ class Table:
             finally:
                 ctx.close()
             if getattr(state, "host_pid", -1) > 0:       # a pidfd of a live process
-                self.refs.append((pid, fd, state.host_pid))
+                what = "pidfd" if v.kind == "pidfd" else f"{v.link} (a /proc file)"
+                self.refs.append((pid, fd, state.host_pid, what))
             return FileDesc(fid=fid, kind=v.kind, flags=flags, state=state)
         elif v.kind == "unix":
             ino = v.key[1]
@@ -225,7 +226,7 @@ class Table:
     def check_refs(self) -> None:
         """Every process a pidfd points at must be saved too (or be a zombie
         child of a saved one: zombies are restored with the tree)."""
-        for pid, fd, target in self.refs:
+        for pid, fd, target, what in self.refs:
             if target in self.pids:
                 continue
             try:
@@ -234,9 +235,9 @@ class Table:
                     continue
             except (FileNotFoundError, ProcessLookupError):
                 pass
-            raise NotCheckpointable(pid, [f"fd {fd}: pidfd of pid {target}, which is not part of "
+            raise NotCheckpointable(pid, [f"fd {fd}: {what} of pid {target}, which is not part of "
                                           "the checkpointed tree: checkpoint a common ancestor, "
-                                          "or close the pidfd first"])
+                                          "or close it first"])
 
     def unix_list(self) -> list[UnixPair]:
         """Both ends of every pair; a peer outside the tree cannot be saved.
