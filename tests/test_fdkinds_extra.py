@@ -19,7 +19,7 @@ import helpers
 from helpers import (Procs, Running, assert_clean_error, assert_pass, assert_running_untraced,
                      lcr, reap, restart_image, wait_for_line)
 from rootless_helpers import (Trees, find_user, lcr_as, nspid, start_as, user_can_run_lcr,
-                              user_workdir, tree_pids, kill_tree_and_reap)
+                              user_file, user_workdir, tree_pids, kill_tree_and_reap)
 
 pytestmark = pytest.mark.e2e
 
@@ -136,6 +136,28 @@ def test_procfile_outside_refused(bins, procs, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# owners, signals, O_ASYNC, leases
+
+def _leased(d: Path) -> Path:
+    f = d / "leased.dat"
+    f.write_text("lease me\n")
+    return f
+
+
+def test_fown(bins, procs, tmp_path):
+    """SIGIO to the process, F_SETSIG to the thread with si_fd, a read lease
+    whose break is signalled: all after two restarts."""
+    r = _start(procs, [bins["fd_fown"], _leased(tmp_path)], tmp_path / "fo.log")
+    assert_pass(r.pid, r.log, "fd_fown")
+    _cycle(r, "fd_fown", tmp_path, procs)
+
+
+def test_fown_outside_refused(bins, procs, tmp_path):
+    r = _start(procs, [bins["fd_fown"], _leased(tmp_path), "outside"], tmp_path / "fo.log")
+    _refused(r, tmp_path, ["owner (F_SETOWN)", f"pid {os.getpid()}", "not part of this process tree"])
+
+
+# --------------------------------------------------------------------------
 # as an ordinary user (restored into a new user+pid namespace)
 
 @pytest.fixture(scope="module")
@@ -174,12 +196,14 @@ def _restart_as(user, img: Path, trees: Trees) -> int:
     return pid
 
 
-ROOTLESS = {"fd_procfile": lambda b, wd: [b["fd_procfile"], "self"]}
+ROOTLESS = {"fd_procfile": lambda b, wd: [b["fd_procfile"], "self"],
+            "fd_fown": lambda b, wd: [b["fd_fown"], wd / "leased.dat"]}
 
 
 @pytest.mark.parametrize("name", list(ROOTLESS))
 def test_as_user(name, user, wd, bins, trees):
     log = wd / f"{name}.log"
+    user_file(user, wd / "leased.dat", b"lease me\n")
     p = start_as(user, ROOTLESS[name](bins, wd), log, cwd=wd)
     trees.add(p.pid, p)
     m = wait_for_line(log, r"^(READY pid=(\d+)|SKIP )", pid=p.pid)

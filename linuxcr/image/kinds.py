@@ -235,6 +235,16 @@ class DeletedDirState(Struct, tag="deleted_dir", forbid_unknown_fields=True):
     gid: U32 = 0
 
 
+class Fown(Struct, forbid_unknown_fields=True):
+    """Owner, signal and lease of any open file description
+    (resources/fdkinds/fown.py; FileDesc.fown).  Not a kind."""
+    type: Annotated[int, Meta(ge=0, le=2)] = 1          # F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+    pid: Annotated[int, Meta(ge=0, le=(1 << 22))] = 0   # owner as the holder sees it; 0: none
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # another process, as lcr saw it
+    signum: Annotated[int, Meta(ge=0, le=64)] = 0       # F_SETSIG; 0: SIGIO without siginfo
+    lease: Annotated[int, Meta(ge=0, le=2)] = 2         # F_RDLCK, F_WRLCK; F_UNLCK: none
+
+
 class ProcfileState(Struct, tag="procfile", forbid_unknown_fields=True):
     """A file under /proc/PID/ of a task of the tree (resources/fdkinds/procfile.py)."""
     rest: Annotated[str, Meta(max_length=4096)]         # below /proc/PID: "/stat", "/fd", ""

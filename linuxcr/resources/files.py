@@ -22,6 +22,7 @@ from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
 from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import fdkinds, pipes, unix_sockets
+from linuxcr.resources.fdkinds import fown
 from linuxcr.sys.syscalls import kcmp_file
 
 O_CLOEXEC = 0o2000000
@@ -58,11 +59,16 @@ def describe(pid: int, fd: int) -> FdView:
 
     def no(why: str, kind: str = "?") -> FdView:
         return FdView(kind, f"fd {fd}: {why}", link, key, st, info)
-    kind = _registered(pid, fd, link, st, info)   # modules of fdkinds come first
-    if kind is not None:
-        return kind
-    v = _builtin(fd, link, st, key, mode, no)
-    return FdView(v.kind, v.reason, link, key, st, info)
+    v = _registered(pid, fd, link, st, info)   # modules of fdkinds come first
+    if v is None:
+        v = _builtin(fd, link, st, key, mode, no)
+    why = v.reason or _owner_reason(pid, fd)
+    return FdView(v.kind, why, link, key, st, info)
+
+
+def _owner_reason(pid: int, fd: int) -> str | None:
+    why = fown.reason(pid, fd)
+    return f"fd {fd}: {why}" if why else None
 
 
 def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode: int, no) -> FdView:
@@ -197,6 +203,10 @@ class Table:
         self.descs.append(None)    # reserved: a file in flight found meanwhile takes the next one
         self._seen.setdefault(v.key, []).append((pid, fd, fid))
         d = self._desc(pid, fd, fid, v, flags, pos)
+        if pid != os.getpid():      # (files in flight keep no owner: nobody holds them)
+            d.fown = fown.dump(pid, fd)
+            if d.fown is not None and d.fown.host_pid > 0:
+                self.refs.append((pid, fd, d.fown.host_pid, "the owner (F_SETOWN)"))
         self.descs[fid] = d
         return fid
 
@@ -416,6 +426,10 @@ def after_install(t: Tracee, arena: Arena, files: list[OpenFile], descs: list[Fi
         hook = getattr(kind, "after_install", None)
         if hook is not None:
             hook(t, arena, f.fd, d.state, table)
+    for f in files:          # owner, signal, O_ASYNC, lease: on the final file of each fd
+        d = by_fid[f.fid]
+        if d.fown is not None or d.flags & fown.FASYNC:
+            fown.restore(t, arena, f.fd, d.flags, d.fown)
 
 
 def restore_fs(t: Tracee, arena: Arena, cwd: str, root: str) -> None:
