@@ -158,6 +158,31 @@ def test_fown_outside_refused(bins, procs, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# unlinked FIFOs and device nodes, shared anonymous memory through map_files
+
+ZOO_RESTORED = ["unlinked_fifo", "unlinked_dev", "zero_shm", "zero_shm_unmapped"]
+
+
+@pytest.mark.parametrize("kind", ZOO_RESTORED)
+def test_zoo_restored(kind, bins, procs, tmp_path):
+    r = _start(procs, [bins["fd_zoo"], kind, tmp_path], tmp_path / "zoo.log")
+    assert_pass(r.pid, r.log, "fd_zoo")
+    pid = _cycle(r, "fd_zoo", tmp_path, procs)
+    link = os.readlink(f"/proc/{pid}/fd/3")
+    if kind.startswith("unlinked"):
+        assert link == f"{tmp_path}/obj (deleted)" and not (tmp_path / "obj").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("obj")]
+    else:
+        assert link == "/memfd:lcr-shm (deleted)"
+
+
+def test_zoo_unlinked_device_refused(bins, procs, tmp_path):
+    r = _start(procs, [bins["fd_zoo"], "unlinked_kmsg", tmp_path], tmp_path / "zoo.log")
+    _refused(r, tmp_path, ["character device 1:11", f"{tmp_path}/obj (deleted)", "unlinked"])
+    assert_pass(r.pid, r.log, "fd_zoo")
+
+
+# --------------------------------------------------------------------------
 # as an ordinary user (restored into a new user+pid namespace)
 
 @pytest.fixture(scope="module")
@@ -197,7 +222,8 @@ def _restart_as(user, img: Path, trees: Trees) -> int:
 
 
 ROOTLESS = {"fd_procfile": lambda b, wd: [b["fd_procfile"], "self"],
-            "fd_fown": lambda b, wd: [b["fd_fown"], wd / "leased.dat"]}
+            "fd_fown": lambda b, wd: [b["fd_fown"], wd / "leased.dat"],
+            "fd_zoo": lambda b, wd: [b["fd_zoo"], "unlinked_fifo", wd]}
 
 
 @pytest.mark.parametrize("name", list(ROOTLESS))

@@ -151,9 +151,7 @@ REFUSED = {
     "alg": "AF_ALG",
     "icmp": "datagram IPv4 socket (ICMP)",
     "fanotify": "fanotify",
-    "unlinked_fifo": "FIFO",
-    "unlinked_dev": "character device",
-}
+}   # unlinked FIFOs and devices: tests/test_fdkinds_extra.py
 
 
 @pytest.mark.parametrize("kind", RESTORED)

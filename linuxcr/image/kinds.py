@@ -97,9 +97,35 @@ class MemfdState(Struct, tag="memfd", forbid_unknown_fields=True):
 
 
 class FifoState(Struct, tag="fifo", forbid_unknown_fields=True):
-    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
     size: U32                                                   # capacity (F_GETPIPE_SZ)
     data: Annotated[bytes, Meta(max_length=MAX_FIFO)] = b""     # bytes still unread
+    unlinked: bool = False          # no name left: made again, then unlinked
+    dev: U64 = 0                    # unlinked: (dev, ino) at the checkpoint, shared by its descriptions
+    ino: U64 = 0
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o600
+    uid: U32 = 0
+    gid: U32 = 0
+
+
+class DevnodeState(Struct, tag="devnode", forbid_unknown_fields=True):
+    """An unlinked device node (resources/fdkinds/devnode.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
+    rdev: U64                                                   # major/minor
+    block: bool = False
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o600
+    uid: U32 = 0
+    gid: U32 = 0
+    pos: Off = 0
+
+
+class ShmfdState(Struct, tag="shmfd", forbid_unknown_fields=True):
+    """An fd of MAP_SHARED|MAP_ANONYMOUS memory (/dev/zero (deleted)), opened
+    through /proc/PID/map_files (resources/fdkinds/shmfd.py)."""
+    start: U64 = 0                  # a mapping of it in the holder; 0: none (content saved)
+    end: U64 = 0
+    content: FileContent | None = None
+    pos: Off = 0
 
 
 # --- sockets (resources/fdkinds/{unix_bound,tcp,udp}.py) ----------------------
@@ -264,4 +290,4 @@ KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
 KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]
-KIND_STATES += [ProcfileState]
+KIND_STATES += [ProcfileState, DevnodeState, ShmfdState]
