@@ -182,6 +182,47 @@ def test_zoo_unlinked_device_refused(bins, procs, tmp_path):
     assert_pass(r.pid, r.log, "fd_zoo")
 
 
+def test_aio_context_refused(bins, procs, tmp_path):
+    """An io_setup ring: refused (not silently restored as plain memory)."""
+    r = _start(procs, [bins["fd_zoo"], "aio", tmp_path], tmp_path / "zoo.log")
+    cp = lcr("check", r.pid, check=False)
+    _no_internal(cp)
+    assert cp.returncode == 5, cp
+    lines = [ln for ln in cp.stdout.splitlines() if "AIO" in ln]
+    assert len(lines) == 1 and f"pid {r.pid}" in lines[0] and "io_destroy" in lines[0], cp.stdout
+    cp = lcr("checkpoint", r.pid, "-o", tmp_path / "img", check=False)
+    assert_clean_error(cp, "NotCheckpointable", mentions=[str(r.pid), "Linux AIO context"])
+    assert_running_untraced(r.pid)
+    assert_pass(r.pid, r.log, "fd_zoo")
+
+
+# --------------------------------------------------------------------------
+# epoll watches that outlive their fd number
+
+@pytest.mark.parametrize("mode", ["closed", "reused"])
+def test_epoll_orphan_watch(mode, bins, procs, tmp_path):
+    """The watched pipe is kept by a dup, its fd closed (and the number
+    taken by an eventfd): the watch on (pipe, old number) comes back and
+    wakes for the pipe, not for the eventfd."""
+    r = _start(procs, [bins["fd_epoll"], mode], tmp_path / "ep.log")
+    assert_pass(r.pid, r.log, "fd_epoll")
+    _cycle(r, "fd_epoll", tmp_path, procs)
+
+
+# --------------------------------------------------------------------------
+# inotify watch of a file deleted since, still open
+
+def test_inotify_deleted_file(bins, procs, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    r = _start(procs, [bins["fd_inotify"], d, "deleted"], tmp_path / "in.log")
+    assert_pass(r.pid, r.log, "fd_inotify")
+    pid = _cycle(r, "fd_inotify", tmp_path, procs)
+    assert not (d / "victim").exists()
+    assert any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"{d}/victim (deleted)"
+               for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
 # --------------------------------------------------------------------------
 # as an ordinary user (restored into a new user+pid namespace)
 
@@ -223,11 +264,15 @@ def _restart_as(user, img: Path, trees: Trees) -> int:
 
 ROOTLESS = {"fd_procfile": lambda b, wd: [b["fd_procfile"], "self"],
             "fd_fown": lambda b, wd: [b["fd_fown"], wd / "leased.dat"],
-            "fd_zoo": lambda b, wd: [b["fd_zoo"], "unlinked_fifo", wd]}
+            "fd_zoo": lambda b, wd: [b["fd_zoo"], "unlinked_fifo", wd],
+            "fd_epoll": lambda b, wd: [b["fd_epoll"], "reused"],
+            "fd_inotify": lambda b, wd: [b["fd_inotify"], wd / "op", "deleted"]}
 
 
 @pytest.mark.parametrize("name", list(ROOTLESS))
 def test_as_user(name, user, wd, bins, trees):
+    (wd / "op").mkdir()
+    os.chown(wd / "op", user.uid, user.gid)
     log = wd / f"{name}.log"
     user_file(user, wd / "leased.dat", b"lease me\n")
     p = start_as(user, ROOTLESS[name](bins, wd), log, cwd=wd)

@@ -39,6 +39,8 @@ class EpollWatch(Struct, forbid_unknown_fields=True):
     fd: Annotated[int, Meta(ge=0, le=1 << 20)]   # target fd number in the task that added the watch
     events: U32
     data: U64
+    fid: Annotated[int, Meta(ge=-1, le=(1 << 32) - 1)] = -1   # the watched file (FileDesc.fid) when
+    # fd no longer names it (closed, or its number reused): the watch is keyed (that file, fd)
 
 
 class EpollState(Struct, tag="epoll", forbid_unknown_fields=True):
@@ -51,6 +53,8 @@ class InotifyWatch(Struct, forbid_unknown_fields=True):
     path: Annotated[str, Meta(max_length=4096)]   # where the watched inode was found at the checkpoint
     ino: U64 = 0
     dir: bool = False
+    fid: Annotated[int, Meta(ge=-1, le=(1 << 32) - 1)] = -1   # a deleted file, still open: its
+    # FileDesc (the watch is put on the restored file through /proc/self/fd)
 
 
 class InotifyState(Struct, tag="inotify", forbid_unknown_fields=True):

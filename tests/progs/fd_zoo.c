@@ -13,7 +13,8 @@
  * unlinked /dev/null node), unlinked_kmsg (refused: an unlinked node of
  * /dev/kmsg, a device with state), zero_shm (restored: a MAP_SHARED|MAP_ANONYMOUS area opened through
  * /proc/self/map_files, fd and mapping see each other's writes),
- * zero_shm_unmapped (the same, unmapped after the open: the fd keeps it).
+ * zero_shm_unmapped (the same, unmapped after the open: the fd keeps it),
+ * aio (refused: a Linux AIO context, io_setup, nothing in flight).
  * Prints "SKIP fd_zoo KIND: why" if the object cannot be made here, else "READY pid=P fd=N"; on SIGUSR1 "PASS fd_zoo pid=P" or
  * "FAIL fd_zoo: ...".
  */
@@ -185,6 +186,9 @@ int main(int argc, char **argv)
 	} else if (!strcmp(kind, "unlinked_dev")) {
 		unlink(path);
 		if (mknod(path, S_IFCHR | 0600, makedev(1, 3)) || (obj = open(path, O_RDWR)) < 0 || unlink(path)) skip("mknod");
+	} else if (!strcmp(kind, "aio")) {
+		unsigned long ctx = 0;
+		if (syscall(SYS_io_setup, 8, &ctx)) skip("io_setup");
 	} else if (!strcmp(kind, "unlinked_kmsg")) {
 		unlink(path);
 		if (mknod(path, S_IFCHR | 0600, makedev(1, 11)) || (obj = open(path, O_RDONLY | O_NONBLOCK)) < 0 || unlink(path)) skip("mknod");

@@ -46,8 +46,11 @@ def _read(pid: int, fd: int) -> tuple[int, int, int, int]:
     finally:
         os.close(pfd)
     try:
-        typ, who = _OWNER.unpack(fcntl.fcntl(copy, F_GETOWN_EX, bytes(_OWNER.size)))
-        sig = fcntl.fcntl(copy, F_GETSIG)
+        try:
+            typ, who = _OWNER.unpack(fcntl.fcntl(copy, F_GETOWN_EX, bytes(_OWNER.size)))
+            sig = fcntl.fcntl(copy, F_GETSIG)
+        except OSError:          # an O_PATH fd (EBADF): it has no owner
+            return F_OWNER_PID, 0, 0, F_UNLCK
         try:
             lease = fcntl.fcntl(copy, F_GETLEASE)
         except OSError:
