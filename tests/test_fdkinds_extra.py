@@ -67,7 +67,7 @@ def _refused(r: Running, tmp: Path, mentions: list[str], fd: int = 3) -> str:
     assert len(lines) == 1, cp.stdout
     for w in [f"pid {r.pid}"] + mentions:
         assert w in lines[0], lines[0]
-    assert re.search(r"close it|keep its name|release it|until the program", lines[0]), lines[0]
+    assert re.search(r"close it|keep its name|release it|until the program|checkpoint once", lines[0]), lines[0]
     cp = lcr("checkpoint", r.pid, "-o", tmp / "img", check=False)
     assert_clean_error(cp, "NotCheckpointable", mentions=[str(r.pid), f"fd {fd}"] + mentions)
     assert not (tmp / "img").exists()
@@ -160,7 +160,7 @@ def test_fown_outside_refused(bins, procs, tmp_path):
 # --------------------------------------------------------------------------
 # unlinked FIFOs and device nodes, shared anonymous memory through map_files
 
-ZOO_RESTORED = ["unlinked_fifo", "unlinked_dev", "zero_shm", "zero_shm_unmapped"]
+ZOO_RESTORED = ["unlinked_fifo", "unlinked_dev", "zero_shm", "zero_shm_unmapped", "fanotify"]
 
 
 @pytest.mark.parametrize("kind", ZOO_RESTORED)
@@ -169,6 +169,8 @@ def test_zoo_restored(kind, bins, procs, tmp_path):
     assert_pass(r.pid, r.log, "fd_zoo")
     pid = _cycle(r, "fd_zoo", tmp_path, procs)
     link = os.readlink(f"/proc/{pid}/fd/3")
+    if kind == "fanotify":
+        return
     if kind.startswith("unlinked"):
         assert link == f"{tmp_path}/obj (deleted)" and not (tmp_path / "obj").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("obj")]
@@ -180,6 +182,11 @@ def test_zoo_unlinked_device_refused(bins, procs, tmp_path):
     r = _start(procs, [bins["fd_zoo"], "unlinked_kmsg", tmp_path], tmp_path / "zoo.log")
     _refused(r, tmp_path, ["character device 1:11", f"{tmp_path}/obj (deleted)", "unlinked"])
     assert_pass(r.pid, r.log, "fd_zoo")
+
+
+def test_fanotify_queued_refused(bins, procs, tmp_path):
+    r = _start(procs, [bins["fd_zoo"], "fanotify_queued", tmp_path], tmp_path / "zoo.log")
+    _refused(r, tmp_path, ["fanotify group has", "events the program has not read"])
 
 
 def test_aio_context_refused(bins, procs, tmp_path):

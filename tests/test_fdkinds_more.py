@@ -150,8 +150,7 @@ REFUSED = {
     "vsock": "vsock socket",
     "alg": "AF_ALG",
     "icmp": "datagram IPv4 socket (ICMP)",
-    "fanotify": "fanotify",
-}   # unlinked FIFOs and devices: tests/test_fdkinds_extra.py
+}   # unlinked FIFOs and devices, fanotify: tests/test_fdkinds_extra.py
 
 
 @pytest.mark.parametrize("kind", RESTORED)

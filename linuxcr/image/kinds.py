@@ -275,6 +275,21 @@ class Fown(Struct, forbid_unknown_fields=True):
     lease: Annotated[int, Meta(ge=0, le=2)] = 2         # F_RDLCK, F_WRLCK; F_UNLCK: none
 
 
+class FanotifyMark(Struct, forbid_unknown_fields=True):
+    kind: Annotated[str, Meta(max_length=16)]           # inode | mount | filesystem
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # where lcr found the object
+    mask: U64 = 0
+    ignored: U64 = 0
+    mflags: U32 = 0                                     # FAN_MARK_* flags fdinfo shows
+
+
+class FanotifyState(Struct, tag="fanotify", forbid_unknown_fields=True):
+    """A fanotify group with its marks (resources/fdkinds/fanotify.py)."""
+    flags: U32                                          # fanotify_init flags
+    event_flags: U32 = 0                                # event_f_flags
+    marks: Annotated[list[FanotifyMark], Meta(max_length=MAX_WATCHES)] = []
+
+
 class ProcfileState(Struct, tag="procfile", forbid_unknown_fields=True):
     """A file under /proc/PID/ of a task of the tree (resources/fdkinds/procfile.py)."""
     rest: Annotated[str, Meta(max_length=4096)]         # below /proc/PID: "/stat", "/fd", ""
@@ -294,4 +309,4 @@ KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
 KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]
-KIND_STATES += [ProcfileState, DevnodeState, ShmfdState]
+KIND_STATES += [ProcfileState, DevnodeState, ShmfdState, FanotifyState]

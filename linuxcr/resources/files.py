@@ -110,7 +110,7 @@ UNSUPPORTED = {
     "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
     "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
     "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
-    "fanotify": "fanotify groups are not saved (their marks and queued events)", "kvm-vm": "KVM virtual machines are not saved",
+    "kvm-vm": "KVM virtual machines are not saved",
 }
 
 

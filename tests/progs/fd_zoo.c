@@ -8,7 +8,11 @@
  * id and that a request is answered with it),
  * deleted_dir (restored: an empty deleted directory), pidfd_parent (a
  * pidfd of the parent, outside the tree), netlink_uevent, packet, vsock,
- * alg, icmp, fanotify (refused); unlinked_fifo (restored: "abc" buffered,
+ * alg, icmp (refused); fanotify (restored, root: an inode mark on DIR/obj
+ * for FAN_MODIFY, a mount mark on /proc and a file system mark on DIR's
+ * file system with ignore masks only; the probe compares its fdinfo marks
+ * and sees FAN_MODIFY of DIR/obj after writing into it); fanotify_queued
+ * (refused: an event not read yet); unlinked_fifo (restored: "abc" buffered,
  * read back and written again by the probe), unlinked_dev (restored: an
  * unlinked /dev/null node), unlinked_kmsg (refused: an unlinked node of
  * /dev/kmsg, a device with state), zero_shm (restored: a MAP_SHARED|MAP_ANONYMOUS area opened through
@@ -54,6 +58,39 @@ static unsigned portid;
 static char *shm;
 static size_t shm_len = 2 * 4096;
 static unsigned probes;
+static char objpath[PATH_MAX], gold[4096];
+
+static void fan_marks(char *out, size_t n)
+{
+	char p[64], line[512];
+	snprintf(p, sizeof(p), "/proc/self/fdinfo/%d", obj);
+	FILE *f = fopen(p, "r");
+	out[0] = 0;
+	while (f && fgets(line, sizeof(line), f))
+		if (!strncmp(line, "fanotify ", 9) && strlen(out) + strlen(line) < n) strcat(out, line);
+	if (f) fclose(f);
+}
+
+static void check_fanotify(void)
+{
+	char now[4096];
+	fan_marks(now, sizeof(now));
+	if (strcmp(now, gold)) fail("marks now [%s], were [%s]", now, gold);
+	struct stat want;
+	int w = open(objpath, O_WRONLY);
+	if (w < 0 || write(w, "x", 1) != 1 || fstat(w, &want)) fail("write obj: %s", strerror(errno));
+	if (w >= 0) close(w);
+	static char buf[8192];
+	ssize_t n = read(obj, buf, sizeof(buf));
+	int seen = 0;
+	for (struct fanotify_event_metadata *m = (void *)buf; n > 0 && FAN_EVENT_OK(m, n); m = FAN_EVENT_NEXT(m, n)) {
+		struct stat st;
+		if ((m->mask & FAN_MODIFY) && m->fd >= 0 && !fstat(m->fd, &st) && st.st_ino == want.st_ino) seen = 1;
+		if (m->fd >= 0) close(m->fd);
+	}
+	if (!seen) fail("no FAN_MODIFY of obj");
+	while (read(obj, buf, sizeof(buf)) > 0) ;
+}
 
 static void check_node(mode_t type, const char *what)
 {
@@ -146,6 +183,7 @@ static void verify(void)
 	if (!strcmp(kind, "unlinked_fifo")) check_fifo();
 	if (!strcmp(kind, "unlinked_dev")) check_dev();
 	if (!strncmp(kind, "zero_shm", 8)) check_shm();
+	if (!strcmp(kind, "fanotify")) check_fanotify();
 	if (fails[0]) printf("FAIL " NAME ": %s (pid=%d)\n", fails, getpid());
 	else printf("PASS " NAME " pid=%d\n", getpid());
 	fflush(stdout);
@@ -176,8 +214,22 @@ int main(int argc, char **argv)
 		if ((obj = socket(AF_ALG, SOCK_SEQPACKET, 0)) < 0) skip("socket");
 	} else if (!strcmp(kind, "icmp")) {
 		if ((obj = socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)) < 0) skip("socket");
-	} else if (!strcmp(kind, "fanotify")) {
-		if ((obj = fanotify_init(FAN_CLASS_NOTIF, O_RDONLY)) < 0) skip("fanotify_init");
+	} else if (!strncmp(kind, "fanotify", 8)) {
+		snprintf(objpath, sizeof(objpath), "%s", path);
+		int c = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		if (c < 0) skip("create obj");
+		close(c);
+		if ((obj = fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, O_RDONLY | O_LARGEFILE)) < 0) skip("fanotify_init");
+		if (fanotify_mark(obj, FAN_MARK_ADD, FAN_MODIFY | FAN_CLOSE_WRITE, AT_FDCWD, path) ||
+		    fanotify_mark(obj, FAN_MARK_ADD | FAN_MARK_MOUNT | FAN_MARK_IGNORED_MASK, FAN_OPEN, AT_FDCWD, "/proc") ||
+		    fanotify_mark(obj, FAN_MARK_ADD | FAN_MARK_FILESYSTEM | FAN_MARK_IGNORED_MASK | FAN_MARK_IGNORED_SURV_MODIFY, FAN_ACCESS, AT_FDCWD, argv[2]))
+			skip("fanotify_mark");
+		fan_marks(gold, sizeof(gold));
+		if (!strcmp(kind, "fanotify_queued")) {
+			int w = open(path, O_WRONLY);
+			if (w < 0 || write(w, "q", 1) != 1) skip("write obj");
+			close(w);
+		}
 	} else if (!strcmp(kind, "deleted_dir")) {
 		if (mkdir(path, 0700) || (obj = open(path, O_RDONLY | O_DIRECTORY)) < 0 || rmdir(path)) skip("dir");
 	} else if (!strcmp(kind, "unlinked_fifo")) {

@@ -57,7 +57,7 @@ from linuxcr.resources.fdkinds import fifo, memfd, unlinked  # noqa: E402
 from linuxcr.resources.fdkinds import epoll, inotify, signalfd, timerfd  # noqa: E402
 from linuxcr.resources.fdkinds import tcp, udp, unix_bound  # noqa: E402
 from linuxcr.resources.fdkinds import deleted_dir, opath, othersock, pidfd  # noqa: E402
-from linuxcr.resources.fdkinds import devnode, procfile, shmfd  # noqa: E402
+from linuxcr.resources.fdkinds import devnode, fanotify, procfile, shmfd  # noqa: E402
 
 # One line per kind module; order matters only where two kinds could match
 # the same fd (the first one wins).
@@ -66,7 +66,7 @@ REGISTRY += [opath.KIND]     # an O_PATH fd of any other object is only a path
 REGISTRY += [eventfd.KIND]
 REGISTRY += [shmfd.KIND, memfd.KIND, unlinked.KIND, fifo.KIND]   # shmfd before memfd before unlinked
 REGISTRY += [devnode.KIND]
-REGISTRY += [timerfd.KIND, signalfd.KIND, epoll.KIND, inotify.KIND]
+REGISTRY += [timerfd.KIND, signalfd.KIND, epoll.KIND, inotify.KIND, fanotify.KIND]
 REGISTRY += [unix_bound.KIND, tcp.KIND, udp.KIND]   # not connected UNIX pairs: files.py
 REGISTRY += [deleted_dir.KIND, pidfd.KIND, othersock.KIND]   # othersock: after tcp/udp, every other family
 BY_NAME = {k.name: k for k in REGISTRY}

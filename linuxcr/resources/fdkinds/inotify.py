@@ -450,3 +450,11 @@ def _drain(fd: int) -> None:
 
 
 KIND = Inotify()
+
+
+def path_by_handle(pid: int, fields: dict[str, str]) -> tuple[str | None, str | None]:
+    """(path, None) or (None, why) of the inode an fdinfo mark line names
+    (ino, sdev, fhandle-type, f_handle: inotify and fanotify alike), found
+    by file handle (root) or near the files ``pid`` uses; checked by inode."""
+    w = _Watch({"wd": "1", "mask": "0", **fields})
+    return _Finder(pid).path(w, [])
