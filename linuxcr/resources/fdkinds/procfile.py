@@ -23,7 +23,7 @@ import os
 import re
 import stat
 
-from linuxcr.errors import RestoreError
+from linuxcr.errors import ImageError, RestoreError
 from linuxcr.image.kinds import ProcfileState
 from linuxcr.procfs import read_fdinfo, read_status
 from linuxcr.resources.fdkinds.pidfd import restored
@@ -32,6 +32,7 @@ _PATH = re.compile(r"^/proc/(\d+)(/[^\0]*)?$")
 _TASK = re.compile(r"^/task/(\d+)(/.*)?$")
 O_PATH, O_CLOEXEC = os.O_PATH, 0o2000000
 F_GETFD, FD_CLOEXEC, SEEK_SET = 1, 1, 0
+MAGIC = ("root", "cwd", "exe", "fd", "map_files", "ns")   # magic links out of /proc
 REOPEN = os.O_ACCMODE | os.O_NONBLOCK | os.O_DIRECTORY | O_PATH | os.O_NOFOLLOW | os.O_LARGEFILE
 
 
@@ -113,6 +114,12 @@ class Procfile:
 
     def _path(self, t, fd: int, state: ProcfileState) -> str:
         """Where the task finds the file now."""
+        parts = state.rest.split("/")[1:]
+        below = parts[2:] if state.thread else parts       # (below /task/TID)
+        if state.rest and (state.rest[0] != "/" or any(p in ("", ".", "..") for p in parts)) or \
+                state.thread and not _TASK.match(state.rest) or \
+                len(below) > 1 and below[0] in MAGIC:     # a path never goes through these
+            raise ImageError(f"image holds a /proc file of fd {fd} with a bad path {state.rest!r}")
         sub = state.rest
         if state.thread:         # /task/PID/REST of the main thread: keep REST
             parts = state.rest.split("/", 3)
