@@ -232,22 +232,31 @@ def _adopt_target(ctx, tfd: int, toff: int) -> int:
 def _add_as(epfd: int, target: int, w: EpollWatch) -> None:
     """epoll_ctl(ADD) in lcr of ``target`` under fd number w.fd (the number
     the watch is keyed by), then w.fd gets back what it was."""
+    try:
+        _juggle(epfd, target, w)
+    except OSError as e:
+        raise RestoreError(f"cannot add the watch of fd {w.fd} (a file no longer at that "
+                           f"number) to an epoll set: {e.strerror}") from None
+
+
+def _juggle(epfd: int, target: int, w: EpollWatch) -> None:
     saved = None
     epfd = os.dup(epfd)           # (w.fd may be the very number of lcr's epoll fd)
     try:
         saved = os.dup(w.fd)
     except OSError:
         pass                      # w.fd is free in lcr
+    placed = False
     try:
         if target != w.fd:
             os.dup2(target, w.fd, inheritable=False)
+            placed = True
         ev = struct.pack("<IQ", w.events, w.data)
         if libc.epoll_ctl(epfd, EPOLL_CTL_ADD, w.fd, ev) != 0:
             e = ctypes.get_errno()
-            raise RestoreError(f"cannot add the watch of fd {w.fd} (a file no longer at that "
-                               f"number) to an epoll set: {os.strerror(e)}")
+            raise OSError(e, os.strerror(e))
     finally:
-        if target != w.fd:
+        if placed:
             if saved is not None:
                 os.dup2(saved, w.fd, inheritable=False)
             else:

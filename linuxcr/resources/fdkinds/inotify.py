@@ -331,7 +331,8 @@ class Inotify:
                                    "the image lacks")
             try:
                 fcntl.ioctl(fd, INOTIFY_IOC_SETNEXTWD, w.wd)
-                got = _add(fd, f"/proc/self/fd/{env.ours[w.fid]}", w.mask | IN_MASK_CREATE)
+                got = _add(fd, f"/proc/self/fd/{env.ours[w.fid]}",   # (followed: the file)
+                           (w.mask & ~IN_DONT_FOLLOW) | IN_MASK_CREATE)
             except OSError as e:
                 raise RestoreError(f"cannot watch deleted file {w.path} again (inotify wd "
                                    f"{w.wd}): {e.strerror}") from None
