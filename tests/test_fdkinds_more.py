@@ -150,10 +150,7 @@ REFUSED = {
     "vsock": "vsock socket",
     "alg": "AF_ALG",
     "icmp": "datagram IPv4 socket (ICMP)",
-    "fanotify": "fanotify",
-    "unlinked_fifo": "FIFO",
-    "unlinked_dev": "character device",
-}
+}   # unlinked FIFOs and devices, fanotify: tests/test_fdkinds_extra.py
 
 
 @pytest.mark.parametrize("kind", RESTORED)

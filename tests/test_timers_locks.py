@@ -1,5 +1,5 @@
 """POSIX timers (timer_create) and file locks (flock, POSIX record locks, OFD
-locks) across a checkpoint and restart; leases refused.
+locks) across a checkpoint and restart; leases restored.
 
 - posix_timer.c: timers of every notification kind (signal with a pointer
   value, SIGEV_THREAD_ID to a worker thread, SIGEV_NONE, the default) at
@@ -12,7 +12,7 @@ locks) across a checkpoint and restart; leases refused.
   process finds each lock held by the restored pid;
 - a lock someone else holds at restart time fails the restart with one line
   naming the file and the holder, and leaves nothing running;
-- a process holding a lease is refused by `lcr check` and `lcr checkpoint`.
+- a process holding a lease gets it back.
 
 test_*_selfcheck do not use lcr: they prove the programs pass on their own.
 """
@@ -239,20 +239,17 @@ def _skip_without_leases(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_lease_refused(bins, procs, tmp_path):
+def test_lease_restored(bins, procs, tmp_path):
+    """A read lease is saved with its open file (resources/fdkinds/fown.py)
+    and taken again by the restored process (fd_fown.c tests its breaks)."""
     _skip_without_leases(tmp_path)
     r = start_prog(procs, LEASE, bins, tmp_path)
     cp = lcr("check", r.pid, check=False)
-    assert cp.returncode == 5, (cp.returncode, cp.stdout, cp.stderr)
-    assert re.search(rf"^pid {r.pid}: fd \d+: .*leased\.dat: holds a file lease", cp.stdout, re.M), \
-        cp.stdout
-    data = json.loads(lcr("check", r.pid, "--json", check=False).stdout)
-    assert not data["checkpointable"] and any("lease" in x["reason"] for x in data["reasons"])
-    img = tmp_path / "img"
-    cp = lcr("checkpoint", r.pid, "-o", img, check=False)
-    assert_clean_error(cp, "NotCheckpointable", mentions=["lease", "leased.dat"])
-    assert not img.exists()
-    assert_running_untraced(r.pid)
+    assert cp.returncode == 0, (cp.returncode, cp.stdout, cp.stderr)
+    new = checkpoint_kill_restart(r.pid, tmp_path / "img", procs)
+    assert new == r.pid
+    assert any(e.kind == "LEASE" and e.type == "READ" for e in read_locks() if e.pid == new)
+    assert_running_untraced(new)
     r.assert_pass()
 
 

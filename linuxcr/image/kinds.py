@@ -39,6 +39,8 @@ class EpollWatch(Struct, forbid_unknown_fields=True):
     fd: Annotated[int, Meta(ge=0, le=1 << 20)]   # target fd number in the task that added the watch
     events: U32
     data: U64
+    fid: Annotated[int, Meta(ge=-1, le=(1 << 32) - 1)] = -1   # the watched file (FileDesc.fid) when
+    # fd no longer names it (closed, or its number reused): the watch is keyed (that file, fd)
 
 
 class EpollState(Struct, tag="epoll", forbid_unknown_fields=True):
@@ -51,6 +53,8 @@ class InotifyWatch(Struct, forbid_unknown_fields=True):
     path: Annotated[str, Meta(max_length=4096)]   # where the watched inode was found at the checkpoint
     ino: U64 = 0
     dir: bool = False
+    fid: Annotated[int, Meta(ge=-1, le=(1 << 32) - 1)] = -1   # a deleted file, still open: its
+    # FileDesc (the watch is put on the restored file through /proc/self/fd)
 
 
 class InotifyState(Struct, tag="inotify", forbid_unknown_fields=True):
@@ -97,9 +101,35 @@ class MemfdState(Struct, tag="memfd", forbid_unknown_fields=True):
 
 
 class FifoState(Struct, tag="fifo", forbid_unknown_fields=True):
-    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
     size: U32                                                   # capacity (F_GETPIPE_SZ)
     data: Annotated[bytes, Meta(max_length=MAX_FIFO)] = b""     # bytes still unread
+    unlinked: bool = False          # no name left: made again, then unlinked
+    dev: U64 = 0                    # unlinked: (dev, ino) at the checkpoint, shared by its descriptions
+    ino: U64 = 0
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o600
+    uid: U32 = 0
+    gid: U32 = 0
+
+
+class DevnodeState(Struct, tag="devnode", forbid_unknown_fields=True):
+    """An unlinked device node (resources/fdkinds/devnode.py)."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # without " (deleted)"
+    rdev: U64                                                   # major/minor
+    block: bool = False
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o600
+    uid: U32 = 0
+    gid: U32 = 0
+    pos: Off = 0
+
+
+class ShmfdState(Struct, tag="shmfd", forbid_unknown_fields=True):
+    """An fd of MAP_SHARED|MAP_ANONYMOUS memory (/dev/zero (deleted)), opened
+    through /proc/PID/map_files (resources/fdkinds/shmfd.py)."""
+    start: U64 = 0                  # a mapping of it in the holder; 0: none (content saved)
+    end: U64 = 0
+    content: FileContent | None = None
+    pos: Off = 0
 
 
 # --- sockets (resources/fdkinds/{unix_bound,tcp,udp}.py) ----------------------
@@ -235,6 +265,42 @@ class DeletedDirState(Struct, tag="deleted_dir", forbid_unknown_fields=True):
     gid: U32 = 0
 
 
+class Fown(Struct, forbid_unknown_fields=True):
+    """Owner, signal and lease of any open file description
+    (resources/fdkinds/fown.py; FileDesc.fown).  Not a kind."""
+    type: Annotated[int, Meta(ge=0, le=2)] = 1          # F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
+    pid: Annotated[int, Meta(ge=0, le=(1 << 22))] = 0   # owner as the holder sees it; 0: none
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # another process, as lcr saw it
+    signum: Annotated[int, Meta(ge=0, le=64)] = 0       # F_SETSIG; 0: SIGIO without siginfo
+    lease: Annotated[int, Meta(ge=0, le=2)] = 2         # F_RDLCK, F_WRLCK; F_UNLCK: none
+
+
+class FanotifyMark(Struct, forbid_unknown_fields=True):
+    kind: Annotated[str, Meta(max_length=16)]           # inode | mount | filesystem
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]   # where lcr found the object
+    mask: U64 = 0
+    ignored: U64 = 0
+    mflags: U32 = 0                                     # FAN_MARK_* flags fdinfo shows
+
+
+class FanotifyState(Struct, tag="fanotify", forbid_unknown_fields=True):
+    """A fanotify group with its marks (resources/fdkinds/fanotify.py)."""
+    flags: U32                                          # fanotify_init flags
+    event_flags: U32 = 0                                # event_f_flags
+    marks: Annotated[list[FanotifyMark], Meta(max_length=MAX_WATCHES)] = []
+
+
+class ProcfileState(Struct, tag="procfile", forbid_unknown_fields=True):
+    """A file under /proc/PID/ of a task of the tree (resources/fdkinds/procfile.py)."""
+    rest: Annotated[str, Meta(max_length=4096)]         # below /proc/PID: "/stat", "/fd", ""
+    pid: Annotated[int, Meta(ge=1, le=(1 << 22))]       # the target as the holder sees it
+    ftype: Annotated[int, Meta(ge=0, le=0o170000)]      # S_IFMT of the file
+    own: bool = False                                   # the holder's own /proc/PID
+    thread: bool = False                                # rest is /task/PID/... (its main thread)
+    host_pid: Annotated[int, Meta(ge=-1, le=(1 << 22))] = -1   # another task, as lcr saw it
+    pos: Off = 0
+
+
 KIND_STATES: list[type[Struct]] = [EventfdState]
 
 # Each kind's module adds its states below, one line per module (keep this
@@ -243,5 +309,6 @@ KIND_STATES += [TimerfdState, SignalfdState, EpollState, InotifyState]
 KIND_STATES += [UnlinkedState, MemfdState, FifoState]
 KIND_STATES += [UnixBoundState, TcpState, UdpState]
 KIND_STATES += [OpathState, PidfdState, NetlinkState, DeletedDirState]
+KIND_STATES += [ProcfileState, DevnodeState, ShmfdState, FanotifyState]
 from linuxcr.image.kinds_tty import PtmxState, PtsState  # noqa: E402  (resources/fdkinds/pty.py)
 KIND_STATES += [PtmxState, PtsState]

@@ -35,7 +35,7 @@ from typing import Union
 import msgspec
 from msgspec import Meta, Struct
 
-from linuxcr.image.kinds import KIND_STATES, MemfdState, MsgExtras, UnlinkedState
+from linuxcr.image.kinds import KIND_STATES, Fown, MemfdState, MsgExtras, UnlinkedState
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 2          # 2: image_id, parent, PAGEMAP (incremental images)
@@ -132,6 +132,7 @@ class FileDesc(Struct, forbid_unknown_fields=True):
     pipe: U64 = 0      # kind=pipe: the pipe's inode (PipeData.ino)
     sock: U64 = 0      # kind=unix: the socket's inode (UnixPair.ino)
     state: KindState | None = None   # kinds of resources/fdkinds/: their saved state
+    fown: Fown | None = None         # F_SETOWN/F_SETSIG/lease (resources/fdkinds/fown.py)
 
 
 class OpenFile(Struct, forbid_unknown_fields=True):

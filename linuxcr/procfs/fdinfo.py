@@ -94,3 +94,24 @@ def epoll_watches(info: FdInfo) -> list[tuple[int, int, int]]:
 def inotify_watches(info: FdInfo) -> list[dict[str, str]]:
     """The key:value fields of every 'inotify wd:N ino:I sdev:D mask:M ...' line."""
     return [dict(p.split(":", 1) for p in v.split() if ":" in p) for v in info.values("inotify")]
+
+
+def fanotify_marks(info: FdInfo) -> list[dict[str, str]]:
+    """The key:value fields of every 'fanotify ino:I sdev:D mflags:F mask:M
+    ignored_mask:G ...' (or 'fanotify mnt_id:N ...', 'fanotify sdev:D ...')
+    mark line; the 'fanotify flags:F event-flags:E' line is left out."""
+    out = []
+    for v in info.values("fanotify"):
+        fields = dict(p.split(":", 1) for p in v.split() if ":" in p)
+        if "flags" not in fields:
+            out.append(fields)
+    return out
+
+
+def fanotify_flags(info: FdInfo) -> tuple[int, int]:
+    """(fanotify_init flags, event_f_flags) of a fanotify fdinfo (hex)."""
+    for v in info.values("fanotify"):
+        fields = dict(p.split(":", 1) for p in v.split() if ":" in p)
+        if "flags" in fields:
+            return int(fields["flags"], 16), int(fields.get("event-flags", "0"), 16)
+    raise ValueError("fanotify fdinfo without its flags line")

@@ -22,6 +22,7 @@ from linuxcr.image.schema import FileDesc, OpenFile, PipeData, UnixPair
 from linuxcr.procfs import FdInfo, list_fds, read_fd_link, read_fdinfo, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import fdkinds, pipes, unix_sockets
+from linuxcr.resources.fdkinds import fown
 from linuxcr.sys.syscalls import kcmp_file
 
 O_CLOEXEC = 0o2000000
@@ -58,11 +59,16 @@ def describe(pid: int, fd: int) -> FdView:
 
     def no(why: str, kind: str = "?") -> FdView:
         return FdView(kind, f"fd {fd}: {why}", link, key, st, info)
-    kind = _registered(pid, fd, link, st, info)   # modules of fdkinds come first
-    if kind is not None:
-        return kind
-    v = _builtin(fd, link, st, key, mode, no)
-    return FdView(v.kind, v.reason, link, key, st, info)
+    v = _registered(pid, fd, link, st, info)   # modules of fdkinds come first
+    if v is None:
+        v = _builtin(fd, link, st, key, mode, no)
+    why = v.reason or _owner_reason(pid, fd)
+    return FdView(v.kind, why, link, key, st, info)
+
+
+def _owner_reason(pid: int, fd: int) -> str | None:
+    why = fown.reason(pid, fd)
+    return f"fd {fd}: {why}" if why else None
 
 
 def _builtin(fd: int, link: str, st: os.stat_result, key: tuple[int, int], mode: int, no) -> FdView:
@@ -106,7 +112,7 @@ UNSUPPORTED = {
     "bpf-map": "BPF maps are not saved", "bpf-prog": "BPF programs are not saved",
     "bpf_link": "BPF links are not saved", "perf_event": "perf events are not saved",
     "userfaultfd": "userfaultfd is not supported (another process may be serving its faults)",
-    "fanotify": "fanotify groups are not saved (their marks and queued events)", "kvm-vm": "KVM virtual machines are not saved",
+    "kvm-vm": "KVM virtual machines are not saved",
 }
 
 
@@ -145,7 +151,7 @@ class Table:
         self.where: dict[int, tuple[int, int]] = {}    # socket ino -> (pid, fd) holding it
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # key -> (pid, fd, fid)
         self.pids: set[int] = set()                      # tasks whose files were read
-        self.refs: list[tuple[int, int, int]] = []       # (pid, fd, pid it points at): pidfds
+        self.refs: list[tuple[int, int, int, str]] = []  # (pid, fd, pid it points at, what): pidfds, /proc files
         # files found in flight (SCM_RIGHTS): lcr's copies, kept open while the
         # table lives so that kcmp can match them against the tasks' fds
         self._held: list[int] = []
@@ -199,6 +205,10 @@ class Table:
         self.descs.append(None)    # reserved: a file in flight found meanwhile takes the next one
         self._seen.setdefault(v.key, []).append((pid, fd, fid))
         d = self._desc(pid, fd, fid, v, flags, pos)
+        if pid != os.getpid():      # (files in flight keep no owner: nobody holds them)
+            d.fown = fown.dump(pid, fd)
+            if d.fown is not None and d.fown.host_pid > 0:
+                self.refs.append((pid, fd, d.fown.host_pid, "the owner (F_SETOWN)"))
         self.descs[fid] = d
         return fid
 
@@ -215,7 +225,8 @@ class Table:
             finally:
                 ctx.close()
             if getattr(state, "host_pid", -1) > 0:       # a pidfd of a live process
-                self.refs.append((pid, fd, state.host_pid))
+                what = "pidfd" if v.kind == "pidfd" else f"{v.link} (a /proc file)"
+                self.refs.append((pid, fd, state.host_pid, what))
             return FileDesc(fid=fid, kind=v.kind, flags=flags, state=state)
         elif v.kind == "unix":
             ino = v.key[1]
@@ -227,7 +238,7 @@ class Table:
     def check_refs(self) -> None:
         """Every process a pidfd points at must be saved too (or be a zombie
         child of a saved one: zombies are restored with the tree)."""
-        for pid, fd, target in self.refs:
+        for pid, fd, target, what in self.refs:
             if target in self.pids:
                 continue
             try:
@@ -236,9 +247,9 @@ class Table:
                     continue
             except (FileNotFoundError, ProcessLookupError):
                 pass
-            raise NotCheckpointable(pid, [f"fd {fd}: pidfd of pid {target}, which is not part of "
+            raise NotCheckpointable(pid, [f"fd {fd}: {what} of pid {target}, which is not part of "
                                           "the checkpointed tree: checkpoint a common ancestor, "
-                                          "or close the pidfd first"])
+                                          "or close it first"])
 
     def unix_list(self) -> list[UnixPair]:
         """Both ends of every pair; a peer outside the tree cannot be saved.
@@ -420,6 +431,10 @@ def after_install(t: Tracee, arena: Arena, files: list[OpenFile], descs: list[Fi
         hook = getattr(kind, "after_install", None)
         if hook is not None:
             hook(t, arena, f.fd, d.state, table)
+    for f in files:          # owner, signal, O_ASYNC, lease: on the final file of each fd
+        d = by_fid[f.fid]
+        if d.fown is not None or d.flags & fown.FASYNC:
+            fown.restore(t, arena, f.fd, d.flags, d.fown)
 
 
 def restore_fs(t: Tracee, arena: Arena, cwd: str, root: str) -> None:

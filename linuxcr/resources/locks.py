@@ -13,9 +13,9 @@ F_GETLK) or to its open file description.  flock and OFD locks belong to the
 description, which several fds and processes of the tree may share: one that
 shows already on the description (fdinfo) is not taken again.  A lock that
 someone else holds now fails the restore, naming the file and the holder.
-Refused: leases (F_SETLEASE) and delegations -- the kernel breaks them when
-another process opens the file, a protocol a restored lease could not keep --
-and mandatory locks (gone since Linux 5.15).
+Leases (F_SETLEASE) belong to the open file description and are saved with
+its owner and signal (resources/fdkinds/fown.py).  Refused: delegations and
+mandatory locks (gone since Linux 5.15).
 """
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ _WHAT = {FLOCK: "flock() lock", POSIX: "POSIX record lock (fcntl F_SETLK)",
 
 
 def _refusal(e: LockEntry) -> str | None:
-    if e.kind in ("LEASE", "DELEG"):
-        return ("holds a file lease (fcntl F_SETLEASE): leases are not saved (the kernel breaks "
-                "a lease when another process opens the file, which a restored lease could not "
-                "honour); release it (F_SETLEASE F_UNLCK) before checkpointing")
+    if e.kind == "DELEG":
+        return ("holds a file delegation (NFS server): delegations are not saved; "
+                "release it before checkpointing")
+    if e.kind == "LEASE":
+        return None          # saved with the open file (resources/fdkinds/fown.py)
     if e.mode == "MANDATORY":
         return "holds a mandatory lock: mandatory locking is not supported"
     if e.kind not in _KINDS or e.type not in ("READ", "WRITE"):
@@ -75,7 +76,7 @@ def dump(pid: int) -> list[FileLock]:
     posix_seen: set[tuple] = set()
     for fd in list_fds(pid):
         for e in fdinfo_locks(read_fdinfo(pid, fd)):
-            if e.blocked:
+            if e.blocked or e.kind == "LEASE":   # leases: resources/fdkinds/fown.py
                 continue
             why = _refusal(e)
             if why:      # check() said so before the freeze; this appeared since

@@ -93,6 +93,10 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
     if m.path == LCR_SHM and m.deleted and m.shared:   # the same, once restored (open_shm)
         return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
+    if m.path == "/[aio]" and m.deleted:     # an io_setup ring: the kernel context is not memory
+        return Area(None, f"{where}: a Linux AIO context (io_setup ring) is not saved (its requests "
+                          "and completions live in the kernel); io_destroy it before the "
+                          "checkpoint (lcr does not make AIO contexts again yet)")
     if m.path.startswith("/SYSV"):
         return Area(None, f"{where}: SysV shared memory is not supported yet")
     if m.path == "/secretmem" and m.deleted:

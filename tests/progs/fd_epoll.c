@@ -2,7 +2,8 @@
  * fd_epoll -- epoll sets with their watches, checked after a restart.
  *
  *   fd_epoll            the state below
- *   fd_epoll closed     a watch that outlives its fd (refused by lcr)
+ *   fd_epoll closed     a watch that outlives its fd (its file kept by a dup)
+ *   fd_epoll reused     the same, and the fd number reused by an eventfd
  *   fd_epoll oneshot    a fired one-shot watch of an fd that is ready for
  *                       nothing (refused by lcr: it cannot be made again)
  *
@@ -24,7 +25,9 @@
  * set (level, edge-triggered, one-shot disabled then re-armed with
  * EPOLL_CTL_MOD), changes data with EPOLL_CTL_MOD on the original fd
  * numbers and back, deletes and adds a watch again, and leaves everything
- * as it was.  The other modes only check that the odd watch is still there.
+ * as it was.  closed/reused: the odd watch is still there under its number,
+ * and writing into the pipe wakes it (data 1), the eventfd at its old
+ * number does not.  oneshot only checks that the odd watch is still there.
  * Prints "PASS fd_epoll pid=P" or "FAIL fd_epoll: <details> (pid=P)".
  */
 #define _GNU_SOURCE
@@ -46,7 +49,7 @@
 #include "probe.h"
 
 static int ra, wa, rb, wb, rb2, ev, ep1, ep2;
-static int closed_mode, oneshot_mode, stray_fd, stray_ep;
+static int closed_mode, oneshot_mode, reused_mode, stray_fd, stray_ep, stray_keep, stray_w, stray_ev = -1;
 
 #define D_RA1 0x1111000000000001ULL
 #define D_WB 0xdeadULL
@@ -202,7 +205,21 @@ static void verify(void)
 		watches(stray_ep, now, sizeof(now));
 		snprintf(want, sizeof(want), "%d:", stray_fd);
 		if (strncmp(now, want, strlen(want))) fail("stray watch gone: [%s]", now);
-		if (closed_mode && fcntl(stray_fd, F_GETFD) != -1) fail("fd %d is open", stray_fd);
+		if (closed_mode && !reused_mode && fcntl(stray_fd, F_GETFD) != -1) fail("fd %d is open", stray_fd);
+		if (closed_mode) {
+			struct epoll_event e[4];
+			char c;
+			int n = epoll_wait(stray_ep, e, 4, 0);
+			if (n != 0) fail("%d events before the write", n);
+			if (reused_mode && write(stray_ev, &(uint64_t){ 1 }, 8) != 8) fail("eventfd write");
+			if (write(stray_w, "x", 1) != 1) fail("pipe write");
+			n = epoll_wait(stray_ep, e, 4, 0);
+			if (n != 1 || e[0].data.u64 != 1 || !(e[0].events & EPOLLIN)) fail("%d events after the write", n);
+			if (read(stray_keep, &c, 1) != 1) fail("pipe read");
+			uint64_t v;
+			if (reused_mode && read(stray_ev, &v, 8) != 8) fail("eventfd read");
+			if (epoll_wait(stray_ep, e, 4, 0) != 0) fail("events after the read");
+		}
 	} else {
 		verify_main();
 	}
@@ -218,7 +235,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	struct sigaction sa = { .sa_handler = on_usr1, .sa_flags = SA_RESTART };
 	sigaction(SIGUSR1, &sa, NULL);
-	closed_mode = argc > 1 && !strcmp(argv[1], "closed");
+	reused_mode = argc > 1 && !strcmp(argv[1], "reused");
+	closed_mode = argc > 1 && (!strcmp(argv[1], "closed") || reused_mode);
 	oneshot_mode = argc > 1 && !strcmp(argv[1], "oneshot");
 
 	int p[2];
@@ -228,10 +246,11 @@ int main(int argc, char **argv)
 		stray_ep = epoll_create1(0);
 		struct epoll_event e = { .events = EPOLLIN, .data.u64 = 1 };
 		if (epoll_ctl(stray_ep, EPOLL_CTL_ADD, p[0], &e)) { perror("epoll_ctl"); return 1; }
-		int keep = dup(p[0]);
-		(void)keep;
+		stray_keep = dup(p[0]);
+		stray_w = p[1];
 		stray_fd = p[0];
 		close(p[0]);
+		if (reused_mode && (stray_ev = eventfd(0, EFD_NONBLOCK)) != stray_fd) { fprintf(stderr, "eventfd not at %d\n", stray_fd); return 1; }
 	} else if (oneshot_mode) {
 		/* p[0] watched one-shot, fired once (data came, was read), empty now */
 		if (pipe(p)) return 1;

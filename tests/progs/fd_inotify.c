@@ -4,7 +4,8 @@
  *
  *   fd_inotify DIR              the state below, in DIR (which must exist)
  *   fd_inotify DIR queued       an event left unread (refused by lcr)
- *   fd_inotify DIR deleted      a watch on a file deleted since (refused)
+ *   fd_inotify DIR deleted      a watch on a file deleted since, still open:
+ *                               writing into it must raise IN_MODIFY (wd 1)
  *
  * It works from "/" (chdir) and makes DIR/f1, DIR/f2, DIR/sub/deep.
  * State set up before READY:
@@ -199,6 +200,8 @@ static void verify_main(void)
 	if (strcmp(now, gold1)) fail("in1 watches after: [%s]", now);
 }
 
+static void drain(int in);
+
 static void verify(void)
 {
 	fails[0] = 0;
@@ -209,6 +212,14 @@ static void verify(void)
 		watches(in1, now, sizeof(now));
 		if (!strstr(now, "1:2:")) fail("watch of the deleted file gone: [%s]", now);
 		if (fcntl(victim_fd, F_GETFD) < 0) fail("victim not open");
+		struct stat st;
+		if (fstat(victim_fd, &st) || st.st_nlink) fail("victim is linked");
+		if (pwrite(victim_fd, "x", 1, 0) != 1) fail("write victim: %s", strerror(errno));
+		union { struct inotify_event e; char b[4096]; } ev;
+		ssize_t n = read(in1, &ev, sizeof(ev));
+		if (n < (ssize_t)sizeof(ev.e) || ev.e.wd != 1 || !(ev.e.mask & IN_MODIFY))
+			fail("no IN_MODIFY of wd 1 after a write (%zd bytes, wd %d mask %x)", n, n > 0 ? ev.e.wd : 0, n > 0 ? ev.e.mask : 0);
+		drain(in1);
 	} else {
 		verify_main();
 	}

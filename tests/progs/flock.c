@@ -2,7 +2,7 @@
  * flock -- file locks of every kind a process can hold.
  *
  *   flock DIR [tree]       locks on files in DIR (created if missing)
- *   flock lease FILE       holds a read lease on FILE (lcr must refuse it)
+ *   flock lease FILE       holds a read lease on FILE (lcr restores it)
  *
  * State set up before READY (DIR mode):
  *   DIR/flock.dat    flock(LOCK_EX), through fd X and a dup of X

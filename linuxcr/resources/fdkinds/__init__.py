@@ -57,14 +57,17 @@ from linuxcr.resources.fdkinds import fifo, memfd, unlinked  # noqa: E402
 from linuxcr.resources.fdkinds import epoll, inotify, signalfd, timerfd  # noqa: E402
 from linuxcr.resources.fdkinds import tcp, udp, unix_bound  # noqa: E402
 from linuxcr.resources.fdkinds import deleted_dir, opath, othersock, pidfd  # noqa: E402
+from linuxcr.resources.fdkinds import devnode, fanotify, procfile, shmfd  # noqa: E402
 from linuxcr.resources.fdkinds import pty  # noqa: E402
 
 # One line per kind module; order matters only where two kinds could match
 # the same fd (the first one wins).
-REGISTRY = [opath.KIND]      # first: an O_PATH fd of any object is only a path
+REGISTRY = [procfile.KIND]   # first: /proc/PID/... of a task, even O_PATH, is reopened in the task
+REGISTRY += [opath.KIND]     # an O_PATH fd of any other object is only a path
 REGISTRY += [eventfd.KIND]
-REGISTRY += [memfd.KIND, unlinked.KIND, fifo.KIND]   # memfd before unlinked
-REGISTRY += [timerfd.KIND, signalfd.KIND, epoll.KIND, inotify.KIND]
+REGISTRY += [shmfd.KIND, memfd.KIND, unlinked.KIND, fifo.KIND]   # shmfd before memfd before unlinked
+REGISTRY += [devnode.KIND]
+REGISTRY += [timerfd.KIND, signalfd.KIND, epoll.KIND, inotify.KIND, fanotify.KIND]
 REGISTRY += [unix_bound.KIND, tcp.KIND, udp.KIND]   # not connected UNIX pairs: files.py
 REGISTRY += [deleted_dir.KIND, pidfd.KIND, othersock.KIND]   # othersock: after tcp/udp, every other family
 REGISTRY += [pty.PTMX, pty.PTS]     # terminals: before files.py refuses devices

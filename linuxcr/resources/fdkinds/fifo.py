@@ -9,7 +9,13 @@ writer finds a reader), gives it its capacity, puts the saved bytes back if
 it is empty (once per FIFO: the next description of the same FIFO finds
 them there; a FIFO that some process outside the tree kept open keeps the
 bytes it holds), then opens the saved description through /proc/self/fd
-with the saved access mode and blocking flag."""
+with the saved access mode and blocking flag.
+
+An unlinked FIFO (its fd shows "PATH (deleted)"): its owner and mode are
+saved too; lcr makes a FIFO again beside the old path (another name if that
+one is taken), opens it and unlinks it at once, then fills it as above.
+Every description of one unlinked FIFO (same saved (dev, ino)) opens the
+same new FIFO (MADE, emptied by finish_open)."""
 from __future__ import annotations
 
 import fcntl
@@ -20,7 +26,7 @@ import termios
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import MAX_FIFO, FifoState
 from linuxcr.resources import pipes
-from linuxcr.resources.fdkinds.unlinked import DELETED, O_CLOEXEC
+from linuxcr.resources.fdkinds.unlinked import DELETED, O_CLOEXEC, free_names
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = pipes.F_SETPIPE_SZ, pipes.F_GETPIPE_SZ
 FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_LARGEFILE
@@ -47,9 +53,9 @@ class Fifo:
         return stat.S_ISFIFO(ctx.st.st_mode) and ctx.link.startswith("/")
 
     def reason(self, ctx) -> str | None:
-        if ctx.link.endswith(DELETED):
-            return (f"FIFO {ctx.link}: it was unlinked; only FIFOs still in the file "
-                    "system are restored")
+        if ctx.link.endswith(DELETED) and ctx.st.st_nlink:
+            return (f"FIFO {ctx.link}: unlinked, yet still linked under another name "
+                    f"({ctx.st.st_nlink} links): not supported; close it before the checkpoint")
         try:
             size = fcntl.fcntl(ctx.grab(), F_GETPIPE_SZ)
         except OSError as e:
@@ -70,15 +76,26 @@ class Fifo:
                 os.close(r)
         else:
             size, data = _peek(g)
-        return FifoState(path=ctx.link, size=size, data=data)
+        if not ctx.link.endswith(DELETED):
+            return FifoState(path=ctx.link, size=size, data=data)
+        st = ctx.st
+        return FifoState(path=ctx.link[: -len(DELETED)], size=size, data=data, unlinked=True,
+                         dev=st.st_dev, ino=st.st_ino, mode=stat.S_IMODE(st.st_mode),
+                         uid=st.st_uid, gid=st.st_gid)
 
     def open(self, state: FifoState, flags: int) -> int:
         path = state.path
-        try:
-            keep = os.open(path, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC | os.O_NOCTTY)
-        except OSError as e:
-            raise RestoreError(f"cannot open FIFO {path}: {e.strerror}",
-                               "the FIFO must exist at the same path (mkfifo) before restarting") from None
+        if state.unlinked:
+            key = (state.dev, state.ino)
+            if key not in MADE:
+                MADE[key] = _make_unlinked(state)
+            keep = os.open(f"/proc/self/fd/{MADE[key]}", os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC)
+        else:
+            try:
+                keep = os.open(path, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC | os.O_NOCTTY)
+            except OSError as e:
+                raise RestoreError(f"cannot open FIFO {path}: {e.strerror}",
+                                   "the FIFO must exist at the same path (mkfifo) before restarting") from None
         try:
             if not stat.S_ISFIFO(os.fstat(keep).st_mode):
                 raise RestoreError(f"{path} is no longer a FIFO",
@@ -99,6 +116,48 @@ class Fifo:
             return fd
         finally:
             os.close(keep)
+
+
+    def finish_open(self, fd: int, state: FifoState, env) -> None:
+        """Every description is open: lcr's own hold on unlinked FIFOs goes."""
+        made = MADE.pop((state.dev, state.ino), None) if state.unlinked else None
+        if made is not None:
+            os.close(made)
+
+
+# unlinked FIFOs made by this restart: saved (dev, ino) -> lcr's O_RDWR fd
+MADE: dict[tuple[int, int], int] = {}
+
+
+def _make_unlinked(state: FifoState) -> int:
+    """A new FIFO beside the old path, opened O_RDWR and unlinked at once."""
+    d = os.path.dirname(state.path) or "/"
+    if not os.path.isdir(d):
+        raise RestoreError(f"cannot make unlinked FIFO {state.path} again: directory {d} does "
+                           "not exist", "create the directory before restarting")
+    for name in free_names(state.path):
+        try:
+            os.mkfifo(name, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RestoreError(f"cannot make unlinked FIFO {state.path} again: {e.strerror}") from None
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | O_CLOEXEC)
+        finally:
+            os.unlink(name)
+        try:
+            if (state.uid, state.gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.fchown(fd, state.uid, state.gid)
+                except OSError:
+                    pass          # not ours to give away (rootless): the owner stays ours
+            os.fchmod(fd, state.mode)
+        except OSError as e:
+            os.close(fd)
+            raise RestoreError(f"cannot give unlinked FIFO {state.path} its mode: {e.strerror}") from None
+        return fd
+    raise RestoreError(f"cannot make unlinked FIFO {state.path} again: no free name in {d}")
 
 
 def _unread(fd: int) -> int:

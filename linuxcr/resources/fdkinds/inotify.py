@@ -14,7 +14,11 @@ Finding the path:
 Every path found is checked by watching it with a throw-away inotify
 instance, whose fdinfo must show the same inode and super block (stat()
 may disagree with the kernel's view on overlayfs or btrfs).  A watched
-file that was deleted (still open elsewhere) has no path: refused.
+file that was deleted but is still open (an fd of the holder or of its
+descendants: same inode, no link left) is saved as that open file (ctx.adopt
+gives its fid) and watched again, once every description is open
+(finish_open), through /proc/self/fd of the restored file; its watch number
+is set with INOTIFY_IOC_SETNEXTWD.  A deleted file no fd holds: refused.
 
 Queued events are not saved: inotify has no way to read them without
 consuming them, so a process with unread events (FIONREAD on our own copy
@@ -38,6 +42,7 @@ from linuxcr.procfs.fdinfo import inotify_watches
 from linuxcr.errors import RestoreError
 from linuxcr.image.kinds import InotifyState, InotifyWatch
 from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo, read_status
+from linuxcr.resources.fdkinds.epoll import family
 from linuxcr.sys.syscalls import libc, pidfd_getfd, pidfd_open
 
 IN_CLOEXEC, IN_NONBLOCK = os.O_CLOEXEC, os.O_NONBLOCK
@@ -232,11 +237,37 @@ class _Finder:
                    "which needs root (CAP_DAC_READ_SEARCH), or near the files the process uses")
         return None, why or "its path is not known"
 
+    def deleted_holder(self, w: _Watch) -> tuple[int, int, str] | None:
+        """(pid, fd, link) of an fd of the family on the watched inode, deleted."""
+        for p in family(self.pid):
+            try:
+                fds = list_fds(p)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    link = read_fd_link(p, fd)
+                    st = os.stat(f"/proc/{p}/fd/{fd}")
+                except OSError:
+                    continue
+                if st.st_ino == w.ino and st.st_nlink == 0 and link.endswith(" (deleted)") and \
+                        kernel_id(f"/proc/{p}/fd/{fd}", follow=True) == (w.ino, w.sdev):
+                    return p, fd, link[: -len(" (deleted)")]
+        return None
+
     def resolve(self, watches: list[_Watch]) -> tuple[list[InotifyWatch], str | None]:
         out: list[InotifyWatch] = []
+        self.held: dict[int, tuple[int, int]] = {}      # wd -> (pid, fd) of a deleted file
         for w in sorted(watches, key=lambda w: w.wd):
             path, why = self.path(w, [x.path for x in out])
             if path is None:
+                held = self.deleted_holder(w)
+                if held is not None:
+                    self.held[w.wd] = held[:2]
+                    out.append(InotifyWatch(wd=w.wd, mask=w.mask, path=held[2][:4096], ino=w.ino))
+                    continue
+                if (why or "").startswith("the watched file was deleted"):
+                    why += "; no fd of this process or its children holds it: close the watch"
                 return out, f"{w.where()}: {why}"
             out.append(InotifyWatch(wd=w.wd, mask=w.mask, path=path, ino=w.ino,
                                     dir=os.path.isdir(path) and not os.path.islink(path)))
@@ -266,9 +297,14 @@ class Inotify:
         return why
 
     def dump(self, ctx) -> InotifyState:
-        watches, why = _Finder(ctx.pid).resolve(parse(ctx.info))
+        finder = _Finder(ctx.pid)
+        watches, why = finder.resolve(parse(ctx.info))
         if why:
             raise RestoreError(f"fd {ctx.fd}: {why}")   # reason() said yes a moment ago: a race
+        for i, w in enumerate(watches):
+            if w.wd in finder.held:
+                watches[i] = InotifyWatch(wd=w.wd, mask=w.mask, path=w.path, ino=w.ino,
+                                          fid=_adopt(ctx, *finder.held[w.wd]))
         return InotifyState(watches=watches)
 
     def open(self, state: InotifyState, flags: int) -> int:
@@ -278,12 +314,51 @@ class Inotify:
             raise RestoreError(f"cannot create an inotify instance: {os.strerror(e)}",
                                "see /proc/sys/fs/inotify/max_user_instances" if e == errno.EMFILE else None)
         try:
-            _add_all(fd, sorted(state.watches, key=lambda w: w.wd))
+            _add_all(fd, sorted((w for w in state.watches if w.fid < 0), key=lambda w: w.wd))
             os.set_blocking(fd, not flags & os.O_NONBLOCK)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+
+    def finish_open(self, fd: int, state: InotifyState, env) -> None:
+        """Watches of deleted files: on the restored files, now all open."""
+        late = [w for w in state.watches if w.fid >= 0]
+        for w in late:
+            if w.fid not in env.ours:
+                raise RestoreError(f"inotify watch wd {w.wd} is on open file #{w.fid}, which "
+                                   "the image lacks")
+            try:
+                fcntl.ioctl(fd, INOTIFY_IOC_SETNEXTWD, w.wd)
+                got = _add(fd, f"/proc/self/fd/{env.ours[w.fid]}",   # (followed: the file)
+                           (w.mask & ~IN_DONT_FOLLOW) | IN_MASK_CREATE)
+            except OSError as e:
+                raise RestoreError(f"cannot watch deleted file {w.path} again (inotify wd "
+                                   f"{w.wd}): {e.strerror}") from None
+            if got != w.wd:
+                raise RestoreError(f"inotify watch of deleted file {w.path} came back as wd "
+                                   f"{got}, not {w.wd}")
+        if late:        # the next watch the program adds gets the number it would have had
+            try:
+                fcntl.ioctl(fd, INOTIFY_IOC_SETNEXTWD, max(w.wd for w in state.watches) + 1)
+            except OSError:
+                pass
+
+
+def _adopt(ctx, pid: int, fd: int) -> int:
+    """fid of the deleted file (pid's fd), saved like any open file."""
+    if ctx.adopt is None:
+        raise RestoreError(f"fd {ctx.fd}: an inotify watch of a deleted file cannot be saved here")
+    pfd = pidfd_open(pid)
+    try:
+        copy = pidfd_getfd(pfd, fd)
+    finally:
+        os.close(pfd)
+    try:
+        return ctx.adopt(copy)
+    finally:
+        os.close(copy)
 
 
 def _has_setnextwd() -> bool:
@@ -376,3 +451,11 @@ def _drain(fd: int) -> None:
 
 
 KIND = Inotify()
+
+
+def path_by_handle(pid: int, fields: dict[str, str]) -> tuple[str | None, str | None]:
+    """(path, None) or (None, why) of the inode an fdinfo mark line names
+    (ino, sdev, fhandle-type, f_handle: inotify and fanotify alike), found
+    by file handle (root) or near the files ``pid`` uses; checked by inode."""
+    w = _Watch({"wd": "1", "mask": "0", **fields})
+    return _Finder(pid).path(w, [])

@@ -92,7 +92,7 @@ class Pidfd:
             except OSError as e:
                 raise RestoreError(f"fd {fd}: cannot open a pidfd of pid {state.pid} again: "
                                    f"{e.strerror}", "was it restarted with --any-pid?") from None
-            if not _restored(t.pid, new):
+            if not restored(t.pid, new):
                 t.syscall("close", new)
                 raise RestoreError(f"fd {fd}: pid {state.pid}, which a pidfd points at, is not a "
                                    "restored process (the tasks did not get their pids back)",
@@ -121,7 +121,7 @@ def _reaped_pidfd(t, arena, flags: int) -> int:
     return new
 
 
-def _restored(holder: int, fd: int) -> bool:
+def restored(holder: int, fd: int) -> bool:
     """Does pidfd ``fd`` of ``holder`` point at a task this restart made
     (traced by us while the tree is rebuilt, or a zombie child of one)?"""
     host = _nspid(read_fdinfo(holder, fd).extra.get("NSpid", ""))

@@ -234,6 +234,14 @@ def reopen(obj_fd: int, flags: int, pos: int, what: str) -> int:
     return fd
 
 
+def free_names(path: str) -> list[str]:
+    """path, then other names beside it to try when path is taken."""
+    d = os.path.dirname(path) or "/"
+    base = os.path.basename(path)
+    return [path] + [os.path.join(d, f"{base}.lcr-{secrets.token_hex(4)}" if len(base) < 240
+                                  else f".lcr-{secrets.token_hex(4)}") for _ in range(8)]
+
+
 def create_file(path: str) -> int:
     """A new empty file at path, unlinked at once (its fd shows
     "path (deleted)"); another name in the same directory if path is taken."""
@@ -241,10 +249,7 @@ def create_file(path: str) -> int:
     if not os.path.isdir(d):
         raise RestoreError(f"cannot recreate unlinked file {path}: directory {d} does not exist",
                            "create the directory before restarting")
-    base = os.path.basename(path)
-    names = [path] + [os.path.join(d, f"{base}.lcr-{secrets.token_hex(4)}" if len(base) < 240
-                                   else f".lcr-{secrets.token_hex(4)}") for _ in range(8)]
-    for name in names:
+    for name in free_names(path):
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC, 0o600)
         except FileExistsError:
