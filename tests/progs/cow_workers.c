@@ -4,12 +4,14 @@
  *
  *   cow_workers MIB WORKERS
  *
- * The parent writes a pattern over MIB MiB (every 8-byte word a function of
- * its index), then forks WORKERS workers; worker w (0-based) rewrites the
- * pages p with p % 100 == w (1% of them) with its own values and leaves the
- * others alone: those stay shared copy-on-write with the parent.  Nobody
- * writes the area afterwards.  Prints "READY pid=P workers=a,b,..." once
- * every worker has written its pages.
+ * The parent writes a pattern over the first 90% of MIB MiB (every 8-byte
+ * word a function of its index), then forks WORKERS (1..99) workers; worker
+ * w (0-based) rewrites the pages p with p % 100 == w of that part (1% of
+ * them) with its own values and leaves the others alone: those stay shared
+ * copy-on-write with the parent.  Once they have, the parent rewrites its
+ * pages p % 100 == 99 (its own copies now) and fills the last 10% (which
+ * the workers never touched: zeros for them).  Nobody writes the area
+ * afterwards.  Prints "READY pid=P workers=a,b,..." then.
  *
  * On SIGUSR1 each process checks every word of the area against what it
  * must hold and prints "PASS cow_parent pid=P sum=S" / "PASS cow_worker
@@ -37,15 +39,27 @@ static size_t npages;
 
 static uint64_t pattern(size_t i) { return i * 0x9E3779B97F4A7C15ull ^ 0x5bd1e995ull; }
 static uint64_t mine(size_t i, int w) { return pattern(i) ^ ((uint64_t)(w + 1) << 56) ^ 0xABCDull; }
+static size_t filled(void) { return npages / 10 * 9; }
+
+/* what word i of page p holds for worker w (-1: the parent), once READY */
+static uint64_t want_of(size_t p, size_t i, int w)
+{
+	if (p >= filled())
+		return w < 0 ? pattern(i) : 0;
+	if (w >= 0 && (int)(p % 100) == w)
+		return mine(i, w);
+	if (w < 0 && p % 100 == 99)
+		return mine(i, 99);
+	return pattern(i);
+}
 
 static void verify(const char *name, int w)
 {
 	uint64_t sum = 0;
 	for (size_t p = 0; p < npages; p++) {
-		int own = w >= 0 && (int)(p % 100) == w;
 		for (size_t k = 0; k < WORDS_PER_PAGE; k++) {
 			size_t i = p * WORDS_PER_PAGE + k;
-			uint64_t want = own ? mine(i, w) : pattern(i);
+			uint64_t want = want_of(p, i, w);
 			if (area[i] != want) {
 				printf("FAIL %s: word %zu is %#llx, want %#llx (pid=%d)\n", name, i,
 				       (unsigned long long)area[i], (unsigned long long)want, getpid());
@@ -76,7 +90,7 @@ int main(int argc, char **argv)
 	if (argc != 3) { fprintf(stderr, "usage: cow_workers MIB WORKERS\n"); return 2; }
 	size_t mib = strtoul(argv[1], NULL, 10);
 	int nw = atoi(argv[2]);
-	if (nw < 1 || nw > 100) { fprintf(stderr, "1..100 workers\n"); return 2; }
+	if (nw < 1 || nw > 99) { fprintf(stderr, "1..99 workers\n"); return 2; }
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	struct sigaction sa = {0};
 	sa.sa_handler = on_usr1;
@@ -84,7 +98,7 @@ int main(int argc, char **argv)
 	npages = mib * 256;
 	area = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (area == MAP_FAILED) { perror("mmap"); return 1; }
-	for (size_t i = 0; i < npages * WORDS_PER_PAGE; i++)
+	for (size_t i = 0; i < filled() * WORDS_PER_PAGE; i++)
 		area[i] = pattern(i);
 	int ready[2];
 	if (pipe(ready)) { perror("pipe"); return 1; }
@@ -97,7 +111,7 @@ int main(int argc, char **argv)
 			prctl(PR_SET_PDEATHSIG, SIGKILL);
 			if (getppid() != parent) _exit(0);
 			close(ready[0]);
-			for (size_t p = w; p < npages; p += 100)
+			for (size_t p = w; p < filled(); p += 100)
 				for (size_t k = 0; k < WORDS_PER_PAGE; k++) {
 					size_t i = p * WORDS_PER_PAGE + k;
 					area[i] = mine(i, w);
@@ -114,6 +128,11 @@ int main(int argc, char **argv)
 		if (read(ready[0], &b, 1) != 1) { fprintf(stderr, "a worker died\n"); return 1; }
 	}
 	close(ready[0]);
+	for (size_t p = 99; p < filled(); p += 100)
+		for (size_t k = 0; k < WORDS_PER_PAGE; k++)
+			area[p * WORDS_PER_PAGE + k] = mine(p * WORDS_PER_PAGE + k, 99);
+	for (size_t i = filled() * WORDS_PER_PAGE; i < npages * WORDS_PER_PAGE; i++)
+		area[i] = pattern(i);
 	printf("READY pid=%d workers=%s\n", getpid(), list);
 	serve("cow_parent", -1);
 }
