@@ -2,7 +2,7 @@
  * cow_workers -- a pre-forking server's memory: a parent fills a private
  * anonymous area, forks workers, each writes its own 1% of it.
  *
- *   cow_workers MIB WORKERS
+ *   cow_workers MIB WORKERS [plain]
  *
  * The parent writes a pattern over the first 90% of MIB MiB (every 8-byte
  * word a function of its index), then forks WORKERS (1..99) workers; worker
@@ -11,7 +11,9 @@
  * copy-on-write with the parent.  Once they have, the parent rewrites its
  * pages p % 100 == 99 (its own copies now) and fills the last 10% (which
  * the workers never touched: zeros for them).  Nobody writes the area
- * afterwards.  Prints "READY pid=P workers=a,b,..." then.
+ * afterwards.  Prints "READY pid=P workers=a,b,..." then.  With "plain"
+ * (bench/bench_cow.py): the parent fills all of it before the fork and
+ * writes nothing after.
  *
  * On SIGUSR1 each process checks every word of the area against what it
  * must hold and prints "PASS cow_parent pid=P sum=S" / "PASS cow_worker
@@ -36,10 +38,11 @@
 
 static uint64_t *area;
 static size_t npages;
+static int plain;
 
 static uint64_t pattern(size_t i) { return i * 0x9E3779B97F4A7C15ull ^ 0x5bd1e995ull; }
 static uint64_t mine(size_t i, int w) { return pattern(i) ^ ((uint64_t)(w + 1) << 56) ^ 0xABCDull; }
-static size_t filled(void) { return npages / 10 * 9; }
+static size_t filled(void) { return plain ? npages : npages / 10 * 9; }
 
 /* what word i of page p holds for worker w (-1: the parent), once READY */
 static uint64_t want_of(size_t p, size_t i, int w)
@@ -48,7 +51,7 @@ static uint64_t want_of(size_t p, size_t i, int w)
 		return w < 0 ? pattern(i) : 0;
 	if (w >= 0 && (int)(p % 100) == w)
 		return mine(i, w);
-	if (w < 0 && p % 100 == 99)
+	if (w < 0 && p % 100 == 99 && !plain)
 		return mine(i, 99);
 	return pattern(i);
 }
@@ -87,7 +90,8 @@ static void serve(const char *name, int w)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) { fprintf(stderr, "usage: cow_workers MIB WORKERS\n"); return 2; }
+	if (argc < 3 || argc > 4) { fprintf(stderr, "usage: cow_workers MIB WORKERS [plain]\n"); return 2; }
+	plain = argc == 4 && !strcmp(argv[3], "plain");
 	size_t mib = strtoul(argv[1], NULL, 10);
 	int nw = atoi(argv[2]);
 	if (nw < 1 || nw > 99) { fprintf(stderr, "1..99 workers\n"); return 2; }
@@ -128,7 +132,7 @@ int main(int argc, char **argv)
 		if (read(ready[0], &b, 1) != 1) { fprintf(stderr, "a worker died\n"); return 1; }
 	}
 	close(ready[0]);
-	for (size_t p = 99; p < filled(); p += 100)
+	for (size_t p = 99; p < filled() && !plain; p += 100)
 		for (size_t k = 0; k < WORDS_PER_PAGE; k++)
 			area[p * WORDS_PER_PAGE + k] = mine(p * WORDS_PER_PAGE + k, 99);
 	for (size_t i = filled() * WORDS_PER_PAGE; i < npages * WORDS_PER_PAGE; i++)
