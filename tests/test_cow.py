@@ -154,3 +154,45 @@ def test_failure_between_fill_and_fork_leaves_nothing(action, bins, trees, tmp_p
     assert not left, f"processes left behind: {left}"
     new, _ = restart_tree(tmp_path / "img", trees)      # nothing in the way
     assert sums(new, workers, log) == before
+
+
+# --------------------------------------------------------------------------
+# the pieces, without processes
+
+def _entry(pfn: int, present: bool = True, file: bool = False) -> int:
+    from linuxcr.procfs.pagemap import PM_FILE, PM_PRESENT
+    return (PM_PRESENT if present else 0) | (PM_FILE if file else 0) | pfn
+
+
+def test_same_frames_finds_only_the_same_anonymous_page():
+    import struct
+    from linuxcr.procfs.pagemap import same_frames
+    parent = [_entry(10), _entry(11), _entry(12), _entry(0), _entry(14, file=True), _entry(15),
+              _entry(16, present=False)]
+    child = [_entry(10), _entry(99), _entry(12), _entry(0), _entry(14, file=True), _entry(15),
+             _entry(16)]
+    pack = lambda xs: struct.pack(f"<{len(xs)}Q", *xs)   # noqa: E731
+    # page 1 was copied, page 3 has no PFN (not root), page 4 is the file's, page 6 absent in the parent
+    assert same_frames(pack(parent), pack(child), 0x10000) == [(0x10000, 1), (0x12000, 1),
+                                                              (0x15000, 1)]
+
+
+def test_inherited_areas_must_be_the_parents():
+    from linuxcr.errors import ImageError
+    from linuxcr.image.schema import Vma
+    from linuxcr.resources import memory
+    heap = Vma(start=0x100000, end=0x200000, prot=3, shared=False, kind="anon", pages=True)
+    other = Vma(start=0x300000, end=0x400000, prot=3, shared=False, kind="anon", pages=True)
+    assert memory.inherited_areas([heap, other], [heap], [(0x100000, 0x101000)], "img") \
+        == [(0x100000, 0x200000)]
+    for cow in ([(0x300000, 0x301000)],            # an area the parent lacks
+                [(0x1ff000, 0x201000)],            # across the area's end
+                [(0x500000, 0x501000)]):           # outside every area
+        with pytest.raises(ImageError, match="marked shared with the parent"):
+            memory.inherited_areas([heap, other], [heap], cow, "img")
+    shared = Vma(start=0x100000, end=0x200000, prot=3, shared=True, kind="anon", pages=True)
+    with pytest.raises(ImageError):            # MAP_SHARED is not copy-on-write
+        memory.inherited_areas([shared], [shared], [(0x100000, 0x101000)], "img")
+    prot = Vma(start=0x100000, end=0x200000, prot=1, shared=False, kind="anon", pages=True)
+    with pytest.raises(ImageError):            # mprotect'ed in the child since
+        memory.inherited_areas([prot], [heap], [(0x100000, 0x101000)], "img")
