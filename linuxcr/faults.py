@@ -63,6 +63,7 @@ POINTS = {
     "restore.spawned": "the blank task exists, not yet seized",
     "restore.tree": "right after each task of the tree is made (seized)",
     "restore.pages": "right after each PAGES record was poured into a task",
+    "restore.cow_fork": "a tree sharing pages: a parent filled, its next child not yet forked",
     "restore.finished": "every task rebuilt, registers set, none detached yet",
 }
 

@@ -15,10 +15,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from linuxcr import __version__, faults
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, TaskGone
 from linuxcr.image.schema import (
-    ARCH, FORMAT_VERSION, MAGIC, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
+    ARCH, FORMAT_VERSION, MAGIC, CowRun, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
@@ -252,6 +254,9 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
+        shared: dict[int, list[tuple[int, int]]] = {}
+        if base is None:        # an incremental image stores what changed, shares nothing
+            tasks, shared = _mark_shared(tree, tasks)
         if on_frozen:
             on_frozen(tree)
         w = ImageWriter(fd, compress=compress, name=name)
@@ -263,7 +268,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             w.record(RecType.TASK, task)
         if base is None:
             pages = memory.dump_pages([(tree.procs[t.pid].leader, t.vmas) for t in tasks], w,
-                                      progress)
+                                      progress, shared)
         else:
             pages = _dump_changed(tree, tasks, w, base, progress, stats)
         w.finish()
@@ -281,6 +286,25 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
                       frozen_seconds=done - frozen_at, processes=len(tasks),
                       image_id=image_id, digest=w.digest, incremental=stats)
+
+
+def _mark_shared(tree: FrozenTree, tasks: list[Task]) -> tuple[list[Task], dict]:
+    """Each child's pages that are its parent's very pages (copy-on-write
+    since a fork): marked in its TASK record (cow), not stored; restart
+    forks it from its filled parent.  Pages go out in the order of the
+    TASK records, each task's together (dump_pages): restart relies on it."""
+    vmas = {t.pid: t.vmas for t in tasks}
+    out, shared = [], {}
+    for t in tasks:
+        parent = tree.parent.get(t.pid)
+        if parent in vmas:
+            got = memory.cow_shared(parent, vmas[parent], t.pid, t.vmas)
+            if got:
+                shared[t.pid] = got
+                t = msgspec.structs.replace(t, cow=[CowRun(addr=s, npages=(e - s) // PAGE)
+                                                    for s, e in got])
+        out.append(t)
+    return out, shared
 
 
 def _dump_changed(tree: FrozenTree, tasks: list[Task], w: ImageWriter, base, progress,

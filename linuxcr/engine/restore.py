@@ -102,6 +102,7 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
             raise ImageError(f"image holds pid {k.pid} before its parent {k.ppid}")
         pids.add(k.pid)
         validate_task(k)
+    check_shared(tasks)
     for z in tree.zombies:
         if z.ppid not in pids:
             raise ImageError(f"image holds zombie {z.pid} whose parent is not in the tree")
@@ -137,6 +138,24 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
             raise ImageError(f"image holds an open file with a relative path {d.path!r}")
         if d.kind == "chr" and d.path not in files.SAFE_DEVICES:
             raise ImageError(f"image holds an open device {d.path!r} that lcr does not restore")
+
+
+def cow_spans(task: Task) -> list[tuple[int, int]]:
+    """The pages a task shares with its parent (Task.cow), as byte ranges."""
+    return [(r.addr, r.addr + r.npages * PAGE) for r in task.cow]
+
+
+def check_shared(tasks: list[Task]) -> None:
+    """Pages marked shared with the parent: not in the root, and only in
+    areas the parent has the same."""
+    by_pid = {k.pid: k for k in tasks}
+    for k in tasks:
+        if not k.cow:
+            continue
+        if k is tasks[0]:
+            raise ImageError(f"image is corrupt: its root pid {k.pid} has pages marked shared "
+                             "with a parent it does not hold")
+        memory.inherited_areas(k.vmas, by_pid[k.ppid].vmas, cow_spans(k), "image")
 
 
 def check_vdso(task: Task) -> None:
@@ -294,11 +313,17 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
             faults.point("restore.spawned")
             root.seize()
             root.stop()
-            build_tree(root, tasks, tree, any_pid, made)
-            for r in made:
-                prepare(r, shm)
-            pages = memory.fill_image({r.task.pid: (r.t, r.task.vmas) for r in made},
-                                      reader, first, chain)
+            if any(k.cow for k in tasks):
+                if chain is not None:
+                    raise ImageError(f"{reader.name} is corrupt: pages marked shared with a "
+                                     "parent task in an incremental image")
+                pages = build_shared(root, tasks, tree, any_pid, made, shm, reader, first)
+            else:
+                build_tree(root, tasks, tree, any_pid, made)
+                for r in made:
+                    prepare(r, shm)
+                pages = memory.fill_image({r.task.pid: (r.t, r.task.vmas) for r in made},
+                                          reader, first, chain)
             warnings: list[str] = []
             for r in made:
                 warnings += finish_task(r, ours, tree)
@@ -350,6 +375,57 @@ def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         zt.exit_now(z.status)
 
 
+def build_shared(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool, made: list[Rebuild],
+                 shm: dict[int, int], reader: ImageReader, first: Record) -> int:
+    """build_tree, prepare and the fill for an image whose children share
+    pages with their parents (Task.cow): task by task, in the image's
+    order, a parent's memory is mapped and filled before its children are
+    forked from it; each child keeps the areas it inherits copy-on-write
+    (their pages shared again, as they were), loses the rest of its
+    parent's, has its own areas mapped and its own pages written.  Every
+    fork comes before any task's finish.  The pages written."""
+    root.insn = root.find_syscall_insn(_own_vdso(root.pid))
+    by_pid: dict[int, Rebuild] = {}
+    pages = memory.TaskPages(reader, first)
+    total = 0
+    for k in tasks:
+        parent = by_pid.get(k.ppid) if made else None
+        if parent is None:
+            t = root
+        else:
+            faults.point("restore.cow_fork")
+            assert parent.arena is not None
+            t = pstree.fork_child(parent.t, parent.arena, None if any_pid else (k.vpid or k.pid))
+        r = Rebuild(task=k, t=t)
+        by_pid[k.pid] = r
+        made.append(r)
+        ptrace.set_sigmask(t.pid, ALL_SIGNALS)
+        pstree.set_session(t, k)
+        keep: list[tuple[int, int]] = []
+        if parent is None:
+            empty(r)
+        else:
+            keep = memory.inherited_areas(k.vmas, parent.task.vmas, cow_spans(k), reader.name) \
+                if k.cow else []
+            r.inherited_sigs = (lambda st: st.sig_cgt | st.sig_ign)(read_status(t.pid))
+            r.inherited_exe = parent.inherited_exe
+            r.tramp, r.arena = memory.empty_but_inherited(t, k.vmas, keep, parent.tramp)
+        faults.point("restore.tree")
+        kept = set(keep)
+        prepare(r, shm, [v for v in k.vmas if (v.start, v.end) not in kept])
+        total += pages.pour(k.pid, t, k.vmas)
+        if keep:
+            memory.drop_unshared(t, keep, cow_spans(k), pages.stored.get(k.pid, []))
+    pages.end()
+    pstree.set_groups([(r.t, r.task) for r in made])
+    for z in tree.zombies:
+        parent = by_pid[z.ppid]
+        assert parent.arena is not None
+        zt = pstree.fork_child(parent.t, parent.arena, None if any_pid else z.vpid)
+        zt.exit_now(z.status)
+    return total
+
+
 def _blank_arena(r: Rebuild) -> Arena:
     """Scratch memory in a blank: its trampoline's once emptied, else a
     page of its own."""
@@ -378,8 +454,9 @@ def empty(r: Rebuild, inherited: Rebuild | None = None) -> None:
                                                    inherited.tramp if inherited is not None else 0)
 
 
-def prepare(r: Rebuild, shm: dict[int, int]) -> None:
-    """The emptied blank (empty, done by build_tree): map the saved areas."""
+def prepare(r: Rebuild, shm: dict[int, int], vmas: list | None = None) -> None:
+    """The emptied blank (empty, done by build_tree): map the saved areas
+    (``vmas``: only those; the others it holds already)."""
     t, task = r.t, r.task
     reason = cpu.check_restorable(task.xstate, ptrace.get_xstate(t.pid))
     if reason:
@@ -387,7 +464,7 @@ def prepare(r: Rebuild, shm: dict[int, int]) -> None:
     if not r.tramp:
         empty(r)
     assert r.arena is not None
-    memory.prepare_areas(t, task.vmas, r.arena, shm)
+    memory.prepare_areas(t, task.vmas if vmas is None else vmas, r.arena, shm)
 
 
 def finish_task(r: Rebuild, ours: dict[int, int], tree: Tree) -> list[str]:

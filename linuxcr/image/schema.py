@@ -318,6 +318,14 @@ class FileLock(Struct, forbid_unknown_fields=True):
     length: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0   # 0: to the end of the file
 
 
+class CowRun(Struct, array_like=True, forbid_unknown_fields=True):
+    """Pages of a child that were its parent's very pages (copy-on-write
+    shared since a fork) at the checkpoint: not stored with the child;
+    restart forks it from its filled parent so that they are shared again."""
+    addr: U64
+    npages: Annotated[int, Meta(ge=1, le=1 << 36)]
+
+
 class Task(Struct, forbid_unknown_fields=True):
     pid: Pid
     tid: Pid
@@ -355,6 +363,9 @@ class Task(Struct, forbid_unknown_fields=True):
     locks: Annotated[list[FileLock], Meta(max_length=MAX_LIST)] = []
     attrs: ThreadAttrs | None = None      # the leader's (None: an older image)
     proc: ProcAttrs | None = None
+    # pages shared with the parent task (CowRun), sorted, each inside one
+    # area of this task that is the same private area in the parent
+    cow: Annotated[list[CowRun], Long] = []
 
 
 class Pages(Struct, forbid_unknown_fields=True):

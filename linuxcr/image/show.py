@@ -48,6 +48,8 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         d["pending"] = [{"shared": p.shared, "signo": int.from_bytes(p.siginfo[:4], "little")}
                         for p in t.pending]
         d["pages"] = pages_by_pid.get(t.pid, 0)
+        d["cow"] = f"<{len(t.cow)} runs>"
+        d["pages_shared_with_parent"] = sum(r.npages for r in t.cow)   # not stored
         if header.parent is not None:
             d["pages_in_parents"] = parents_by_pid.get(t.pid, 0)
         out_tasks.append(d)
@@ -144,6 +146,8 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
                      f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}")
         lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved"
+                     + (f", {t['pages_shared_with_parent']} shared with its parent"
+                        if t.get('pages_shared_with_parent') else "")
                      + (f", {t['pages_in_parents']} in its parents" if "pages_in_parents" in t else ""))
         for v in t["vmas"]:
             what = v["path"] or v["name"] or v["kind"]

@@ -365,6 +365,7 @@ FIELDS: dict[type, dict[str, Rule]] = {
              "posix_timers": unique(lambda t: t.id, "POSIX timer id")},
     S.Pages: {"addr": page_addr},
     S.PageRun: {"addr": page_addr},
+    S.CowRun: {"addr": page_addr},
     S.Tree: {"files": unique(lambda d: d.fid, "open file"),
              "pipes": unique(lambda p: p.ino, "pipe"), "unix": unique(lambda u: u.ino, "socket"),
              "shm": unique(lambda o: o.id, "shared memory object"),
@@ -456,6 +457,9 @@ def _task(t: S.Task) -> tuple[str, Any, str] | None:
         if rseq and not any(v.start <= rseq[0] and rseq[0] + rseq[1] <= v.end and v.prot & 2
                             for v in t.vmas):
             return where_, rseq[0], "the rseq area is not in writable memory of the task"
+    why = _ordered(((r.addr, r.addr + r.npages * PAGE) for r in t.cow), "shared page run")
+    if why:
+        return "cow", t.cow, why
     if any(th.tid == t.pid for th in t.threads):
         return "threads", t.threads, "a thread has the leader's tid"
     fds = {f.fd for f in t.files}
@@ -489,6 +493,12 @@ def _pages(p: S.Pages) -> tuple[str, Any, str] | None:
 
 
 def _run(r: S.PageRun) -> tuple[str, Any, str] | None:
+    if r.addr + r.npages * PAGE > TASK_SIZE:
+        return "npages", r.npages, f"the pages at {r.addr:#x} end beyond TASK_SIZE"
+    return None
+
+
+def _cow_run(r: S.CowRun) -> tuple[str, Any, str] | None:
     if r.addr + r.npages * PAGE > TASK_SIZE:
         return "npages", r.npages, f"the pages at {r.addr:#x} end beyond TASK_SIZE"
     return None
@@ -552,7 +562,7 @@ def _udp(s: K.UdpState) -> tuple[str, Any, str] | None:
 
 CHECKS: dict[type, Check] = {
     S.Vma: _vma, S.Rlimit: _rlimit, S.MmFields: _mm, S.Task: _task, S.PosixTimer: _timer,
-    S.FileLock: _lock, S.Pages: _pages, S.PageRun: _run, S.PageMap: _pagemap, S.PipeData: _pipe,
+    S.FileLock: _lock, S.Pages: _pages, S.PageRun: _run, S.CowRun: _cow_run, S.PageMap: _pagemap, S.PipeData: _pipe,
     S.UnixPair: _unix, K.FifoState: _fifo, K.FileContent: _content,
     K.UnixBoundState: _unix_bound, K.TcpState: _tcp, K.UdpState: _udp,
 }

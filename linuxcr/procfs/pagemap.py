@@ -188,3 +188,21 @@ def read_pagemap(pid: int | str, start: int, end: int, page_size: int = 4096) ->
     """Raw pagemap entries for [start, end) in one pread."""
     with PagemapReader(pid, page_size) as reader:
         return reader.read(start, end)
+
+
+def same_frames(parent: bytes | bytearray | memoryview, child: bytes | bytearray | memoryview,
+                first_addr: int, page_size: int = 4096) -> list[Run]:
+    """Runs of pages that two processes map to the very same physical page
+    (raw pagemap entries of one range, read in both): present in both, an
+    anonymous page in the child (a private file mapping's page-cache pages
+    are the file's, never saved), the same non-zero PFN.  PFNs read as 0
+    without CAP_SYS_ADMIN: then nothing is found to be shared."""
+    if len(parent) != len(child) or len(child) % ENTRY_SIZE:
+        raise ValueError("pagemap data of the two ranges differ in length")
+    import numpy as np
+    p = np.frombuffer(parent, dtype="<u8")
+    c = np.frombuffer(child, dtype="<u8")
+    pfn = np.uint64(PM_PFN_MASK)
+    keep = ((c & np.uint64(PM_PRESENT | PM_FILE)) == np.uint64(PM_PRESENT)) \
+        & ((p & np.uint64(PM_PRESENT)) != 0) & ((c & pfn) != 0) & ((c & pfn) == (p & pfn))
+    return _true_runs(keep, first_addr, page_size)

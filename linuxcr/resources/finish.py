@@ -398,6 +398,7 @@ BEFORE: dict[str, str] = {
     **dict.fromkeys(("pid", "tid", "ppid", "pgid", "sid", "vpid", "pidns_init"),
                     "the tree: engine/restore.py build_tree, resources/pstree.py"),
     "vmas": "memory: resources/memory.py (map, fill, reconcile)",
+    "cow": "the tree: engine/restore.py build_shared (forked from the filled parent)",
     **dict.fromkeys(("starttime", "boot_id"), "identity of the original: checked, not given back"),
 }
 NAMES = frozenset(s.name for s in STEPS)

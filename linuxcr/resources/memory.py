@@ -33,6 +33,7 @@ from linuxcr.image.schema import FileDesc, PageMap, Pages, RecType, ShmObject, V
 from linuxcr.image import runs
 from linuxcr.image.stream import SMALL_DATA, ImageReader, ImageWriter, Record
 from linuxcr.procfs import PagemapReader, SmapsEntry, read_maps, split_runs
+from linuxcr.procfs.pagemap import same_frames
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from linuxcr.sys.syscalls import TASK_SIZE, pagemap_scan
@@ -184,12 +185,16 @@ def _ring() -> list[memoryview]:
     return _RING
 
 
-def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=None) -> int:
+def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=None,
+               shared: dict[int, list[Span]] | None = None) -> int:
     """The pages of every task through one pipeline (not one per task, which
     would drain at every task boundary): a helper thread reads the next
     chunk, of this task or of the next one, while this one checksums and
-    writes the previous one out."""
-    work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks for addr, n in page_runs(t.pid, vmas))
+    writes the previous one out.  ``shared``: pid -> byte ranges of pages
+    not to store (a child's pages shared with its parent, cow_shared)."""
+    shared = shared or {}
+    work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks
+            for addr, n in _unshared_runs(t.pid, vmas, shared.get(t.pid, [])))
     total = 0
     for pid, pieces, view in read_ahead(work):
         w.page_run(pid, pieces[0][0], view)
@@ -197,6 +202,150 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
         if progress:
             progress(len(view))
     return total
+
+
+def _unshared_runs(pid: int, vmas: list[Vma], shared: list[Span]) -> list[tuple[int, int]]:
+    """page_runs without the ``shared`` byte ranges."""
+    got = page_runs(pid, vmas)
+    if not shared:
+        return got
+    keep = runs.subtract(runs.normalize((a, a + n * PAGE) for a, n in got), runs.normalize(shared))
+    return split_runs([(s, (e - s) // PAGE) for s, e in keep], CHUNK // PAGE)
+
+
+# --- pages a child shares with its parent (copy-on-write since a fork) ------------
+
+INHERITABLE = ("anon", "file")
+
+
+def inheritable(v: Vma) -> bool:
+    """An area fork() gives a child as a copy-on-write copy of its pages."""
+    return v.kind in INHERITABLE and v.pages and not not_cow(v)
+
+
+def cow_key(v: Vma) -> tuple:
+    """What a child's area and its parent's must agree in for the child to
+    inherit the parent's restored area as it is (mapping, protection,
+    name, madvise flags)."""
+    return (v.start, v.end, v.kind, v.path, v.offset, v.prot, v.name,
+            tuple(sorted(f for f in v.vmflags if f in MADVISE or f == "gd")))
+
+
+def cow_shared(parent: int, pvmas: list[Vma], child: int, cvmas: list[Vma]) -> list[Span]:
+    """Byte ranges of the child's pages that are its parent's very pages
+    (same PFN, in an area the child inherits as it is, cow_key): found in
+    /proc/PID/pagemap of both, no page read.  Without CAP_SYS_ADMIN the
+    PFNs read as 0 and nothing is shared (every page is stored)."""
+    theirs = {cow_key(v) for v in pvmas if inheritable(v)}
+    out: list[Span] = []
+    with PagemapReader(parent) as pp, PagemapReader(child) as cp:
+        for v in cvmas:
+            if not inheritable(v) or cow_key(v) not in theirs:
+                continue
+            mine: list[Span] = []
+            for lo in range(v.start, v.end, CHUNK * 64):      # 128 KiB of pagemap a read
+                hi = min(lo + CHUNK * 64, v.end)
+                a, b = pp.read(lo, hi), cp.read(lo, hi)
+                if len(a) != len(b):
+                    break
+                mine += [(s, s + n * PAGE) for s, n in same_frames(a, b, lo, PAGE)]
+            out += runs.normalize(mine)   # per area: a run never spans two (inherited_areas)
+    return out
+
+
+def inherited_areas(vmas: list[Vma], pvmas: list[Vma], cow: list[Span], where: str) -> list[Span]:
+    """The child's areas (``vmas``) holding its shared pages ``cow``: each
+    must be an area the parent (``pvmas``) has the same (cow_key)."""
+    theirs = {cow_key(v) for v in pvmas if inheritable(v)}
+    starts = [v.start for v in vmas]
+    out: list[Span] = []
+    for s, e in cow:
+        i = bisect.bisect_right(starts, s) - 1
+        v = vmas[i] if i >= 0 else None
+        if v is None or not (v.start <= s and e <= v.end) or not inheritable(v) \
+                or cow_key(v) not in theirs:
+            raise ImageError(f"{where} is corrupt: pages at 0x{s:x} marked shared with the parent "
+                             "lie outside an area the parent has the same")
+        if not out or out[-1] != (v.start, v.end):
+            out.append((v.start, v.end))
+    return out
+
+
+def empty_but_inherited(t: Tracee, vmas: list[Vma], keep: list[Span], at: int
+                        ) -> tuple[int, Arena]:
+    """A child just forked from its restored parent: everything unmapped but
+    the areas it inherits (``keep``) and a trampoline: the parent's at
+    ``at`` if the child's saved layout ``vmas`` leaves it free, else a new one."""
+    if not free_in(vmas, at):
+        at = free_gap(vmas, t.pid)
+        map_trampoline(t, at)
+    t.insn = at
+    for s, e in runs.subtract([(0, TASK_SIZE)], runs.normalize(keep + [(at, at + TRAMPOLINE)])):
+        t.syscall("munmap", s, e - s)
+    return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
+
+
+def drop_unshared(t: Tracee, keep: list[Span], cow: list[Span], stored: list[Span]) -> None:
+    """In the inherited areas, the parent's pages the child had not: those
+    neither shared (``cow``) nor written with its own pages (``stored``)
+    go back to zeros or to the file's content."""
+    drop_pages(t, runs.subtract(runs.subtract(runs.normalize(keep), runs.normalize(cow)),
+                                runs.normalize(stored)))
+
+
+class TaskPages:
+    """The PAGES records of an image poured task by task, in the order of
+    its TASK records (the order checkpoint writes them), so that a parent's
+    memory is complete before its children are forked from it.  Each task's
+    records go through PageFill.pour, which reads up to a TRAILER: it is
+    given the reader through _Upto, which ends where the task's pages end."""
+
+    def __init__(self, reader: ImageReader, first: Record) -> None:
+        self.reader, self.pending = reader, first
+        self.stored: dict[int, list[Span]] = {}
+
+    def pour(self, pid: int, t: Tracee, vmas: list[Vma]) -> int:
+        rec = self.pending
+        if rec.type is not RecType.PAGES or rec.meta.pid != pid:  # type: ignore[attr-defined]
+            return 0
+        upto = _Upto(self.reader, pid)
+        fill = PageFill({pid: (t, vmas)}, self.reader.name)
+        n = fill.pour(upto, rec)       # type: ignore[arg-type]
+        assert upto.pending is not None
+        self.pending = upto.pending
+        self.stored[pid] = runs.normalize(fill.stored.get(pid, []))
+        return n
+
+    def end(self) -> None:
+        """After the last task: the trailer must come now."""
+        rec = self.pending
+        if rec.type is RecType.TRAILER:
+            self.reader.expect_end()
+            return
+        if rec.type is RecType.PAGES:
+            raise ImageError(f"{self.reader.name} is corrupt: pages of pid {rec.meta.pid} "  # type: ignore[attr-defined]
+                             "out of the order of its tasks (or of no task)")
+        raise ImageError(f"{self.reader.name} is corrupt: unexpected {rec.type.name} record "
+                         "among pages")
+
+
+class _Upto:
+    """An ImageReader that ends (a TRAILER of its own) before the first
+    record that is not a PAGES record of ``pid``; that one is kept (pending)."""
+
+    def __init__(self, reader: ImageReader, pid: int) -> None:
+        self.reader, self.pid, self.name = reader, pid, reader.name
+        self.pending: Record | None = None
+
+    def next(self) -> Record:
+        rec = self.reader.next()
+        if rec.type is RecType.PAGES and rec.meta.pid == self.pid:  # type: ignore[attr-defined]
+            return rec
+        self.pending = rec
+        return Record(type=RecType.TRAILER, meta=None, data=memoryview(b""))  # type: ignore[arg-type]
+
+    def expect_end(self) -> None:
+        pass
 
 
 # --- the one copy loop -----------------------------------------------------------
