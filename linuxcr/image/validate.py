@@ -19,6 +19,7 @@ validate_tree.
 """
 from __future__ import annotations
 
+import os
 import ipaddress
 import struct
 from typing import Any, Callable, Iterable
@@ -39,6 +40,11 @@ ID_MAX = (1 << 32) - 2            # uid_t/gid_t; (uid_t)-1 means "unchanged" to 
 PID_MAX = 1 << 22                 # PID_MAX_LIMIT on 64-bit
 NGROUPS_MAX = 65536
 OFF_MAX = (1 << 63) - 1           # loff_t
+OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+              | os.O_NONBLOCK | os.O_DSYNC | 0o20000 | os.O_DIRECT | 0o100000
+              | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC | os.O_SYNC
+              | os.O_PATH | os.O_TMPFILE)
+# (0o20000 is FASYNC; 0o100000 is the kernel's O_LARGEFILE, which Python calls 0)
 S64_MAX = (1 << 63) - 1
 SIGKILL, SIGSTOP = 9, 19
 # Signals that may not be the notification of a POSIX timer (good_sigevent):
@@ -330,10 +336,18 @@ FIELDS: dict[type, dict[str, Rule]] = {
             "offset": lambda v: None if v <= OFF_MAX and not v % PAGE
             else "not a page aligned file offset",
             "vmflags": each(lambda s: None if len(s) == 2 else "is not two letters")},
-    S.FileDesc: {"pos": rng(0, OFF_MAX, "a file position")},
+    S.FileDesc: {"pos": rng(0, OFF_MAX, "a file position"),
+                 # open(2) flags only; O_PATH is its own kind (fdkinds/opath.py), the
+                 # built-in kinds are reopened for reading/writing
+                 "flags": lambda v: None if 0 <= v < (1 << 32) and not v & ~OPEN_FLAGS
+                 else "not a set of open(2) flags"},
     S.OpenFile: {},
     S.PipeData: {"size": pipe_size},
     S.UnixPair: {"type": sockflags, "rcvbuf": sock_buf, "sndbuf": sock_buf},
+    # resources/exe_identity.py reads a page at each offset (pread takes an off_t)
+    S.FileIdentity: {"path": abs_path,
+                     "offsets": each(lambda v: None if v <= OFF_MAX and not v % PAGE
+                                     else "not a page-aligned file offset")},
     S.ShmObject: {"size": lambda v: None if 0 < v <= TASK_SIZE and not v % PAGE
                   else "not a size of shared memory (whole pages, below TASK_SIZE)"},
     S.Zombie: {"ppid": pid},

@@ -28,8 +28,10 @@ from linuxcr.sys.syscalls import kcmp_file
 O_CLOEXEC = 0o2000000
 F_SETFL, F_DUPFD_CLOEXEC = 4, 1030
 # Flags that open() takes back; creation flags are not in fdinfo anyway.
+# (no O_PATH: an O_PATH fd is its own kind, fdkinds/opath.py; one forged into a
+# regular file's flags must not give lcr an fd it cannot fcntl)
 REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME |
-                os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE | os.O_PATH)
+                os.O_SYNC | os.O_DSYNC | os.O_DIRECTORY | os.O_LARGEFILE)
 STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME   # F_SETFL can change these
 SAFE_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 BUILTIN_KINDS = ("reg", "dir", "chr", "pipe", "unix", "external")   # external: resources/external.py
