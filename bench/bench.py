@@ -230,6 +230,22 @@ def pwd_name(uid: int) -> str:
         return str(uid)
 
 
+CRIU_PREFIXES = ("/opt/criu-sid", "/opt/criu-trixie")   # CRIU 4.2 first, then 4.1
+
+
+def default_criu(name: str) -> str:
+    """The newest installed CRIU build (install-criu.sh: SUITE=sid gives 4.2)."""
+    for pre in CRIU_PREFIXES:
+        if os.access(f"{pre}/{name}", os.X_OK):
+            return f"{pre}/{name}"
+    return f"{CRIU_PREFIXES[-1]}/{name}"
+
+
+def load1() -> float:
+    """The 1-minute load average now (recorded with every figure)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -613,7 +629,7 @@ class Bench:
         img = d / ("img" if tool == "criu" else "image.lcr")
         rec = {"case": wl.case, "workload": wl.label, "size_mib": wl.mib, "run": run, "mode": mode,
                "user": user or pwd_name(os.geteuid()), "ok": False, "verify": "FAIL",
-               "ckpt_s": None, "restart_s": None, "img_bytes": None, "error": None}
+               "ckpt_s": None, "restart_s": None, "img_bytes": None, "error": None, "load": load1()}
         reaper = self.worker.reap if tool == "api" else None
         hkw = {k: v for k, v in (ukw or {}).items() if k in ("user", "group", "extra_groups", "env")}
         hog = wl.make(d / "workload.log", **hkw)
@@ -669,7 +685,7 @@ class Bench:
             if s1 != "OK" or stuck:
                 raise StepFail(f"verify after restart: {s1}, {len(c1)}/{len(c0)} members answered"
                                + (f", counter not advanced for member(s) {stuck}" if stuck and c1 else ""))
-            rec.update(ok=True, verify="OK", ckpt_s=dt, restart_s=rt)
+            rec.update(ok=True, verify="OK", ckpt_s=dt, restart_s=rt, load_end=load1())
             if tool == "criu":
                 rec["crit"] = self.crit_stats(img)
         except StepFail as e:
@@ -687,7 +703,7 @@ class Bench:
         d.mkdir(parents=True, exist_ok=True)
         hog = Memhog(self.exe["memhog"], mib, d / "workload.log")
         rec = {"case": "memhog", "workload": f"memhog {mib}", "size_mib": mib, "run": run, "mode": "pvr",
-               "ok": False, "error": None}
+               "ok": False, "error": None, "load": load1()}
         pid = 0
         try:
             pid = hog.start()
@@ -704,6 +720,53 @@ class Bench:
             rec["error"] = str(e)
         finally:
             self.kill(pid)
+        return rec
+
+    def pagecache_step(self, mib: int, run: int) -> dict:
+        """The page-cache copy limits of an image of MIB: write MIB (1 MiB
+        writes of incompressible bytes, no fsync: what a checkpoint to a
+        file must at least do) and read it back into fresh anonymous memory
+        (what a restart must at least do), both pre-warmed like the steps."""
+        import mmap
+        rec = {"case": "memhog", "workload": f"memhog {mib}", "size_mib": mib, "run": run, "mode": "pcache",
+               "ok": False, "error": None, "load": load1()}
+        f = self.root / f".pcache.{os.getpid()}"
+        buf = os.urandom(MiB)
+        try:
+            if self.a.prewarm:
+                os.sync()
+                prewarm(self.root, mib + 64)
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                t = time.perf_counter()
+                for _ in range(mib):
+                    os.write(fd, buf)
+                w = time.perf_counter() - t
+            finally:
+                os.close(fd)
+            if self.a.prewarm:
+                prewarm(self.root, mib + 64)
+            mem = mmap.mmap(-1, mib * MiB)
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                view = memoryview(mem)
+                t = time.perf_counter()
+                off = 0
+                while off < mib * MiB:
+                    n = os.readv(fd, [view[off:off + 4 * MiB]])
+                    if n <= 0:
+                        raise StepFail("short read of the page-cache file")
+                    off += n
+                r = time.perf_counter() - t
+                view.release()
+            finally:
+                os.close(fd)
+                mem.close()
+            rec.update(ok=True, write_s=w, read_s=r, bytes=mib * MiB)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            f.unlink(missing_ok=True)
         return rec
 
     def startup(self) -> dict:
@@ -743,7 +806,7 @@ class Bench:
         if "memhog" in a.cases:
             for mib in a.sizes:
                 wls.append(Workload("memhog", f"memhog {mib}", str(mib), mib,
-                                    modes + (["pvr"] if a.pvr else []),
+                                    modes + (["pvr", "pcache"] if a.pvr else []),
                                     lambda log, mib=mib, **kw: Memhog(ex["memhog"], mib, log, **kw)))
         if "tree" in a.cases:
             n, m = a.tree
@@ -797,13 +860,20 @@ class Bench:
                     if mode == "pvr":
                         rec = self.pvr_step(wl.mib, run)
                         self.records.append(rec)
-                        log(f"{name} " + (f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}"))
+                        log(f"{name} " + (f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}")
+                            + f"  load {rec['load']}")
+                        continue
+                    if mode == "pcache":
+                        rec = self.pagecache_step(wl.mib, run)
+                        self.records.append(rec)
+                        log(f"{name} " + (f"page-cache write {rec['write_s']*1e3:.1f} ms, read {rec['read_s']*1e3:.1f} ms"
+                                          if rec["ok"] else f"FAIL {rec['error']}") + f"  load {rec['load']}")
                         continue
                     rec = self.step(wl, mode, run)
                     self.records.append(rec)
                     if rec["ok"]:
                         log(f"{name} checkpoint {rec['ckpt_s']*1e3:8.1f} ms  restart {rec['restart_s']*1e3:8.1f} ms  "
-                            f"image {rec['img_bytes']/MiB:7.1f} MiB  OK")
+                            f"image {rec['img_bytes']/MiB:7.1f} MiB  OK  load {rec['load']}")
                     else:
                         log(f"{name} FAIL: {rec['error']}")
         meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
@@ -826,14 +896,22 @@ class Bench:
     def summarize(self) -> dict:
         out = {}
         all_pvr = median([r["bytes_per_s"] for r in self.records if r["mode"] == "pvr" and r["ok"]])
+        pcs = [r for r in self.records if r["mode"] == "pcache" and r["ok"]]
+        all_pcw = median([r["bytes"] / r["write_s"] for r in pcs])
+        all_pcr = median([r["bytes"] / r["read_s"] for r in pcs])
         for wl in self.workloads:
             recs = [r for r in self.records if r["workload"] == wl.label]
             pv = [r for r in recs if r["mode"] == "pvr" and r["ok"]]
             # the copy limit: process_vm_readv of this memhog size, else of all sizes measured
             pvr_bps = median([r["bytes_per_s"] for r in pv]) if pv else all_pvr
+            pc = [r for r in recs if r["mode"] == "pcache" and r["ok"]]
             s = {"case": wl.case, "size_mib": wl.mib, "pvr_bytes_per_s": pvr_bps, "pvr_runs": len(pv),
-                 "pvr_from": "this size" if pv else ("all memhog sizes" if all_pvr else None), "modes": {}}
-            modes = [m for m in wl.modes if m != "pvr"]
+                 "pvr_from": "this size" if pv else ("all memhog sizes" if all_pvr else None), "modes": {},
+                 # page-cache limits in bytes/s (this size, else all sizes measured)
+                 "pcw_bytes_per_s": median([r["bytes"] / r["write_s"] for r in pc]) if pc else all_pcw,
+                 "pcr_bytes_per_s": median([r["bytes"] / r["read_s"] for r in pc]) if pc else all_pcr,
+                 "pcache_runs": len(pc)}
+            modes = [m for m in wl.modes if m not in ("pvr", "pcache")]
             for mode in modes:
                 rs = [r for r in recs if r["mode"] == mode]
                 ok = [r for r in rs if r["ok"]]
@@ -848,6 +926,16 @@ class Bench:
                 m["ckpt_bytes_per_s"] = median([r["img_bytes"] / r["ckpt_s"] for r in ok if r["ckpt_s"]])
                 m["ckpt_vs_pvr"] = (m["ckpt_bytes_per_s"] / pvr_bps
                                     if m["ckpt_bytes_per_s"] and pvr_bps else None)
+                # time ÷ the time of the bare copy of the image's bytes (1.0: costs nothing but it)
+                img = m["img_bytes"]
+                m["ckpt_div_pcwrite"] = (m["ckpt_s"] / (img / s["pcw_bytes_per_s"])
+                                         if m["ckpt_s"] and img and s["pcw_bytes_per_s"] else None)
+                m["restart_div_pcread"] = (m["restart_s"] / (img / s["pcr_bytes_per_s"])
+                                           if m["restart_s"] and img and s["pcr_bytes_per_s"] else None)
+                m["ckpt_div_pvr"] = (m["ckpt_s"] / (img / pvr_bps) if m["ckpt_s"] and img and pvr_bps else None)
+                loads = [r.get("load") for r in ok] + [r.get("load_end") for r in ok]
+                loads = [x for x in loads if x is not None]
+                m["load_min"], m["load_max"] = (min(loads), max(loads)) if loads else (None, None)
                 s["modes"][mode] = m
             # ratios: ours / CRIU; rootless: as the user / as root
             ref = "criu" if "criu" in modes else ("root" if wl.case == "rootless" else None)
@@ -880,6 +968,36 @@ class StepFail(Exception):
 
 def fmt(v, spec, scale=1.0, none="-"):
     return none if v is None else format(v * scale, spec)
+
+
+def ratio_table(res: dict) -> list[str]:
+    """The issue's table: lcr ÷ CRIU, and lcr ÷ the copy limits, per workload."""
+    L = ["", "# lcr ÷ CRIU (medians of interleaved runs; < 1 is faster); lcr ÷ limits = lcr time ÷ the "
+         "bare copy of its image bytes (ckpt: page-cache write, rst: page-cache read into fresh memory, "
+         "pvr: process_vm_readv); load = 1-min load average over the runs", ""]
+    hdr = ("| workload | lcr ckpt | CRIU dump | ÷ | lcr restart | CRIU restore | ÷ | ckpt ÷ pc-write "
+           "| ckpt ÷ pvr | rst ÷ pc-read | load |")
+    L += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
+    for label, s in res["summary"].items():
+        lm, cm = s["modes"].get("lcr"), s["modes"].get("criu")
+        if not lm:
+            continue
+        r = s["ratios"].get("lcr", {})
+        lo = [x for m in (lm, cm) if m for x in (m.get("load_min"), m.get("load_max")) if x is not None]
+        L.append(f"| {label} | {fmt(lm['ckpt_s'], '.0f', 1e3)} ms | {fmt(cm and cm['ckpt_s'], '.0f', 1e3)} ms "
+                 f"| {fmt(r.get('ckpt'), '.2f')} | {fmt(lm['restart_s'], '.0f', 1e3)} ms "
+                 f"| {fmt(cm and cm['restart_s'], '.0f', 1e3)} ms | {fmt(r.get('restart'), '.2f')} "
+                 f"| {fmt(lm.get('ckpt_div_pcwrite'), '.2f')} | {fmt(lm.get('ckpt_div_pvr'), '.2f')} "
+                 f"| {fmt(lm.get('restart_div_pcread'), '.2f')} "
+                 f"| {f'{min(lo):.1f}-{max(lo):.1f}' if lo else '-'} |")
+    lim = [(label, s) for label, s in res["summary"].items() if s.get("pcache_runs")]
+    if lim:
+        L.append("")
+        L.append("# copy limits: " + "; ".join(
+            f"{label}: page-cache write {fmt(s['pcw_bytes_per_s'], '.2f', 1 / GiB)} GiB/s, "
+            f"read {fmt(s['pcr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s, "
+            f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s" for label, s in lim))
+    return L
 
 
 def report(res: dict) -> str:
@@ -918,6 +1036,7 @@ def report(res: dict) -> str:
             L.append(f"{label:14} {'pvr':7} {s['pvr_runs']:>2}/{meta['runs']:<2} "
                      f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s "
                      "(rawbw pvr, 4 MiB chunks, best of 3)")
+    L += ratio_table(res)
     for label, s in res["summary"].items():
         r = s["ratios"].get("user")
         if s["case"] == "rootless" and r:
@@ -953,17 +1072,20 @@ def parse_args(argv=None):
     p.add_argument("--rootless-size", type=int, default=1024, help="rootless: memhog MiB (default 1024)")
     p.add_argument("--rootless-user", default="lcrtest", help="rootless: the unprivileged user (default lcrtest)")
     p.add_argument("--runs", type=int, default=3, help="runs per workload and tool (default 3)")
-    p.add_argument("--modes", default="lcr,api,criu",
+    p.add_argument("--modes", default="lcr,criu",
                    help="tools to time, comma separated: lcr (CLI), lcrz (CLI --compress), "
-                        "api (Python API, warm interpreter), criu (default lcr,api,criu)")
+                        "api (Python API, warm interpreter), criu (default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
     p.add_argument("--dir", default="/var/tmp/lcr-bench", help="work dir for images and logs (local disk)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
     p.add_argument("--shared", help="the shared/ dir holding workloads/ and anchors/ (auto)")
     p.add_argument("--lcr", help="lcr command line (default: '<this python> -m linuxcr')")
-    p.add_argument("--criu", default=os.environ.get("CRIU", "/opt/criu-trixie/criu"))
-    p.add_argument("--crit", default=os.environ.get("CRIT", "/opt/criu-trixie/crit"))
+    p.add_argument("--criu", default=os.environ.get("CRIU") or default_criu("criu"),
+                   help="CRIU binary (default: /opt/criu-sid/criu (4.2) if present, else /opt/criu-trixie/criu)")
+    p.add_argument("--crit", default=os.environ.get("CRIT") or default_criu("crit"))
+    p.add_argument("--big", action="store_true",
+                   help="add memhog 4096 MiB to --sizes (needs ~12 GiB free: workload, image, restore)")
     p.add_argument("--criu-v", type=int, default=2, help="criu log level (default 2)")
     p.add_argument("--install-criu", action="store_true",
                    help="run shared/anchors/install-criu.sh first if criu is missing (root)")
@@ -972,6 +1094,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-images", action="store_true", help="keep the images (default: delete)")
     a = p.parse_args(argv)
     a.sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
+    if a.big and 4096 not in a.sizes:
+        a.sizes.append(4096)
     a.cases = [x.strip() for x in a.cases.split(",") if x.strip()]
     badc = set(a.cases) - {"memhog", "tree", "threads", "rootless"}
     if badc:
