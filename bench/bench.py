@@ -459,6 +459,7 @@ class Bench:
         self.crit = args.crit
         self.worker = ApiWorker(args.timeout, self.root / "api-worker.log") if "api" in args.modes else None
         self.records: list[dict] = []
+        self.last_cpu: float | None = None
         self.meta: dict | None = None
         self.modes: list[str] = []
         self.workloads: list[Workload] = []
@@ -518,6 +519,8 @@ class Bench:
 
     def run_cmd(self, argv, save: Path | None = None, **kw):
         """-> (rc or None on timeout, wall seconds, stdout, stderr); SAVE.{out,err} kept."""
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -526,6 +529,10 @@ class Bench:
         except subprocess.TimeoutExpired as e:
             rc, out, err = None, "", f"timeout after {self.a.timeout:.0f}s: {' '.join(map(str, argv[:4]))}"
         dt = time.perf_counter() - t
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time of the command and the children it reaped (user + system):
+        # far less sensitive to other load on the machine than the wall clock
+        self.last_cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
         if save is not None:
             Path(str(save) + ".cmd").write_text(shlex.join(map(str, argv)) + f"\nrc={rc} {dt:.4f}s\n")
             Path(str(save) + ".out").write_text(out or "")
@@ -648,7 +655,9 @@ class Bench:
             if self.a.prewarm:
                 os.sync()
                 prewarm(self.root, wl.mib + 64)
+            self.last_cpu = None
             ok, dt, err = self.ckpt(tool, pid, img, ukw)
+            rec["ckpt_cpu_s"] = self.last_cpu
             if not ok:
                 raise StepFail(err)
             rec["ckpt_wall_s"] = dt
@@ -664,7 +673,9 @@ class Bench:
             # them as ours from now on, so an interrupt during the restore
             # still kills them
             self.live.update(pids)
+            self.last_cpu = None
             ok, rt, rpid, err = self.restart(tool, img, pid, ukw)
+            rec["restart_cpu_s"] = self.last_cpu
             if rpid:
                 rpids = descendants(rpid)
                 init = ns_init_parent(rpid)
@@ -919,6 +930,8 @@ class Bench:
                      "ckpt_s": median([r["ckpt_s"] for r in ok]),
                      "restart_s": median([r["restart_s"] for r in ok]),
                      "img_bytes": median([r["img_bytes"] for r in ok]),
+                     "ckpt_cpu_s": median([r.get("ckpt_cpu_s") for r in ok]),
+                     "restart_cpu_s": median([r.get("restart_cpu_s") for r in ok]),
                      "ckpt_min_s": min([r["ckpt_s"] for r in ok], default=None),
                      "restart_min_s": min([r["restart_s"] for r in ok], default=None),
                      "errors": sorted({r["error"] for r in rs if r["error"]})}
@@ -947,7 +960,9 @@ class Bench:
                 m = s["modes"][mode]
                 ck = m["ckpt_s"] / c["ckpt_s"] if m["ckpt_s"] and c["ckpt_s"] else None
                 rs = m["restart_s"] / c["restart_s"] if m["restart_s"] and c["restart_s"] else None
+                cpu = {k: m[k] / c[k] if m.get(k) and c.get(k) else None for k in ("ckpt_cpu_s", "restart_cpu_s")}
                 ratios[mode] = {"ref": ref, "ckpt": ck, "restart": rs,
+                                "ckpt_cpu": cpu["ckpt_cpu_s"], "restart_cpu": cpu["restart_cpu_s"],
                                 f"ckpt_vs_{ref}": ck, f"restart_vs_{ref}": rs,
                                 # best run against best run: less sensitive to other load
                                 "ckpt_best": (m["ckpt_min_s"] / c["ckpt_min_s"]
@@ -974,9 +989,10 @@ def ratio_table(res: dict) -> list[str]:
     """The issue's table: lcr ÷ CRIU, and lcr ÷ the copy limits, per workload."""
     L = ["", "# lcr ÷ CRIU (medians of interleaved runs; < 1 is faster); lcr ÷ limits = lcr time ÷ the "
          "bare copy of its image bytes (ckpt: page-cache write, rst: page-cache read into fresh memory, "
-         "pvr: process_vm_readv); load = 1-min load average over the runs", ""]
+         "pvr: process_vm_readv); CPU ÷ = CPU time (user+system of the command and what it reaped) "
+         "lcr ÷ CRIU, robust to other load; load = 1-min load average over the runs", ""]
     hdr = ("| workload | lcr ckpt | CRIU dump | ÷ | lcr restart | CRIU restore | ÷ | ckpt ÷ pc-write "
-           "| ckpt ÷ pvr | rst ÷ pc-read | load |")
+           "| ckpt ÷ pvr | rst ÷ pc-read | CPU ÷ ckpt/rst | load |")
     L += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
     for label, s in res["summary"].items():
         lm, cm = s["modes"].get("lcr"), s["modes"].get("criu")
@@ -989,6 +1005,7 @@ def ratio_table(res: dict) -> list[str]:
                  f"| {fmt(cm and cm['restart_s'], '.0f', 1e3)} ms | {fmt(r.get('restart'), '.2f')} "
                  f"| {fmt(lm.get('ckpt_div_pcwrite'), '.2f')} | {fmt(lm.get('ckpt_div_pvr'), '.2f')} "
                  f"| {fmt(lm.get('restart_div_pcread'), '.2f')} "
+                 f"| {fmt(r.get('ckpt_cpu'), '.2f')} / {fmt(r.get('restart_cpu'), '.2f')} "
                  f"| {f'{min(lo):.1f}-{max(lo):.1f}' if lo else '-'} |")
     lim = [(label, s) for label, s in res["summary"].items() if s.get("pcache_runs")]
     if lim:
