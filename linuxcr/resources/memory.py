@@ -186,8 +186,11 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     writes the previous one out."""
     work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks for addr, n in page_runs(t.pid, vmas))
     total = 0
-    for pid, pieces, view in read_ahead(work):
-        w.page_run(pid, pieces[0][0], view)
+    # the helper thread also checksums each chunk (xxhash drops the GIL)
+    # while it is in its cache: this thread only writes
+    for (pid, cs), pieces, view in read_ahead(
+            work, post=lambda pid, pieces, view: (pid, w.page_digest(pid, pieces[0][0], view))):
+        w.page_run(pid, pieces[0][0], view, cs)
         total += len(view) // PAGE
         if progress:
             progress(len(view))
@@ -200,7 +203,8 @@ Piece = tuple[int, int]      # (address, bytes)
 Span = tuple[int, int]       # (start, end)
 
 
-def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False
+def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False,
+               post: Callable[[Any, list[Piece], memoryview], Any] | None = None
                ) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
     """Every copy of pages out of a task goes through here: for each item
     (tag, task, pieces), the pieces (at most CHUNK bytes in all) read back
@@ -208,7 +212,9 @@ def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadab
     ahead of the caller; yields (tag, pieces, view).  The view is valid
     until the caller asks for the next item but one (RING buffers: one
     queued, one filling, one in use).  ``skip_unreadable``: a piece that
-    cannot be read (unmapped meanwhile) yields None instead of failing."""
+    cannot be read (unmapped meanwhile) yields None instead of failing.
+    ``post(tag, pieces, view)``, run by the helper thread on each item read,
+    gives the tag yielded (work done while the buffer is in its cache)."""
     ring = _ring()
 
     def chunks():
@@ -223,6 +229,8 @@ def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadab
                 if not skip_unreadable:
                     raise
                 view = None
+            if post is not None and view is not None:
+                tag = post(tag, pieces, view)
             yield tag, pieces, view
 
     return prefetch(chunks())
