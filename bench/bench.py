@@ -780,6 +780,15 @@ class Bench:
             f.unlink(missing_ok=True)
         return rec
 
+    def compile_lcr(self) -> str:
+        """Byte-compile linuxcr, as `pip install` does: with
+        PYTHONDONTWRITEBYTECODE=1 in the environment (this sandbox) and a
+        source checkout, every `lcr` command compiled its ~70 modules from
+        source again (~120 ms CPU, the largest part of the start-up).
+        py_compile writes even so, and the interpreter reads what it finds."""
+        rc, dt, out, err = self.run_cmd([sys.executable, "-m", "compileall", "-q", str(REPO / "linuxcr")])
+        return "compiled" if rc == 0 else f"compileall failed: {last_line(err) or last_line(out)}"
+
     def startup(self) -> dict:
         """Interpreter start-up + import cost of the CLI (what `lcr` pays)."""
         res = {}
@@ -860,6 +869,7 @@ class Bench:
         log(f"# kernel {meta['kernel']}, {meta['cpus']} cpus, python {meta['python']}, "
             f"criu {meta['criu']}, images in {self.root}")
         self.meta, self.modes = meta, modes
+        meta["bytecode"] = self.compile_lcr() if a.compile else "not compiled (--no-compile)"
         meta["startup"] = self.startup()
         self.workloads = self.plan(modes)
         t_start = time.monotonic()
@@ -1028,6 +1038,8 @@ def report(res: dict) -> str:
         L.append(f"# load average (1/5/15 min) at start {' '.join(map(str, meta['loadavg_start']))}"
                  + (f", at end {' '.join(map(str, meta['loadavg_end']))}" if meta.get("loadavg_end") else "")
                  + " (anything else running shows up in the times)")
+    L.append(f"# linuxcr bytecode: {meta.get('bytecode', '?')}; "
+             f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
     L.append(f"# interpreter start-up: python -c pass {fmt(st.get('python_s'), '.0f', 1e3)} ms, "
              f"import linuxcr.cli {fmt(st.get('import_linuxcr_cli_s'), '.0f', 1e3)} ms"
              + (f" ({st['import_linuxcr_cli_error']})" if st.get("import_linuxcr_cli_error") else ""))
@@ -1094,6 +1106,9 @@ def parse_args(argv=None):
                         "api (Python API, warm interpreter), criu (default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not byte-compile linuxcr first (measure a source checkout under "
+                        "PYTHONDONTWRITEBYTECODE=1 as it is)")
     p.add_argument("--dir", default="/var/tmp/lcr-bench", help="work dir for images and logs (local disk)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
     p.add_argument("--shared", help="the shared/ dir holding workloads/ and anchors/ (auto)")
