@@ -57,6 +57,7 @@ MADV_DONTNEED = 4
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
 MIN_ADDR = 0x1000000
+BATCH_AT = 16                   # Tracee.batch's code in the trampoline's code page
 CHAIN_BATCH = 4 << 20           # bytes of small pieces gathered per write from a chain
 
 
@@ -500,8 +501,12 @@ def _read_mapped(pid: int, v: Vma, where: str) -> MemfdState | UnlinkedState | s
 
 
 def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
-    """mmap every saved area at its address in the new task (pages come later)."""
+    """mmap every saved area at its address in the new task (pages come later).
+    The files are opened first; the mmaps and madvises, independent of each
+    other, then go in batches (Tracee.batch: one resume for many calls in a
+    blank, call by call in a live task)."""
     fds: dict[tuple[str, bool], int] = {}
+    calls: list[tuple[str, tuple[int, ...], bool]] = []
     try:
         for v in vmas:
             if v.kind in VDSO_KINDS:
@@ -525,10 +530,11 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
                     fds[key] = scratch.open(v.path, os.O_RDWR if rw else os.O_RDONLY,
                                             what=f"file mapped at 0x{v.start:x}")
                 fd, off = fds[key], v.offset
-            t.syscall("mmap", v.start, v.end - v.start, prot, flags, fd, off)
+            calls.append(("mmap", (v.start, v.end - v.start, prot, flags, fd, off), True))
             for flag, advice in MADVISE.items():
                 if flag in v.vmflags:
-                    t.syscall("madvise", v.start, v.end - v.start, advice, check=False)
+                    calls.append(("madvise", (v.start, v.end - v.start, advice), False))
+        t.batch(calls)
     finally:
         for fd in fds.values():
             t.syscall("close", fd, check=False)
@@ -536,9 +542,8 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
 
 def protect_areas(t: Tracee, vmas: list[Vma]) -> None:
     """Drop the write permission we added to fill pages in."""
-    for v in vmas:
-        if v.pages and not v.prot & PROT_WRITE and v.kind not in VDSO_KINDS:
-            t.syscall("mprotect", v.start, v.end - v.start, v.prot)
+    t.batch([("mprotect", (v.start, v.end - v.start, v.prot), True) for v in vmas
+             if v.pages and not v.prot & PROT_WRITE and v.kind not in VDSO_KINDS])
 
 
 def check_pages_fit(vmas: list[Vma], addr: int, npages: int) -> bool:
@@ -596,6 +601,7 @@ def map_trampoline(t: Tracee, at: int, *, code: bool = True) -> Arena:
     if not code:
         return Arena(t, at, TRAMPOLINE)
     t.write(at, b"\x0f\x05")
+    t.batch_at = at + BATCH_AT       # the rest of the code page: Tracee.batch's
     return Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -616,6 +622,7 @@ def empty_but_trampoline(t: Tracee, vmas: list[Vma], at: int = 0) -> tuple[int, 
         at = free_gap(vmas, t.pid)
         map_trampoline(t, at)
     t.insn = at
+    t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
     t.syscall("munmap", 0, at)
     t.syscall("munmap", at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE)
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
