@@ -23,6 +23,7 @@ from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
     IOV_MAX, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
+    process_vm_writev_scatter,
     tgkill, user_regs_struct,
 )
 
@@ -495,6 +496,26 @@ class Tracee:
             if got < sum(len(d) for _, d in batch):
                 for addr, data in batch:
                     self.write(addr, data)
+
+    def write_scatter(self, pieces: list[tuple[int, int]], buf: memoryview) -> None:
+        """buf, back to back, into scattered (address, length) pieces: one
+        process_vm_writev per IOV_MAX pieces (one local iovec: no per-piece
+        buffer objects); piece by piece where that fails."""
+        off = 0
+        for i in range(0, len(pieces), IOV_MAX):
+            batch = pieces[i:i + IOV_MAX]
+            size = sum(n for _, n in batch)
+            view = buf[off:off + size]
+            try:
+                got = process_vm_writev_scatter(self.pid, view, batch)
+            except OSError:
+                got = 0
+            if got < size:
+                o = 0
+                for addr, n in batch:
+                    self.write(addr, view[o:o + n])
+                    o += n
+            off += size
 
     def mem_fd(self) -> int:
         if self._mem_fd is None:

@@ -250,11 +250,7 @@ def copy_pages(src: Tracee, dst: Tracee, spans: list[Span]) -> int:
     for _tag, pieces, view in read_ahead((None, src, [(s, e - s) for s, e in batch])
                                          for batch in _batches(spans)):
         assert view is not None
-        off, out = 0, []
-        for addr, size in pieces:
-            out.append((addr, view[off:off + size]))
-            off += size
-        dst.write_many(out)
+        dst.write_scatter(pieces, view)
         n += len(view)
     return n
 
