@@ -640,9 +640,11 @@ class Bench:
         d.mkdir(parents=True)
         d.chmod(0o755)
         # rootless case: mode root / user = the lcr CLI as root / as the user
-        tool = "lcr" if mode in ("root", "user") else mode
+        tool = "lcr" if mode in ("root", "user", "base") else mode
         user = self.a.rootless_user if mode == "user" else None
         ukw = self.user_kw(user, d) if wl.case == "rootless" else None
+        if mode == "base":      # the lcr CLI of another checkout (--baseline), same everything else
+            ukw = {"env": dict(os.environ, PYTHONPATH=str(self.a.baseline))}
         if user:
             os.chown(d, ukw["user"], ukw["group"])
             ukw["cwd"] = str(d)     # not our cwd: the user may not be allowed in
@@ -802,7 +804,8 @@ class Bench:
         source checkout, every `lcr` command compiled its ~70 modules from
         source again (~120 ms CPU, the largest part of the start-up).
         py_compile writes even so, and the interpreter reads what it finds."""
-        rc, dt, out, err = self.run_cmd([sys.executable, "-m", "compileall", "-q", str(REPO / "linuxcr")])
+        dirs = [REPO / "linuxcr"] + ([Path(self.a.baseline) / "linuxcr"] if self.a.baseline else [])
+        rc, dt, out, err = self.run_cmd([sys.executable, "-m", "compileall", "-q", *map(str, dirs)])
         return "compiled" if rc == 0 else f"compileall failed: {last_line(err) or last_line(out)}"
 
     def startup(self) -> dict:
@@ -1020,11 +1023,13 @@ def ratio_table(res: dict) -> list[str]:
     hdr = ("| workload | lcr ckpt | CRIU dump | ÷ | lcr restart | CRIU restore | ÷ | ckpt ÷ pc-write "
            "| ckpt ÷ pvr | rst ÷ pc-read | CPU ÷ ckpt/rst | load |")
     L += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
-    for label, s in res["summary"].items():
-        lm, cm = s["modes"].get("lcr"), s["modes"].get("criu")
+    for label, s, tool in [(label, s, tool) for label, s in res["summary"].items() for tool in ("base", "lcr")]:
+        lm, cm = s["modes"].get(tool), s["modes"].get("criu")
         if not lm:
             continue
-        r = s["ratios"].get("lcr", {})
+        r = s["ratios"].get(tool, {})
+        if tool == "base":
+            label = f"{label} (baseline)"
         lo = [x for m in (lm, cm) if m for x in (m.get("load_min"), m.get("load_max")) if x is not None]
         L.append(f"| {label} | {fmt(lm['ckpt_s'], '.0f', 1e3)} ms | {fmt(cm and cm['ckpt_s'], '.0f', 1e3)} ms "
                  f"| {fmt(r.get('ckpt'), '.2f')} | {fmt(lm['restart_s'], '.0f', 1e3)} ms "
@@ -1122,6 +1127,10 @@ def parse_args(argv=None):
                         "api (Python API, warm interpreter), criu (default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also time the lcr CLI of the checkout DIR (DIR/linuxcr, e.g. from "
+                        "`git archive OLD linuxcr | tar -x -C DIR`) as tool `base`, interleaved "
+                        "with the others: a before/after under the same load")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="do not byte-compile linuxcr first (measure a source checkout under "
                         "PYTHONDONTWRITEBYTECODE=1 as it is)")
@@ -1154,7 +1163,13 @@ def parse_args(argv=None):
             p.error(f"--{opt}: want NxMIB, e.g. 8x64")
         setattr(a, opt, (int(m.group(1)), int(m.group(2))))
     a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
-    bad = set(a.modes) - {"lcr", "lcrz", "api", "criu"}
+    if a.baseline:
+        a.baseline = str(Path(a.baseline).resolve())
+        if not (Path(a.baseline) / "linuxcr" / "__init__.py").is_file():
+            p.error(f"--baseline {a.baseline}: no linuxcr package there")
+        if "base" not in a.modes:
+            a.modes.insert(0, "base")
+    bad = set(a.modes) - {"lcr", "lcrz", "api", "criu", "base"}
     if bad:
         p.error(f"unknown mode(s): {', '.join(sorted(bad))}")
     if a.runs < 1 or ("memhog" in a.cases and not a.sizes):
