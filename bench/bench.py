@@ -230,6 +230,35 @@ def pwd_name(uid: int) -> str:
         return str(uid)
 
 
+CRIU_PREFIXES = ("/opt/criu-sid", "/opt/criu-trixie")   # CRIU 4.2 first, then 4.1
+
+
+def default_criu(name: str) -> str:
+    """The newest installed CRIU build (install-criu.sh: SUITE=sid gives 4.2)."""
+    for pre in CRIU_PREFIXES:
+        if os.access(f"{pre}/{name}", os.X_OK):
+            return f"{pre}/{name}"
+    return f"{CRIU_PREFIXES[-1]}/{name}"
+
+
+def proc_cpu(pids: list[int]) -> float:
+    """User + system seconds the live processes PIDS have used (all threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])          # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def load1() -> float:
+    """The 1-minute load average now (recorded with every figure)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -443,6 +472,7 @@ class Bench:
         self.crit = args.crit
         self.worker = ApiWorker(args.timeout, self.root / "api-worker.log") if "api" in args.modes else None
         self.records: list[dict] = []
+        self.last_cpu: float | None = None
         self.meta: dict | None = None
         self.modes: list[str] = []
         self.workloads: list[Workload] = []
@@ -502,6 +532,8 @@ class Bench:
 
     def run_cmd(self, argv, save: Path | None = None, **kw):
         """-> (rc or None on timeout, wall seconds, stdout, stderr); SAVE.{out,err} kept."""
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         try:
             r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -510,6 +542,10 @@ class Bench:
         except subprocess.TimeoutExpired as e:
             rc, out, err = None, "", f"timeout after {self.a.timeout:.0f}s: {' '.join(map(str, argv[:4]))}"
         dt = time.perf_counter() - t
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time of the command and the children it reaped (user + system):
+        # far less sensitive to other load on the machine than the wall clock
+        self.last_cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
         if save is not None:
             Path(str(save) + ".cmd").write_text(shlex.join(map(str, argv)) + f"\nrc={rc} {dt:.4f}s\n")
             Path(str(save) + ".out").write_text(out or "")
@@ -604,16 +640,18 @@ class Bench:
         d.mkdir(parents=True)
         d.chmod(0o755)
         # rootless case: mode root / user = the lcr CLI as root / as the user
-        tool = "lcr" if mode in ("root", "user") else mode
+        tool = "lcr" if mode in ("root", "user", "base") else mode
         user = self.a.rootless_user if mode == "user" else None
         ukw = self.user_kw(user, d) if wl.case == "rootless" else None
+        if mode == "base":      # the lcr CLI of another checkout (--baseline), same everything else
+            ukw = {"env": dict(os.environ, PYTHONPATH=str(self.a.baseline))}
         if user:
             os.chown(d, ukw["user"], ukw["group"])
             ukw["cwd"] = str(d)     # not our cwd: the user may not be allowed in
         img = d / ("img" if tool == "criu" else "image.lcr")
         rec = {"case": wl.case, "workload": wl.label, "size_mib": wl.mib, "run": run, "mode": mode,
                "user": user or pwd_name(os.geteuid()), "ok": False, "verify": "FAIL",
-               "ckpt_s": None, "restart_s": None, "img_bytes": None, "error": None}
+               "ckpt_s": None, "restart_s": None, "img_bytes": None, "error": None, "load": load1()}
         reaper = self.worker.reap if tool == "api" else None
         hkw = {k: v for k, v in (ukw or {}).items() if k in ("user", "group", "extra_groups", "env")}
         hog = wl.make(d / "workload.log", **hkw)
@@ -632,7 +670,9 @@ class Bench:
             if self.a.prewarm:
                 os.sync()
                 prewarm(self.root, wl.mib + 64)
+            self.last_cpu = None
             ok, dt, err = self.ckpt(tool, pid, img, ukw)
+            rec["ckpt_cpu_s"] = self.last_cpu
             if not ok:
                 raise StepFail(err)
             rec["ckpt_wall_s"] = dt
@@ -648,7 +688,12 @@ class Bench:
             # them as ours from now on, so an interrupt during the restore
             # still kills them
             self.live.update(pids)
+            self.last_cpu = None
             ok, rt, rpid, err = self.restart(tool, img, pid, ukw)
+            # + the CPU the restored processes used so far (CRIU's restorer
+            # runs in them, detached: no rusage of a reaped child shows it)
+            rec["restart_cpu_s"] = (self.last_cpu + proc_cpu(descendants(rpid))
+                                    if rpid and self.last_cpu is not None else None)
             if rpid:
                 rpids = descendants(rpid)
                 init = ns_init_parent(rpid)
@@ -669,7 +714,7 @@ class Bench:
             if s1 != "OK" or stuck:
                 raise StepFail(f"verify after restart: {s1}, {len(c1)}/{len(c0)} members answered"
                                + (f", counter not advanced for member(s) {stuck}" if stuck and c1 else ""))
-            rec.update(ok=True, verify="OK", ckpt_s=dt, restart_s=rt)
+            rec.update(ok=True, verify="OK", ckpt_s=dt, restart_s=rt, load_end=load1())
             if tool == "criu":
                 rec["crit"] = self.crit_stats(img)
         except StepFail as e:
@@ -687,7 +732,7 @@ class Bench:
         d.mkdir(parents=True, exist_ok=True)
         hog = Memhog(self.exe["memhog"], mib, d / "workload.log")
         rec = {"case": "memhog", "workload": f"memhog {mib}", "size_mib": mib, "run": run, "mode": "pvr",
-               "ok": False, "error": None}
+               "ok": False, "error": None, "load": load1()}
         pid = 0
         try:
             pid = hog.start()
@@ -705,6 +750,63 @@ class Bench:
         finally:
             self.kill(pid)
         return rec
+
+    def pagecache_step(self, mib: int, run: int) -> dict:
+        """The page-cache copy limits of an image of MIB: write MIB (1 MiB
+        writes of incompressible bytes, no fsync: what a checkpoint to a
+        file must at least do) and read it back into fresh anonymous memory
+        (what a restart must at least do), both pre-warmed like the steps."""
+        import mmap
+        rec = {"case": "memhog", "workload": f"memhog {mib}", "size_mib": mib, "run": run, "mode": "pcache",
+               "ok": False, "error": None, "load": load1()}
+        f = self.root / f".pcache.{os.getpid()}"
+        buf = os.urandom(MiB)
+        try:
+            if self.a.prewarm:
+                os.sync()
+                prewarm(self.root, mib + 64)
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                t = time.perf_counter()
+                for _ in range(mib):
+                    os.write(fd, buf)
+                w = time.perf_counter() - t
+            finally:
+                os.close(fd)
+            if self.a.prewarm:
+                prewarm(self.root, mib + 64)
+            mem = mmap.mmap(-1, mib * MiB)
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                view = memoryview(mem)
+                t = time.perf_counter()
+                off = 0
+                while off < mib * MiB:
+                    n = os.readv(fd, [view[off:off + 4 * MiB]])
+                    if n <= 0:
+                        raise StepFail("short read of the page-cache file")
+                    off += n
+                r = time.perf_counter() - t
+                view.release()
+            finally:
+                os.close(fd)
+                mem.close()
+            rec.update(ok=True, write_s=w, read_s=r, bytes=mib * MiB)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            f.unlink(missing_ok=True)
+        return rec
+
+    def compile_lcr(self) -> str:
+        """Byte-compile linuxcr, as `pip install` does: with
+        PYTHONDONTWRITEBYTECODE=1 in the environment (this sandbox) and a
+        source checkout, every `lcr` command compiled its ~70 modules from
+        source again (~120 ms CPU, the largest part of the start-up).
+        py_compile writes even so, and the interpreter reads what it finds."""
+        dirs = [REPO / "linuxcr"] + ([Path(self.a.baseline) / "linuxcr"] if self.a.baseline else [])
+        rc, dt, out, err = self.run_cmd([sys.executable, "-m", "compileall", "-q", *map(str, dirs)])
+        return "compiled" if rc == 0 else f"compileall failed: {last_line(err) or last_line(out)}"
 
     def startup(self) -> dict:
         """Interpreter start-up + import cost of the CLI (what `lcr` pays)."""
@@ -743,7 +845,7 @@ class Bench:
         if "memhog" in a.cases:
             for mib in a.sizes:
                 wls.append(Workload("memhog", f"memhog {mib}", str(mib), mib,
-                                    modes + (["pvr"] if a.pvr else []),
+                                    modes + (["pvr", "pcache"] if a.pvr else []),
                                     lambda log, mib=mib, **kw: Memhog(ex["memhog"], mib, log, **kw)))
         if "tree" in a.cases:
             n, m = a.tree
@@ -786,6 +888,7 @@ class Bench:
         log(f"# kernel {meta['kernel']}, {meta['cpus']} cpus, python {meta['python']}, "
             f"criu {meta['criu']}, images in {self.root}")
         self.meta, self.modes = meta, modes
+        meta["bytecode"] = self.compile_lcr() if a.compile else "not compiled (--no-compile)"
         meta["startup"] = self.startup()
         self.workloads = self.plan(modes)
         t_start = time.monotonic()
@@ -797,13 +900,20 @@ class Bench:
                     if mode == "pvr":
                         rec = self.pvr_step(wl.mib, run)
                         self.records.append(rec)
-                        log(f"{name} " + (f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}"))
+                        log(f"{name} " + (f"{rec['gib_s']:.2f} GiB/s" if rec["ok"] else f"FAIL {rec['error']}")
+                            + f"  load {rec['load']}")
+                        continue
+                    if mode == "pcache":
+                        rec = self.pagecache_step(wl.mib, run)
+                        self.records.append(rec)
+                        log(f"{name} " + (f"page-cache write {rec['write_s']*1e3:.1f} ms, read {rec['read_s']*1e3:.1f} ms"
+                                          if rec["ok"] else f"FAIL {rec['error']}") + f"  load {rec['load']}")
                         continue
                     rec = self.step(wl, mode, run)
                     self.records.append(rec)
                     if rec["ok"]:
                         log(f"{name} checkpoint {rec['ckpt_s']*1e3:8.1f} ms  restart {rec['restart_s']*1e3:8.1f} ms  "
-                            f"image {rec['img_bytes']/MiB:7.1f} MiB  OK")
+                            f"image {rec['img_bytes']/MiB:7.1f} MiB  OK  load {rec['load']}")
                     else:
                         log(f"{name} FAIL: {rec['error']}")
         meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
@@ -826,14 +936,22 @@ class Bench:
     def summarize(self) -> dict:
         out = {}
         all_pvr = median([r["bytes_per_s"] for r in self.records if r["mode"] == "pvr" and r["ok"]])
+        pcs = [r for r in self.records if r["mode"] == "pcache" and r["ok"]]
+        all_pcw = median([r["bytes"] / r["write_s"] for r in pcs])
+        all_pcr = median([r["bytes"] / r["read_s"] for r in pcs])
         for wl in self.workloads:
             recs = [r for r in self.records if r["workload"] == wl.label]
             pv = [r for r in recs if r["mode"] == "pvr" and r["ok"]]
             # the copy limit: process_vm_readv of this memhog size, else of all sizes measured
             pvr_bps = median([r["bytes_per_s"] for r in pv]) if pv else all_pvr
+            pc = [r for r in recs if r["mode"] == "pcache" and r["ok"]]
             s = {"case": wl.case, "size_mib": wl.mib, "pvr_bytes_per_s": pvr_bps, "pvr_runs": len(pv),
-                 "pvr_from": "this size" if pv else ("all memhog sizes" if all_pvr else None), "modes": {}}
-            modes = [m for m in wl.modes if m != "pvr"]
+                 "pvr_from": "this size" if pv else ("all memhog sizes" if all_pvr else None), "modes": {},
+                 # page-cache limits in bytes/s (this size, else all sizes measured)
+                 "pcw_bytes_per_s": median([r["bytes"] / r["write_s"] for r in pc]) if pc else all_pcw,
+                 "pcr_bytes_per_s": median([r["bytes"] / r["read_s"] for r in pc]) if pc else all_pcr,
+                 "pcache_runs": len(pc)}
+            modes = [m for m in wl.modes if m not in ("pvr", "pcache")]
             for mode in modes:
                 rs = [r for r in recs if r["mode"] == mode]
                 ok = [r for r in rs if r["ok"]]
@@ -841,6 +959,8 @@ class Bench:
                      "ckpt_s": median([r["ckpt_s"] for r in ok]),
                      "restart_s": median([r["restart_s"] for r in ok]),
                      "img_bytes": median([r["img_bytes"] for r in ok]),
+                     "ckpt_cpu_s": median([r.get("ckpt_cpu_s") for r in ok]),
+                     "restart_cpu_s": median([r.get("restart_cpu_s") for r in ok]),
                      "ckpt_min_s": min([r["ckpt_s"] for r in ok], default=None),
                      "restart_min_s": min([r["restart_s"] for r in ok], default=None),
                      "errors": sorted({r["error"] for r in rs if r["error"]})}
@@ -848,6 +968,16 @@ class Bench:
                 m["ckpt_bytes_per_s"] = median([r["img_bytes"] / r["ckpt_s"] for r in ok if r["ckpt_s"]])
                 m["ckpt_vs_pvr"] = (m["ckpt_bytes_per_s"] / pvr_bps
                                     if m["ckpt_bytes_per_s"] and pvr_bps else None)
+                # time ÷ the time of the bare copy of the image's bytes (1.0: costs nothing but it)
+                img = m["img_bytes"]
+                m["ckpt_div_pcwrite"] = (m["ckpt_s"] / (img / s["pcw_bytes_per_s"])
+                                         if m["ckpt_s"] and img and s["pcw_bytes_per_s"] else None)
+                m["restart_div_pcread"] = (m["restart_s"] / (img / s["pcr_bytes_per_s"])
+                                           if m["restart_s"] and img and s["pcr_bytes_per_s"] else None)
+                m["ckpt_div_pvr"] = (m["ckpt_s"] / (img / pvr_bps) if m["ckpt_s"] and img and pvr_bps else None)
+                loads = [r.get("load") for r in ok] + [r.get("load_end") for r in ok]
+                loads = [x for x in loads if x is not None]
+                m["load_min"], m["load_max"] = (min(loads), max(loads)) if loads else (None, None)
                 s["modes"][mode] = m
             # ratios: ours / CRIU; rootless: as the user / as root
             ref = "criu" if "criu" in modes else ("root" if wl.case == "rootless" else None)
@@ -859,7 +989,9 @@ class Bench:
                 m = s["modes"][mode]
                 ck = m["ckpt_s"] / c["ckpt_s"] if m["ckpt_s"] and c["ckpt_s"] else None
                 rs = m["restart_s"] / c["restart_s"] if m["restart_s"] and c["restart_s"] else None
+                cpu = {k: m[k] / c[k] if m.get(k) and c.get(k) else None for k in ("ckpt_cpu_s", "restart_cpu_s")}
                 ratios[mode] = {"ref": ref, "ckpt": ck, "restart": rs,
+                                "ckpt_cpu": cpu["ckpt_cpu_s"], "restart_cpu": cpu["restart_cpu_s"],
                                 f"ckpt_vs_{ref}": ck, f"restart_vs_{ref}": rs,
                                 # best run against best run: less sensitive to other load
                                 "ckpt_best": (m["ckpt_min_s"] / c["ckpt_min_s"]
@@ -882,6 +1014,40 @@ def fmt(v, spec, scale=1.0, none="-"):
     return none if v is None else format(v * scale, spec)
 
 
+def ratio_table(res: dict) -> list[str]:
+    """The issue's table: lcr ÷ CRIU, and lcr ÷ the copy limits, per workload."""
+    L = ["", "# lcr ÷ CRIU (medians of interleaved runs; < 1 is faster); lcr ÷ limits = lcr time ÷ the "
+         "bare copy of its image bytes (ckpt: page-cache write, rst: page-cache read into fresh memory, "
+         "pvr: process_vm_readv); CPU ÷ = CPU time (user+system of the command and what it reaped) "
+         "lcr ÷ CRIU, robust to other load; load = 1-min load average over the runs", ""]
+    hdr = ("| workload | lcr ckpt | CRIU dump | ÷ | lcr restart | CRIU restore | ÷ | ckpt ÷ pc-write "
+           "| ckpt ÷ pvr | rst ÷ pc-read | CPU ÷ ckpt/rst | load |")
+    L += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
+    for label, s, tool in [(label, s, tool) for label, s in res["summary"].items() for tool in ("base", "lcr")]:
+        lm, cm = s["modes"].get(tool), s["modes"].get("criu")
+        if not lm:
+            continue
+        r = s["ratios"].get(tool, {})
+        if tool == "base":
+            label = f"{label} (baseline)"
+        lo = [x for m in (lm, cm) if m for x in (m.get("load_min"), m.get("load_max")) if x is not None]
+        L.append(f"| {label} | {fmt(lm['ckpt_s'], '.0f', 1e3)} ms | {fmt(cm and cm['ckpt_s'], '.0f', 1e3)} ms "
+                 f"| {fmt(r.get('ckpt'), '.2f')} | {fmt(lm['restart_s'], '.0f', 1e3)} ms "
+                 f"| {fmt(cm and cm['restart_s'], '.0f', 1e3)} ms | {fmt(r.get('restart'), '.2f')} "
+                 f"| {fmt(lm.get('ckpt_div_pcwrite'), '.2f')} | {fmt(lm.get('ckpt_div_pvr'), '.2f')} "
+                 f"| {fmt(lm.get('restart_div_pcread'), '.2f')} "
+                 f"| {fmt(r.get('ckpt_cpu'), '.2f')} / {fmt(r.get('restart_cpu'), '.2f')} "
+                 f"| {f'{min(lo):.1f}-{max(lo):.1f}' if lo else '-'} |")
+    lim = [(label, s) for label, s in res["summary"].items() if s.get("pcache_runs")]
+    if lim:
+        L.append("")
+        L.append("# copy limits: " + "; ".join(
+            f"{label}: page-cache write {fmt(s['pcw_bytes_per_s'], '.2f', 1 / GiB)} GiB/s, "
+            f"read {fmt(s['pcr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s, "
+            f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s" for label, s in lim))
+    return L
+
+
 def report(res: dict) -> str:
     L = []
     meta = res["meta"]
@@ -893,6 +1059,8 @@ def report(res: dict) -> str:
         L.append(f"# load average (1/5/15 min) at start {' '.join(map(str, meta['loadavg_start']))}"
                  + (f", at end {' '.join(map(str, meta['loadavg_end']))}" if meta.get("loadavg_end") else "")
                  + " (anything else running shows up in the times)")
+    L.append(f"# linuxcr bytecode: {meta.get('bytecode', '?')}; "
+             f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
     L.append(f"# interpreter start-up: python -c pass {fmt(st.get('python_s'), '.0f', 1e3)} ms, "
              f"import linuxcr.cli {fmt(st.get('import_linuxcr_cli_s'), '.0f', 1e3)} ms"
              + (f" ({st['import_linuxcr_cli_error']})" if st.get("import_linuxcr_cli_error") else ""))
@@ -918,6 +1086,7 @@ def report(res: dict) -> str:
             L.append(f"{label:14} {'pvr':7} {s['pvr_runs']:>2}/{meta['runs']:<2} "
                      f"process_vm_readv {fmt(s['pvr_bytes_per_s'], '.2f', 1 / GiB)} GiB/s "
                      "(rawbw pvr, 4 MiB chunks, best of 3)")
+    L += ratio_table(res)
     for label, s in res["summary"].items():
         r = s["ratios"].get("user")
         if s["case"] == "rootless" and r:
@@ -953,17 +1122,27 @@ def parse_args(argv=None):
     p.add_argument("--rootless-size", type=int, default=1024, help="rootless: memhog MiB (default 1024)")
     p.add_argument("--rootless-user", default="lcrtest", help="rootless: the unprivileged user (default lcrtest)")
     p.add_argument("--runs", type=int, default=3, help="runs per workload and tool (default 3)")
-    p.add_argument("--modes", default="lcr,api,criu",
+    p.add_argument("--modes", default="lcr,criu",
                    help="tools to time, comma separated: lcr (CLI), lcrz (CLI --compress), "
-                        "api (Python API, warm interpreter), criu (default lcr,api,criu)")
+                        "api (Python API, warm interpreter), criu (default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also time the lcr CLI of the checkout DIR (DIR/linuxcr, e.g. from "
+                        "`git archive OLD linuxcr | tar -x -C DIR`) as tool `base`, interleaved "
+                        "with the others: a before/after under the same load")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not byte-compile linuxcr first (measure a source checkout under "
+                        "PYTHONDONTWRITEBYTECODE=1 as it is)")
     p.add_argument("--dir", default="/var/tmp/lcr-bench", help="work dir for images and logs (local disk)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
     p.add_argument("--shared", help="the shared/ dir holding workloads/ and anchors/ (auto)")
     p.add_argument("--lcr", help="lcr command line (default: '<this python> -m linuxcr')")
-    p.add_argument("--criu", default=os.environ.get("CRIU", "/opt/criu-trixie/criu"))
-    p.add_argument("--crit", default=os.environ.get("CRIT", "/opt/criu-trixie/crit"))
+    p.add_argument("--criu", default=os.environ.get("CRIU") or default_criu("criu"),
+                   help="CRIU binary (default: /opt/criu-sid/criu (4.2) if present, else /opt/criu-trixie/criu)")
+    p.add_argument("--crit", default=os.environ.get("CRIT") or default_criu("crit"))
+    p.add_argument("--big", action="store_true",
+                   help="add memhog 4096 MiB to --sizes (needs ~12 GiB free: workload, image, restore)")
     p.add_argument("--criu-v", type=int, default=2, help="criu log level (default 2)")
     p.add_argument("--install-criu", action="store_true",
                    help="run shared/anchors/install-criu.sh first if criu is missing (root)")
@@ -972,6 +1151,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-images", action="store_true", help="keep the images (default: delete)")
     a = p.parse_args(argv)
     a.sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
+    if a.big and 4096 not in a.sizes:
+        a.sizes.append(4096)
     a.cases = [x.strip() for x in a.cases.split(",") if x.strip()]
     badc = set(a.cases) - {"memhog", "tree", "threads", "rootless"}
     if badc:
@@ -982,7 +1163,13 @@ def parse_args(argv=None):
             p.error(f"--{opt}: want NxMIB, e.g. 8x64")
         setattr(a, opt, (int(m.group(1)), int(m.group(2))))
     a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
-    bad = set(a.modes) - {"lcr", "lcrz", "api", "criu"}
+    if a.baseline:
+        a.baseline = str(Path(a.baseline).resolve())
+        if not (Path(a.baseline) / "linuxcr" / "__init__.py").is_file():
+            p.error(f"--baseline {a.baseline}: no linuxcr package there")
+        if "base" not in a.modes:
+            a.modes.insert(0, "base")
+    bad = set(a.modes) - {"lcr", "lcrz", "api", "criu", "base"}
     if bad:
         p.error(f"unknown mode(s): {', '.join(sorted(bad))}")
     if a.runs < 1 or ("memhog" in a.cases and not a.sizes):

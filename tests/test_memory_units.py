@@ -76,3 +76,49 @@ def test_read_ahead_copies_pieces_and_skips_what_is_gone():
                        ("two", b"AD")]
     finally:
         t.close()
+
+
+def _maps(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {int(line.split("-", 1)[0], 16) for line in f}
+
+
+def test_batch_runs_independent_calls_in_one_resume(procs, tmp_path):
+    """Tracee.batch in a task lcr holds (as a blank): every call runs, each
+    result comes back in order, a failure is raised after all ran; an munmap
+    over the code page makes later batches go call by call."""
+    from linuxcr.sys import ptrace
+    p = procs.start(["sleep", "300"], tmp_path / "sleep.log")
+    t = Tracee(p.pid, exitkill=True)
+    t.seize()
+    try:
+        t.stop()
+        vdso = next((m.start, m.end) for m in memory.read_maps(p.pid) if m.path == "[vdso]")
+        t.insn = t.find_syscall_insn(vdso)
+        at = memory.free_gap([], p.pid)
+        memory.map_trampoline(t, at)
+        assert t.batch_at == at + memory.BATCH_AT
+        a, b = at + 2 * memory.TRAMPOLINE, at + 4 * memory.TRAMPOLINE
+        calls = [("mmap", (x, P, 3, 0x32, (1 << 64) - 1, 0), True) for x in (a, b)]   # FIXED|PRIVATE|ANON
+        calls.append(("madvise", (a + 1, P, 4), False))              # EINVAL, not checked
+        calls += [("getpid", (), True)] * 45                         # more than BATCH_MAX: two blobs
+        stops = []
+        cont = ptrace.cont
+        ptrace.cont = lambda pid, sig: (stops.append(pid), cont(pid, sig))[1]
+        try:
+            got = t.batch(calls)
+        finally:
+            ptrace.cont = cont
+        assert got[:3] == [a, b, -22] and set(got[3:]) == {p.pid}
+        assert len(stops) == 2
+        assert {a, b} <= _maps(p.pid)
+        try:
+            t.batch([("munmap", (a, P), True), ("munmap", (b + 1, P), True), ("munmap", (b, P), True)])
+            raise AssertionError("EINVAL not raised")
+        except OSError as e:
+            assert e.errno == 22 and "munmap" in str(e)
+        assert not {a, b} & _maps(p.pid)           # the calls around the failure ran
+        t.syscall("munmap", at, memory.TRAMPOLINE)
+        assert t.batch_at is None
+    finally:
+        t.detach()

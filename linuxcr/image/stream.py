@@ -121,14 +121,15 @@ class ImageWriter:
         self._meta_signed = False
         self.digest = 0              # the trailer's, once finish() wrote it
 
-    def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"") -> None:
+    def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"",
+               cs: int | None = None) -> None:
+        """One record; ``cs``: its checksum if the caller computed it already
+        (record_checksum of the same meta and data), e.g. in another thread."""
         if self._sha is not None and not self._meta_signed and rtype not in META_RECORDS:
             self._sign("meta")
         m = ENCODER.encode(meta)
-        h = xxhash.xxh3_64(m)
-        if data:
-            h.update(data)
-        cs = h.intdigest()
+        if cs is None:
+            cs = record_checksum(m, data)
         frame = FRAME.pack(FRAME_MAGIC, int(rtype), 0, len(m), 0, len(data), cs)
         bufs = [frame, m, data] if data else [frame, m]
         if self._sha is not None:
@@ -152,7 +153,16 @@ class ImageWriter:
             header = msgspec.structs.replace(header, flags=[*header.flags, SIGNED])
         self.record(RecType.HEADER, header)
 
-    def page_run(self, pid: int, addr: int, data: memoryview) -> None:
+    def page_digest(self, pid: int, addr: int, data: memoryview) -> int | None:
+        """The checksum page_run(pid, addr, data) will need, or None when it
+        cannot be known before (compressed records): thread-safe, so that the
+        thread reading the pages can hash them while they are in its cache
+        and this one only writes (docs/benchmarks.md)."""
+        if self._zstd is not None:
+            return None
+        return record_checksum(ENCODER.encode(Pages(pid=pid, addr=addr, npages=len(data) // PAGE)), data)
+
+    def page_run(self, pid: int, addr: int, data: memoryview, cs: int | None = None) -> None:
         faults.point("dump.pages")
         npages = len(data) // PAGE
         if self._zstd is not None:
@@ -161,7 +171,7 @@ class ImageWriter:
                 self.record(RecType.PAGES, Pages(pid=pid, addr=addr, npages=npages, compressed=True), packed)
                 self.pages += npages
                 return
-        self.record(RecType.PAGES, Pages(pid=pid, addr=addr, npages=npages), data)
+        self.record(RecType.PAGES, Pages(pid=pid, addr=addr, npages=npages), data, cs)
         self.pages += npages
 
     def finish(self) -> None:
@@ -187,6 +197,14 @@ class ImageWriter:
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
+
+
+def record_checksum(meta: bytes, data: bytes | memoryview = b"") -> int:
+    """The frame checksum of a record: xxh3-64 of its encoded metadata then its data."""
+    h = xxhash.xxh3_64(meta)
+    if data:
+        h.update(data)
+    return h.intdigest()
 
 
 def _write_error(e: OSError, name: str) -> ImageWriteError:

@@ -23,6 +23,7 @@ from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
     IOV_MAX, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
+    process_vm_writev_scatter,
     tgkill, user_regs_struct,
 )
 
@@ -61,6 +62,10 @@ class Tracee:
         self.journal = None                   # guardian.Journal, or None (the guardian itself)
         self.park: int | None = None          # PARK_CODE inside our scratch mapping
         self.scratch_span: tuple[int, int] | None = None
+        # A blank (a task lcr made): writable code memory of ours where
+        # batch() puts a list of syscalls run in one resume (memory.py sets
+        # it to the trampoline's code page; an munmap over it clears it).
+        self.batch_at: int | None = None
 
     # --- attach / stop / detach -------------------------------------------------
     def _options(self) -> int:
@@ -188,6 +193,9 @@ class Tracee:
         _guarded; a task lcr made itself (restore, snapshot child) directly."""
         if self.primed:
             return self._guarded(name, args, check)
+        if name == "munmap" and self.batch_at is not None and len(args) >= 2 \
+                and args[0] <= self.batch_at < args[0] + args[1]:
+            self.batch_at = None
         own = self.own_mask          # live but unguarded (rollback): mask all for the call
         if own is not None:
             ptrace.set_sigmask(self.pid, ALL_SIGNALS)
@@ -200,6 +208,49 @@ class Tracee:
                 ptrace.set_sigmask(self.pid, own)
                 if self.saved_regs is not None:
                     ptrace.set_regs(self.pid, self.saved_regs)
+
+    # --- several independent syscalls in one resume (blanks only) ---------------
+    #
+    # Each injected call costs two ptrace stops (entry, exit): two round trips
+    # through the scheduler, which on a loaded machine cost far more than the
+    # call.  A blank's trampoline page is ours and writable: the calls are
+    # written there as straight-line code (registers set, `syscall`, rax
+    # stored to a result slot), ended by int3; one PTRACE_CONT runs them all
+    # and the SIGTRAP stops the task.  Only for a task lcr made (no live
+    # thread: it has no kill-safety to keep; a live one goes call by call),
+    # and only for calls that do not need each other's results: all of them
+    # run even when one fails (the first failure is raised afterwards).
+
+    def batch(self, calls: list[tuple[str, tuple[int, ...], bool]]) -> list[int]:
+        """Run (name, args, check) calls; their results, in order."""
+        if self.batch_at is None or self.primed or self.own_mask is not None or len(calls) < 2:
+            return [self.syscall(name, *args, check=check) for name, args, check in calls]
+        out: list[int] = []
+        for i in range(0, len(calls), BATCH_MAX):
+            out += self._batch(calls[i:i + BATCH_MAX])
+        return out
+
+    def _batch(self, calls: list[tuple[str, tuple[int, ...], bool]]) -> list[int]:
+        assert self.batch_at is not None and self.saved_regs is not None
+        at = self.batch_at
+        res = at + ((len(calls) * _CALL_SIZE + 1 + 7) & ~7)
+        code = b"".join(_call_code(NR[name], args, res + 8 * i)
+                        for i, (name, args, _c) in enumerate(calls)) + b"\xcc"
+        self.write(at, code)
+        regs = self.saved_regs.copy()
+        regs.rip, regs.orig_rax = at, (1 << 64) - 1
+        ptrace.set_regs(self.pid, regs)
+        what = "batch of " + ", ".join(dict.fromkeys(name for name, _a, _c in calls))
+        ptrace.cont(self.pid, 0)
+        status = ptrace.wait_stop(self.pid)
+        if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0):
+            self._unexpected(status, what)
+        raw = self.read(res, 8 * len(calls))
+        rets = [_to_signed(int.from_bytes(raw[8 * i:8 * i + 8], "little")) for i in range(len(calls))]
+        for (name, _args, check), ret in zip(calls, rets):
+            if check and -4096 < ret < 0:
+                raise OSError(-ret, f"{name} in pid {self.pid}: {os.strerror(-ret)}")
+        return rets
 
     # --- kill-safe injection into a live task ---------------------------------
     #
@@ -446,6 +497,26 @@ class Tracee:
                 for addr, data in batch:
                     self.write(addr, data)
 
+    def write_scatter(self, pieces: list[tuple[int, int]], buf: memoryview) -> None:
+        """buf, back to back, into scattered (address, length) pieces: one
+        process_vm_writev per IOV_MAX pieces (one local iovec: no per-piece
+        buffer objects); piece by piece where that fails."""
+        off = 0
+        for i in range(0, len(pieces), IOV_MAX):
+            batch = pieces[i:i + IOV_MAX]
+            size = sum(n for _, n in batch)
+            view = buf[off:off + size]
+            try:
+                got = process_vm_writev_scatter(self.pid, view, batch)
+            except OSError:
+                got = 0
+            if got < size:
+                o = 0
+                for addr, n in batch:
+                    self.write(addr, view[o:o + n])
+                    o += n
+            off += size
+
     def mem_fd(self) -> int:
         if self._mem_fd is None:
             self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
@@ -486,6 +557,19 @@ class Tracee:
 
 
 COOKIE_AT = 64      # guardian.COOKIE_AT: where in the code page the cookie is
+
+# batch(): one call is `mov rax, nr` and six `mov reg, imm64` (10 bytes each),
+# `syscall` (2), `mov [imm64], rax` (10); BATCH_MAX of them and their result
+# slots fit in the trampoline's code page after its first 16 bytes.
+_MOV_IMM = (b"\x48\xb8", b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")
+_CALL_SIZE = 7 * 10 + 2 + 10
+BATCH_MAX = 40
+
+
+def _call_code(nr: int, args: tuple[int, ...], result: int) -> bytes:
+    vals = (nr, *args, *(0,) * (6 - len(args)))
+    code = b"".join(op + (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for op, v in zip(_MOV_IMM, vals))
+    return code + SYSCALL_INSN + b"\x48\xa3" + result.to_bytes(8, "little")
 
 
 def _free_gap(pid: int, size: int) -> int:
@@ -586,6 +670,14 @@ class Arena:
         self.t.write(at, data)
         self.used += n
         return at
+
+    def reserve(self, n: int) -> None:
+        """Make sure the next puts of ``n`` bytes in all do not reset the
+        arena midway (a batch of calls reads them all at once)."""
+        if self.used + n > self.size:
+            self.reset()
+        if n > self.size:
+            raise KernelError(f"scratch area too small for {n} bytes")
 
     def alloc(self, n: int) -> int:
         return self.put(bytes(n))

@@ -59,6 +59,7 @@ MADV_DONTNEED = 4
 ARCH_MAP_VDSO_64 = 0x2003
 TRAMPOLINE = 16 * PAGE          # one page of code, the rest scratch for arguments
 MIN_ADDR = 0x1000000
+BATCH_AT = 16                   # Tracee.batch's code in the trampoline's code page
 CHAIN_BATCH = 4 << 20           # bytes of small pieces gathered per write from a chain
 
 
@@ -196,8 +197,11 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks
             for addr, n in _unshared_runs(t.pid, vmas, shared.get(t.pid, [])))
     total = 0
-    for pid, pieces, view in read_ahead(work):
-        w.page_run(pid, pieces[0][0], view)
+    # the helper thread also checksums each chunk (xxhash drops the GIL)
+    # while it is in its cache: this thread only writes
+    for (pid, cs), pieces, view in read_ahead(
+            work, post=lambda pid, pieces, view: (pid, w.page_digest(pid, pieces[0][0], view))):
+        w.page_run(pid, pieces[0][0], view, cs)
         total += len(view) // PAGE
         if progress:
             progress(len(view))
@@ -354,7 +358,8 @@ Piece = tuple[int, int]      # (address, bytes)
 Span = tuple[int, int]       # (start, end)
 
 
-def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False
+def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False,
+               post: Callable[[Any, list[Piece], memoryview], Any] | None = None
                ) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
     """Every copy of pages out of a task goes through here: for each item
     (tag, task, pieces), the pieces (at most CHUNK bytes in all) read back
@@ -362,7 +367,9 @@ def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadab
     ahead of the caller; yields (tag, pieces, view).  The view is valid
     until the caller asks for the next item but one (RING buffers: one
     queued, one filling, one in use).  ``skip_unreadable``: a piece that
-    cannot be read (unmapped meanwhile) yields None instead of failing."""
+    cannot be read (unmapped meanwhile) yields None instead of failing.
+    ``post(tag, pieces, view)``, run by the helper thread on each item read,
+    gives the tag yielded (work done while the buffer is in its cache)."""
     ring = _ring()
 
     def chunks():
@@ -377,6 +384,8 @@ def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadab
                 if not skip_unreadable:
                     raise
                 view = None
+            if post is not None and view is not None:
+                tag = post(tag, pieces, view)
             yield tag, pieces, view
 
     return prefetch(chunks())
@@ -395,11 +404,7 @@ def copy_pages(src: Tracee, dst: Tracee, spans: list[Span]) -> int:
     for _tag, pieces, view in read_ahead((None, src, [(s, e - s) for s, e in batch])
                                          for batch in _batches(spans)):
         assert view is not None
-        off, out = 0, []
-        for addr, size in pieces:
-            out.append((addr, view[off:off + size]))
-            off += size
-        dst.write_many(out)
+        dst.write_scatter(pieces, view)
         n += len(view)
     return n
 
@@ -646,8 +651,12 @@ def _read_mapped(pid: int, v: Vma, where: str) -> MemfdState | UnlinkedState | s
 
 
 def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
-    """mmap every saved area at its address in the new task (pages come later)."""
+    """mmap every saved area at its address in the new task (pages come later).
+    The files are opened first; the mmaps and madvises, independent of each
+    other, then go in batches (Tracee.batch: one resume for many calls in a
+    blank, call by call in a live task)."""
     fds: dict[tuple[str, bool], int] = {}
+    calls: list[tuple[str, tuple[int, ...], bool]] = []
     try:
         for v in vmas:
             if v.kind in VDSO_KINDS:
@@ -671,10 +680,11 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
                     fds[key] = scratch.open(v.path, os.O_RDWR if rw else os.O_RDONLY,
                                             what=f"file mapped at 0x{v.start:x}")
                 fd, off = fds[key], v.offset
-            t.syscall("mmap", v.start, v.end - v.start, prot, flags, fd, off)
+            calls.append(("mmap", (v.start, v.end - v.start, prot, flags, fd, off), True))
             for flag, advice in MADVISE.items():
                 if flag in v.vmflags:
-                    t.syscall("madvise", v.start, v.end - v.start, advice, check=False)
+                    calls.append(("madvise", (v.start, v.end - v.start, advice), False))
+        t.batch(calls)
     finally:
         for fd in fds.values():
             t.syscall("close", fd, check=False)
@@ -682,9 +692,8 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
 
 def protect_areas(t: Tracee, vmas: list[Vma]) -> None:
     """Drop the write permission we added to fill pages in."""
-    for v in vmas:
-        if v.pages and not v.prot & PROT_WRITE and v.kind not in VDSO_KINDS:
-            t.syscall("mprotect", v.start, v.end - v.start, v.prot)
+    t.batch([("mprotect", (v.start, v.end - v.start, v.prot), True) for v in vmas
+             if v.pages and not v.prot & PROT_WRITE and v.kind not in VDSO_KINDS])
 
 
 def check_pages_fit(vmas: list[Vma], addr: int, npages: int) -> bool:
@@ -742,6 +751,7 @@ def map_trampoline(t: Tracee, at: int, *, code: bool = True) -> Arena:
     if not code:
         return Arena(t, at, TRAMPOLINE)
     t.write(at, b"\x0f\x05")
+    t.batch_at = at + BATCH_AT       # the rest of the code page: Tracee.batch's
     return Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -762,6 +772,7 @@ def empty_but_trampoline(t: Tracee, vmas: list[Vma], at: int = 0) -> tuple[int, 
         at = free_gap(vmas, t.pid)
         map_trampoline(t, at)
     t.insn = at
+    t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
     t.syscall("munmap", 0, at)
     t.syscall("munmap", at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE)
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)

@@ -86,11 +86,10 @@ def ours(siginfo: bytes) -> bool:
 def restore_actions(t: Tracee, arena: Arena, actions: list[SigAction], inherited: int) -> None:
     """Install the saved handlers; reset the ones the new task inherited from lcr."""
     saved = {a.sig for a in actions}
-    for sig in _sigs(inherited):
-        if sig not in saved:
-            t.syscall("rt_sigaction", sig, arena.put(_KSIGACTION.pack(0, 0, 0, 0)), 0, 8)
-    for a in actions:
-        t.syscall("rt_sigaction", a.sig, arena.put(_KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)), 0, 8)
+    acts = [(sig, _KSIGACTION.pack(0, 0, 0, 0)) for sig in _sigs(inherited) if sig not in saved] + \
+        [(a.sig, _KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)) for a in actions]
+    arena.reserve(len(acts) * ((_KSIGACTION.size + 15) & ~15))   # no reuse before the batch runs
+    t.batch([("rt_sigaction", (sig, arena.put(k), 0, 8), True) for sig, k in acts])
 
 
 def restore_altstack(t: Tracee, arena: Arena, alt: list[int]) -> None:

@@ -136,6 +136,20 @@ def process_vm_readv_many(pid: int, local: memoryview | bytearray,
     return syscall(NR["process_vm_readv"], pid, ctypes.byref(liov), 1, riov, n, 0)
 
 
+def process_vm_writev_scatter(pid: int, local: memoryview | bytearray,
+                              remote: list[tuple[int, int]]) -> int:
+    """One local buffer, back to back, into scattered remote (address,
+    length) pieces (at most IOV_MAX): the mirror of process_vm_readv_many,
+    one local iovec whatever the number of pieces."""
+    addr, _keep = _buffer_address(local)
+    liov = iovec(addr, len(local))
+    n = len(remote)
+    riov = (iovec * n)()
+    for i, (raddr, length) in enumerate(remote):
+        riov[i] = iovec(raddr, length)
+    return syscall(NR["process_vm_writev"], pid, ctypes.byref(liov), 1, riov, n, 0)
+
+
 def clone3_stopped_child(set_tid: int | None) -> int:
     """fork() through clone3 so that the child can get a chosen pid.
 
