@@ -115,6 +115,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
     ``maps_only`` as for check_process."""
     reasons = [r for r in check_process(root, maps_only=maps_only)]
     seen = {root}
+    order = [root]                  # parents before children, for sharing_reasons
     queue = pstree.children(root)
     while queue:
         p = queue.pop(0)
@@ -134,8 +135,19 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
         if found and _gone_or_dying(p):
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
+        order.append(p)
         queue += pstree.children(p)
+    reasons += _sharing(order)
     return reasons + external.reasons(seen, root)   # pipes and sockets leading out of the tree
+
+
+def _sharing(order: list[int]) -> list[str]:
+    """Memory or fd tables shared between processes that restore cannot
+    build again (a process that vanished meanwhile is skipped)."""
+    try:
+        return pstree.sharing_reasons(order)
+    except (OSError, LcrError):
+        return []       # one went away during the look: checkpoint checks again, frozen
 
 
 class FrozenTree:

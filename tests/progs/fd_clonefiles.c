@@ -1,7 +1,9 @@
 /*
  * fd_clonefiles -- two processes sharing one fd table (clone CLONE_FILES).
  *
- *   fd_clonefiles DIR
+ *   fd_clonefiles DIR            the pair, probed on SIGUSR1
+ *   fd_clonefiles DIR siblings   two children sharing one table that their
+ *                                parent left (unshare): lcr refuses it
  *
  * The parent clone()s a child with CLONE_FILES|SIGCHLD on a stack of its
  * own (no CLONE_VM: separate memory).  Right after the clone each side
@@ -121,10 +123,29 @@ static void verify(int round)
 	fflush(stdout);
 }
 
+static int idle(void *arg) { (void)arg; for (;;) pause(); return 0; }
+
+/* Two children cloned with CLONE_FILES, then the parent takes a table of its own. */
+static int siblings(void)
+{
+	pid_t k[2];
+	for (int i = 0; i < 2; i++) {
+		char *st = malloc(STACK);
+		if (!st) die("malloc");
+		k[i] = clone(idle, st + STACK, CLONE_FILES | SIGCHLD, NULL);
+		if (k[i] < 0) die("clone");
+	}
+	if (unshare(CLONE_FILES)) die("unshare");
+	printf("READY pid=%d a=%d b=%d\n", getpid(), k[0], k[1]);
+	for (;;) pause();
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	if (argc != 2) { fprintf(stderr, "usage: " NAME " DIR\n"); return 2; }
+	if (argc == 3 && !strcmp(argv[2], "siblings")) return siblings();
+	if (argc != 2) { fprintf(stderr, "usage: " NAME " DIR [siblings]\n"); return 2; }
 	snprintf(dir, sizeof(dir), "%s", argv[1]);
 	if (pipe2(cmd, O_CLOEXEC) || pipe2(ans, O_CLOEXEC)) die("pipe");
 	char *stack = malloc(STACK);
