@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 import helpers
-from helpers import assert_clean_error, assert_pass, lcr, reap, wait_for_line
+from helpers import assert_clean_error, assert_pass, lcr, pass_field, reap, wait_for_line
 from rootless_helpers import (Trees, assert_tree_running_untraced, checkpoint_tree, children,
                               find_user, kill_tree, lcr_as, nspid, restart_tree, start_as,
                               user_can_run_lcr, user_workdir)
@@ -53,11 +53,11 @@ def _start(bins, trees: Trees, tmp: Path) -> tuple[int, int, Path]:
     return p.pid, int(m.group(2)), log
 
 
-def _shared(pid: int, child: int, log: Path) -> None:
-    """The probe passes and the kernel sees one table."""
+def _shared(pid: int, child: int, log: Path) -> int:
+    """The probe passes and the kernel sees one table; the probe's round."""
     assert children(pid) == [child]
     assert kcmp_same(KCMP_FILES, pid, child), f"pids {pid} and {child}: two fd tables"
-    assert_pass(pid, log, NAME)
+    return pass_field(assert_pass(pid, log, NAME), "round")
 
 
 def test_restart_shared(bins, trees, tmp_path):
@@ -88,12 +88,15 @@ def test_restart_incremental(bins, trees, tmp_path):
 def test_snapshot_rollback_writeback(bins, trees, tmp_path, agent_env):  # noqa: F811
     pid, child, log = _start(bins, trees, tmp_path)
     crid = lcr("snapshot", pid, env=agent_env).stdout.strip()
-    _shared(pid, child, log)                 # a file opened and closed since
-    lcr("rollback", crid, env=agent_env)
-    assert_tree_running_untraced(pid)
-    _shared(pid, child, log)
+    assert _shared(pid, child, log) == 1     # files opened and closed since
+    assert _shared(pid, child, log) == 2
+    cp = lcr("rollback", crid, env=agent_env)
+    assert "warning" not in cp.stderr, cp.stderr
+    assert _shared(pid, child, log) == 1     # back to the snapshot's round
     lcr("writeback", crid, "-o", tmp_path / "img", env=agent_env)
     lcr("discard", crid, env=agent_env)
+    assert children(child) == []
+    assert_tree_running_untraced(pid)
     kill_tree(pid)
     new, _ = restart_tree(tmp_path / "img", trees)
     assert new == pid

@@ -13,7 +13,7 @@
  * a file DIR/c.N opened by the child is read by the parent), and checks
  * with kcmp(KCMP_FILES) that both still share one table.  Commands and
  * answers travel over two pipes made before the clone.
- * Prints "READY pid=P a=C"; on SIGUSR1 "PASS fd_clonefiles pid=P a=C" or
+ * Prints "READY pid=P a=C"; on SIGUSR1 "PASS fd_clonefiles pid=P a=C round=N" or
  * "FAIL fd_clonefiles: ...".
  */
 #define _GNU_SOURCE
@@ -119,7 +119,7 @@ static void verify(int round)
 	if (k != 0) fail("kcmp(KCMP_FILES) with the child: %ld (%s)", k, k < 0 ? strerror(errno) : "different tables");
 	round_trip(round);
 	if (fails[0]) printf("FAIL " NAME ": %s (pid=%d)\n", fails, getpid());
-	else printf("PASS " NAME " pid=%d a=%d\n", getpid(), child);
+	else printf("PASS " NAME " pid=%d a=%d round=%d\n", getpid(), child, round);
 	fflush(stdout);
 }
 
