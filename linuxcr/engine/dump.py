@@ -115,6 +115,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
     ``maps_only`` as for check_process."""
     reasons = [r for r in check_process(root, maps_only=maps_only)]
     seen = {root}
+    order = [root]                  # parents before children, for sharing_reasons
     queue = pstree.children(root)
     while queue:
         p = queue.pop(0)
@@ -134,8 +135,19 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
         if found and _gone_or_dying(p):
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
+        order.append(p)
         queue += pstree.children(p)
+    reasons += _sharing(order)
     return reasons + external.reasons(seen, root)   # pipes and sockets leading out of the tree
+
+
+def _sharing(order: list[int]) -> list[str]:
+    """Memory or fd tables shared between processes that restore cannot
+    build again (a process that vanished meanwhile is skipped)."""
+    try:
+        return pstree.sharing_reasons(order)
+    except (OSError, LcrError):
+        return []       # one went away during the look: checkpoint checks again, frozen
 
 
 class FrozenTree:
@@ -150,6 +162,7 @@ class FrozenTree:
         self.order: list[int] = []
         self.parent: dict[int, int] = {}
         self.zombies: list[Zombie] = []
+        self.files_with: dict[int, int] = {}    # pid -> earlier pid whose fd table it shares
 
     def freeze(self) -> None:
         queue = [self.root]
@@ -196,9 +209,10 @@ class FrozenTree:
                 continue
             reasons += [r if p == self.root else f"child pid {p}: {r}"
                         for r in found if keep is None or keep(r)]
-        reasons += pstree.sharing_reasons(self.order)
+        reasons += pstree.sharing_reasons(self.order, self.parent)
         if reasons:
             raise NotCheckpointable(self.root, reasons)
+        self.files_with = pstree.files_sharing(self.order)    # frozen: cannot change now
         return smaps
 
     def drop_exiting(self, p: int) -> None:
@@ -248,7 +262,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
             raise NotCheckpointable(pid, ext)
         faults.point("dump.frozen")
         table = files.Table()
-        tasks = [collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [collect_task(tree.procs[p], smaps[p], table, tree.files_with.get(p))
+                 for p in tree.order]
         external.mark(table, tree.order)                 # --external: kept as "external" fds
         faults.point("dump.collected")
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
@@ -357,9 +372,10 @@ def _with_vmas(task: Task, vmas: list[Vma]) -> Task:
     return msgspec.structs.replace(task, vmas=vmas)
 
 
-def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
+def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | None = None) -> Task:
     """Everything of one process but its pages, with it frozen (also the
-    snapshots' and the migration source's collection)."""
+    snapshots' and the migration source's collection).  ``files_with``: the
+    earlier task whose fd table it shares (FrozenTree.files_with)."""
     pid, t = frozen.pid, frozen.leader
     status, stat = read_status(pid), read_stat(pid)
     vmas = memory.collect(smaps)     # taken before our scratch page exists
@@ -389,7 +405,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
-        boot_id=_boot_id(), posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
+        boot_id=_boot_id(), files_with=files_with, posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
         **cpu.dump(t), **tinfo)
 
 

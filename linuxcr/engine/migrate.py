@@ -242,7 +242,8 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
         tree.freeze()
         smaps = tree.checked()
         table = files.Table()
-        tasks = [dump.collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [dump.collect_task(tree.procs[p], smaps[p], table, tree.files_with.get(p))
+                 for p in tree.order]
         collected = time.monotonic() - t0     # what the final freeze will take again
         trackers.on_frozen(tree, None)
         trackers.set_epoch(EPOCH)

@@ -103,6 +103,7 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
         pids.add(k.pid)
         validate_task(k)
     check_shared(tasks)
+    check_files_with(tasks)
     for z in tree.zombies:
         if z.ppid not in pids:
             raise ImageError(f"image holds zombie {z.pid} whose parent is not in the tree")
@@ -156,6 +157,28 @@ def check_shared(tasks: list[Task]) -> None:
             raise ImageError(f"image is corrupt: its root pid {k.pid} has pages marked shared "
                              "with a parent it does not hold")
         memory.inherited_areas(k.vmas, by_pid[k.ppid].vmas, cow_spans(k), "image")
+
+
+def check_files_with(tasks: list[Task]) -> None:
+    """A task sharing an fd table (Task.files_with) names the first, earlier
+    task of its group, has the same fds, and is forked from a parent of the
+    group (fork with CLONE_FILES is the only way to share it again)."""
+    by_pid: dict[int, Task] = {}
+    for k in tasks:
+        head = by_pid.get(k.files_with) if k.files_with is not None else None
+        if k.files_with is not None:
+            parent = by_pid.get(k.ppid)
+            if head is None or head.files_with is not None:
+                raise ImageError(f"image is corrupt: pid {k.pid} shares the fd table of "
+                                 f"{k.files_with}, not an earlier task that owns one")
+            if parent is None or k.ppid != head.pid and parent.files_with != head.pid:
+                raise ImageError(f"image is corrupt: pid {k.pid} shares the fd table of "
+                                 f"{head.pid}, which its parent does not share")
+            if sorted((f.fd, f.fid, f.cloexec) for f in k.files) != \
+                    sorted((f.fd, f.fid, f.cloexec) for f in head.files):
+                raise ImageError(f"image is corrupt: pid {k.pid} shares the fd table of "
+                                 f"{head.pid} but holds other fds")
+        by_pid[k.pid] = k
 
 
 def check_vdso(task: Task) -> None:
@@ -360,7 +383,8 @@ def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
             t = root
         else:
             parent = by_pid[k.ppid]
-            t = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else (k.vpid or k.pid))
+            t = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else (k.vpid or k.pid),
+                                  pstree.clone_flags(k))
         r = Rebuild(task=k, t=t)
         by_pid[k.pid] = r
         made.append(r)
@@ -395,7 +419,8 @@ def build_shared(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool, mad
         else:
             faults.point("restore.cow_fork")
             assert parent.arena is not None
-            t = pstree.fork_child(parent.t, parent.arena, None if any_pid else (k.vpid or k.pid))
+            t = pstree.fork_child(parent.t, parent.arena, None if any_pid else (k.vpid or k.pid),
+                                  pstree.clone_flags(k))
         r = Rebuild(task=k, t=t)
         by_pid[k.pid] = r
         made.append(r)

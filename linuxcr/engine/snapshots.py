@@ -454,7 +454,8 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         tree.freeze()
         smaps = tree.checked(lambda p: _smaps_frozen(p, pre), keep=lambda r: not _fd_reason(r))
         table = SnapTable()
-        tasks = [dump.collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
+        tasks = [dump.collect_task(tree.procs[p], smaps[p], table, tree.files_with.get(p))
+                 for p in tree.order]
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)

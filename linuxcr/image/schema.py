@@ -366,6 +366,10 @@ class Task(Struct, forbid_unknown_fields=True):
     # pages shared with the parent task (CowRun), sorted, each inside one
     # area of this task that is the same private area in the parent
     cow: Annotated[list[CowRun], Long] = []
+    # the earlier task of the tree whose fd table this one shares (clone with
+    # CLONE_FILES, found with kcmp at dump): the first task of its group; None
+    # for a table of its own.  Restored by forking it with CLONE_FILES.
+    files_with: Pid | None = None
 
 
 class Pages(Struct, forbid_unknown_fields=True):

@@ -156,7 +156,9 @@ def render_text(s: dict[str, Any]) -> str:
                          f"{v['kind']:<6} {what}")
         descs = {d["fid"]: d for d in s.get("tree", {}).get("files", [])}
         lines.append(f"  {_plural(len(t['files']), 'open file')}, "
-                     f"{_plural(len(t['threads']) + 1, 'thread')}")
+                     f"{_plural(len(t['threads']) + 1, 'thread')}"
+                     + (f", fd table shared with pid {t['files_with']}"
+                        if t.get("files_with") is not None else ""))
         for f in t["files"]:
             d = descs.get(f["fid"], {})
             what = d.get("path") or (f"pipe:[{d.get('pipe')}]" if d.get("kind") == "pipe" else None) \

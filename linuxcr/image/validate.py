@@ -474,6 +474,8 @@ def _task(t: S.Task) -> tuple[str, Any, str] | None:
     why = _ordered(((r.addr, r.addr + r.npages * PAGE) for r in t.cow), "shared page run")
     if why:
         return "cow", t.cow, why
+    if t.files_with == t.pid:
+        return "files_with", t.files_with, "its own pid (it names another task's fd table)"
     if any(th.tid == t.pid for th in t.threads):
         return "threads", t.threads, "a thread has the leader's tid"
     fds = {f.fd for f in t.files}

@@ -98,6 +98,11 @@ def _mm_back(f: Finish) -> None:
 
 
 def _files(f: Finish) -> None:
+    if f.task.files_with is not None:
+        # Its fd table is the one of the earlier task files_with (forked with
+        # CLONE_FILES), finished before it: installed there already.  Doing it
+        # again would close that table's fds (install closes all it finds).
+        return
     files.install(f.t, f.task.files, f.ours)
     f.arena.reset()
     files.after_install(f.t, f.arena, f.task.files, f.descs)
@@ -316,6 +321,8 @@ def _files_back(f: Finish) -> None:
     """Offsets back; fds opened since closed; regular files closed since reopened.
     Pipes, sockets and other kinds are left as they are (pipes inside the
     tree get their bytes back later: engine/snapshots.py _refill_pipes)."""
+    if f.task.files_with is not None:
+        return      # one fd table, rolled back with the earlier task that shares it
     t, arena, pid, keys = f.t, f.arena, f.t.pid, f.fd_keys
     saved = {o.fd: o for o in f.task.files}
     descs = {d.fid: d for d in f.descs}
@@ -399,6 +406,7 @@ BEFORE: dict[str, str] = {
                     "the tree: engine/restore.py build_tree, resources/pstree.py"),
     "vmas": "memory: resources/memory.py (map, fill, reconcile)",
     "cow": "the tree: engine/restore.py build_shared (forked from the filled parent)",
+    "files_with": "the tree: forked with CLONE_FILES (resources/pstree.py clone_flags)",
     **dict.fromkeys(("starttime", "boot_id"), "identity of the original: checked, not given back"),
 }
 NAMES = frozenset(s.name for s in STEPS)

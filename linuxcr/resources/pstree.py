@@ -81,24 +81,55 @@ def zombie(pid: int, parent: int) -> Zombie:
     return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF)
 
 
-def sharing_reasons(pids: list[int]) -> list[str]:
-    """Processes (not threads) that share an address space (vfork) or an fd
-    table (clone(CLONE_FILES)): we restore each process on its own."""
-    from linuxcr.sys.syscalls import KCMP_FILES, KCMP_VM, kcmp_same
+CLONE_FILES = 0x400
+
+
+def files_sharing(pids: list[int]) -> dict[int, int]:
+    """Processes (not threads) that share an fd table (clone(CLONE_FILES)):
+    pid -> the first pid of ``pids`` (tree order) whose table it shares."""
+    from linuxcr.sys.syscalls import KCMP_FILES, kcmp_same
+    out: dict[int, int] = {}
+    for i, b in enumerate(pids):
+        for a in pids[:i]:
+            if a not in out and kcmp_same(KCMP_FILES, a, b):
+                out[b] = a
+                break
+    return out
+
+
+def sharing_reasons(pids: list[int], parent: dict[int, int] | None = None) -> list[str]:
+    """Processes (not threads) that share an address space (vfork), or an fd
+    table in a way the restore cannot build again: a process is forked with
+    CLONE_FILES from its parent, so the parent must share that table too.
+    ``parent``: pid -> ppid (read from /proc where missing)."""
+    from linuxcr.sys.syscalls import KCMP_VM, kcmp_same
     out = []
     for i, a in enumerate(pids):
         for b in pids[i + 1:]:
             if kcmp_same(KCMP_VM, a, b):
                 out.append(f"pid {b} shares its memory with pid {a} (vfork or CLONE_VM): "
                            "not supported; try again once it has called exec")
-            elif kcmp_same(KCMP_FILES, a, b):
-                out.append(f"pid {b} shares its fd table with pid {a} (CLONE_FILES): not supported yet")
+    sharing = files_sharing(pids)
+    for b, a in sharing.items():
+        pp = (parent or {}).get(b) or read_stat(b).ppid
+        if pp != a and sharing.get(pp) != a:
+            out.append(f"pid {b} shares its fd table with pid {a} (CLONE_FILES) but its parent "
+                       f"pid {pp} does not: not supported (only a table shared with the parent "
+                       "can be rebuilt)")
     return out
 
 
-def fork_child(parent: Tracee, arena: Arena, vpid: int | None) -> Tracee:
-    """A new process forked by the (blank, stopped) parent, with pid vpid."""
+def clone_flags(task: Task) -> int:
+    """What the task is forked with at restore: CLONE_FILES when it shares
+    its parent's fd table (Task.files_with; checked by restore's validate_tree)."""
+    return CLONE_FILES if task.files_with is not None else 0
+
+
+def fork_child(parent: Tracee, arena: Arena, vpid: int | None, flags: int = 0) -> Tracee:
+    """A new process forked by the (blank, stopped) parent, with pid vpid
+    and clone ``flags`` (CLONE_FILES: see clone_flags)."""
     args = clone_args()
+    args.flags = flags
     args.exit_signal = SIGCHLD
     if vpid is not None:
         tid = (ctypes.c_int32 * 1)(vpid)
