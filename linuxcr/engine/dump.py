@@ -366,6 +366,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
         boot_id=_boot_id(), posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
+        stopped=frozen.stop_signal,
         **cpu.dump(t), **tinfo)
 
 

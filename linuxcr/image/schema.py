@@ -354,6 +354,9 @@ class Task(Struct, forbid_unknown_fields=True):
     locks: Annotated[list[FileLock], Meta(max_length=MAX_LIST)] = []
     attrs: ThreadAttrs | None = None      # the leader's (None: an older image)
     proc: ProcAttrs | None = None
+    # In a group-stop (SIGSTOP, ^Z...) when saved: its stop signal; 0: running.
+    # Restart brings it back stopped (resources/jobstop.py).
+    stopped: Annotated[int, Meta(ge=0, le=64)] = 0
 
 
 class Pages(Struct, forbid_unknown_fields=True):

@@ -34,6 +34,8 @@ PARK_CODE = b"\x0f\x05\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"
 MAP_FIXED_NOREPLACE = 0x100000
 ALL_SIGNALS = (1 << 64) - 1
 PAGE = 4096
+# The signals whose default action is a group-stop (sig_kernel_stop).
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 def _to_signed(v: int) -> int:
@@ -61,6 +63,9 @@ class Tracee:
         self.journal = None                   # guardian.Journal, or None (the guardian itself)
         self.park: int | None = None          # PARK_CODE inside our scratch mapping
         self.scratch_span: tuple[int, int] | None = None
+        # The group-stop signal (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU) the task
+        # was in when stopped (its event-stop reports it), 0 if it ran.
+        self.group_stop = 0
 
     # --- attach / stop / detach -------------------------------------------------
     def _options(self) -> int:
@@ -106,6 +111,8 @@ class Tracee:
             # A signal arrived first (signal-delivery-stop): let it be delivered
             # as it would have been; the pending INTERRUPT stops it right after.
             ptrace.cont(self.pid, os.WSTOPSIG(status))
+        sig = os.WSTOPSIG(status)
+        self.group_stop = sig if sig in STOP_SIGNALS else 0
         self.saved_regs = ptrace.get_regs(self.pid)
 
     def detach(self) -> None:
@@ -170,8 +177,14 @@ class Tracee:
         self._step(name)             # to the syscall-entry stop
 
     def _step(self, name: str) -> None:
-        ptrace.resume_syscall(self.pid)
-        status = ptrace.wait_stop(self.pid)
+        for _ in range(8):
+            ptrace.resume_syscall(self.pid)
+            status = ptrace.wait_stop(self.pid)
+            # A task seized in a group-stop traps once more (PTRACE_EVENT_STOP
+            # with its stop signal: the seize's trap, then our INTERRUPT's)
+            # on its first resume, before it runs anything: resume it again.
+            if not ptrace.is_event(status, ptrace.PTRACE_EVENT_STOP):
+                break
         if not ptrace.is_syscall_stop(status):
             self._unexpected(status, name)
 

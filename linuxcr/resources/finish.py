@@ -399,6 +399,8 @@ BEFORE: dict[str, str] = {
                     "the tree: engine/restore.py build_tree, resources/pstree.py"),
     "vmas": "memory: resources/memory.py (map, fill, reconcile)",
     **dict.fromkeys(("starttime", "boot_id"), "identity of the original: checked, not given back"),
+    # rollback: a live process keeps the job-control state it has now
+    "stopped": "job control: resources/jobstop.py, as lcr lets the restored tree go",
 }
 NAMES = frozenset(s.name for s in STEPS)
 # lcr rollback --memory-only: memory, handlers and per-thread state only
