@@ -565,8 +565,7 @@ def explain_eperm(pid: int) -> Exception:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
-                    return Busy(f"pid {pid} is already traced by pid {line.split()[1]}",
-                                "a debugger or another lcr holds it; wait for it to finish")
+                    return traced_by(pid, int(line.split()[1]))
     except OSError:
         pass
     me = os.geteuid()
@@ -575,6 +574,17 @@ def explain_eperm(pid: int) -> Exception:
                                 "run lcr as that user or as root")
     return PermissionDenied(f"you may not trace pid {pid}: ptrace was refused",
                             "it may be set-uid, non-dumpable, or protected by a security module")
+
+
+def traced_by(pid: int, tracer: int) -> Busy:
+    """The refusal for ``pid``, held under ptrace by ``tracer`` (gdb, strace...)."""
+    try:
+        with open(f"/proc/{tracer}/comm") as f:
+            name = f" ({f.read().strip()})"
+    except OSError:
+        name = ""
+    return Busy(f"pid {pid} is already traced by pid {tracer}{name}",
+                "a debugger or another lcr holds it; detach it or wait for it to finish")
 
 
 class Arena:
