@@ -25,7 +25,7 @@ from linuxcr.image.schema import (
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
-from linuxcr.remote.task import Arena
+from linuxcr.remote.task import Arena, traced_by
 from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, pstree,
                                sched, security, signals, threads)
 from linuxcr.resources import exe_identity, external
@@ -67,6 +67,8 @@ def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]
     except PermissionError:
         from linuxcr.remote.task import explain_eperm
         raise explain_eperm(pid) from None
+    if st.tracer_pid and not os.path.exists(f"/proc/self/task/{st.tracer_pid}"):   # not us
+        raise traced_by(pid, st.tracer_pid)     # a debugger holds it: lcr cannot even look
     reasons = []
     if st.state == "Z":
         reasons.append("it is a zombie (it has exited; only its parent can reap it)")
@@ -406,6 +408,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
         vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
         boot_id=_boot_id(), files_with=files_with, posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
+        stopped=frozen.stop_signal,
         **cpu.dump(t), **tinfo)
 
 

@@ -31,7 +31,7 @@ from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import cpu, fdkinds, files, finish, memory, process, pstree
-from linuxcr.resources import exe_identity, external
+from linuxcr.resources import exe_identity, external, jobstop
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
@@ -360,9 +360,11 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise
     for r in reversed(made):
+        warnings += jobstop.arm(r.t.pid, r.task)     # saved stopped: stops again once let go
         for th in r.made:
             th.detach()
         r.t.detach()
+    warnings += jobstop.settle([r.t.pid for r in made if r.task.stopped])
     return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
                          warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
                          namespace=mode != "host", processes=len(tasks))

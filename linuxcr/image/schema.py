@@ -370,6 +370,9 @@ class Task(Struct, forbid_unknown_fields=True):
     # CLONE_FILES, found with kcmp at dump): the first task of its group; None
     # for a table of its own.  Restored by forking it with CLONE_FILES.
     files_with: Pid | None = None
+    # In a group-stop (SIGSTOP, ^Z...) when saved: its stop signal; 0: running.
+    # Restart brings it back stopped (resources/jobstop.py).
+    stopped: Annotated[int, Meta(ge=0, le=64)] = 0
 
 
 class Pages(Struct, forbid_unknown_fields=True):

@@ -3,6 +3,7 @@ stream, so it also validates it)."""
 from __future__ import annotations
 
 import datetime as dt
+import signal
 from typing import Any
 
 import msgspec
@@ -144,7 +145,8 @@ def render_text(s: dict[str, Any]) -> str:
                      f"image{'s' if p['depth'] > 1 else ''} up the chain); restart needs them all")
     for t in s["tasks"]:
         lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
-                     f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}")
+                     f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}"
+                     + (f"; stopped ({_signame(t['stopped'])})" if t.get("stopped") else ""))
         lines.append(f"  exe {t['mm']['exe']}; {len(t['vmas'])} memory areas, {t['pages']} pages saved"
                      + (f", {t['pages_shared_with_parent']} shared with its parent"
                         if t.get('pages_shared_with_parent') else "")
@@ -169,3 +171,10 @@ def render_text(s: dict[str, Any]) -> str:
                      f"{len(t['pending'])} pending")
     # names, paths, hostname come from the image: no newlines or terminal escapes
     return "\n".join(printable(line) for line in lines)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

@@ -47,6 +47,7 @@ OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC |
 # (0o20000 is FASYNC; 0o100000 is the kernel's O_LARGEFILE, which Python calls 0)
 S64_MAX = (1 << 63) - 1
 SIGKILL, SIGSTOP = 9, 19
+STOP_SIGNALS = {19, 20, 21, 22}    # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
 # Signals that may not be the notification of a POSIX timer (good_sigevent):
 # kernel-only and core-dumping ones.
 _COREDUMP_SIGS = {3, 4, 5, 6, 7, 8, 11, 24, 25, 31}
@@ -376,7 +377,8 @@ FIELDS: dict[type, dict[str, Rule]] = {
              "altstack": _altstack, "rseq": _rseq, "robust_list": _robust,
              "tid_address": user_addr, "threads": unique(lambda t: t.tid, "thread"),
              "caps": _caps, "itimers": _itimers, "boot_id": utf8_max(64),
-             "posix_timers": unique(lambda t: t.id, "POSIX timer id")},
+             "posix_timers": unique(lambda t: t.id, "POSIX timer id"),
+             "stopped": one_of({0, *STOP_SIGNALS}, "stop signal (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU)")},
     S.Pages: {"addr": page_addr},
     S.PageRun: {"addr": page_addr},
     S.CowRun: {"addr": page_addr},

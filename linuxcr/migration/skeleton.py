@@ -27,7 +27,7 @@ from linuxcr.image import runs
 from linuxcr.image.schema import Task, Tree, Vma
 from linuxcr.image.stream import PAGE
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import memory
+from linuxcr.resources import jobstop, memory
 from linuxcr.resources.memory import TRAMPOLINE, PageFill
 from linuxcr.migration.protocol import MigrationError
 
@@ -177,9 +177,11 @@ class Skeleton:
 
     def release(self) -> None:
         for r in reversed(self.made):
+            jobstop.arm(r.t.pid, r.task)         # saved stopped: stops again once let go
             for th in r.made:
                 th.detach()
             r.t.detach()
+        jobstop.settle([r.t.pid for r in self.made if r.task.stopped])
         self._close_fds()
 
     def destroy(self) -> None:

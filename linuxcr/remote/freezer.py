@@ -40,6 +40,7 @@ class Frozen:
         self.threads: dict[int, Tracee] = {}
         self.masks: dict[int, int] = {}
         self.was_stopped = False        # in a group-stop before we came: no SIGCONT for it
+        self.stop_signal = 0            # ... with this signal (what the image records)
         self.starttime = 0
         self.journal: guardian.Journal | None = None   # guarded: the guardian knows it
 
@@ -75,6 +76,10 @@ class Frozen:
                 self.threads[tid] = t
                 try:
                     t.stop()
+                    if tid == self.pid and t.group_stop:
+                        # its event-stop names the group-stop (a stop that
+                        # began after we read its state counts too)
+                        self.was_stopped, self.stop_signal = True, t.group_stop
                     _suspend_seccomp(t)
                 except TaskGone:
                     if tid == self.pid:

@@ -35,6 +35,8 @@ PARK_CODE = b"\x0f\x05\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"
 MAP_FIXED_NOREPLACE = 0x100000
 ALL_SIGNALS = (1 << 64) - 1
 PAGE = 4096
+# The signals whose default action is a group-stop (sig_kernel_stop).
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 def _to_signed(v: int) -> int:
@@ -66,6 +68,9 @@ class Tracee:
         # batch() puts a list of syscalls run in one resume (memory.py sets
         # it to the trampoline's code page; an munmap over it clears it).
         self.batch_at: int | None = None
+        # The group-stop signal (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU) the task
+        # was in when stopped (its event-stop reports it), 0 if it ran.
+        self.group_stop = 0
 
     # --- attach / stop / detach -------------------------------------------------
     def _options(self) -> int:
@@ -111,6 +116,8 @@ class Tracee:
             # A signal arrived first (signal-delivery-stop): let it be delivered
             # as it would have been; the pending INTERRUPT stops it right after.
             ptrace.cont(self.pid, os.WSTOPSIG(status))
+        sig = os.WSTOPSIG(status)
+        self.group_stop = sig if sig in STOP_SIGNALS else 0
         self.saved_regs = ptrace.get_regs(self.pid)
 
     def detach(self) -> None:
@@ -175,8 +182,14 @@ class Tracee:
         self._step(name)             # to the syscall-entry stop
 
     def _step(self, name: str) -> None:
-        ptrace.resume_syscall(self.pid)
-        status = ptrace.wait_stop(self.pid)
+        for _ in range(8):
+            ptrace.resume_syscall(self.pid)
+            status = ptrace.wait_stop(self.pid)
+            # A task seized in a group-stop traps once more (PTRACE_EVENT_STOP
+            # with its stop signal: the seize's trap, then our INTERRUPT's)
+            # on its first resume, before it runs anything: resume it again.
+            if not ptrace.is_event(status, ptrace.PTRACE_EVENT_STOP):
+                break
         if not ptrace.is_syscall_stop(status):
             self._unexpected(status, name)
 
@@ -636,8 +649,7 @@ def explain_eperm(pid: int) -> Exception:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
-                    return Busy(f"pid {pid} is already traced by pid {line.split()[1]}",
-                                "a debugger or another lcr holds it; wait for it to finish")
+                    return traced_by(pid, int(line.split()[1]))
     except OSError:
         pass
     me = os.geteuid()
@@ -646,6 +658,17 @@ def explain_eperm(pid: int) -> Exception:
                                 "run lcr as that user or as root")
     return PermissionDenied(f"you may not trace pid {pid}: ptrace was refused",
                             "it may be set-uid, non-dumpable, or protected by a security module")
+
+
+def traced_by(pid: int, tracer: int) -> Busy:
+    """The refusal for ``pid``, held under ptrace by ``tracer`` (gdb, strace...)."""
+    try:
+        with open(f"/proc/{tracer}/comm") as f:
+            name = f" ({f.read().strip()})"
+    except OSError:
+        name = ""
+    return Busy(f"pid {pid} is already traced by pid {tracer}{name}",
+                "a debugger or another lcr holds it; detach it or wait for it to finish")
 
 
 class Arena:

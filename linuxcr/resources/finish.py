@@ -408,6 +408,8 @@ BEFORE: dict[str, str] = {
     "cow": "the tree: engine/restore.py build_shared (forked from the filled parent)",
     "files_with": "the tree: forked with CLONE_FILES (resources/pstree.py clone_flags)",
     **dict.fromkeys(("starttime", "boot_id"), "identity of the original: checked, not given back"),
+    # rollback: a live process keeps the job-control state it has now
+    "stopped": "job control: resources/jobstop.py, as lcr lets the restored tree go",
 }
 NAMES = frozenset(s.name for s in STEPS)
 # lcr rollback --memory-only: memory, handlers and per-thread state only
