@@ -179,7 +179,8 @@ def check(pid: int, tree: bool = True) -> list[str]:
     checkpointed now ([] if it can)."""
     from linuxcr.engine import dump
     pid = as_pid(pid)
-    return dump.check_tree(pid) if tree else dump.check_process(pid)
+    return dump.check_tree(pid) if tree else \
+        [r for r in dump.check_process(pid) if not dump.checkpoint_saves(r)]
 
 
 def migrate(pid: int, host: str, port: int, **kw):
@@ -222,13 +223,16 @@ def tracking(pid: int) -> dict:
             "why": f"write tracking is not available ({why}): every page is hashed and compared"}
 
 
-def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
+def run(argv: list[str], *, log: str | None = None, cwd: str | None = None,
+        namespaces: tuple[str, ...] = ()) -> int:
     """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
-    checkpointed as a whole tree; returns its pid."""
+    checkpointed as a whole tree; returns its pid.  ``namespaces``: more
+    namespaces of its own (ipc, uts, net, mnt), made again on restart."""
     from linuxcr.engine import spawn
+    from linuxcr.resources import namespaces as ns
     if not argv:
         raise LcrError("nothing to run")
-    return spawn.run_in_namespace(list(argv), log, cwd)
+    return spawn.run_in_namespace(list(argv), log, cwd, sum(ns.FLAGS[k] for k in set(namespaces)))
 
 
 __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]

@@ -170,15 +170,22 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-o", "--output", "log", metavar="LOG", help="Send the command's stdout and stderr to LOG.")
 @click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
+@click.option("--ipc", is_flag=True, help="A fresh ipc namespace (System V IPC of its own).")
+@click.option("--uts", is_flag=True, help="A uts namespace of its own (its own hostname).")
+@click.option("--net", is_flag=True, help="A fresh network namespace with loopback up.")
+@click.option("--mount", is_flag=True, help="A private mount namespace.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(log: str | None, cwd: str | None, argv: tuple[str, ...]) -> None:
+def run(log: str | None, cwd: str | None, argv: tuple[str, ...], ipc: bool = False,
+        uts: bool = False, net: bool = False, mount: bool = False) -> None:
     """Start a command as init of a fresh pid namespace, detached; prints its pid.
 
     The whole tree it starts can then be checkpointed, and restarts with
-    every pid as it was."""
+    every pid as it was (and the namespaces asked for, made again)."""
+    kinds = tuple(k for k, on in (("ipc", ipc), ("uts", uts), ("net", net), ("mnt", mount)) if on)
+
     def go() -> None:
         from linuxcr import api
-        click.echo(str(api.run(list(argv), log=log, cwd=cwd)))
+        click.echo(str(api.run(list(argv), log=log, cwd=cwd, namespaces=kinds)))
     run_guarded(go)
 
 

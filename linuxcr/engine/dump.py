@@ -24,8 +24,8 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena
-from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, pstree,
-                               sched, security, signals, threads)
+from linuxcr.resources import (cpu, files, locks, memory, namespaces, posix_timers, procattrs,
+                               process, pstree, sched, security, signals, sysvipc, threads)
 
 
 PF_KTHREAD = 0x00200000
@@ -107,10 +107,25 @@ def snapshot_child(pid: int) -> bool:
         return False
 
 
+def checkpoint_saves(reason: str) -> bool:
+    """A reason of check_process that only snapshots and migration have
+    (System V shared memory: ``lcr checkpoint`` saves it)."""
+    return sysvipc.CHECKPOINT_ONLY in reason
+
+
+def _ns_reasons(pid: int, root: int) -> list[str]:
+    try:
+        st = read_status(root)
+        return namespaces.check(pid, root, len(st.ns_pid) > 1 and st.ns_pid[-1] == 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return []      # gone: the callers find out
+
+
 def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
-    """Reasons for the root and all its descendants (live processes only);
-    ``maps_only`` as for check_process."""
-    reasons = [r for r in check_process(root, maps_only=maps_only)]
+    """Reasons for the root and all its descendants (live processes only)
+    that ``lcr checkpoint`` has; ``maps_only`` as for check_process."""
+    reasons = [r for r in check_process(root, maps_only=maps_only) if not checkpoint_saves(r)]
+    reasons += _ns_reasons(root, root)
     seen = {root}
     queue = pstree.children(root)
     while queue:
@@ -128,6 +143,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
             if _gone_or_dying(p):
                 continue
             raise
+        found = [r for r in found if not checkpoint_saves(r)] + _ns_reasons(p, root)
         if found and _gone_or_dying(p):
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
@@ -239,7 +255,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     frozen_at = time.monotonic()
     try:
         tree.freeze()
-        smaps = tree.checked()                           # final: nothing changes now
+        smaps = tree.checked(keep=lambda r: not checkpoint_saves(r))   # final: nothing changes now
         faults.point("dump.frozen")
         table = files.Table()
         tasks = [collect_task(tree.procs[p], smaps[p], table) for p in tree.order]
@@ -247,13 +263,15 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
+        ns = namespaces.dump(pid)
+        ipcs = sysvipc.dump(pid, tasks, ns is not None and "ipc" in ns.kinds)
         if on_frozen:
             on_frozen(tree)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(_header(pid, tasks, compress, image_id, base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
-                                    mapped=mapped))
+                                    mapped=mapped, ipc=ipcs, ns=ns))
         for task in tasks:
             w.record(RecType.TASK, task)
         if base is None:

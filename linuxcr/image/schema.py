@@ -109,13 +109,13 @@ class Vma(Struct, forbid_unknown_fields=True):
     end: U64
     prot: Annotated[int, Meta(ge=0, le=7)]
     shared: bool
-    kind: Str          # anon | file | shmem | vvar | vvar_vclock | vdso
+    kind: Str          # anon | file | shmem | sysv | vvar | vvar_vclock | vdso | memfd | deleted
     path: Str = ""     # file path for kind=file
     offset: U64 = 0    # file offset
     name: Str = ""     # [heap], [stack], [anon:x] as shown in maps
     vmflags: Annotated[list[Annotated[str, Meta(max_length=2)]], Small] = []
     pages: bool = False  # PAGES records follow for this area
-    shm: U64 = 0         # kind=shmem: the ShmObject it maps
+    shm: U64 = 0         # kind=shmem: the ShmObject it maps; kind=sysv: the segment's id
     dev: U64 = 0         # kind=memfd|deleted: st_dev of the object mapped (shm: its inode)
 
 
@@ -174,6 +174,60 @@ class Zombie(Struct, forbid_unknown_fields=True):
     status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
 
 
+class IpcOwner(Struct, forbid_unknown_fields=True):
+    """What every System V IPC object has: id, key, owner, creator, mode."""
+    id: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+    key: I32
+    mode: Annotated[int, Meta(ge=0, le=0o7777)]   # permission bits and SHM_DEST/SHM_LOCKED
+    uid: U32
+    gid: U32
+    cuid: U32
+    cgid: U32
+
+
+class ShmExtent(Struct, array_like=True, forbid_unknown_fields=True):
+    offset: U64
+    data: Annotated[bytes, Meta(max_length=MAX_META // 2)]
+
+
+class SysvShm(Struct, forbid_unknown_fields=True):
+    """A System V shared memory segment; its pages that are not zero."""
+    perm: IpcOwner
+    size: Annotated[int, Meta(ge=1, le=1 << 46)]
+    extents: Annotated[list[ShmExtent], Meta(max_length=MAX_LIST)] = []
+
+
+class SysvSem(Struct, forbid_unknown_fields=True):
+    perm: IpcOwner
+    values: Annotated[list[Annotated[int, Meta(ge=0, le=32767)]], Meta(min_length=1, max_length=1 << 16)]
+
+
+class SysvMessage(Struct, array_like=True, forbid_unknown_fields=True):
+    mtype: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+    text: Annotated[bytes, Meta(max_length=1 << 20)]
+
+
+class SysvMsg(Struct, forbid_unknown_fields=True):
+    perm: IpcOwner
+    qbytes: U64
+    messages: Annotated[list[SysvMessage], Meta(max_length=MAX_LIST)] = []
+
+
+class SysvIpc(Struct, forbid_unknown_fields=True):
+    """System V IPC objects the tree uses (resources/sysvipc.py)."""
+    shm: Annotated[list[SysvShm], Meta(max_length=MAX_LIST)] = []
+    sem: Annotated[list[SysvSem], Meta(max_length=MAX_LIST)] = []
+    msg: Annotated[list[SysvMsg], Meta(max_length=MAX_LIST)] = []
+
+
+class Namespaces(Struct, forbid_unknown_fields=True):
+    """Namespaces of its own the tree's root had (`lcr run --ipc/--uts/--net/--mount`),
+    made again on restart (resources/namespaces.py)."""
+    kinds: Annotated[list[Annotated[str, Meta(pattern="^(ipc|uts|net|mnt)$")]], Small] = []
+    hostname: Annotated[str, Meta(max_length=64)] = ""      # uts
+    domainname: Annotated[str, Meta(max_length=64)] = ""
+
+
 class Tree(Struct, forbid_unknown_fields=True):
     """What the tasks share; comes before the TASK records."""
     root: Pid
@@ -184,6 +238,8 @@ class Tree(Struct, forbid_unknown_fields=True):
     zombies: Annotated[list[Zombie], Meta(max_length=MAX_TASKS)] = []
     # memfds and unlinked files that are mapped but held by no fd of the tree
     mapped: Annotated[list[Union[MemfdState, UnlinkedState]], Meta(max_length=MAX_LIST)] = []
+    ipc: SysvIpc | None = None        # System V IPC objects (resources/sysvipc.py)
+    ns: Namespaces | None = None      # namespaces of the tree's own (resources/namespaces.py)
 
 
 class SigAction(Struct, forbid_unknown_fields=True):

@@ -36,6 +36,7 @@ from linuxcr.remote.task import Arena, Tracee
 from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from linuxcr.sys.syscalls import TASK_SIZE, pagemap_scan
 from linuxcr.resources.fdkinds import memfd as memfds, unlinked
+from linuxcr.resources import sysvipc
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Bytes per PAGES record, and the size of each copy buffer: small enough
@@ -86,14 +87,15 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(None, f"{where} ({m.path or 'anonymous'}): hugetlbfs memory is not supported yet")
     if e.vmflags & {"io", "pf"}:
         return Area(None, f"{where} of {m.path or 'a device'}: device memory is not saved")
+    if m.path.startswith("/SYSV") and m.shared:   # inode: the shmid (0 too); saved by sysvipc.py
+        return Area(Vma(kind="sysv", name="", shm=m.inode, offset=m.offset, **base),
+                    sysvipc.unsupported(where, m.inode))
     if m.inode == 0:  # anonymous: heap, stack, [anon:...], plain
         return Area(Vma(kind="anon", name=m.path, pages=True, **base))
     if m.path == "/dev/zero" and m.shared:   # MAP_SHARED|MAP_ANONYMOUS shows as this
         return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
     if m.path == LCR_SHM and m.deleted and m.shared:   # the same, once restored (open_shm)
         return Area(Vma(kind="shmem", name="", pages=True, shm=m.inode, offset=m.offset, **base))
-    if m.path.startswith("/SYSV"):
-        return Area(None, f"{where}: SysV shared memory is not supported yet")
     if m.path == "/secretmem" and m.deleted:
         return Area(None, f"{where}: memfd_secret memory cannot be read")
     dev = os.makedev(m.dev_major, m.dev_minor)
@@ -494,9 +496,13 @@ def _read_mapped(pid: int, v: Vma, where: str) -> MemfdState | UnlinkedState | s
 def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
     """mmap every saved area at its address in the new task (pages come later)."""
     fds: dict[tuple[str, bool], int] = {}
+    attached: list[tuple[int, int]] = []
     try:
         for v in vmas:
             if v.kind in VDSO_KINDS:
+                continue
+            if v.kind == "sysv":
+                sysvipc.attach(t, v, attached)
                 continue
             prot = v.prot | (PROT_WRITE if v.pages else 0)
             flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
@@ -521,6 +527,8 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
             for flag, advice in MADVISE.items():
                 if flag in v.vmflags:
                     t.syscall("madvise", v.start, v.end - v.start, advice, check=False)
+        if attached:
+            sysvipc.trim(t, vmas)
     finally:
         for fd in fds.values():
             t.syscall("close", fd, check=False)
