@@ -224,15 +224,17 @@ def tracking(pid: int) -> dict:
 
 
 def run(argv: list[str], *, log: str | None = None, cwd: str | None = None,
-        namespaces: tuple[str, ...] = ()) -> int:
+        namespaces: tuple[str, ...] = (), hostname: str | None = None) -> int:
     """Start argv as pid 1 of a fresh pid namespace, detached, ready to be
     checkpointed as a whole tree; returns its pid.  ``namespaces``: more
-    namespaces of its own (ipc, uts, net, mnt), made again on restart."""
+    namespaces of its own (ipc, uts, net, mnt), made again on restart;
+    ``hostname``: its hostname in a uts namespace of its own."""
     from linuxcr.engine import spawn
     from linuxcr.resources import namespaces as ns
     if not argv:
         raise LcrError("nothing to run")
-    return spawn.run_in_namespace(list(argv), log, cwd, sum(ns.FLAGS[k] for k in set(namespaces)))
+    kinds = set(namespaces) | ({"uts"} if hostname is not None else set())
+    return spawn.run_in_namespace(list(argv), log, cwd, sum(ns.FLAGS[k] for k in kinds), hostname)
 
 
 __all__ = ["checkpoint", "restart", "restart_full", "check", "run", "LcrError"]

@@ -172,11 +172,13 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
 @click.option("-C", "--cwd", metavar="DIR", help="Working directory of the command.")
 @click.option("--ipc", is_flag=True, help="A fresh ipc namespace (System V IPC of its own).")
 @click.option("--uts", is_flag=True, help="A uts namespace of its own (its own hostname).")
+@click.option("--hostname", metavar="NAME", help="Its hostname, in a uts namespace of its own.")
 @click.option("--net", is_flag=True, help="A fresh network namespace with loopback up.")
 @click.option("--mount", is_flag=True, help="A private mount namespace.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(log: str | None, cwd: str | None, argv: tuple[str, ...], ipc: bool = False,
-        uts: bool = False, net: bool = False, mount: bool = False) -> None:
+        uts: bool = False, net: bool = False, mount: bool = False,
+        hostname: str | None = None) -> None:
     """Start a command as init of a fresh pid namespace, detached; prints its pid.
 
     The whole tree it starts can then be checkpointed, and restarts with
@@ -185,7 +187,8 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], ipc: bool = Fal
 
     def go() -> None:
         from linuxcr import api
-        click.echo(str(api.run(list(argv), log=log, cwd=cwd, namespaces=kinds)))
+        click.echo(str(api.run(list(argv), log=log, cwd=cwd, namespaces=kinds,
+                               hostname=hostname)))
     run_guarded(go)
 
 

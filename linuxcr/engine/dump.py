@@ -80,6 +80,7 @@ def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]
         reasons += files.check(pid)
         reasons += locks.check(pid)
         reasons += security.check(pid) + sched.check(pid) + procattrs.check(pid)
+        reasons += sysvipc.check(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
@@ -264,6 +265,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         ns = namespaces.dump(pid)
+        if namespaces.check_files(pid, ns, table.descs):
+            raise NotCheckpointable(pid, namespaces.check_files(pid, ns, table.descs))
         ipcs = sysvipc.dump(pid, tasks, ns is not None and "ipc" in ns.kinds)
         if on_frozen:
             on_frozen(tree)

@@ -206,7 +206,7 @@ def _read_reports(fd: int, want: int) -> list[str]:
 
 
 def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None,
-                     extra: int = 0) -> int:
+                     extra: int = 0, hostname: str | None = None) -> int:
     """`lcr run`: start argv as pid 1 of a fresh pid namespace (and user
     namespace when not root; and the ``extra`` CLONE_NEW* kinds: `--ipc`
     ...), in its own session, detached; returns its pid as lcr sees it.
@@ -217,6 +217,8 @@ def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None,
         try:
             os.close(rep_r)
             enter_namespaces(os.geteuid() != 0, extra)
+            if hostname is not None:   # here, where we may: without root the command cannot
+                socket.sethostname(hostname)
             c = os.fork()
             if c == 0:
                 try:

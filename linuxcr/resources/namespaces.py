@@ -14,7 +14,8 @@ import socket
 from typing import Any, Callable
 
 from linuxcr.errors import RestoreError
-from linuxcr.image.schema import Namespaces
+from linuxcr.image.schema import FileDesc, Namespaces
+from linuxcr.procfs.mounts import Mount, read_mountinfo
 from linuxcr.sys import ipc
 
 KINDS = ("ipc", "uts", "net", "mnt")
@@ -44,7 +45,33 @@ def check(pid: int, root: int, root_is_init: bool) -> list[str]:
         return [f"it is in {'/'.join(mine)} namespaces of its own, made outside `lcr run`: "
                 "start it with `lcr run --" + " --".join("mount" if k == "mnt" else k for k in mine)
                 + "` to checkpoint it"]
+    if "mnt" in mine:
+        made = _mounts_made(pid)
+        if made:
+            return [f"it mounted {made[0].fstype} on {made[0].point} in its mount namespace "
+                    f"({len(made)} mount(s) lcr does not see): mounts made inside are not "
+                    "restored yet"]
     return []
+
+
+def _mounts_made(pid: int) -> list[Mount]:
+    """Mounts the tree sees that lcr does not (it made them, since its mount
+    namespace began as a copy of lcr's)."""
+    ours = {(m.point, m.root, m.fstype, m.source) for m in read_mountinfo("self")}
+    return [m for m in read_mountinfo(pid) if (m.point, m.root, m.fstype, m.source) not in ours]
+
+
+# Sockets lcr makes itself before the tasks exist, in its own network
+# namespace: wrong for a tree with one of its own.
+NET_KINDS = ("tcp", "udp", "netlink", "unix_bound")
+
+
+def check_files(root: int, ns: Namespaces | None, descs: list[FileDesc]) -> list[str]:
+    if ns is None or "net" not in ns.kinds:
+        return []
+    return [f"it holds a {d.kind} socket in a network namespace of its own (`lcr run --net`): "
+            "lcr makes sockets again in its own network namespace, so these are not restored "
+            "yet" for d in descs if d.kind in NET_KINDS][:1]
 
 
 def dump(pid: int) -> Namespaces | None:
@@ -70,14 +97,17 @@ def restore(pid: int, ns: Namespaces | None) -> None:
     """What the fresh namespaces of the blank ``pid`` hold: the hostname."""
     if ns is None or "uts" not in ns.kinds:
         return
-    call_in(pid, ["uts"], lambda: _set_uts(ns.hostname, ns.domainname),
-            what="set the hostname of the restored tree")
+    try:
+        call_in(pid, ["uts"], lambda: _set_uts(ns.hostname, ns.domainname),
+                what="set the hostname of the restored tree")
+    except OSError as e:
+        raise RestoreError(f"cannot set the hostname {ns.hostname!r} of the restored tree: "
+                           f"{e.strerror or e}") from None
 
 
 def _set_uts(host: str, dom: str) -> None:
     socket.sethostname(host)
-    with open("/proc/sys/kernel/domainname", "w") as f:
-        f.write(dom)
+    ipc.setdomainname(dom.encode())
 
 
 def call_in(pid: int, kinds: list[str], fn: Callable[[], Any], what: str = "",

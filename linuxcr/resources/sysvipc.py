@@ -19,7 +19,8 @@ every task holds its attach.
 
 Not given back: the last-operation pids and times (sempid, lspid/lrpid,
 otime...); the kernel lets nobody set them.  SEM_UNDO adjustments: the
-kernel shows them nowhere, see README.
+kernel shows them nowhere, so a process holding an undo list is refused
+(``check``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from linuxcr.procfs.sysvipc import read_sysvipc
 from linuxcr.remote.task import Tracee
 from linuxcr.resources import namespaces
 from linuxcr.sys import ipc
+from linuxcr.sys.syscalls import kcmp_same
 
 # memory.classify marks every /SYSV area with this reason: the checkpoint
 # path (engine/dump.py) saves them and drops it; snapshots and migration,
@@ -45,6 +47,21 @@ PAGE = 4096
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PROT_EXEC = 4
 NEXT_ID = "/proc/sys/kernel/{}_next_id"
+KCMP_SYSVSEM = 6
+
+
+def check(pid: int) -> list[str]:
+    """A process with a semaphore undo list (it made a semop with SEM_UNDO):
+    the kernel shows its adjustments nowhere, so they cannot come back.
+    kcmp(KCMP_SYSVSEM) against lcr, which never makes one, tells."""
+    try:
+        same = kcmp_same(KCMP_SYSVSEM, pid, os.getpid())
+    except OSError:
+        return []      # kcmp refused (no CONFIG_KCMP): nothing known
+    if same:
+        return []
+    return ["it has System V semaphore undo adjustments (semop with SEM_UNDO): the kernel "
+            "does not show them, so lcr cannot give them back"]
 
 
 def unsupported(where: str, shmid: int) -> str:

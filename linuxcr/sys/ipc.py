@@ -74,6 +74,12 @@ def setns(fd: int, nstype: int = 0) -> None:
     _ok(libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
 
 
+def setdomainname(name: bytes) -> None:
+    """The syscall: /proc/sys/kernel/domainname is root's file even inside a
+    user namespace, where CAP_SYS_ADMIN suffices for the call."""
+    _ok(libc.setdomainname(name, ctypes.c_size_t(len(name))))
+
+
 # --- shared memory -------------------------------------------------------------
 
 def shm_stat(shmid: int) -> ShmidDs:
