@@ -3,6 +3,8 @@
  * modes, content and attach addresses after checkpoint/restart.
  *
  *   sysv_ipc KEY        KEY: base key (decimal); the objects use KEY, KEY+1, KEY+2
+ *   sysv_ipc KEY undo   also a semop with SEM_UNDO (+1 then -1: the value is
+ *                       as before, but the process now holds an undo list)
  *
  * Makes: segment A (key KEY, 3 pages + 100 bytes, mode 0640), attached read-
  * write with a pattern and split in two by mprotect(PROT_READ) of its second
@@ -139,6 +141,11 @@ int main(int argc, char **argv)
 		snprintf(m.text, sizeof(m.text), "message %d", i);
 		msgsnd(msq, &m, strlen(m.text) + 1, 0);
 	}
+	if (argc > 2 && !strcmp(argv[2], "undo")) {
+		struct sembuf up = {0, 1, SEM_UNDO}, down = {0, -1, SEM_UNDO};
+		semop(sem, &up, 1);
+		semop(sem, &down, 1);
+	}
 	volatile uint64_t *word = (volatile uint64_t *)a;
 	*word = 1;
 	pid_t child = fork();
@@ -154,6 +161,7 @@ int main(int argc, char **argv)
 			}
 		}
 	}
+	signal(SIGCHLD, SIG_IGN);     /* a killed child goes without a wait */
 	printf("READY pid=%d child=%d shm=%d\n", getpid(), child, shm_a);
 	for (;;) {
 		pause();
