@@ -24,8 +24,9 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena
-from linuxcr.resources import (cpu, files, locks, memory, namespaces, posix_timers, procattrs,
-                               process, pstree, sched, security, signals, sysvipc, threads)
+from linuxcr.resources import (cpu, files, fsroot, locks, memory, namespaces, posix_timers,
+                               procattrs, process, pstree, sched, security, signals, sysvipc,
+                               threads)
 
 
 PF_KTHREAD = 0x00200000
@@ -211,6 +212,8 @@ class FrozenTree:
             reasons += [r if p == self.root else f"child pid {p}: {r}"
                         for r in found if keep is None or keep(r)]
         reasons += pstree.sharing_reasons(self.order)
+        reasons += pstree.zombie_reasons(self.zombies, [
+            (p, st.ns_pid[-1], st.ns_sid[-1]) for p, st in ((p, read_status(p)) for p in self.order)])
         if reasons:
             raise NotCheckpointable(self.root, reasons)
         return smaps
@@ -371,9 +374,11 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
         ptimers = posix_timers.dump(t, arena)
         attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena)
     frozen.unblock_signals()         # masks and registers back: safe to die from here on
+    cwd = os.readlink(f"/proc/{pid}/cwd")
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
-        comm=stat.comm, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+        comm=stat.comm, cwd=cwd, root=os.readlink(f"/proc/{pid}/root"),
+        cwd_deleted=fsroot.dump_cwd_deleted(pid, cwd),
         creds=process.dump_creds(status), umask=status.umask or 0,
         personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
         mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=table.task_files(pid),

@@ -363,10 +363,11 @@ def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         pstree.set_session(t, k)
         empty(r, inherited=None if t is root else by_pid[k.ppid])
         faults.point("restore.tree")
-    pstree.set_groups([(r.t, r.task) for r in made])
-    for z in tree.zombies:
-        parent = by_pid[z.ppid]
-        zt = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else z.vpid)
+    zs = [(pstree.fork_child(by_pid[z.ppid].t, _blank_arena(by_pid[z.ppid]),
+                             None if any_pid else z.vpid), z) for z in tree.zombies]
+    pstree.make_zombies(zs)       # zombies lead sessions and groups before anyone joins
+    pstree.set_groups([(r.t, r.task) for r in made] + zs)
+    for zt, z in zs:
         zt.exit_now(z.status)
 
 

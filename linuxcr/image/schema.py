@@ -35,7 +35,8 @@ from typing import Union
 import msgspec
 from msgspec import Meta, Struct
 
-from linuxcr.image.kinds import KIND_STATES, MemfdState, MsgExtras, UnlinkedState
+from linuxcr.image.kinds import (KIND_STATES, DeletedDirState, MemfdState, MsgExtras,
+                                 UnlinkedState)
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 2          # 2: image_id, parent, PAGEMAP (incremental images)
@@ -172,6 +173,8 @@ class Zombie(Struct, forbid_unknown_fields=True):
     vpid: Pid
     ppid: Pid          # host pid of the parent (a task of the tree)
     status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
+    pgid: Annotated[int, Meta(ge=0)] = 0   # as the tree sees them; 0: an image made before
+    sid: Annotated[int, Meta(ge=0)] = 0    # they were saved (the zombie is left in its parent's)
 
 
 class IpcOwner(Struct, forbid_unknown_fields=True):
@@ -397,6 +400,7 @@ class Task(Struct, forbid_unknown_fields=True):
     locks: Annotated[list[FileLock], Meta(max_length=MAX_LIST)] = []
     attrs: ThreadAttrs | None = None      # the leader's (None: an older image)
     proc: ProcAttrs | None = None
+    cwd_deleted: DeletedDirState | None = None   # a working directory removed since (resources/fsroot.py)
 
 
 class Pages(Struct, forbid_unknown_fields=True):

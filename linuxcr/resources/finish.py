@@ -23,8 +23,8 @@ from linuxcr.errors import LcrError
 from linuxcr.image.schema import FileDesc, Task, Thread
 from linuxcr.procfs import list_fds, read_status
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, sched,
-                               security, signals, threads)
+from linuxcr.resources import (cpu, files, fsroot, locks, memory, posix_timers, procattrs, process,
+                               sched, security, signals, threads)
 from linuxcr.sys import ptrace
 
 SS_DISABLE = 2
@@ -108,7 +108,7 @@ def _locks(f: Finish) -> None:
 
 
 def _fs(f: Finish) -> None:
-    files.restore_fs(f.t, f.arena, f.task.cwd, f.task.root)
+    fsroot.restore(f.t, f.arena, f.task)
 
 
 def _fs_back(f: Finish) -> None:
@@ -362,7 +362,7 @@ STEPS: tuple[Step, ...] = (
     Step("mm", _mm, _mm_back, ("mm",)),
     Step("files", _files, _files_back, ("files",)),
     Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
-    Step("fs", _fs, _fs_back, ("cwd", "root")),
+    Step("fs", _fs, _fs_back, ("cwd", "root", "cwd_deleted")),
     # rollback: the umask only; personality, name and the leader's pointers are kept
     Step("misc", _misc, _umask, ("umask", "personality", "comm", "robust_list", "tid_address")),
     Step("sigactions", _sigactions, _sigactions, ("sigactions",)),
