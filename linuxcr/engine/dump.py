@@ -24,9 +24,9 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena
-from linuxcr.resources import (cpu, files, fsroot, locks, memory, namespaces, posix_timers,
-                               procattrs, process, pstree, sched, security, signals, sysvipc,
-                               threads)
+from linuxcr.resources import (cpu, files, fsroot, guards, locks, memory, namespaces,
+                               posix_timers, procattrs, process, pstree, sched, security, signals,
+                               sysvipc, threads)
 
 
 PF_KTHREAD = 0x00200000
@@ -378,7 +378,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table) -> Task:
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
         comm=stat.comm, cwd=cwd, root=os.readlink(f"/proc/{pid}/root"),
-        cwd_deleted=fsroot.dump_cwd_deleted(pid, cwd),
+        cwd_deleted=fsroot.dump_cwd_deleted(pid, cwd), guards=guards.dump(pid, vmas),
         creds=process.dump_creds(status), umask=status.umask or 0,
         personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
         mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=table.task_files(pid),

@@ -401,6 +401,8 @@ class Task(Struct, forbid_unknown_fields=True):
     attrs: ThreadAttrs | None = None      # the leader's (None: an older image)
     proc: ProcAttrs | None = None
     cwd_deleted: DeletedDirState | None = None   # a working directory removed since (resources/fsroot.py)
+    guards: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]],
+                      Meta(max_length=MAX_LIST)] = []   # [start, end] guard regions (resources/guards.py)
 
 
 class Pages(Struct, forbid_unknown_fields=True):

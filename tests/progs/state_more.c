@@ -9,7 +9,10 @@
  * leader and exits; P never reaps them (they stay zombies).  P works in
  * DIR/gone (mode 0751), removed after P entered it.  The child C joins Z1's
  * group and, unless "nochroot", chroots into DIR/root and works in /sub
- * there (DIR/root/marker is a file).
+ * there (DIR/root/marker is a file).  P also has an area of 8 pages whose
+ * pages 2 and 3 are guard regions (MADV_GUARD_INSTALL, Linux 6.13+; "guards=0"
+ * on READY when the kernel has none): they must fault, the others keep
+ * their content.
  * Prints "READY pid=P child=C"; on SIGUSR1 each of P and C checks its own
  * state and prints "PASS state_more pid=X" or "FAIL state_more: ... (pid=X)".
  */
@@ -17,6 +20,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -28,6 +34,37 @@
 static pid_t z1, z2, child;
 static char gone[PATH_MAX];
 static int chrooted;
+static unsigned char *area;
+static int guards;
+static sigjmp_buf jb;
+
+#define MADV_GUARD_INSTALL_ 102
+
+static void on_segv(int sig) { (void)sig; siglongjmp(jb, 1); }
+
+static int faults(volatile unsigned char *p)
+{
+	struct sigaction sa = {.sa_handler = on_segv}, old;
+	int hit = 0;
+	sigaction(SIGSEGV, &sa, &old);
+	if (sigsetjmp(jb, 1) == 0)
+		(void)*p;
+	else
+		hit = 1;
+	sigaction(SIGSEGV, &old, NULL);
+	return hit;
+}
+
+static void check_guards(void)
+{
+	for (int i = 0; i < 8; i++) {
+		int g = guards && (i == 2 || i == 3);
+		if (faults(area + i * 4096) != g)
+			fail("page %d of the guarded area %s", i, g ? "does not fault" : "faults");
+		else if (!g && area[i * 4096 + 17] != (unsigned char)(i + 1))
+			fail("page %d of the guarded area lost its content", i);
+	}
+}
 
 static void check_parent(void)
 {
@@ -60,6 +97,7 @@ static void check_parent(void)
 		fail("cwd is %s", link);
 	if (mkdir("x", 0700) == 0 || errno != ENOENT)
 		fail("mkdir in a removed directory: %s", strerror(errno));
+	check_guards();
 }
 
 static void check_child(void)
@@ -140,6 +178,10 @@ int main(int argc, char **argv)
 		printf("FAIL " NAME ": %s: %s (pid=%d)\n", gone, strerror(errno), getpid());
 		return 1;
 	}
-	printf("READY pid=%d child=%d z1=%d z2=%d\n", getpid(), child, z1, z2);
+	area = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	for (int i = 0; i < 8; i++)
+		memset(area + i * 4096, i + 1, 4096);
+	guards = madvise(area + 2 * 4096, 2 * 4096, MADV_GUARD_INSTALL_) == 0;
+	printf("READY pid=%d child=%d z1=%d z2=%d guards=%d\n", getpid(), child, z1, z2, guards);
 	serve(check_parent);
 }
