@@ -71,3 +71,17 @@ def test_deleted_cwd_as_user(bins, procs, tmp_path):
     new = int(lcr_as(user, "restart", img).stdout)
     procs.add(new)
     assert_pass(new, log, NAME)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shared object is read through map_files (root)")
+def test_shared_pages_of_exited_child(bins, procs, tmp_path):
+    """Pages of a shared anonymous area that only an exited child wrote:
+    no page table of the saved process maps them, the object holds them."""
+    log = tmp_path / "o.log"
+    p = procs.start([bins["shm_orphan"]], log)
+    wait_for_line(log, r"^READY pid=\d+", pid=p.pid)
+    img = tmp_path / "img"
+    lcr("checkpoint", p.pid, "-o", img)     # before any probe touches the pages
+    reap(p.pid)
+    assert restart_image(img, procs) == p.pid
+    assert_pass(p.pid, log, "shm_orphan")

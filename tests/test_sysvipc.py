@@ -150,3 +150,50 @@ def test_snapshot_refused(bins, procs, tmp_path, key, agent_env):
     assert cp.returncode != 0
     assert "System V shared memory" in cp.stderr and "lcr checkpoint" in cp.stderr, cp.stderr
     assert_pass(pid, log, NAME)
+
+
+def _psql(user, sock, *sql: str) -> str:
+    argv = [*user.prefix, "psql", "-X", "-A", "-t", "-h", str(sock), "-U", "postgres", "-d",
+            "postgres"]
+    for s in sql:
+        argv += ["-c", s]
+    cp = subprocess.run(argv, capture_output=True, text=True, env=user.env(), timeout=120)
+    assert cp.returncode == 0, f"psql {sql}: {cp.stderr}"
+    return cp.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="postgres runs as lcrtest under a root `lcr run`")
+def test_postgres(trees, tmp_path):
+    """A real program: the postmaster and its workers share a System V
+    segment, an anonymous shared area (the buffer pool, written by workers
+    that are gone) and POSIX shared memory; checkpointed as a tree in an
+    ipc namespace of its own, restarted, queried."""
+    import shutil
+    if not (shutil.which("initdb") and shutil.which("postgres") and shutil.which("psql")):
+        pytest.skip("postgresql not installed (apt-get install postgresql)")
+    user = find_user()
+    why = user_can_run_lcr(user)
+    if why:
+        pytest.skip(why)
+    wd = user_workdir(user)
+    data, sock = wd / "data", wd / "sock"
+    cp = subprocess.run([*user.prefix, "initdb", "-D", data, "-A", "trust", "-U", "postgres",
+                         "--no-sync"], capture_output=True, text=True, env=user.env(), timeout=300)
+    assert cp.returncode == 0, cp.stderr
+    sock.mkdir()
+    os.chown(sock, user.uid, user.gid)
+    log = wd / "pg.log"
+    root = trees.add(int(lcr("run", "--ipc", "-o", log, "--", *user.prefix, "postgres", "-D", data,
+                             "-k", sock, "-c", "listen_addresses=",
+                             "-c", "shared_buffers=16MB").stdout))
+    wait_for_line(log, r"database system is ready to accept connections")
+    _psql(user, sock, "create table t(x int)", "insert into t select generate_series(1, 1000)")
+    img = wd / "img"
+    lcr("checkpoint", root, "-o", img)
+    reap(root)
+    new = trees.add(int(lcr("restart", img, "--trust", "uid,files").stdout))
+    out = _psql(user, sock, "insert into t values (0)", "select count(*), sum(x) from t",
+                "checkpoint")
+    assert "1001|500500" in out, out
+    with open(f"/proc/{new}/maps") as f:
+        assert "/SYSV" in f.read(), "the postmaster's System V segment is not attached"

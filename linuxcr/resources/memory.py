@@ -167,7 +167,36 @@ def _saved_runs(pid: int, vmas: list[Vma]) -> Iterator[tuple[Vma, list[tuple[int
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
-                yield v, pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
+                held = _object_runs(pid, v) if v.kind == "shmem" else None
+                yield v, held if held is not None else \
+                    pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
+
+
+def _object_runs(pid: int, v: Vma) -> list[tuple[int, int]] | None:
+    """The pages a shared anonymous object holds under area v: also those no
+    page table of this process maps (written by a process that has exited,
+    or not faulted in here), which pagemap does not show.  SEEK_DATA on the
+    object through /proc/PID/map_files (root); None where that is refused."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out: list[tuple[int, int]] = []
+    try:
+        pos, end = v.offset, v.offset + v.end - v.start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:        # ENXIO: no data from pos on
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append((v.start + data - v.offset, (hole - data) // PAGE))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out
 
 
 _RING: list[memoryview] = []
