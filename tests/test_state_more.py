@@ -45,6 +45,9 @@ def test_zombie_leaders_deleted_cwd_chroot(bins, procs, tmp_path):
     assert_pass(pid, log, NAME)
     assert_pass(child, log, NAME)
     assert _ids(z1) == (z1, pid) and _ids(z2) == (z2, z2)
+    for z in (z1, z2):
+        with open(f"/proc/{z}/comm") as f:
+            assert f.read().strip() == NAME, f"zombie {z} lost its name"
     assert not (d / "gone").exists(), "the recreated working directory was left behind"
     if not guards:
         pytest.skip("no guard regions on this kernel (MADV_GUARD_INSTALL: Linux 6.13+); "

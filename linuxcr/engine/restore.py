@@ -365,7 +365,7 @@ def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         faults.point("restore.tree")
     zs = [(pstree.fork_child(by_pid[z.ppid].t, _blank_arena(by_pid[z.ppid]),
                              None if any_pid else z.vpid), z) for z in tree.zombies]
-    pstree.make_zombies(zs)       # zombies lead sessions and groups before anyone joins
+    pstree.make_zombies(zs, [_blank_arena(by_pid[z.ppid]).addr for z in tree.zombies])
     pstree.set_groups([(r.t, r.task) for r in made] + zs)
     for zt, z in zs:
         zt.exit_now(z.status)

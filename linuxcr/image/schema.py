@@ -175,6 +175,7 @@ class Zombie(Struct, forbid_unknown_fields=True):
     status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
     pgid: Annotated[int, Meta(ge=0)] = 0   # as the tree sees them; 0: an image made before
     sid: Annotated[int, Meta(ge=0)] = 0    # they were saved (the zombie is left in its parent's)
+    comm: Annotated[str, Meta(max_length=64)] = ""   # its name ("": an older image)
 
 
 class IpcOwner(Struct, forbid_unknown_fields=True):

@@ -72,6 +72,9 @@ def is_zombie(pid: int) -> bool:
         return False
 
 
+PR_SET_NAME = 15
+
+
 def zombie(pid: int, parent: int) -> Zombie:
     st = read_stat(pid)
     try:
@@ -80,7 +83,7 @@ def zombie(pid: int, parent: int) -> Zombie:
     except (FileNotFoundError, IndexError):
         vpid, pgid, sid = pid, 0, 0
     return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF,
-                  pgid=pgid, sid=sid)
+                  pgid=pgid, sid=sid, comm=st.comm[:15])
 
 
 def zombie_reasons(zombies: list[Zombie], tasks: list[tuple[int, int, int]]) -> list[str]:
@@ -92,10 +95,15 @@ def zombie_reasons(zombies: list[Zombie], tasks: list[tuple[int, int, int]]) -> 
             "not supported" for pid, vpid, sid in tasks if sid in leaders and vpid != sid]
 
 
-def make_zombies(zs: list[tuple[Tracee, Zombie]]) -> None:
-    """Forked zombies-to-be (before set_groups): session and group leaders
-    become so first, so that the others can join their groups."""
-    for t, z in zs:
+def make_zombies(zs: list[tuple[Tracee, Zombie]], scratch: list[int]) -> None:
+    """Forked zombies-to-be (before set_groups): their names; session
+    leaders become so first, so that the others can join their groups.
+    ``scratch``: for each, an address of writable scratch it inherited
+    from its parent."""
+    for (t, z), at in zip(zs, scratch):
+        if z.comm:
+            t.write(at, z.comm.encode(errors="surrogateescape")[:15] + b"\0")
+            t.syscall("prctl", PR_SET_NAME, at)
         if z.sid and z.sid == z.vpid:
             t.syscall("setsid")
 
