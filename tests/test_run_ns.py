@@ -1,10 +1,11 @@
 """`lcr run --uts/--hostname, --net, --mount` (issue 17): the namespaces a
 tree gets, made again on restart (tests/progs/ns_probe.py checks its
-hostname and loopback itself); what lcr cannot give back yet is refused
-with a reason (mounts made inside a --mount tree)."""
+hostname and loopback itself), the tmpfs and bind mounts of a --mount
+tree; what lcr cannot give back yet is refused with a reason."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,21 +60,53 @@ def test_uts_net(trees, tmp_path, who):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts inside the namespace as root")
 def test_mount(trees, tmp_path):
-    d = tmp_path / "mnt"
-    d.mkdir()
+    """A tmpfs (with its files) and a read-only bind mount the tree made come
+    back in its new mount namespace, never in lcr's."""
+    t, b, src = tmp_path / "t", tmp_path / "b", tmp_path / "src"
+    for d in (t, b, src):
+        d.mkdir()
+    (src / "f").write_text("bound")
     log = tmp_path / "m.log"
-    root = trees.add(int(lcr("run", "--mount", "-o", log, "--", "sh", "-c",
-                             f"echo READY; exec sleep 1000").stdout))
-    wait_for_line(log, r"^READY$")
+    script = (f"mount -t tmpfs -o size=2m,mode=751 lcrtmp {t} && mkdir {t}/d && "
+              f"echo data > {t}/d/x && chmod 640 {t}/d/x && ln -s d/x {t}/l && "
+              f"mount --bind {src} {b} && mount -o remount,bind,ro {b} && cd / && "
+              "echo MOUNTED && exec sleep 1000")
+    root = trees.add(int(lcr("run", "--mount", "-o", log, "--", "sh", "-c", script).stdout))
+    wait_for_line(log, r"^MOUNTED$")
+    assert not os.path.ismount(t), "the tree's mount leaked out of its namespace"
     img = tmp_path / "img"
     lcr("checkpoint", root, "-o", img)
     reap(root)
     new = trees.add(int(lcr("restart", img).stdout))
     assert _ns(new, "mnt") != _ns("self", "mnt"), "restored into lcr's mount namespace"
-    # a tree that mounted something: refused, with where
+    inside = Path(f"/proc/{new}/root")
+    assert (inside / str(t)[1:] / "l").read_text() == "data\n"
+    assert oct((inside / str(t)[1:] / "d" / "x").stat().st_mode & 0o777) == oct(0o640)
+    assert (inside / str(b)[1:] / "f").read_text() == "bound"
+    with open(f"/proc/{new}/mountinfo") as f:
+        mi = f.read()
+    assert re.search(rf" {re.escape(str(t))} \S+ - tmpfs \S+ \S*size=2048k,mode=751", mi), mi
+    assert re.search(rf" {re.escape(str(b))} ro,", mi), mi
+    assert not os.path.ismount(t) and not os.path.ismount(b)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts inside the namespace as root")
+def test_mount_refused(trees, tmp_path):
+    """What lcr cannot give back yet, refused with where: a file open under
+    a mount the tree made; a proc mount."""
+    t = tmp_path / "t"
+    t.mkdir()
+    log = tmp_path / "m.log"
     root = trees.add(int(lcr("run", "--mount", "-o", log, "--", "sh", "-c",
-                             f"mount -t tmpfs lcrtmp {d} && echo MOUNTED; exec sleep 1000").stdout))
+                             f"mount -t tmpfs x {t} && exec 3>{t}/open && echo MOUNTED && "
+                             "exec sleep 1000").stdout))
     wait_for_line(log, r"^MOUNTED$")
-    assert not os.path.ismount(d), "the tree's mount leaked out of its namespace"
+    cp = lcr("checkpoint", root, "-o", tmp_path / "img", check=False)
+    assert cp.returncode == 5 and f"{t}/open is under {t}" in cp.stderr, cp.stderr
+    p = tmp_path / "p"
+    p.mkdir()
+    root = trees.add(int(lcr("run", "--mount", "-o", log, "--", "sh", "-c",
+                             f"mount -t proc proc {p} && echo MOUNTED2 && exec sleep 1000").stdout))
+    wait_for_line(log, r"^MOUNTED2$")
     cp = lcr("check", root, check=False)
-    assert cp.returncode == 5 and f"tmpfs on {d}" in cp.stdout, cp.stdout
+    assert cp.returncode == 5 and f"proc mounted on {p}" in cp.stdout, cp.stdout

@@ -268,8 +268,8 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         ns = namespaces.dump(pid)
-        if namespaces.check_files(pid, ns, table.descs):
-            raise NotCheckpointable(pid, namespaces.check_files(pid, ns, table.descs))
+        if namespaces.check_saved(ns, table.descs, tasks):
+            raise NotCheckpointable(pid, namespaces.check_saved(ns, table.descs, tasks))
         ipcs = sysvipc.dump(pid, tasks, ns is not None and "ipc" in ns.kinds)
         if on_frozen:
             on_frozen(tree)

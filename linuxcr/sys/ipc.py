@@ -1,4 +1,5 @@
-"""System V IPC through libc (x86_64 glibc structs), and setns.
+"""System V IPC through libc (x86_64 glibc structs); setns, mount,
+setdomainname (what resources/namespaces.py needs inside a namespace).
 
 Only what resources/sysvipc.py needs: read an object's attributes and
 content without changing it (IPC_STAT, GETALL, msgrcv MSG_COPY), create one
@@ -72,6 +73,16 @@ def _ok(ret: int) -> int:
 
 def setns(fd: int, nstype: int = 0) -> None:
     _ok(libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _ok(libc.mount(os.fsencode(source), os.fsencode(target),
+                   None if fstype is None else fstype.encode(), ctypes.c_ulong(flags),
+                   None if not data else data.encode()))
 
 
 def setdomainname(name: bytes) -> None:
