@@ -74,7 +74,8 @@ def test_host_namespace(bins, procs, tmp_path, key):
     assert not helpers.exists(pid)
     _remove(key)
     new = restart_image(img, procs)
-    assert new == pid           # (the child is registered already, after its parent)
+    assert new == pid
+    procs.add(child)            # the restored one (another start time): killed before its parent
     m = assert_pass(pid, log, NAME)
     word = pass_field(m, "word")
     # the child sees the word its parent wrote: one segment, not two copies

@@ -227,7 +227,7 @@ class SysvIpc(Struct, forbid_unknown_fields=True):
 class TmpFile(Struct, forbid_unknown_fields=True):
     """One entry of a tmpfs the tree mounted (resources/namespaces.py)."""
     path: Str                    # relative to the mount point
-    kind: Annotated[str, Meta(pattern="^(dir|file|link)$")]
+    kind: Annotated[str, Meta(pattern="^(dir|file|link)$", max_length=4)]
     mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o755
     uid: U32 = 0
     gid: U32 = 0
@@ -238,7 +238,7 @@ class MountRec(Struct, forbid_unknown_fields=True):
     """A mount the tree made in its mount namespace: a tmpfs (with its
     files) or a bind mount of a directory or file."""
     point: Str
-    kind: Annotated[str, Meta(pattern="^(tmpfs|bind)$")]
+    kind: Annotated[str, Meta(pattern="^(tmpfs|bind)$", max_length=5)]
     source: Str = ""             # bind: the path bound, as lcr sees it
     flags: Annotated[list[Annotated[str, Meta(max_length=16)]], Small] = []   # ro nosuid nodev noexec
     data: Str = ""               # tmpfs: size=..., mode=..., nr_inodes=...
@@ -248,7 +248,8 @@ class MountRec(Struct, forbid_unknown_fields=True):
 class Namespaces(Struct, forbid_unknown_fields=True):
     """Namespaces of its own the tree's root had (`lcr run --ipc/--uts/--net/--mount`),
     made again on restart (resources/namespaces.py)."""
-    kinds: Annotated[list[Annotated[str, Meta(pattern="^(ipc|uts|net|mnt)$")]], Small] = []
+    kinds: Annotated[list[Annotated[str, Meta(pattern="^(ipc|uts|net|mnt)$", max_length=3)]],
+                     Small] = []
     hostname: Annotated[str, Meta(max_length=64)] = ""      # uts
     domainname: Annotated[str, Meta(max_length=64)] = ""
     mounts: Annotated[list[MountRec], Meta(max_length=MAX_SMALL * 16)] = []   # mnt: made inside

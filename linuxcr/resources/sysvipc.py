@@ -30,7 +30,7 @@ from typing import Iterable
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import (IpcOwner, ShmExtent, SysvIpc, SysvMessage, SysvMsg, SysvSem,
                                   SysvShm, Task, Vma)
-from linuxcr.procfs import read_maps
+from linuxcr.procfs import read_maps, read_status
 from linuxcr.procfs.sysvipc import read_sysvipc
 from linuxcr.remote.task import Tracee
 from linuxcr.resources import namespaces
@@ -51,17 +51,39 @@ KCMP_SYSVSEM = 6
 
 
 def check(pid: int) -> list[str]:
-    """A process with a semaphore undo list (it made a semop with SEM_UNDO):
-    the kernel shows its adjustments nowhere, so they cannot come back.
-    kcmp(KCMP_SYSVSEM) against lcr, which never makes one, tells."""
+    """A process that may hold semaphore undo adjustments (a semop with
+    SEM_UNDO): the kernel shows them nowhere, so they cannot come back.
+    What can be seen: whether it has an undo list at all (kcmp
+    KCMP_SYSVSEM against lcr, which has none) -- a process gets one with its
+    first SEM_UNDO, and also when it makes a thread (glibc shares the list
+    with CLONE_SYSVSEM) -- and whether a semaphore set it may change exists
+    in its ipc namespace (adjustments go with their set).  Both: refused."""
     try:
-        same = kcmp_same(KCMP_SYSVSEM, pid, os.getpid())
+        if kcmp_same(KCMP_SYSVSEM, pid, os.getpid()):
+            return []
     except OSError:
         return []      # kcmp refused (no CONFIG_KCMP): nothing known
-    if same:
+    try:
+        status = read_status(pid)
+        euid, egid = status.uid[1], status.gid[1]
+        sets = namespaces.call_in(pid, ["ipc"], lambda: read_sysvipc("sem"))
+    except (OSError, RestoreError):
         return []
-    return ["it has System V semaphore undo adjustments (semop with SEM_UNDO): the kernel "
-            "does not show them, so lcr cannot give them back"]
+    usable = [r["semid"] for r in sets if euid == 0 or _may_alter(r, euid, egid)]
+    if not usable:
+        return []
+    return [f"it may hold System V semaphore undo adjustments (it has an undo list: a semop "
+            f"with SEM_UNDO, or threads; semaphore set {usable[0]} is there): the kernel does "
+            "not show them, so lcr cannot give them back"]
+
+
+def _may_alter(row: dict[str, int], uid: int, gid: int) -> bool:
+    mode = row["perms"]
+    if uid in (row["uid"], row["cuid"]):
+        return bool(mode & 0o200)
+    if gid in (row["gid"], row["cgid"]):
+        return bool(mode & 0o020)
+    return bool(mode & 0o002)
 
 
 def unsupported(where: str, shmid: int) -> str:
