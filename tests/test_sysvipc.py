@@ -153,9 +153,20 @@ def test_snapshot_refused(bins, procs, tmp_path, key, agent_env):
     assert_pass(pid, log, NAME)
 
 
+def _pg_bin(name: str) -> str | None:
+    """A postgres program: on PATH, or where Debian's packages put them."""
+    import glob
+    import shutil
+    found = shutil.which(name)
+    if found:
+        return found
+    got = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return got[-1] if got else None
+
+
 def _psql(user, sock, *sql: str) -> str:
-    argv = [*user.prefix, "psql", "-X", "-A", "-t", "-h", str(sock), "-U", "postgres", "-d",
-            "postgres"]
+    argv = [*user.prefix, _pg_bin("psql"), "-X", "-A", "-t", "-h", str(sock), "-U", "postgres",
+            "-d", "postgres"]
     for s in sql:
         argv += ["-c", s]
     cp = subprocess.run(argv, capture_output=True, text=True, env=user.env(), timeout=120)
@@ -169,8 +180,7 @@ def test_postgres(trees, tmp_path):
     segment, an anonymous shared area (the buffer pool, written by workers
     that are gone) and POSIX shared memory; checkpointed as a tree in an
     ipc namespace of its own, restarted, queried."""
-    import shutil
-    if not (shutil.which("initdb") and shutil.which("postgres") and shutil.which("psql")):
+    if not all(_pg_bin(p) for p in ("initdb", "postgres", "psql")):
         pytest.skip("postgresql not installed (apt-get install postgresql)")
     user = find_user()
     why = user_can_run_lcr(user)
@@ -178,13 +188,13 @@ def test_postgres(trees, tmp_path):
         pytest.skip(why)
     wd = user_workdir(user)
     data, sock = wd / "data", wd / "sock"
-    cp = subprocess.run([*user.prefix, "initdb", "-D", data, "-A", "trust", "-U", "postgres",
-                         "--no-sync"], capture_output=True, text=True, env=user.env(), timeout=300)
+    cp = subprocess.run([*user.prefix, _pg_bin("initdb"), "-D", data, "-A", "trust",
+                         "-U", "postgres", "--no-sync"], capture_output=True, text=True, env=user.env(), timeout=300)
     assert cp.returncode == 0, cp.stderr
     sock.mkdir()
     os.chown(sock, user.uid, user.gid)
     log = wd / "pg.log"
-    root = trees.add(int(lcr("run", "--ipc", "-o", log, "--", *user.prefix, "postgres", "-D", data,
+    root = trees.add(int(lcr("run", "--ipc", "-o", log, "--", *user.prefix, _pg_bin("postgres"), "-D", data,
                              "-k", sock, "-c", "listen_addresses=",
                              "-c", "shared_buffers=16MB").stdout))
     wait_for_line(log, r"database system is ready to accept connections")
