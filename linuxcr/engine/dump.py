@@ -267,7 +267,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [_with_vmas(t, v) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
-        ns = namespaces.dump(pid)
+        ns = namespaces.dump(pid, tasks[0].pidns_init)
         if namespaces.check_saved(ns, table.descs, tasks):
             raise NotCheckpointable(pid, namespaces.check_saved(ns, table.descs, tasks))
         ipcs = sysvipc.dump(pid, tasks, ns is not None and "ipc" in ns.kinds)

@@ -36,18 +36,16 @@ def own(pid: int) -> list[str]:
 
 def check(pid: int, root: int, root_is_init: bool) -> list[str]:
     """A process whose namespaces lcr cannot make again: one of the tree
-    (not its root) in other namespaces than the root's, or a root with
-    namespaces of its own that is not the init of a tree `lcr run` made."""
+    (not its root) in other namespaces than the root's; in the mount
+    namespace of an `lcr run --mount` tree, a mount of a kind lcr does not
+    make again.  (A root that is not the init of an `lcr run` tree comes
+    back in the namespaces of the lcr that restarts it, as when it moves
+    to another machine: that is where lcr itself runs, e.g. `ip netns exec`.)"""
     if pid != root:
         diff = [k for k in KINDS if _ino(pid, k) != _ino(root, k)]
         return [f"it is in {'/'.join(diff)} namespaces other than its tree root's (pid {root}): "
                 "not supported"] if diff else []
-    mine = own(pid)
-    if mine and not root_is_init:
-        return [f"it is in {'/'.join(mine)} namespaces of its own, made outside `lcr run`: "
-                "start it with `lcr run --" + " --".join("mount" if k == "mnt" else k for k in mine)
-                + "` to checkpoint it"]
-    if "mnt" in mine:
+    if root_is_init and "mnt" in own(pid):
         return [f"{m.fstype} mounted on {m.point} in its mount namespace: {why}"
                 for m, why in ((m, _unsupported(m)) for m in _mounts_made(pid)) if why]
     return []
@@ -206,8 +204,9 @@ def _make_file(path: str, f: TmpFile) -> None:
         os.chmod(path, f.mode)
 
 
-def dump(pid: int) -> Namespaces | None:
-    kinds = own(pid)
+def dump(pid: int, root_is_init: bool) -> Namespaces | None:
+    """Those of an `lcr run` tree's root (see check)."""
+    kinds = own(pid) if root_is_init else []
     if not kinds:
         return None
     host = dom = ""
