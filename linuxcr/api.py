@@ -323,7 +323,8 @@ def check(pid: int, tree: bool = True) -> list[Reason]:
     if whole is not None:
         return [whole]
     held = client.recovery_notes(pid)       # left held by a dead agent and its dead guardian
-    found = held + (dump.check_tree(pid) if tree else dump.check_process(pid))
+    found = held + (dump.check_tree(pid) if tree else
+                    [r for r in dump.check_process(pid) if not dump.checkpoint_saves(r)])
     return group_reasons([Reason.parse(pid, r) for r in found])
 
 
@@ -373,30 +374,37 @@ def tracking(pid: int) -> Tracking:
                     why=f"write tracking is not available ({why}): every page is hashed and compared")
 
 
-def run(argv: list[str], *, log: str | None = None, cwd: str | None = None) -> int:
+def run(argv: list[str], *, log: str | None = None, cwd: str | None = None,
+        namespaces: tuple[str, ...] = (), hostname: str | None = None) -> int:
     """Start argv under a small init (pid 1 of a fresh pid namespace, which
     forwards signals to argv and exits with its status), detached, ready to
     be checkpointed as a whole tree; returns the init's pid.  Output goes to
-    ``log``, or to the default log (run_logged)."""
-    return run_logged(argv, log=log, cwd=cwd)[0]
+    ``log``, or to the default log (run_logged).  ``namespaces``: more
+    namespaces of its own (ipc, uts, net, mnt), made again on restart;
+    ``hostname``: its hostname in a uts namespace of its own."""
+    return run_logged(argv, log=log, cwd=cwd, namespaces=namespaces, hostname=hostname)[0]
 
 
-def run_logged(argv: list[str], *, log: str | None = None, cwd: str | None = None
+def run_logged(argv: list[str], *, log: str | None = None, cwd: str | None = None,
+               namespaces: tuple[str, ...] = (), hostname: str | None = None
                ) -> tuple[int, str]:
     """As run(); also returns where the output goes.  Without ``log``:
     <default_log_dir>/<pid>.log (engine/run_init.py), never the caller's
     stdout/stderr (`pid=$(lcr run -- CMD)` must not wait for CMD)."""
     from linuxcr.engine import run_init, spawn
+    from linuxcr.resources import namespaces as ns
     if not argv:
         raise LcrError("nothing to run")
+    kinds = set(namespaces) | ({"uts"} if hostname is not None else set())
+    extra = sum(ns.FLAGS[k] for k in kinds)
     if log is not None:
-        return spawn.run_in_namespace(list(argv), log, cwd), log
+        return spawn.run_in_namespace(list(argv), log, cwd, extra, hostname), log
     import tempfile
     d = run_init.default_log_dir()
     fd, tmp = tempfile.mkstemp(prefix=".starting-", suffix=".log", dir=d)
     os.close(fd)
     try:
-        pid = spawn.run_in_namespace(list(argv), tmp, cwd)
+        pid = spawn.run_in_namespace(list(argv), tmp, cwd, extra, hostname)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -274,20 +274,30 @@ def _reading(path: str):
 @click.option("--sign", "sign_key", metavar="KEYFILE", help="With --checkpoint-dir: sign images.")
 @click.option("--verify", "verify_key", metavar="KEYFILE",
               help="With --checkpoint-dir: resume only from images signed with this key.")
+@click.option("--ipc", is_flag=True, help="A fresh ipc namespace (System V IPC of its own).")
+@click.option("--uts", is_flag=True, help="A uts namespace of its own (its own hostname).")
+@click.option("--hostname", metavar="NAME", help="Its hostname, in a uts namespace of its own.")
+@click.option("--net", is_flag=True, help="A fresh network namespace with loopback up.")
+@click.option("--mount", is_flag=True, help="A private mount namespace.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @reporting(progress_option=False)
 def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir: str | None = None,
         grace: str = "25s", interval: str | None = None, keep: int = 0, full_every: int = 10,
         fresh_on_bad_image: bool = False, stop_signals: tuple[str, ...] = (), hooks: bool = False,
         compress: bool = False, sign_key: str | None = None, verify_key: str | None = None,
-        saved_exit_code: int = 0) -> None:
+        saved_exit_code: int = 0, ipc: bool = False, uts: bool = False, net: bool = False,
+        mount: bool = False, hostname: str | None = None) -> None:
     """Start a command in a fresh pid namespace, detached; prints its pid.
 
     pid 1 of the namespace is a small init (the pid printed) that forwards
     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the command and exits
     with its status.  The whole tree can then be checkpointed, and restarts
     with every pid as it was.  With --checkpoint-dir, lcr stays in the
-    foreground as the job's supervisor (a container entrypoint)."""
+    foreground as the job's supervisor (a container entrypoint).  --ipc,
+    --uts/--hostname, --net, --mount: more namespaces of its own, made again
+    on restart."""
+    kinds = tuple(k for k, on in (("ipc", ipc), ("uts", uts), ("net", net), ("mnt", mount)) if on)
+
     def go() -> None:
         if checkpoint_dir is not None:
             from linuxcr.job import options_from_cli, run_job
@@ -299,7 +309,8 @@ def run(log: str | None, cwd: str | None, argv: tuple[str, ...], checkpoint_dir:
                                               saved_exit_code=saved_exit_code)))
         from linuxcr import api
         from linuxcr.results import RunResult
-        pid, where = api.run_logged(list(argv), log=log, cwd=cwd)
+        pid, where = api.run_logged(list(argv), log=log, cwd=cwd, namespaces=kinds,
+                                    hostname=hostname)
         if log is None:
             note(f"output of pid {pid} goes to {where}")
         if opts().json:

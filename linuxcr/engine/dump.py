@@ -26,8 +26,9 @@ from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import SmapsEntry, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, traced_by
-from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, pstree,
-                               sched, security, signals, threads)
+from linuxcr.resources import (cpu, files, fsroot, guards, locks, memory, namespaces,
+                               posix_timers, procattrs, process, pstree, sched, security, signals,
+                               sysvipc, threads)
 from linuxcr.resources import exe_identity, external
 
 
@@ -85,6 +86,7 @@ def check_process(pid: int, smaps=None, *, maps_only: bool = False) -> list[str]
         reasons += files.check(pid)
         reasons += locks.check(pid)
         reasons += security.check(pid) + sched.check(pid) + procattrs.check(pid)
+        reasons += sysvipc.check(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"pid {pid}: no such process (it exited)") from None
     return reasons
@@ -112,10 +114,25 @@ def snapshot_child(pid: int) -> bool:
         return False
 
 
+def checkpoint_saves(reason: str) -> bool:
+    """A reason of check_process that only snapshots and migration have
+    (System V shared memory: ``lcr checkpoint`` saves it)."""
+    return sysvipc.CHECKPOINT_ONLY in reason
+
+
+def _ns_reasons(pid: int, root: int) -> list[str]:
+    try:
+        st = read_status(root)
+        return namespaces.check(pid, root, len(st.ns_pid) > 1 and st.ns_pid[-1] == 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return []      # gone: the callers find out
+
+
 def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
-    """Reasons for the root and all its descendants (live processes only);
-    ``maps_only`` as for check_process."""
-    reasons = [r for r in check_process(root, maps_only=maps_only)]
+    """Reasons for the root and all its descendants (live processes only)
+    that ``lcr checkpoint`` has; ``maps_only`` as for check_process."""
+    reasons = [r for r in check_process(root, maps_only=maps_only) if not checkpoint_saves(r)]
+    reasons += _ns_reasons(root, root)
     seen = {root}
     order = [root]                  # parents before children, for sharing_reasons
     queue = pstree.children(root)
@@ -134,6 +151,7 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
             if _gone_or_dying(p):
                 continue
             raise
+        found = [r for r in found if not checkpoint_saves(r)] + _ns_reasons(p, root)
         if found and _gone_or_dying(p):
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]
@@ -212,6 +230,8 @@ class FrozenTree:
             reasons += [r if p == self.root else f"child pid {p}: {r}"
                         for r in found if keep is None or keep(r)]
         reasons += pstree.sharing_reasons(self.order, self.parent)
+        reasons += pstree.zombie_reasons(self.zombies, [
+            (p, st.ns_pid[-1], st.ns_sid[-1]) for p, st in ((p, read_status(p)) for p in self.order)])
         if reasons:
             raise NotCheckpointable(self.root, reasons)
         self.files_with = pstree.files_sharing(self.order)    # frozen: cannot change now
@@ -258,7 +278,7 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
     frozen_at = time.monotonic()
     try:
         tree.freeze()
-        smaps = tree.checked()                           # final: nothing changes now
+        smaps = tree.checked(keep=lambda r: not checkpoint_saves(r))   # final: nothing changes now
         ext = external.reasons(tree.order, pid)
         if ext:
             raise NotCheckpointable(pid, ext)
@@ -274,13 +294,18 @@ def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool
         shared: dict[int, list[tuple[int, int]]] = {}
         if base is None:        # an incremental image stores what changed, shares nothing
             tasks, shared = _mark_shared(tree, tasks)
+        ns = namespaces.dump(pid, tasks[0].pidns_init)
+        if namespaces.check_saved(ns, table.descs, tasks):
+            raise NotCheckpointable(pid, namespaces.check_saved(ns, table.descs, tasks))
+        ipcs = sysvipc.dump(pid, tasks, ns is not None and "ipc" in ns.kinds)
         if on_frozen:
             on_frozen(tree)
         w = ImageWriter(fd, compress=compress, name=name)
         w.header(_header(pid, tasks, compress, image_id, base.ref() if base is not None else None))
         w.record(RecType.TREE, Tree(root=pid, files=table.descs, pipes=table.pipe_list(),
                                     unix=table.unix_list(), shm=shm, zombies=tree.zombies,
-                                    mapped=mapped, identities=exe_identity.collect(tasks)))
+                                    mapped=mapped, identities=exe_identity.collect(tasks),
+                                    ipc=ipcs, ns=ns))
         for task in tasks:
             w.record(RecType.TASK, task)
         if base is None:
@@ -397,9 +422,11 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
         ptimers = posix_timers.dump(t, arena)
         attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena)
     frozen.unblock_signals()         # masks and registers back: safe to die from here on
+    cwd = os.readlink(f"/proc/{pid}/cwd")
     return Task(
         pid=pid, tid=pid, ppid=stat.ppid, pgid=status.ns_pgid[-1], sid=status.ns_sid[-1],
-        comm=stat.comm, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+        comm=stat.comm, cwd=cwd, root=os.readlink(f"/proc/{pid}/root"),
+        cwd_deleted=fsroot.dump_cwd_deleted(pid, cwd), guards=guards.dump(pid, vmas),
         creds=process.dump_creds(status), umask=status.umask or 0,
         personality=process.read_personality(pid), rlimits=process.dump_rlimits(pid),
         mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=table.task_files(pid),

@@ -30,7 +30,8 @@ from linuxcr.image.schema import Header, RecType, Task, Tree
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
-from linuxcr.resources import cpu, fdkinds, files, finish, memory, process, pstree
+from linuxcr.resources import (cpu, fdkinds, files, finish, memory, namespaces, process, pstree,
+                               sysvipc)
 from linuxcr.resources import exe_identity, external, jobstop
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import TASK_SIZE
@@ -73,7 +74,7 @@ def validate_task(task: Task) -> None:
     for v in task.vmas:
         if v.start % PAGE or v.end % PAGE or not v.start < v.end <= TASK_SIZE or v.start < prev_end:
             raise ImageError(f"image holds an invalid memory area 0x{v.start:x}-0x{v.end:x}")
-        if v.kind not in ("anon", "file", "shmem") + memory.VDSO_KINDS + memory.OBJECT_KINDS:
+        if v.kind not in ("anon", "file", "shmem", "sysv") + memory.VDSO_KINDS + memory.OBJECT_KINDS:
             raise ImageError(f"image holds a memory area of unknown kind {v.kind!r}")
         if v.kind == "file" and not v.path.startswith("/"):
             raise ImageError(f"image holds a file mapping with a relative path {v.path!r}")
@@ -108,9 +109,10 @@ def validate_tree(tree: Tree, tasks: list[Task]) -> None:
         if z.ppid not in pids:
             raise ImageError(f"image holds zombie {z.pid} whose parent is not in the tree")
     shm = {o.id for o in tree.shm}
+    segs = {s.perm.id for s in tree.ipc.shm} if tree.ipc else set()
     for k in tasks:
         for v in k.vmas:
-            if v.kind == "shmem" and v.shm not in shm:
+            if v.kind == "shmem" and v.shm not in shm or v.kind == "sysv" and v.shm not in segs:
                 raise ImageError(f"image holds a shared memory area 0x{v.start:x} with no object")
     fids = [d.fid for d in tree.files]
     if len(set(fids)) != len(fids):
@@ -255,7 +257,27 @@ def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
     vpid = root.vpid or root.pid
     if mode == "host":
         return spawn.in_host(None if any_pid else vpid), mode
-    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0), mode
+    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0,
+                                   extra=namespaces.unshare_flags(tree.ns)), mode
+
+
+def _fill_namespaces(blank: spawn.Blank, tree: Tree) -> list[tuple[str, int]]:
+    """Before any task: the hostname of a tree's own uts namespace, the
+    System V IPC objects (in its own ipc namespace, or lcr's); what was made
+    in lcr's.  On failure the blank goes."""
+    try:
+        namespaces.restore(blank.pid, tree.ns)
+        made = sysvipc.restore(blank.pid, tree.ipc)
+        return [] if tree.ns and "ipc" in tree.ns.kinds else made
+    except BaseException:
+        os.close(blank.keep)
+        destroy([], blank.init_pid)
+        try:
+            os.kill(blank.pid, signal.SIGKILL)
+            os.waitpid(blank.pid, ptrace.WALL)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
 
 
 # --- the restart --------------------------------------------------------------
@@ -308,7 +330,14 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
-            res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm, chain)
+            made_ipc = _fill_namespaces(blank, tree)
+            try:
+                res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm,
+                                   chain)
+            except BaseException:
+                sysvipc.remove(os.getpid(), made_ipc)   # objects made in lcr's ipc namespace
+                raise
+            sysvipc.finish(res.pid, tree.ipc)
         finally:   # the tasks inherited what they need; lcr's copies go
             files.close_all(ours)
             files.close_all(shm)
@@ -394,10 +423,11 @@ def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,
         pstree.set_session(t, k)
         empty(r, inherited=None if t is root else by_pid[k.ppid])
         faults.point("restore.tree")
-    pstree.set_groups([(r.t, r.task) for r in made])
-    for z in tree.zombies:
-        parent = by_pid[z.ppid]
-        zt = pstree.fork_child(parent.t, _blank_arena(parent), None if any_pid else z.vpid)
+    zs = [(pstree.fork_child(by_pid[z.ppid].t, _blank_arena(by_pid[z.ppid]),
+                             None if any_pid else z.vpid), z) for z in tree.zombies]
+    pstree.make_zombies(zs, [_blank_arena(by_pid[z.ppid]).addr for z in tree.zombies])
+    pstree.set_groups([(r.t, r.task) for r in made] + zs)
+    for zt, z in zs:
         zt.exit_now(z.status)
 
 

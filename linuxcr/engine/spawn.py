@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import select
+import socket
+import struct
 import sys
 from dataclasses import dataclass
 
@@ -28,6 +31,10 @@ from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS, CLONE_NEWNET = 0x20000, 0x40000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 REPORT_TIMEOUT = 30.0
 
 
@@ -84,14 +91,15 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
-def enter_namespaces(user_ns: bool) -> None:
-    """unshare a pid namespace (and a user namespace mapping us to ourselves).
+def enter_namespaces(user_ns: bool, extra: int = 0) -> None:
+    """unshare a pid namespace (and a user namespace mapping us to ourselves,
+    and the ``extra`` CLONE_NEW* kinds: resources/namespaces.py).
     Root without CAP_SYS_ADMIN (a container's default capabilities) takes a
     user namespace too: inside it, it has what a new pid namespace and
     clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there)."""
     user_ns = user_ns or not _has_cap(CAP_SYS_ADMIN)
     uid, gid = os.geteuid(), os.getegid()
-    _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0))
+    _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0) | extra)
     if user_ns:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -106,6 +114,24 @@ def enter_namespaces(user_ns: bool) -> None:
                                ) from None
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{gid} {gid} 1")
+    if extra & CLONE_NEWNS:
+        _private_mounts()
+    if extra & CLONE_NEWNET:
+        _loopback_up()
+
+
+def _private_mounts() -> None:
+    """Mounts made in the tree's mount namespace stay there."""
+    if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"making / private: {os.strerror(e)}")
+
+
+def _loopback_up() -> None:
+    """A fresh network namespace has lo down: up, as `ip link set lo up`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH14x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifr)
 
 
 def become_init() -> None:
@@ -129,7 +155,7 @@ def _report(fd: int, msg: str) -> None:
     os.write(fd, msg.encode() + b"\n")
 
 
-def in_new_namespaces(vpid: int, user_ns: bool) -> Blank:
+def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0) -> Blank:
     """A blank with pid ``vpid`` inside a fresh pid namespace (see module doc)."""
     r, w = os.pipe()
     rep_r, rep_w = os.pipe()
@@ -138,7 +164,7 @@ def in_new_namespaces(vpid: int, user_ns: bool) -> Blank:
         try:
             os.close(w)
             os.close(rep_r)
-            enter_namespaces(user_ns)
+            enter_namespaces(user_ns, extra)
             first = os.fork()          # pid 1 of the new namespace
             if first == 0:
                 if vpid == 1:
@@ -203,16 +229,20 @@ def _read_reports(fd: int, want: int) -> list[str]:
     return lines
 
 
-def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None) -> int:
+def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None,
+                     extra: int = 0, hostname: str | None = None) -> int:
     """`lcr run`: start argv as pid 1 of a fresh pid namespace (and user
-    namespace when not root), in its own session, detached; returns its pid
-    as lcr sees it.  Exec failures come back through a close-on-exec pipe."""
+    namespace when not root; and the ``extra`` CLONE_NEW* kinds: `--ipc`
+    ...), in its own session, detached; returns its pid as lcr sees it.
+    Exec failures come back through a close-on-exec pipe."""
     rep_r, rep_w = os.pipe()
     h = os.fork()
     if h == 0:
         try:
             os.close(rep_r)
-            enter_namespaces(os.geteuid() != 0)
+            enter_namespaces(os.geteuid() != 0, extra)
+            if hostname is not None:   # here, where we may: without root the command cannot
+                socket.sethostname(hostname)
             c = os.fork()
             if c == 0:
                 try:

@@ -35,7 +35,8 @@ from typing import Union
 import msgspec
 from msgspec import Meta, Struct
 
-from linuxcr.image.kinds import KIND_STATES, Fown, MemfdState, MsgExtras, UnlinkedState
+from linuxcr.image.kinds import (KIND_STATES, DeletedDirState, Fown, MemfdState, MsgExtras,
+                                 UnlinkedState)
 
 MAGIC = b"LINUXCR\x00"
 FORMAT_VERSION = 2          # 2: image_id, parent, PAGEMAP (incremental images)
@@ -109,13 +110,13 @@ class Vma(Struct, forbid_unknown_fields=True):
     end: U64
     prot: Annotated[int, Meta(ge=0, le=7)]
     shared: bool
-    kind: Str          # anon | file | shmem | vvar | vvar_vclock | vdso
+    kind: Str          # anon | file | shmem | sysv | vvar | vvar_vclock | vdso | memfd | deleted
     path: Str = ""     # file path for kind=file
     offset: U64 = 0    # file offset
     name: Str = ""     # [heap], [stack], [anon:x] as shown in maps
     vmflags: Annotated[list[Annotated[str, Meta(max_length=2)]], Small] = []
     pages: bool = False  # PAGES records follow for this area
-    shm: U64 = 0         # kind=shmem: the ShmObject it maps
+    shm: U64 = 0         # kind=shmem: the ShmObject it maps; kind=sysv: the segment's id
     dev: U64 = 0         # kind=memfd|deleted: st_dev of the object mapped (shm: its inode)
 
 
@@ -173,6 +174,86 @@ class Zombie(Struct, forbid_unknown_fields=True):
     vpid: Pid
     ppid: Pid          # host pid of the parent (a task of the tree)
     status: Annotated[int, Meta(ge=0, le=0xFFFF)]   # as wait() reports it
+    pgid: Annotated[int, Meta(ge=0)] = 0   # as the tree sees them; 0: an image made before
+    sid: Annotated[int, Meta(ge=0)] = 0    # they were saved (the zombie is left in its parent's)
+    comm: Annotated[str, Meta(max_length=64)] = ""   # its name ("": an older image)
+
+
+class IpcOwner(Struct, forbid_unknown_fields=True):
+    """What every System V IPC object has: id, key, owner, creator, mode."""
+    id: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+    key: I32
+    mode: Annotated[int, Meta(ge=0, le=0o7777)]   # permission bits and SHM_DEST/SHM_LOCKED
+    uid: U32
+    gid: U32
+    cuid: U32
+    cgid: U32
+
+
+class ShmExtent(Struct, array_like=True, forbid_unknown_fields=True):
+    offset: U64
+    data: Annotated[bytes, Meta(max_length=MAX_META // 2)]
+
+
+class SysvShm(Struct, forbid_unknown_fields=True):
+    """A System V shared memory segment; its pages that are not zero."""
+    perm: IpcOwner
+    size: Annotated[int, Meta(ge=1, le=1 << 46)]
+    extents: Annotated[list[ShmExtent], Meta(max_length=MAX_LIST)] = []
+
+
+class SysvSem(Struct, forbid_unknown_fields=True):
+    perm: IpcOwner
+    values: Annotated[list[Annotated[int, Meta(ge=0, le=32767)]], Meta(min_length=1, max_length=1 << 16)]
+
+
+class SysvMessage(Struct, array_like=True, forbid_unknown_fields=True):
+    mtype: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+    text: Annotated[bytes, Meta(max_length=1 << 20)]
+
+
+class SysvMsg(Struct, forbid_unknown_fields=True):
+    perm: IpcOwner
+    qbytes: U64
+    messages: Annotated[list[SysvMessage], Meta(max_length=MAX_LIST)] = []
+
+
+class SysvIpc(Struct, forbid_unknown_fields=True):
+    """System V IPC objects the tree uses (resources/sysvipc.py)."""
+    shm: Annotated[list[SysvShm], Meta(max_length=MAX_LIST)] = []
+    sem: Annotated[list[SysvSem], Meta(max_length=MAX_LIST)] = []
+    msg: Annotated[list[SysvMsg], Meta(max_length=MAX_LIST)] = []
+
+
+class TmpFile(Struct, forbid_unknown_fields=True):
+    """One entry of a tmpfs the tree mounted (resources/namespaces.py)."""
+    path: Str                    # relative to the mount point
+    kind: Annotated[str, Meta(pattern="^(dir|file|link)$", max_length=4)]
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o755
+    uid: U32 = 0
+    gid: U32 = 0
+    data: Annotated[bytes, Meta(max_length=MAX_META // 2)] = b""   # file content, link target
+
+
+class MountRec(Struct, forbid_unknown_fields=True):
+    """A mount the tree made in its mount namespace: a tmpfs (with its
+    files) or a bind mount of a directory or file."""
+    point: Str
+    kind: Annotated[str, Meta(pattern="^(tmpfs|bind)$", max_length=5)]
+    source: Str = ""             # bind: the path bound, as lcr sees it
+    flags: Annotated[list[Annotated[str, Meta(max_length=16)]], Small] = []   # ro nosuid nodev noexec
+    data: Str = ""               # tmpfs: size=..., mode=..., nr_inodes=...
+    files: Annotated[list[TmpFile], Meta(max_length=MAX_LIST)] = []
+
+
+class Namespaces(Struct, forbid_unknown_fields=True):
+    """Namespaces of its own the tree's root had (`lcr run --ipc/--uts/--net/--mount`),
+    made again on restart (resources/namespaces.py)."""
+    kinds: Annotated[list[Annotated[str, Meta(pattern="^(ipc|uts|net|mnt)$", max_length=3)]],
+                     Small] = []
+    hostname: Annotated[str, Meta(max_length=64)] = ""      # uts
+    domainname: Annotated[str, Meta(max_length=64)] = ""
+    mounts: Annotated[list[MountRec], Meta(max_length=MAX_SMALL * 16)] = []   # mnt: made inside
 
 
 class FileIdentity(Struct, forbid_unknown_fields=True):
@@ -198,6 +279,8 @@ class Tree(Struct, forbid_unknown_fields=True):
     mapped: Annotated[list[Union[MemfdState, UnlinkedState]], Meta(max_length=MAX_LIST)] = []
     # every mapped file and executable as it was (resources/exe_identity.py)
     identities: Annotated[list[FileIdentity], Meta(max_length=MAX_LIST)] = []
+    ipc: SysvIpc | None = None        # System V IPC objects (resources/sysvipc.py)
+    ns: Namespaces | None = None      # namespaces of the tree's own (resources/namespaces.py)
 
 
 class SigAction(Struct, forbid_unknown_fields=True):
@@ -373,6 +456,9 @@ class Task(Struct, forbid_unknown_fields=True):
     # In a group-stop (SIGSTOP, ^Z...) when saved: its stop signal; 0: running.
     # Restart brings it back stopped (resources/jobstop.py).
     stopped: Annotated[int, Meta(ge=0, le=64)] = 0
+    cwd_deleted: DeletedDirState | None = None   # a working directory removed since (resources/fsroot.py)
+    guards: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]],
+                      Meta(max_length=MAX_LIST)] = []   # [start, end] guard regions (resources/guards.py)
 
 
 class Pages(Struct, forbid_unknown_fields=True):

@@ -57,6 +57,15 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
     tr = msgspec.to_builtins(tree) if tree is not None else {}
     for p, saved in zip(tr.get("pipes", []), tree.pipes if tree is not None else []):
         p["data"] = f"<{len(saved.data)} bytes>"   # not of its base64 text
+    if tree is not None and tree.ipc is not None:   # sizes, not base64 text
+        for seg, saved_seg in zip(tr["ipc"]["shm"], tree.ipc.shm):
+            seg["extents"] = f"<{sum(len(e.data) for e in saved_seg.extents)} bytes>"
+        for q, saved_q in zip(tr["ipc"]["msg"], tree.ipc.msg):
+            q["messages"] = [{"mtype": m.mtype, "bytes": len(m.text)} for m in saved_q.messages]
+    if tree is not None and tree.ns is not None:
+        for m, saved_m in zip(tr["ns"]["mounts"], tree.ns.mounts):
+            for f, saved_f in zip(m["files"], saved_m.files):
+                f["data"] = f"<{len(saved_f.data)} bytes>"
     return {"image": name, "header": hdr, "tree": tr, "tasks": out_tasks,
             "total_pages": sum(pages_by_pid.values()), "image_bytes": stored}
 
@@ -143,6 +152,16 @@ def render_text(s: dict[str, Any]) -> str:
         p = h["parent"]
         lines.append(f"  incremental: parent {p['path']} (id {p['id'][:12]}, {p['depth']} "
                      f"image{'s' if p['depth'] > 1 else ''} up the chain); restart needs them all")
+    tree = s.get("tree", {})
+    if tree.get("ns"):
+        ns = tree["ns"]
+        lines.append(f"  namespaces of its own: {' '.join(ns['kinds'])}"
+                     + (f"; hostname {ns['hostname']}" if "uts" in ns["kinds"] else "")
+                     + (f"; {len(ns['mounts'])} mounts made inside" if ns.get("mounts") else ""))
+    if tree.get("ipc"):
+        ipc = tree["ipc"]
+        lines.append(f"  System V IPC: {len(ipc['shm'])} shared memory segments, "
+                     f"{len(ipc['sem'])} semaphore sets, {len(ipc['msg'])} message queues")
     for t in s["tasks"]:
         lines.append(f"task pid {t['pid']} ({t['comm']}) ppid {t['ppid']} pgid {t['pgid']} "
                      f"sid {t['sid']} uid {(t['creds']['uid'] or ['?'])[0]} cwd {t['cwd']}"

@@ -57,7 +57,10 @@ def _markers(entries):
     mark), not a page: nothing to save there."""
     import numpy as np
     swap_only = (entries & np.uint64(PM_PRESENT | PM_SWAP)) == np.uint64(PM_SWAP)
-    return swap_only & ((entries & np.uint64(SWP_TYPE_MASK)) == np.uint64(SWP_PTE_MARKER))
+    # the swap type is zeroed for readers without CAP_SYS_ADMIN; a guard
+    # region's mark shows to everyone as its own bit
+    return swap_only & (((entries & np.uint64(SWP_TYPE_MASK)) == np.uint64(SWP_PTE_MARKER))
+                        | ((entries & np.uint64(PM_GUARD_REGION)) != 0))
 
 
 def _true_runs(keep, first_addr: int, page_size: int) -> list[Run]:

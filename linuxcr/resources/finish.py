@@ -23,8 +23,8 @@ from linuxcr.errors import LcrError
 from linuxcr.image.schema import FileDesc, Task, Thread
 from linuxcr.procfs import list_fds, read_status
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (cpu, files, locks, memory, posix_timers, procattrs, process, sched,
-                               security, signals, threads)
+from linuxcr.resources import (cpu, files, fsroot, guards, locks, memory, posix_timers, procattrs,
+                               process, sched, security, signals, threads)
 from linuxcr.sys import ptrace
 
 SS_DISABLE = 2
@@ -108,12 +108,16 @@ def _files(f: Finish) -> None:
     files.after_install(f.t, f.arena, f.task.files, f.descs)
 
 
+def _guards(f: Finish) -> None:
+    guards.restore(f.t, f.task)
+
+
 def _locks(f: Finish) -> None:
     locks.restore(f.t, f.arena, f.task.locks, f.task.files)
 
 
 def _fs(f: Finish) -> None:
-    files.restore_fs(f.t, f.arena, f.task.cwd, f.task.root)
+    fsroot.restore(f.t, f.arena, f.task)
 
 
 def _fs_back(f: Finish) -> None:
@@ -369,10 +373,12 @@ KEPT = "a rollback brings back the same live process: "
 STEPS: tuple[Step, ...] = (
     Step("protect", _protect, Skip("the rollback's memory path drops the write permission it "
                                    "added (memory.roll_back_all); the fast path adds none")),
+    Step("guards", _guards, Skip("a rollback leaves guard regions as they are now (the "
+                                 "snapshot's are in its image)"), ("guards",)),
     Step("mm", _mm, _mm_back, ("mm",)),
     Step("files", _files, _files_back, ("files",)),
     Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
-    Step("fs", _fs, _fs_back, ("cwd", "root")),
+    Step("fs", _fs, _fs_back, ("cwd", "root", "cwd_deleted")),
     # rollback: the umask only; personality, name and the leader's pointers are kept
     Step("misc", _misc, _umask, ("umask", "personality", "comm", "robust_list", "tid_address")),
     Step("sigactions", _sigactions, _sigactions, ("sigactions",)),

@@ -38,6 +38,7 @@ from linuxcr.remote.task import Arena, Tracee
 from linuxcr.sys.syscalls import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from linuxcr.sys.syscalls import TASK_SIZE, pagemap_scan
 from linuxcr.resources.fdkinds import memfd as memfds, unlinked
+from linuxcr.resources import sysvipc
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Bytes per PAGES record, and the size of each copy buffer: small enough
@@ -89,6 +90,9 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(None, f"{where} ({m.path or 'anonymous'}): hugetlbfs memory is not supported yet")
     if e.vmflags & {"io", "pf"}:
         return Area(None, f"{where} of {m.path or 'a device'}: device memory is not saved")
+    if m.path.startswith("/SYSV") and m.shared:   # inode: the shmid (0 too); saved by sysvipc.py
+        return Area(Vma(kind="sysv", name="", shm=m.inode, offset=m.offset, **base),
+                    sysvipc.unsupported(where, m.inode))
     if m.inode == 0:  # anonymous: heap, stack, [anon:...], plain
         return Area(Vma(kind="anon", name=m.path, pages=True, **base))
     if m.path == "/dev/zero" and m.shared:   # MAP_SHARED|MAP_ANONYMOUS shows as this
@@ -99,8 +103,6 @@ def classify(e: SmapsEntry) -> Area | None:
         return Area(None, f"{where}: a Linux AIO context (io_setup ring) is not saved (its requests "
                           "and completions live in the kernel); io_destroy it before the "
                           "checkpoint (lcr does not make AIO contexts again yet)")
-    if m.path.startswith("/SYSV"):
-        return Area(None, f"{where}: SysV shared memory is not supported yet")
     if m.path == "/secretmem" and m.deleted:
         return Area(None, f"{where}: memfd_secret memory cannot be read")
     dev = os.makedev(m.dev_major, m.dev_minor)
@@ -172,7 +174,36 @@ def _saved_runs(pid: int, vmas: list[Vma]) -> Iterator[tuple[Vma, list[tuple[int
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
-                yield v, pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
+                held = _object_runs(pid, v) if v.kind == "shmem" else None
+                yield v, held if held is not None else \
+                    pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
+
+
+def _object_runs(pid: int, v: Vma) -> list[tuple[int, int]] | None:
+    """The pages a shared anonymous object holds under area v: also those no
+    page table of this process maps (written by a process that has exited,
+    or not faulted in here), which pagemap does not show.  SEEK_DATA on the
+    object through /proc/PID/map_files (root); None where that is refused."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out: list[tuple[int, int]] = []
+    try:
+        pos, end = v.offset, v.offset + v.end - v.start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:        # ENXIO: no data from pos on
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append((v.start + data - v.offset, (hole - data) // PAGE))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out
 
 
 _RING: list[memoryview] = []
@@ -657,9 +688,13 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
     blank, call by call in a live task)."""
     fds: dict[tuple[str, bool], int] = {}
     calls: list[tuple[str, tuple[int, ...], bool]] = []
+    attached: list[tuple[int, int]] = []     # System V segments, attached at once (shmat)
     try:
         for v in vmas:
             if v.kind in VDSO_KINDS:
+                continue
+            if v.kind == "sysv":
+                sysvipc.attach(t, v, attached)
                 continue
             prot = v.prot | (PROT_WRITE if v.pages else 0)
             flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
@@ -685,6 +720,8 @@ def map_areas(t: Tracee, vmas: list[Vma], scratch, shm: dict[int, int]) -> None:
                 if flag in v.vmflags:
                     calls.append(("madvise", (v.start, v.end - v.start, advice), False))
         t.batch(calls)
+        if attached:
+            sysvipc.trim(t, vmas)        # after every mmap: parts the process replaced
     finally:
         for fd in fds.values():
             t.syscall("close", fd, check=False)

@@ -72,13 +72,40 @@ def is_zombie(pid: int) -> bool:
         return False
 
 
+PR_SET_NAME = 15
+
+
 def zombie(pid: int, parent: int) -> Zombie:
     st = read_stat(pid)
     try:
-        vpid = read_status(pid).ns_pid[-1]
+        status = read_status(pid)
+        vpid, pgid, sid = status.ns_pid[-1], status.ns_pgid[-1], status.ns_sid[-1]
     except (FileNotFoundError, IndexError):
-        vpid = pid
-    return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF)
+        vpid, pgid, sid = pid, 0, 0
+    return Zombie(pid=pid, vpid=vpid, ppid=parent, status=st.exit_code & 0xFFFF,
+                  pgid=pgid, sid=sid, comm=st.comm[:15])
+
+
+def zombie_reasons(zombies: list[Zombie], tasks: list[tuple[int, int, int]]) -> list[str]:
+    """A live process (pid, vpid, sid) in a session whose leader is now a
+    zombie: its session can only be inherited through the leader, which a
+    restore does not fork processes from."""
+    leaders = {z.vpid: z for z in zombies if z.sid == z.vpid}
+    return [f"pid {pid} is in session {sid}, whose leader (pid {leaders[sid].pid}) is a zombie: "
+            "not supported" for pid, vpid, sid in tasks if sid in leaders and vpid != sid]
+
+
+def make_zombies(zs: list[tuple[Tracee, Zombie]], scratch: list[int]) -> None:
+    """Forked zombies-to-be (before set_groups): their names; session
+    leaders become so first, so that the others can join their groups.
+    ``scratch``: for each, an address of writable scratch it inherited
+    from its parent."""
+    for (t, z), at in zip(zs, scratch):
+        if z.comm:
+            t.write(at, z.comm.encode(errors="surrogateescape")[:15] + b"\0")
+            t.syscall("prctl", PR_SET_NAME, at)
+        if z.sid and z.sid == z.vpid:
+            t.syscall("setsid")
 
 
 CLONE_FILES = 0x400
@@ -158,6 +185,7 @@ def set_groups(made: list[tuple[Tracee, Task]]) -> None:
     """Once every task exists: group leaders first, then members join."""
     def vp(task: Task) -> int:
         return task.vpid or task.pid
+    made = [(t, k) for t, k in made if k.pgid]    # (zombies of older images: left as forked)
     leaders = [(t, k) for t, k in made if k.pgid == vp(k) and k.sid != vp(k)]
     members = [(t, k) for t, k in made if k.pgid != vp(k)]
     for t, k in leaders + members:

@@ -32,6 +32,7 @@ NR = dict(
     # process attributes (resources/sched.py, security.py, procattrs.py)
     getpriority=140, setpriority=141, mincore=27, mlock=149, mlockall=151, mkdir=83, rmdir=84,
     sched_setattr=314, sched_getattr=315, seccomp=317, membarrier=324, mlock2=325,
+    shmat=30, shmdt=67,   # System V shared memory attached in a restored task (resources/sysvipc.py)
 )
 
 # The kernel's restart codes, seen in rax of a task stopped inside a syscall.

@@ -1,0 +1,84 @@
+"""A task's working directory and root directory.
+
+Both are restored with paths as lcr sees them (/proc/PID/cwd and root):
+the task changes its directory first, then its root, so a working
+directory inside a chroot (shown with the chroot's path in front), or
+outside it, is the same directory as before.
+
+A working directory that was removed ("/path (deleted)"): lcr makes a
+directory there again (like fdkinds/deleted_dir.py), the task enters it,
+lcr gives it its mode and owner and removes it again: the task is left in
+an empty deleted directory, as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+
+from linuxcr.errors import RestoreError
+from linuxcr.image.kinds import DeletedDirState
+from linuxcr.image.schema import Task
+from linuxcr.remote.task import Arena, Tracee
+from linuxcr.resources.fdkinds.unlinked import DELETED
+
+
+def dump_cwd_deleted(pid: int, cwd: str) -> DeletedDirState | None:
+    if not cwd.endswith(DELETED):
+        return None
+    st = os.stat(f"/proc/{pid}/cwd")
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    return DeletedDirState(path=cwd[: -len(DELETED)], mode=stat.S_IMODE(st.st_mode),
+                           uid=st.st_uid, gid=st.st_gid)
+
+
+def restore(t: Tracee, arena: Arena, task: Task) -> None:
+    if task.cwd_deleted is not None:
+        _enter_deleted(t, arena, task.cwd_deleted)
+    else:
+        _chdir(t, arena, task.cwd, task.cwd)
+    if task.root != "/":
+        try:
+            t.syscall("chroot", arena.cstr(task.root))
+        except OSError as e:
+            raise RestoreError(f"cannot change root to {task.root}: {e.strerror}",
+                               "restoring a chroot'ed process needs CAP_SYS_CHROOT") from None
+
+
+def _enter_deleted(t: Tracee, arena: Arena, st: DeletedDirState) -> None:
+    """Made again where it was (or under a free name beside it), entered by
+    the task by path (a task in a user namespace of its own cannot reach
+    lcr's fds through /proc), given its mode and owner, removed."""
+    parent = os.path.dirname(st.path) or "/"
+    base = os.path.basename(st.path)
+    for name in [st.path] + [os.path.join(parent, f".{base[:200]}.lcr-{secrets.token_hex(4)}")
+                             for _ in range(8)]:
+        try:
+            os.mkdir(name, 0o711)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RestoreError(f"cannot make the removed working directory {st.path} again: "
+                               f"{e.strerror}", f"directory {parent} must exist and be writable") from None
+    else:
+        raise RestoreError(f"cannot make the removed working directory {st.path} again: "
+                           f"no free name in {parent}")
+    try:
+        os.chmod(name, 0o711)          # (umask) the task must get in whoever it is now
+        _chdir(t, arena, name, st.path + DELETED)
+        with contextlib.suppress(PermissionError):
+            os.chown(name, st.uid, st.gid)
+        os.chmod(name, st.mode)
+    finally:
+        os.rmdir(name)
+
+
+def _chdir(t: Tracee, arena: Arena, path: str, shown: str) -> None:
+    try:
+        t.syscall("chdir", arena.cstr(path))
+    except OSError as e:
+        raise RestoreError(f"cannot enter working directory {shown}: {e.strerror}",
+                           "it must exist at the same path on this machine") from None

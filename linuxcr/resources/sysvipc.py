@@ -1,0 +1,332 @@
+"""System V IPC: shared memory segments, semaphore sets, message queues.
+
+Dump (tree frozen): in a tree with an ipc namespace of its own (`lcr run
+--ipc`) every object of that namespace; in lcr's ipc namespace the objects
+the tree uses: segments it has attached (their areas show as /SYSV<key> in
+maps, inode = shmid), created or last attached; semaphore sets one of its
+processes last operated on (GETPID); queues one of its processes last sent
+to or received from.  Content is read without changing anything: segments
+through a read-only attach of lcr's, semaphores with GETALL, queued
+messages with msgrcv(MSG_COPY).  All of it runs inside the tree's ipc
+namespace (namespaces.call_in).
+
+Restart: every object is made again before the tasks exist, inside the
+blank's ipc namespace, with its id (the namespace's shm/sem/msg_next_id
+sysctls), key, creator, owner and mode, then filled.  Each saved area of a
+segment is attached again at its address by memory.map_areas (``attach``);
+a segment the tree had marked for removal (IPC_RMID) is removed again once
+every task holds its attach.
+
+Not given back: the last-operation pids and times (sempid, lspid/lrpid,
+otime...); the kernel lets nobody set them.  SEM_UNDO adjustments: the
+kernel shows them nowhere, so a process holding an undo list is refused
+(``check``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from linuxcr.errors import NotCheckpointable, RestoreError
+from linuxcr.image.schema import (IpcOwner, ShmExtent, SysvIpc, SysvMessage, SysvMsg, SysvSem,
+                                  SysvShm, Task, Vma)
+from linuxcr.procfs import read_maps, read_status
+from linuxcr.procfs.sysvipc import read_sysvipc
+from linuxcr.remote.task import Tracee
+from linuxcr.resources import namespaces
+from linuxcr.sys import ipc
+from linuxcr.sys.syscalls import kcmp_same
+
+# memory.classify marks every /SYSV area with this reason: the checkpoint
+# path (engine/dump.py) saves them and drops it; snapshots and migration,
+# which do not, keep refusing.
+CHECKPOINT_ONLY = "is saved by `lcr checkpoint` only"
+MAX_CONTENT = 48 << 20        # bytes of segments and messages in all (they go in the TREE record)
+CHUNK = 64 << 10              # zero runs are left out at this grain
+PAGE = 4096
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PROT_EXEC = 4
+NEXT_ID = "/proc/sys/kernel/{}_next_id"
+KCMP_SYSVSEM = 6
+
+
+def check(pid: int) -> list[str]:
+    """A process that may hold semaphore undo adjustments (a semop with
+    SEM_UNDO): the kernel shows them nowhere, so they cannot come back.
+    What can be seen: whether it has an undo list at all (kcmp
+    KCMP_SYSVSEM against lcr, which has none) -- a process gets one with its
+    first SEM_UNDO, and also when it makes a thread (glibc shares the list
+    with CLONE_SYSVSEM) -- and whether a semaphore set it may change exists
+    in its ipc namespace (adjustments go with their set).  Both: refused."""
+    try:
+        if kcmp_same(KCMP_SYSVSEM, pid, os.getpid()):
+            return []
+    except OSError:
+        return []      # kcmp refused (no CONFIG_KCMP): nothing known
+    try:
+        status = read_status(pid)
+        euid, egid = status.uid[1], status.gid[1]
+        sets = namespaces.call_in(pid, ["ipc"], lambda: read_sysvipc("sem"))
+    except (OSError, RestoreError):
+        return []
+    usable = [r["semid"] for r in sets if euid == 0 or _may_alter(r, euid, egid)]
+    if not usable:
+        return []
+    return [f"it may hold System V semaphore undo adjustments (it has an undo list: a semop "
+            f"with SEM_UNDO, or threads; semaphore set {usable[0]} is there): the kernel does "
+            "not show them, so lcr cannot give them back"]
+
+
+def _may_alter(row: dict[str, int], uid: int, gid: int) -> bool:
+    mode = row["perms"]
+    if uid in (row["uid"], row["cuid"]):
+        return bool(mode & 0o200)
+    if gid in (row["gid"], row["cgid"]):
+        return bool(mode & 0o020)
+    return bool(mode & 0o002)
+
+
+def unsupported(where: str, shmid: int) -> str:
+    return f"{where}: System V shared memory (shmid {shmid}) {CHECKPOINT_ONLY}, " \
+           "not by snapshots or migration"
+
+
+# --- dump -------------------------------------------------------------------------
+
+def dump(root: int, tasks: list[Task], own_ns: bool) -> SysvIpc | None:
+    """The tree's objects (see the module doc), or None if it has none."""
+    attached = sorted({v.shm for t in tasks for v in t.vmas if v.kind == "sysv"})
+    pids = sorted(t.pid for t in tasks)
+    got = namespaces.call_in(root, ["ipc"], lambda: _collect(own_ns, attached, pids),
+                             what="read the System V IPC objects")
+    if isinstance(got, list):
+        raise NotCheckpointable(root, got)
+    if not (got.shm or got.sem or got.msg):
+        return None
+    return got
+
+
+def _collect(everything: bool, attached: list[int], pids: list[int]) -> SysvIpc | list[str]:
+    mine = set(pids)
+    total = 0
+    shm, sem, msg = [], [], []
+    for row in read_sysvipc("shm"):
+        sid = row["shmid"]
+        if not (everything or sid in attached or row["cpid"] in mine or row["lpid"] in mine):
+            continue
+        ds = ipc.shm_stat(sid)
+        if ds.perm.mode & ipc.SHM_DEST and sid not in attached:
+            continue      # removed, held only by processes outside the tree
+        if total + ds.segsz > 4 * MAX_CONTENT:   # not read at all: zero runs would not save it
+            return [f"System V shared memory segment {sid} of {ds.segsz} bytes is too big "
+                    f"(lcr saves at most {MAX_CONTENT >> 20} MiB of segments)"]
+        extents = _extents(ipc.shm_read(sid, ds.segsz))
+        total += sum(len(e.data) for e in extents)
+        shm.append(SysvShm(perm=_owner(sid, ds.perm), size=ds.segsz, extents=extents))
+    for row in read_sysvipc("sem"):
+        sid, n = row["semid"], row["nsems"]
+        if not everything and not mine & set(ipc.sem_pids(sid, n)):
+            continue
+        ds = ipc.sem_stat(sid)
+        sem.append(SysvSem(perm=_owner(sid, ds.perm), values=ipc.sem_values(sid, n)))
+    for row in read_sysvipc("msg"):
+        qid = row["msqid"]
+        if not (everything or row["lspid"] in mine or row["lrpid"] in mine):
+            continue
+        ds = ipc.msg_stat(qid)
+        queued = [SysvMessage(mtype=t, text=b) for t, b in ipc.msg_peek(qid, ds.qnum)]
+        total += sum(len(m.text) + 16 for m in queued)
+        msg.append(SysvMsg(perm=_owner(qid, ds.perm), qbytes=ds.qbytes, messages=queued))
+    if total > MAX_CONTENT:
+        return [f"its System V shared memory segments and queued messages hold {total} bytes, "
+                f"more than the {MAX_CONTENT >> 20} MiB lcr saves"]
+    missing = set(attached) - {s.perm.id for s in shm}
+    if missing:
+        return [f"System V shared memory segment {sorted(missing)[0]} it has attached is gone"]
+    return SysvIpc(shm=shm, sem=sem, msg=msg)
+
+
+def _owner(oid: int, p: ipc.IpcPerm) -> IpcOwner:
+    return IpcOwner(id=oid, key=p.key, mode=p.mode & 0o7777, uid=p.uid, gid=p.gid,
+                    cuid=p.cuid, cgid=p.cgid)
+
+
+def _extents(data: bytes) -> list[ShmExtent]:
+    """The content without its runs of zeros (CHUNK grain)."""
+    out: list[ShmExtent] = []
+    zero = bytes(CHUNK)
+    start = None
+    for off in range(0, len(data), CHUNK):
+        piece = data[off:off + CHUNK]
+        if piece == zero[:len(piece)]:
+            if start is not None:
+                out.append(ShmExtent(offset=start, data=data[start:off]))
+                start = None
+        elif start is None:
+            start = off
+    if start is not None:
+        out.append(ShmExtent(offset=start, data=data[start:]))
+    return out
+
+
+# --- restart: the objects ----------------------------------------------------------
+
+def restore(blank: int, saved: SysvIpc | None) -> list[tuple[str, int]]:
+    """Make every saved object again inside the ipc namespace of the blank
+    task ``blank``; returns what was made (for ``remove`` if the restart fails)."""
+    if saved is None:
+        return []
+    euid = os.geteuid()
+    for o in _all(saved):
+        if euid != 0 and (o.cuid, o.cgid) != (euid, os.getegid()):
+            raise RestoreError(f"System V IPC object {o.id} was created by uid {o.cuid} gid {o.cgid}: "
+                               "only root can make it again with that creator", "restart as root")
+    try:
+        return namespaces.call_in(blank, ["ipc"], lambda: _make(saved), what="make the System V "
+                                  "IPC objects", force=True)
+    except OSError as e:
+        raise RestoreError(f"cannot make the System V IPC objects of the image: "
+                           f"{e.strerror or e}") from None
+
+
+def _all(saved: SysvIpc) -> Iterable[IpcOwner]:
+    return [s.perm for s in saved.shm] + [s.perm for s in saved.sem] + [m.perm for m in saved.msg]
+
+
+def _taken(kind: str, oid: int, key: int) -> RestoreError:
+    return RestoreError(f"System V {kind} id {oid} (key {key}) is taken in this ipc namespace",
+                        "a tree started with `lcr run --ipc` has an ipc namespace of its own, "
+                        "made again on restart; or remove the object (ipcrm)")
+
+
+def _create(kind: str, p: IpcOwner, make) -> int:
+    """Make one object with the saved id, as its creator."""
+    with open(NEXT_ID.format(kind), "w") as f:
+        f.write(str(p.id))
+    switch = os.geteuid() == 0 and (p.cuid, p.cgid) != (0, 0)
+    if switch:
+        os.setegid(p.cgid)
+        os.seteuid(p.cuid)
+    try:
+        oid = make(ipc.IPC_CREAT | ipc.IPC_EXCL | (p.mode & 0o777) | 0o600)
+    except OSError as e:
+        if e.errno in (17, 28):   # EEXIST (the key), ENOSPC (the id)
+            raise _taken(kind, p.id, p.key) from None
+        raise
+    finally:   # (a next_id left set by a failed call cannot be reset: only 0 and up are written)
+        if switch:
+            os.seteuid(0)
+            os.setegid(0)
+    if oid != p.id:
+        _rm(kind, oid)
+        raise _taken(kind, p.id, p.key)
+    return oid
+
+
+def _check_free(saved: SysvIpc) -> None:
+    """Every saved id and key free in this namespace, before anything is made."""
+    for kind, objs, col in (("shm", saved.shm, "shmid"), ("sem", saved.sem, "semid"),
+                            ("msg", saved.msg, "msqid")):
+        rows = read_sysvipc(kind)
+        ids, keys = {r[col] for r in rows}, {r["key"] for r in rows} - {0}
+        for o in objs:
+            if o.perm.id in ids or o.perm.key in keys:
+                raise _taken(kind, o.perm.id, o.perm.key)
+
+
+def _make(saved: SysvIpc) -> list[tuple[str, int]]:
+    _check_free(saved)
+    made: list[tuple[str, int]] = []
+    try:
+        for s in saved.shm:
+            p = s.perm
+            made.append(("shm", _create("shm", p, lambda fl: ipc.shm_get(p.key, s.size, fl))))
+            ipc.shm_write(p.id, [(e.offset, e.data) for e in s.extents])
+            ipc.shm_set(p.id, p.uid, p.gid, p.mode & 0o777)
+            if p.mode & ipc.SHM_LOCKED:
+                ipc.shm_ctl(p.id, ipc.SHM_LOCK)
+        for m in saved.sem:
+            p = m.perm
+            made.append(("sem", _create("sem", p, lambda fl: ipc.sem_get(p.key, len(m.values), fl))))
+            ipc.sem_setall(p.id, m.values)
+            ipc.sem_set(p.id, p.uid, p.gid, p.mode & 0o777)
+        for q in saved.msg:
+            p = q.perm
+            made.append(("msg", _create("msg", p, lambda fl: ipc.msg_get(p.key, fl))))
+            if ipc.msg_stat(p.id).qbytes != q.qbytes:
+                ipc.msg_set(p.id, p.uid, p.gid, 0o600, q.qbytes)
+            for x in q.messages:
+                ipc.msg_send(p.id, x.mtype, x.text)
+            ipc.msg_set(p.id, p.uid, p.gid, p.mode & 0o777, q.qbytes)
+    except BaseException:
+        for kind, oid in made:
+            _rm(kind, oid)
+        raise
+    return made
+
+
+def _rm(kind: str, oid: int) -> None:
+    try:
+        {"shm": lambda i: ipc.shm_ctl(i, ipc.IPC_RMID), "sem": ipc.sem_rm, "msg": ipc.msg_rm}[kind](oid)
+    except OSError:
+        pass
+
+
+def remove(blank: int, made: list[tuple[str, int]]) -> None:
+    """A failed restart: the objects it made in lcr's ipc namespace go
+    (a namespace of the tree's own goes with its last task)."""
+    if not made:
+        return
+    try:
+        namespaces.call_in(blank, ["ipc"], lambda: [_rm(k, i) for k, i in made])
+    except (OSError, RestoreError):
+        if not os.path.exists(f"/proc/{blank}"):
+            return
+        raise
+
+
+def finish(pid: int, saved: SysvIpc | None) -> None:
+    """Once every task holds its attaches: the segments the tree had
+    removed (IPC_RMID) are removed again."""
+    gone = [s.perm.id for s in saved.shm if s.perm.mode & ipc.SHM_DEST] if saved else []
+    if gone:
+        namespaces.call_in(pid, ["ipc"], lambda: [_rm("shm", i) for i in gone])
+
+
+# --- restart: the attaches (memory.map_areas) -------------------------------------------
+
+def attach(t: Tracee, v: Vma, done: list[tuple[int, int]]) -> None:
+    """Attach segment v.shm in the blank so that area v is where it was,
+    with its protection.  ``done``: (base, shmid) of attaches made so far;
+    an area that continues one of them (an attach split by mprotect) is
+    already there."""
+    flags = (0 if "mw" in v.vmflags else ipc.SHM_RDONLY) | (ipc.SHM_EXEC if "me" in v.vmflags else 0)
+    base = v.start - v.offset
+    if (base, v.shm) not in done:
+        if v.offset == 0:
+            t.syscall("shmat", v.shm, v.start, flags)
+        else:   # its head was unmapped: attach anywhere, move this part in place
+            tmp = t.syscall("shmat", v.shm, 0, flags)
+            t.syscall("mremap", tmp + v.offset, v.end - v.start, v.end - v.start,
+                      MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+            base = tmp
+        done.append((base, v.shm))
+    t.syscall("mprotect", v.start, v.end - v.start, v.prot)
+
+
+def trim(t: Tracee, vmas: list[Vma]) -> None:
+    """Unmap what the attaches cover beyond the saved areas (the parts of a
+    segment the tree had unmapped, and the rest of moved attaches)."""
+    keep = [(v.start, v.end) for v in vmas if v.kind == "sysv"]
+    for m in read_maps(t.pid):
+        if not m.path.startswith("/SYSV"):
+            continue
+        at = m.start
+        for s, e in sorted(keep):
+            if e <= at or s >= m.end:
+                continue
+            if s > at:
+                t.syscall("munmap", at, s - at)
+            at = max(at, e)
+        if at < m.end:
+            t.syscall("munmap", at, m.end - at)
