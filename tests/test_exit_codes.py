@@ -92,17 +92,22 @@ def _start(procs, prog: str, tmp_path, name: str = "prog") -> int:
     return p.pid
 
 
+@pytest.mark.xfail(strict=True, reason="known bug: a process killed while lcr holds it "
+                   "(after dump.frozen) ends in an internal error (ProcessLookupError opening "
+                   "/proc/PID/mem, remote/task.py Tracee.mem) instead of TaskGone")
 def test_task_gone(bins, procs, tmp_path):
-    """The process dies while lcr holds it (lcr stopped at dump.seized): 3."""
+    """The process dies while lcr holds it (lcr stopped at dump.frozen: tree frozen and checked): 3."""
     pid = _start(procs, bins["counter"], tmp_path)
     p = subprocess.Popen([*LCR, "checkpoint", str(pid), "-o", str(tmp_path / "a.img")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=child_env({"LCR_FAULT": "dump.seized:stop"}))
+                         env=child_env({"LCR_FAULT": "dump.frozen:stop"}))
     try:
         _until(lambda: helpers.proc_state(p.pid) == "T" or p.poll() is not None,
                "lcr stopped at its fault point")
         assert p.poll() is None, p.communicate()[1].decode()
         os.kill(pid, signal.SIGKILL)
+        # gone for good (a zombie lcr, its tracer, has not reaped) before lcr goes on
+        _until(lambda: helpers.proc_state(pid) in ("Z", "X", None), f"pid {pid} dead")
     finally:
         if p.poll() is None:
             os.kill(p.pid, signal.SIGCONT)
