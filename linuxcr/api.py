@@ -92,6 +92,7 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     from linuxcr.image import stream
     from linuxcr.image.chain import Chain
     from linuxcr.resources import external as _ext
+    from linuxcr.resources.fdkinds import pty as _pty
     pid = as_pid(pid)
     whole = _whole_refusal(pid)
     if whole is not None:
@@ -107,7 +108,7 @@ def checkpoint(pid: int, out: Target, *, leave_running: bool = False, compress: 
     lent = trackers is None and (track or bool(parent)) and (leave_running or bool(parent))
     with files.output_image(out, overwrite=overwrite) as (fd, name, commit), \
             stream.options(signer=signer), _ext.options(record=external), \
-            _ext.pty.options(shell_job=shell_job):
+            _pty.options(shell_job=shell_job):
         chain = Chain.from_path(parent, images_dir) if parent else None    # before taking trackers
         if lent:
             try:
@@ -202,6 +203,7 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
     from linuxcr.engine import restore
     from linuxcr.image import stream
     from linuxcr.resources import external as _ext
+    from linuxcr.resources.fdkinds import pty as _pty
     from linuxcr.resources import process
     if any_pid:
         _check_any_pid()
@@ -216,7 +218,7 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
         policy.image_name = name
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy), _ext.options(fds=fds), \
-                _ext.pty.options(shell_job=shell_job):
+                _pty.options(shell_job=shell_job):
             r = restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
     return RestartResult(pid=r.pid, original_pid=r.original_pid, vpid=r.vpid or r.pid,
                          namespace=r.namespace, processes=r.processes, pages=r.pages,
@@ -230,7 +232,8 @@ def stay_parent() -> None:
     foreground.become_subreaper()
 
 
-def wait_restored(pid: int, *, shell_job: bool = False, note=None) -> int:
+def wait_restored(pid: int, *, shell_job: bool = False,
+                  note: Callable[[str], None] | None = None) -> int:
     """Stay until restored root ``pid`` ends, forwarding signals to it
     (with ``shell_job``: in the foreground of the caller's terminal, job
     control through the caller); returns the exit code the caller should

@@ -346,6 +346,30 @@ def show(image: str, as_json: bool, verify_key: str | None = None) -> None:
 
 
 @main.command()
+@click.argument("image_a", metavar="A")
+@click.argument("image_b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff(image_a: str, image_b: str, as_json: bool) -> None:
+    """What changed from image A to image B of the same process: memory areas
+    and their saved pages, open files, threads, registers, signals."""
+    def go() -> None:
+        import json
+
+        from linuxcr import api
+        from linuxcr.image.diff import diff as diff_images
+        from linuxcr.image.diff import render_diff
+        if "-" in (image_a, image_b):
+            raise UsageError("lcr diff reads two image files, not standard input")
+        d = diff_images(api.show(image_a), api.show(image_b))
+        if as_json:
+            from linuxcr.results import schema_id
+            click.echo(json.dumps({"schema": schema_id("diff"), **d}, indent=2))
+            return
+        click.echo(render_diff(d))
+    run_guarded(go)
+
+
+@main.command()
 @click.argument("pid", type=int)
 @click.option("--tree/--no-tree", default=True, help="Include all descendants (default).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -5,6 +5,7 @@ imported by every `lcr` command (tests/test_startup.py)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -52,10 +53,25 @@ def usage_line(e: click.ClickException) -> str:
     return f"{sub + ': ' if sub else ''}{msg} (see {path} --help)"
 
 
+def interruptible() -> None:
+    """^C (SIGINT) raises KeyboardInterrupt, whatever lcr inherited: a shell
+    script's background job (`lcr restart - <fifo &`) starts with SIGINT
+    ignored, and Python then installs no handler, so a blocking read of the
+    image from stdin could not be interrupted at all.  lcr never leaves a
+    half-done job behind on ^C (run_guarded: `lcr: interrupted`, exit 130), so
+    it takes SIGINT back.  Commands that forward signals (--wait, `lcr run`)
+    install their own handlers afterwards."""
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:      # not the main thread (lcr driven from a test's thread)
+        pass
+
+
 def main_guarded(run: Callable[[], Any]) -> NoReturn:
     """Run the `lcr` group (``run``: its main() with standalone_mode off):
     usage errors become one `lcr: ...` line and UsageError's exit code
     (errors.EXIT_CODES); --help and --version exit 0 as usual."""
+    interruptible()
     try:
         rv = run()
     except click.UsageError as e:

@@ -251,4 +251,22 @@ SCHEMAS: dict[str, Json] = {
         "dirty_tracking": {"oneOf": [{"type": "null"}, _obj({
             "method": _STR, "tracked": {"type": "boolean"}, "why": _STR})]}}),
     "show": _schema("show", {"header": {"type": "object"}, "tasks": {"type": "array"}}),
+    "diff": _schema("diff", {
+        "a": _obj({"image": _STR, "image_id": _STR, "pages": _INT}),
+        "b": _obj({"image": _STR, "image_id": _STR, "pages": _INT}),
+        "same_process": {"type": "boolean"},
+        "processes_added": {"type": "array", "items": _PID},
+        "processes_removed": {"type": "array", "items": _PID},
+        "tasks": {"type": "array", "items": _obj({
+            "pid": _PID, "pages_a": _INT, "pages_b": _INT,
+            "areas": _obj({k: {"type": "array", "items": _obj({
+                "start": _INT, "end": _INT, "what": _STR, "prot": _INT})}
+                for k in ("added", "removed", "changed")}),
+            "files": _obj({k: {"type": "array", "items": {"type": "object",
+                                                          "required": ["fd"]}}
+                           for k in ("opened", "closed", "moved", "replaced")}),
+            "threads": _obj({"a": _PID, "b": _PID}),
+            "registers_changed": {"type": "boolean"},
+            "signals": _obj({"a": {"type": "object"}, "b": {"type": "object"},
+                             "changed": {"type": "boolean"}})})}}),
 }

@@ -3,6 +3,7 @@ stream, so it also validates it)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import signal
 from typing import Any
 
@@ -19,6 +20,7 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
     tree = None
     pages_by_pid: dict[int, int] = {}
     parents_by_pid: dict[int, int] = {}
+    runs_by_pid: dict[int, list[tuple[int, int, int]]] = {}    # (addr, npages, depth)
     stored = 0
     while not r.done:
         rec = r.next()
@@ -29,10 +31,13 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         elif rec.type is RecType.PAGES:
             m: Pages = rec.meta  # type: ignore[assignment]
             pages_by_pid[m.pid] = pages_by_pid.get(m.pid, 0) + m.npages
+            runs_by_pid.setdefault(m.pid, []).append((m.addr, m.npages, 0))
         elif rec.type is RecType.PAGEMAP:
             pm: PageMap = rec.meta  # type: ignore[assignment]
             parents_by_pid[pm.pid] = parents_by_pid.get(pm.pid, 0) + sum(
                 x.npages for x in pm.runs if x.depth > 0)
+            runs_by_pid.setdefault(pm.pid, []).extend(
+                (x.addr, x.npages, x.depth) for x in pm.runs if x.depth > 0)
     r.expect_end()
     stored = r.offset
     hdr = msgspec.to_builtins(header)
@@ -45,6 +50,8 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         d = msgspec.to_builtins(t)
         for k in ("regs", "xstate"):
             d[k] = f"<{len(getattr(t, k))} bytes>"
+        # registers compared by `lcr diff`, not shown
+        d["regs_digest"] = hashlib.sha256(t.regs + t.xstate).hexdigest()[:16]
         d["mm"]["auxv"] = f"<{len(t.mm.auxv)} bytes>"
         d["pending"] = [{"shared": p.shared, "signo": int.from_bytes(p.siginfo[:4], "little")}
                         for p in t.pending]
@@ -53,6 +60,7 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
         d["pages_shared_with_parent"] = sum(r.npages for r in t.cow)   # not stored
         if header.parent is not None:
             d["pages_in_parents"] = parents_by_pid.get(t.pid, 0)
+        _area_pages(d, runs_by_pid.get(t.pid, []))
         out_tasks.append(d)
     tr = msgspec.to_builtins(tree) if tree is not None else {}
     for p, saved in zip(tr.get("pipes", []), tree.pipes if tree is not None else []):
@@ -68,6 +76,25 @@ def summarize(fd: int, name: str) -> dict[str, Any]:
                 f["data"] = f"<{len(saved_f.data)} bytes>"
     return {"image": name, "header": hdr, "tree": tr, "tasks": out_tasks,
             "total_pages": sum(pages_by_pid.values()), "image_bytes": stored}
+
+
+def _area_pages(task: dict[str, Any], runs: list[tuple[int, int, int]]) -> None:
+    """Each area's saved pages ("saved_pages"), and of the task, how many
+    pages each image of the chain holds ("pages_by_depth": 0 is this image,
+    k its k-th parent): what `lcr diff` compares, and what each parent of an
+    incremental image contributes (`lcr show`)."""
+    by_depth: dict[int, int] = {}
+    for v in task["vmas"]:
+        v["saved_pages"] = 0
+    vmas = sorted(task["vmas"], key=lambda v: v["start"])
+    for addr, n, depth in runs:
+        by_depth[depth] = by_depth.get(depth, 0) + n
+        end = addr + n * PAGE
+        for v in vmas:
+            lo, hi = max(addr, v["start"]), min(end, v["end"])
+            if lo < hi:
+                v["saved_pages"] += (hi - lo) // PAGE
+    task["pages_by_depth"] = {str(k): by_depth[k] for k in sorted(by_depth)}
 
 
 def _prot(p: int) -> str:
@@ -170,6 +197,10 @@ def render_text(s: dict[str, Any]) -> str:
                      + (f", {t['pages_shared_with_parent']} shared with its parent"
                         if t.get('pages_shared_with_parent') else "")
                      + (f", {t['pages_in_parents']} in its parents" if "pages_in_parents" in t else ""))
+        if "pages_in_parents" in t:
+            lines.append("  pages per image of the chain: " + ", ".join(
+                f"{'this image' if k == '0' else 'parent ' + k}: {n}"
+                for k, n in t.get("pages_by_depth", {}).items()))
         for v in t["vmas"]:
             what = v["path"] or v["name"] or v["kind"]
             lines.append(f"    {v['start']:012x}-{v['end']:012x} {_prot(v['prot'])}"

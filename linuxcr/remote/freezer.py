@@ -12,6 +12,15 @@ from linuxcr.remote import guardian
 from linuxcr.remote.task import ALL_SIGNALS, Tracee
 from linuxcr.sys import ptrace
 
+
+def _sigmask(pid: int, tid: int) -> int:
+    """The signal mask of a seized thread; a thread killed meanwhile (SIGKILL
+    reaches a traced thread too) is TaskGone, not an OSError."""
+    try:
+        return ptrace.get_sigmask(tid)
+    except ProcessLookupError:
+        raise TaskGone(f"pid {pid} exited while lcr held it (thread {tid} is gone)") from None
+
 MAX_ROUNDS = 100
 
 
@@ -98,7 +107,7 @@ class Frozen:
         recorded; lcr's death leaves the threads as they are)."""
         if not guard:
             for tid, t in self.threads.items():
-                self.masks[tid] = ptrace.get_sigmask(tid)
+                self.masks[tid] = _sigmask(self.pid, tid)
                 t.own_mask = self.masks[tid]
             return
         if self.journal is not None:
@@ -115,7 +124,7 @@ class Frozen:
             journal.process(self.pid, stopped=self.was_stopped, fds=fds, starttime=self.starttime)
             self.journal = journal
         for tid, t in self.threads.items():
-            self.masks[tid] = ptrace.get_sigmask(tid)
+            self.masks[tid] = _sigmask(self.pid, tid)
             t.own_mask = self.masks[tid]
             assert t.saved_regs is not None
             if journal is not None:

@@ -532,7 +532,10 @@ class Tracee:
 
     def mem_fd(self) -> int:
         if self._mem_fd is None:
-            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                raise TaskGone(f"pid {self.pid} exited while lcr worked on it") from None
         return self._mem_fd
 
     @contextmanager
