@@ -69,3 +69,12 @@ def test_man_page_in_wheel(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("linuxcr-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".data/data/share/man/man1/lcr.1") for n in names), names
+
+
+def test_the_lcr_command_is_declared():
+    """pip must install an `lcr` command (README's first command and the
+    demo call it): a packaging edit once dropped [project.scripts]."""
+    import tomllib
+    with open(helpers.REPO / "pyproject.toml", "rb") as f:
+        meta = tomllib.load(f)
+    assert meta["project"]["scripts"].get("lcr") == "linuxcr.cli:main"
