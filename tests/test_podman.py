@@ -127,8 +127,11 @@ def _counts(text: str) -> list[int]:
 
 def _volume(tmp_path: Path) -> Path:
     v = tmp_path / "vol"
+    # sticky, as /tmp: any container user may write, and lcr's -o rules
+    # (image/files.py) accept it; a world-writable one without the sticky
+    # bit is refused (someone else could swap the image)
     v.mkdir(mode=0o777)
-    os.chmod(v, 0o777)
+    os.chmod(v, 0o1777)
     return v
 
 

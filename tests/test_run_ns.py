@@ -45,7 +45,7 @@ def test_uts_net(trees, tmp_path, who):
     log = wd / "ns.log"
     root = trees.add(int(lcr_as(user, "run", "--hostname", "box-1", "--net", "-o", log, "--",
                                 sys.executable, PROBE, "box-1").stdout))
-    wait_for_line(log, r"^READY pid=1$")
+    wait_for_line(log, r"^READY pid=2$")      # under lcr run's init (pid 1)
     assert_pass(root, log, "ns_probe")
     for kind in ("uts", "net"):
         assert _ns(root, kind) != _ns("self", kind)

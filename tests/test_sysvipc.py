@@ -100,7 +100,7 @@ def test_lcr_run_ipc(bins, trees, tmp_path, key, who):
     log = wd / "sysv.log"
     root = trees.add(int(lcr_as(user, "run", "--ipc", "--hostname", "ckpt-host", "-o", log, "--",
                                 bins[NAME], key).stdout))
-    wait_for_line(log, r"^READY pid=1 child=\d+")
+    wait_for_line(log, r"^READY pid=2 child=\d+")      # under lcr run's init (pid 1)
     word = pass_field(assert_pass(root, log, NAME), "word")
     assert key not in _keys_in("shm"), "the tree's segment is in lcr's ipc namespace"
     img = wd / "img"
@@ -202,7 +202,9 @@ def test_postgres(trees, tmp_path):
     img = wd / "img"
     lcr("checkpoint", root, "-o", img)
     reap(root)
-    new = trees.add(int(lcr("restart", img, "--trust", "uid,files").stdout))
+    # (lcr run's init, pid 1, runs as root with its capabilities; the image
+    # lies in lcrtest's directory, so root names what it grants)
+    new = trees.add(int(lcr("restart", img, "--trust", "uid,files,caps").stdout))
     out = _psql(user, sock, "insert into t values (0)", "select count(*), sum(x) from t",
                 "checkpoint")
     assert "1001|500500" in out, out

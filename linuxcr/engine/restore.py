@@ -474,11 +474,16 @@ def build_shared(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool, mad
         if keep:
             memory.drop_unshared(t, keep, cow_spans(k), pages.stored.get(k.pid, []))
     pages.end()
-    pstree.set_groups([(r.t, r.task) for r in made])
+    # as build_tree: zombies made (and leading their sessions) before the
+    # groups are joined, since a zombie may lead a group a live task is in
+    zs = []
     for z in tree.zombies:
         parent = by_pid[z.ppid]
         assert parent.arena is not None
-        zt = pstree.fork_child(parent.t, parent.arena, None if any_pid else z.vpid)
+        zs.append((pstree.fork_child(parent.t, parent.arena, None if any_pid else z.vpid), z))
+    pstree.make_zombies(zs, [by_pid[z.ppid].arena.addr for _zt, z in zs])   # type: ignore[union-attr]
+    pstree.set_groups([(r.t, r.task) for r in made] + zs)
+    for zt, z in zs:
         zt.exit_now(z.status)
     return total
 

@@ -32,9 +32,6 @@ def output_image(target: Target, *, overwrite: bool = False
     (check_output): no symlink, FIFO, device or file someone else controls.
     An existing regular file is refused unless ``overwrite`` (then replaced
     atomically at commit)."""
-    if not overwrite and isinstance(target, (str, os.PathLike)) \
-            and os.path.isfile(os.fspath(target)):
-        raise ImageWriteError(f"{os.fspath(target)} exists", "give --force to replace it")
     if isinstance(target, int):
         yield target, f"fd {target}", lambda: None
         return
@@ -43,7 +40,9 @@ def output_image(target: Target, *, overwrite: bool = False
         yield target.fileno(), getattr(target, "name", "image"), lambda: None  # type: ignore[union-attr]
         return
     path = os.fspath(target)
-    dest = check_output(path)
+    dest = check_output(path)        # who controls the path: refused first, --force or not
+    if not overwrite and os.path.isfile(path):
+        raise ImageWriteError(f"{path} exists", "give --force to replace it")
     dirfd = _open_dir(dest)
     try:
         if dest.magic or (dest.entry is not None and _special(dest.entry)):

@@ -68,7 +68,8 @@ S_IFMT_TYPES = {0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o14
 TIMERFD_CLOCKS = {0, 1, 7, 8, 9}  # REALTIME, MONOTONIC, BOOTTIME and their _ALARM
 SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET = 1, 2, 3, 5
 AF_INET, AF_INET6 = 2, 10
-VMA_KINDS = {"anon", "file", "shmem", "vvar", "vvar_vclock", "vdso", "memfd", "deleted"}
+VMA_KINDS = {"anon", "file", "shmem", "vvar", "vvar_vclock", "vdso", "memfd", "deleted",
+             "sysv"}     # sysv: an attached System V segment (resources/sysvipc.py)
 
 
 def _cap_last_cap() -> int:

@@ -111,10 +111,24 @@ def make_zombies(zs: list[tuple[Tracee, Zombie]], scratch: list[int]) -> None:
 CLONE_FILES = 0x400
 
 
+def _with_mm(pids: list[int]) -> list[int]:
+    """pids that still have an address space and fd table: kcmp finds two
+    exiting or zombie processes (both without) "the same"."""
+    out = []
+    for p in pids:
+        try:
+            if read_stat(p).state not in ("Z", "X", "x"):
+                out.append(p)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return out
+
+
 def files_sharing(pids: list[int]) -> dict[int, int]:
     """Processes (not threads) that share an fd table (clone(CLONE_FILES)):
     pid -> the first pid of ``pids`` (tree order) whose table it shares."""
     from linuxcr.sys.syscalls import KCMP_FILES, kcmp_same
+    pids = _with_mm(pids)
     out: dict[int, int] = {}
     for i, b in enumerate(pids):
         for a in pids[:i]:
@@ -130,6 +144,7 @@ def sharing_reasons(pids: list[int], parent: dict[int, int] | None = None) -> li
     CLONE_FILES from its parent, so the parent must share that table too.
     ``parent``: pid -> ppid (read from /proc where missing)."""
     from linuxcr.sys.syscalls import KCMP_VM, kcmp_same
+    pids = _with_mm(pids)
     out = []
     for i, a in enumerate(pids):
         for b in pids[i + 1:]:
