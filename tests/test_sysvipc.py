@@ -208,5 +208,7 @@ def test_postgres(trees, tmp_path):
     out = _psql(user, sock, "insert into t values (0)", "select count(*), sum(x) from t",
                 "checkpoint")
     assert "1001|500500" in out, out
-    with open(f"/proc/{new}/maps") as f:
+    from rootless_helpers import children
+    postmaster = children(new)[0]       # under lcr run's init (the pid restart printed)
+    with open(f"/proc/{postmaster}/maps") as f:
         assert "/SYSV" in f.read(), "the postmaster's System V segment is not attached"
