@@ -348,6 +348,10 @@ class ThreadAttrs(Struct, forbid_unknown_fields=True):
     caps: Annotated[list[U64], Meta(max_length=5)] = []    # inh, prm, eff, bnd, amb
     seccomp_mode: Annotated[int, Meta(ge=0, le=2)] = 0     # disabled, strict, filter
     seccomp: Annotated[list[SeccompFilter], Meta(max_length=1024)] = []   # oldest first
+    # filters not saved because they are exactly lcr's own (a container's
+    # profile, inherited by lcr and by the process from lcr): how many; the
+    # restoring lcr must run under as many (resources/security.py)
+    seccomp_inherited: Annotated[int, Meta(ge=0, le=1024)] = 0
 
 
 class ProcAttrs(Struct, forbid_unknown_fields=True):

@@ -48,6 +48,7 @@ class ProcStatus:
     cap_amb: int = 0
     no_new_privs: int = 0
     seccomp: int = 0
+    seccomp_filters: int = 0     # how many filters (Seccomp_filters:, Linux 5.9+)
     raw: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
 
 
@@ -122,6 +123,7 @@ def parse_status(text: str | bytes) -> ProcStatus:
         cap_amb=_get(raw, "CapAmb", hexint, 0),
         no_new_privs=_get(raw, "NoNewPrivs", int, 0),
         seccomp=_get(raw, "Seccomp", int, 0),
+        seccomp_filters=_get(raw, "Seccomp_filters", int, 0),
         raw=raw,
     )
 

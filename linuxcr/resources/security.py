@@ -24,7 +24,7 @@ import os
 
 from linuxcr.errors import RestoreError
 from linuxcr.image.schema import Creds, SeccompFilter, ThreadAttrs
-from linuxcr.procfs import ProcStatus, read_cap_last_cap, read_status, thread_tids
+from linuxcr.procfs import ProcStatus, read_cap_last_cap, read_stat, read_status, thread_tids
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import process
 from linuxcr.sys import ptrace
@@ -47,6 +47,31 @@ def _can_read_filters() -> bool:
     return bool(read_status(os.getpid()).cap_eff >> CAP_SYS_ADMIN & 1)
 
 
+def _descends_from_us(pid: int) -> bool:
+    me, p, seen = os.getpid(), pid, 0
+    while p > 1 and seen < 4096:
+        try:
+            p = read_stat(p).ppid
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return False
+        if p == me:
+            return True
+        seen += 1
+    return False
+
+
+def inherited_from_us(pid: int, st: ProcStatus) -> bool:
+    """The thread's seccomp filters are exactly lcr's own: it descends from
+    lcr (which never adds a filter) and has as many filters as lcr, so it
+    added none (filters are only ever added).  The case of a container whose
+    runtime put every process, lcr included, under its profile."""
+    if st.seccomp != SECCOMP_MODE_FILTER or not st.seccomp_filters:
+        return False
+    mine = read_status(os.getpid())
+    return mine.seccomp == SECCOMP_MODE_FILTER and mine.seccomp_filters == st.seccomp_filters \
+        and _descends_from_us(pid)
+
+
 def check(pid: int) -> list[str]:
     """Seccomp without CAP_SYS_ADMIN; threads with credentials of their own."""
     out = []
@@ -62,7 +87,7 @@ def check(pid: int) -> list[str]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         who = f"thread {tid}" if tid != pid else f"pid {pid}"
-        if st.seccomp:
+        if st.seccomp and not inherited_from_us(pid, st):
             admin = _can_read_filters() if admin is None else admin
             if not admin:
                 mode = "strict mode" if st.seccomp == SECCOMP_MODE_STRICT else "a filter"
@@ -88,6 +113,11 @@ def _filters(tid: int) -> list[SeccompFilter]:
 def dump(pid: int, t: Tracee) -> dict:
     """The thread's security state, as ThreadAttrs fields; ``t`` frozen."""
     st = _thread_status(pid, t.pid)
+    if inherited_from_us(pid, st):
+        return dict(no_new_privs=bool(st.no_new_privs),
+                    securebits=t.syscall("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0),
+                    caps=[st.cap_inh, st.cap_prm, st.cap_eff, st.cap_bnd, st.cap_amb],
+                    seccomp_mode=0, seccomp=[], seccomp_inherited=st.seccomp_filters)
     try:
         filters = _filters(t.pid) if st.seccomp == SECCOMP_MODE_FILTER else []
     except OSError as e:
@@ -105,6 +135,14 @@ def restore_early(t: Tracee, arena: Arena, a: ThreadAttrs | None) -> None:
     if a is None:
         return
     st = read_status(t.pid)
+    if a.seccomp_inherited and (st.seccomp != SECCOMP_MODE_FILTER
+                                or st.seccomp_filters != a.seccomp_inherited):
+        # the task was forked from this lcr: it has lcr's filters, no others
+        raise RestoreError(f"tid {t.pid} ran under {a.seccomp_inherited} seccomp filter(s) it "
+                           f"shared with the lcr that saved it (a container's profile); this lcr "
+                           f"runs under {st.seccomp_filters}: it would run with other sandboxing",
+                           "restart it under the same seccomp profile (the same container "
+                           "runtime options)")
     what = f"tid {t.pid}"
     try:
         if len(a.caps) == 5:
