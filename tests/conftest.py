@@ -55,3 +55,39 @@ def procs():
     yield reg
     problems = reg.kill_all()
     assert not problems, f"teardown could not kill: {problems}"
+
+
+# --------------------------------------------------------------------------
+# shared by the tests that run lcr as an ordinary user and on process trees
+# (rootless_helpers.py); a test file may still define its own.
+
+@pytest.fixture(scope="module")
+def user():
+    """The ordinary user the tests run lcr as (lcrtest); skips with the
+    reason when it is missing or cannot run lcr."""
+    from rootless_helpers import find_user, user_can_run_lcr
+    u = find_user("lcrtest")
+    why = user_can_run_lcr(u)
+    if why:
+        pytest.skip(why)
+    return u
+
+
+@pytest.fixture
+def wd(user):
+    """A work directory that user owns, removed afterwards."""
+    from rootless_helpers import user_workdir
+    d = user_workdir(user)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def trees():
+    """The registry of process trees a test started or restored: all killed
+    and reaped, by pid, at teardown."""
+    from rootless_helpers import Trees
+    reg = Trees()
+    yield reg
+    problems = reg.kill_all()
+    assert not problems, f"teardown could not kill: {problems}"

@@ -76,12 +76,6 @@ def no_keepers_left():
         helpers.kill_and_reap(p)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _need(*modules: str) -> None:

@@ -35,12 +35,6 @@ pytestmark = pytest.mark.e2e
 NAME = "fd_clonefiles"
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _start(bins, trees: Trees, tmp: Path) -> tuple[int, int, Path]:
@@ -155,13 +149,6 @@ def test_forged_files_with(bins, trees, tmp_path):
 # --------------------------------------------------------------------------
 # as an ordinary user (restored into a new user + pid namespace)
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
 def test_as_user(user, bins, trees):

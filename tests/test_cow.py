@@ -38,12 +38,6 @@ WORKERS = 4
 SLACK = 0.05          # Pss_Anon after restart within 5% of before
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _start(bins, trees: Trees, tmp: Path) -> tuple[int, list[int], Path]:

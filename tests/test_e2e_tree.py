@@ -40,12 +40,6 @@ pytestmark = pytest.mark.e2e
 STOP_TIMEOUT = 60.0      # safety bound for a pipeline to drain and exit
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _ready(log, pid, pattern=r"^READY pid=(\d+)"):

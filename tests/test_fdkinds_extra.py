@@ -233,27 +233,10 @@ def test_inotify_deleted_file(bins, procs, tmp_path):
 # --------------------------------------------------------------------------
 # as an ordinary user (restored into a new user+pid namespace)
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
-@pytest.fixture
-def wd(user):
-    d = user_workdir(user)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    assert not reg.kill_all()
 
 
 def _restart_as(user, img: Path, trees: Trees) -> int:

@@ -183,28 +183,10 @@ def test_zoo_refused(kind, bins, procs, tmp_path):
 # --------------------------------------------------------------------------
 # as an ordinary user
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
-@pytest.fixture
-def wd(user):
-    import shutil
-    d = user_workdir(user)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    assert not reg.kill_all()
 
 
 def _restart_as(user, img: Path, trees: Trees) -> int:

@@ -38,28 +38,10 @@ from rootless_helpers import (Trees, User, assert_tree_running_untraced, check_s
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def user() -> User:
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
-@pytest.fixture
-def wd(user):
-    d = user_workdir(user)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _uid(pid: int) -> int:

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.e2e
 PROBE = Path(__file__).resolve().parent / "progs" / "ns_probe.py"
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _ns(pid: int | str, kind: str) -> int:

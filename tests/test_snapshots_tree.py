@@ -20,12 +20,6 @@ from test_snapshots import agent_env  # noqa: F401  (fixture)
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _start(bins, trees, tmp_path):

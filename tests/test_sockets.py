@@ -68,12 +68,6 @@ def no_keepers_left():
         helpers.kill_and_reap(p)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _start(procs, argv, log, pattern=r"^READY pid=(\d+)"):
@@ -387,13 +381,6 @@ def test_check_unix_listener_with_pending_connection(bins, trees, tmp_path):
         os.kill(root, signal.SIGCONT)
 
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
 def test_check_tcp_as_non_root(user, bins, trees, tmp_path):

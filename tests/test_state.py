@@ -80,20 +80,8 @@ def test_seccomp_filter_survives_rollback(bins, procs, tmp_path, agent_env):
         assert re.search(r"^Seccomp:\s+2$", f.read(), re.M)
 
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
-@pytest.fixture
-def wd(user):
-    d = user_workdir(user)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_user_refused_seccomp(user, wd, bins, procs, tmp_path):

@@ -43,12 +43,6 @@ def key():
     _remove(k)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    problems = reg.kill_all()
-    assert not problems, f"teardown could not kill: {problems}"
 
 
 def _start(procs, bins, tmp_path, key, *extra):

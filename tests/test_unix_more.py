@@ -36,28 +36,10 @@ def test_as_root(name, bins, procs, tmp_path):
     _cycle(r, name, tmp_path, procs)
 
 
-@pytest.fixture(scope="module")
-def user():
-    u = find_user("lcrtest")
-    why = user_can_run_lcr(u)
-    if why:
-        pytest.skip(why)
-    return u
 
 
-@pytest.fixture
-def wd(user):
-    import shutil
-    d = user_workdir(user)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def trees():
-    reg = Trees()
-    yield reg
-    assert not reg.kill_all()
 
 
 @pytest.mark.parametrize("name", list(PROGS))
