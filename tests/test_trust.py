@@ -438,7 +438,8 @@ def test_restart_refuses_a_forgery_in_time(what, real_signed, keys, tmp_path, pr
     assert_clean_error(cp, "ImageError", match="signature|not signed", empty_stdout=True)
     helpers.reap_zombie_children()
     assert not pids_with_exe(exe) and not exists(orig.pid)
-    assert live_children() == before
+    # nothing new (<=: a guardian or agent of an earlier test may exit meanwhile)
+    assert live_children() <= before
     # without --verify the forgery passes every integrity check: that is what signatures add
     if what != "unsigned":
         cp = lcr("show", img)
@@ -638,7 +639,7 @@ def test_root_restores_another_uid_only_with_trust(privdrop, procs, world):
     reap(r.pid)
     before = live_children()
     _refused(lcr("restart", img, check=False), "uid 65534", hint="uid")
-    assert not exists(r.pid) and live_children() == before
+    assert not exists(r.pid) and live_children() <= before
     pid = procs.add(parse_restored_pid(lcr("restart", img, "--trust", "uid").stdout))
     assert pid == r.pid and _status(pid, "Uid").split() == [str(NOBODY)] * 4
     assert_pass(pid, r.log, "privdrop")
@@ -661,7 +662,7 @@ def test_root_caps_and_files_need_trust(privdrop, procs, world):
     _refused(lcr("restart", img, "--trust", "uid,caps", check=False), str(secret), hint="files")
     _refused(lcr("restart", img, "--trust", "uid", "--trust", "files", check=False),
              "cap_net_bind_service", hint="caps")
-    assert not exists(r.pid) and live_children() == before
+    assert not exists(r.pid) and live_children() <= before
     pid = procs.add(parse_restored_pid(lcr("restart", img, "--trust", "all").stdout))
     assert (_status(pid, "CapPrm"), _status(pid, "CapEff")) == caps
     assert _status(pid, "Uid").split() == [str(NOBODY)] * 4
@@ -713,7 +714,7 @@ def test_nonroot_gets_no_capability_it_lacks(privdrop, procs, world, user):
     cp = _lcr_user(user, "restart", img, "--any-pid")     # refused up front: needs root
     assert_clean_error(cp, "PermissionDenied", mentions=["--any-pid", "PR_SET_MM_MAP"],
                        empty_stdout=True)
-    assert live_children() == before and not pids_with_exe(privdrop["plain"])
+    assert live_children() <= before and not pids_with_exe(privdrop["plain"])
     # into a user namespace of the caller's: confined there, dropped to the saved sets
     cp = _lcr_user(user, "restart", img)
     assert cp.returncode == 0, cp.stderr
@@ -757,7 +758,7 @@ def test_nonroot_cannot_reopen_a_file_it_may_not_open(privdrop, procs, world, us
     assert_clean_error(cp, "RestoreError", mentions=[str(data), "permission denied"],
                        empty_stdout=True)
     helpers.reap_zombie_children()
-    assert live_children() == before and not pids_with_exe(privdrop["plain"])
+    assert live_children() <= before and not pids_with_exe(privdrop["plain"])
     _give(data, user)                       # given back: it restores
     cp = _lcr_user(user, "restart", img)
     assert cp.returncode == 0, cp.stderr
