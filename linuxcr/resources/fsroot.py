@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 
 from linuxcr.errors import RestoreError
@@ -22,6 +21,7 @@ from linuxcr.image.kinds import DeletedDirState
 from linuxcr.image.schema import Task
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources.fdkinds.unlinked import DELETED
+from linuxcr.resources.fdkinds.deleted_dir import make_again
 
 
 def dump_cwd_deleted(pid: int, cwd: str) -> DeletedDirState | None:
@@ -51,21 +51,7 @@ def _enter_deleted(t: Tracee, arena: Arena, st: DeletedDirState) -> None:
     """Made again where it was (or under a free name beside it), entered by
     the task by path (a task in a user namespace of its own cannot reach
     lcr's fds through /proc), given its mode and owner, removed."""
-    parent = os.path.dirname(st.path) or "/"
-    base = os.path.basename(st.path)
-    for name in [st.path] + [os.path.join(parent, f".{base[:200]}.lcr-{secrets.token_hex(4)}")
-                             for _ in range(8)]:
-        try:
-            os.mkdir(name, 0o711)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RestoreError(f"cannot make the removed working directory {st.path} again: "
-                               f"{e.strerror}", f"directory {parent} must exist and be writable") from None
-    else:
-        raise RestoreError(f"cannot make the removed working directory {st.path} again: "
-                           f"no free name in {parent}")
+    name = make_again(st.path, 0o711, "removed working directory")
     try:
         os.chmod(name, 0o711)          # (umask) the task must get in whoever it is now
         _chdir(t, arena, name, st.path + DELETED)

@@ -34,20 +34,7 @@ class DeletedDir:
                                uid=st.st_uid, gid=st.st_gid)
 
     def open(self, state: DeletedDirState, flags: int) -> int:
-        parent = os.path.dirname(state.path) or "/"
-        base = os.path.basename(state.path)
-        for name in [state.path] + [os.path.join(parent, f".{base[:200]}.lcr-{secrets.token_hex(4)}")
-                                    for _ in range(8)]:
-            try:
-                os.mkdir(name, 0o700)
-                break
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise RestoreError(f"cannot recreate deleted directory {state.path}: {e.strerror}",
-                                   f"directory {parent} must exist and be writable") from None
-        else:
-            raise RestoreError(f"cannot recreate deleted directory {state.path}: no free name in {parent}")
+        name = make_again(state.path, 0o700, "deleted directory")
         try:
             fd = os.open(name, (flags & (os.O_ACCMODE | os.O_NONBLOCK | os.O_NOATIME | os.O_PATH))
                          | os.O_DIRECTORY | O_CLOEXEC)
@@ -60,3 +47,23 @@ class DeletedDir:
 
 
 KIND = DeletedDir()
+
+
+def make_again(path: str, mode: int, what: str) -> str:
+    """A directory made where ``path`` was removed, or under a free name
+    beside it; the caller gives it its mode and owner and removes it again
+    (a deleted directory held open, a removed working directory:
+    resources/fsroot.py)."""
+    parent = os.path.dirname(path) or "/"
+    base = os.path.basename(path)
+    for name in [path] + [os.path.join(parent, f".{base[:200]}.lcr-{secrets.token_hex(4)}")
+                          for _ in range(8)]:
+        try:
+            os.mkdir(name, mode)
+            return name
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RestoreError(f"cannot make the {what} {path} again: {e.strerror}",
+                               f"directory {parent} must exist and be writable") from None
+    raise RestoreError(f"cannot make the {what} {path} again: no free name in {parent}")
