@@ -24,7 +24,9 @@ kernel shows them nowhere, so a process holding an undo list is refused
 """
 from __future__ import annotations
 
+import atexit
 import os
+import subprocess
 from typing import Iterable
 
 from linuxcr.errors import NotCheckpointable, RestoreError
@@ -54,15 +56,16 @@ def check(pid: int) -> list[str]:
     """A process that may hold semaphore undo adjustments (a semop with
     SEM_UNDO): the kernel shows them nowhere, so they cannot come back.
     What can be seen: whether it has an undo list at all (kcmp
-    KCMP_SYSVSEM against lcr, which has none) -- a process gets one with its
+    KCMP_SYSVSEM against a plain process that has none: not lcr itself, which
+    gets one as soon as it has threads) -- a process gets one with its
     first SEM_UNDO, and also when it makes a thread (glibc shares the list
     with CLONE_SYSVSEM) -- and whether a semaphore set it may change exists
     in its ipc namespace (adjustments go with their set).  Both: refused."""
     try:
-        if kcmp_same(KCMP_SYSVSEM, pid, os.getpid()):
+        if kcmp_same(KCMP_SYSVSEM, pid, _no_undo_list()):
             return []
     except OSError:
-        return []      # kcmp refused (no CONFIG_KCMP): nothing known
+        return []      # kcmp refused (no CONFIG_KCMP), no reference process: nothing known
     try:
         status = read_status(pid)
         euid, egid = status.uid[1], status.gid[1]
@@ -77,13 +80,39 @@ def check(pid: int) -> list[str]:
             "not show them, so lcr cannot give them back"]
 
 
-def _may_alter(row: dict[str, int], uid: int, gid: int) -> bool:
+_reference: list[subprocess.Popen] = []
+
+
+def _no_undo_list() -> int:
+    """The pid of a process with no undo list to compare with: a `cat` lcr
+    starts once (fork does not pass undo lists on; lcr's own list, shared
+    by its threads, would make every process look different), stopped when
+    lcr exits."""
+    if _reference and _reference[0].poll() is None:
+        return _reference[0].pid
+    _reference[:] = [subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, close_fds=True)]
+    return _reference[0].pid
+
+
+def _stop_reference() -> None:
+    for p in _reference:
+        p.kill()
+        p.wait()
+    _reference.clear()
+
+
+atexit.register(_stop_reference)
+
+
+def _may_alter(row: dict[str, int], uid: int, gid: int, bits: int = 0o2) -> bool:
+    """bits: 0o2 alter, 0o4 read, 0o6 either."""
     mode = row["perms"]
     if uid in (row["uid"], row["cuid"]):
-        return bool(mode & 0o200)
+        return bool(mode & bits << 6)
     if gid in (row["gid"], row["cgid"]):
-        return bool(mode & 0o020)
-    return bool(mode & 0o002)
+        return bool(mode & bits << 3)
+    return bool(mode & bits)
 
 
 def unsupported(where: str, shmid: int) -> str:
@@ -97,7 +126,8 @@ def dump(root: int, tasks: list[Task], own_ns: bool) -> SysvIpc | None:
     """The tree's objects (see the module doc), or None if it has none."""
     attached = sorted({v.shm for t in tasks for v in t.vmas if v.kind == "sysv"})
     pids = sorted(t.pid for t in tasks)
-    got = namespaces.call_in(root, ["ipc"], lambda: _collect(own_ns, attached, pids),
+    creds = _creds(pids)
+    got = namespaces.call_in(root, ["ipc"], lambda: _collect(own_ns, attached, pids, creds),
                              what="read the System V IPC objects")
     if isinstance(got, list):
         raise NotCheckpointable(root, got)
@@ -106,7 +136,32 @@ def dump(root: int, tasks: list[Task], own_ns: bool) -> SysvIpc | None:
     return got
 
 
-def _collect(everything: bool, attached: list[int], pids: list[int]) -> SysvIpc | list[str]:
+def _creds(pids: list[int]) -> set[tuple[int, int]]:
+    """The (euid, egid) pairs of the tree's processes."""
+    out = set()
+    for pid in pids:
+        try:
+            st = read_status(pid)
+        except OSError:
+            continue
+        out.add((st.uid[1], st.gid[1]))
+    return out
+
+
+def _unreadable_sem(row: dict[str, int], everything: bool,
+                    creds: set[tuple[int, int]]) -> str | None:
+    """A semaphore set lcr may not read (another user's): a reason when the
+    tree may use it (all of its ipc namespace is the tree's, or one of its
+    processes may read or alter it), else None (skipped: not the tree's)."""
+    if not (everything or any(u == 0 or _may_alter(row, u, g, 0o6) for u, g in creds)):
+        return None
+    return (f"System V semaphore set {row['semid']} (owner uid {row['uid']}, mode "
+            f"{row['perms'] & 0o777:o}) may be used by it but lcr may not read it: "
+            "checkpoint as that user or as root")
+
+
+def _collect(everything: bool, attached: list[int], pids: list[int],
+             creds: set[tuple[int, int]] = frozenset()) -> SysvIpc | list[str]:
     mine = set(pids)
     total = 0
     shm, sem, msg = [], [], []
@@ -125,10 +180,17 @@ def _collect(everything: bool, attached: list[int], pids: list[int]) -> SysvIpc 
         shm.append(SysvShm(perm=_owner(sid, ds.perm), size=ds.segsz, extents=extents))
     for row in read_sysvipc("sem"):
         sid, n = row["semid"], row["nsems"]
-        if not everything and not mine & set(ipc.sem_pids(sid, n)):
+        try:
+            if not everything and not mine & set(ipc.sem_pids(sid, n)):
+                continue
+            ds = ipc.sem_stat(sid)
+            values = ipc.sem_values(sid, n)
+        except PermissionError:
+            why = _unreadable_sem(row, everything, creds)
+            if why:
+                return [why]
             continue
-        ds = ipc.sem_stat(sid)
-        sem.append(SysvSem(perm=_owner(sid, ds.perm), values=ipc.sem_values(sid, n)))
+        sem.append(SysvSem(perm=_owner(sid, ds.perm), values=values))
     for row in read_sysvipc("msg"):
         qid = row["msqid"]
         if not (everything or row["lspid"] in mine or row["lrpid"] in mine):
