@@ -8,20 +8,25 @@
   in an internal error.  Such a set is skipped unless the tree may use it
   (then a clean NotCheckpointable naming it).
 
-Snapshots / writeback / rollback / migration of SysV objects are not done
-(they still refuse segments; see docs/snapshots.md).
+And snapshots of a tree using semaphore sets and message queues: the
+snapshot keeps their values and messages, rollback puts them back (refused
+by name if one was removed since), writeback writes them in the image.
+Segments attached are still refused by snapshots (docs/snapshots.md).
 """
 from __future__ import annotations
 
 import os
 import random
 import subprocess
+import json
+import signal
+import sys
 import threading
 
 import pytest
 
 import helpers
-from helpers import assert_clean_error
+from helpers import assert_clean_error, lcr, reap, restart_image, wait_for_line
 from rootless_helpers import lcr_as, start_as, user_workdir
 from linuxcr.resources import sysvipc
 from linuxcr.sys import ipc
@@ -100,3 +105,91 @@ def test_other_users_semaphore_usable_refused(user, wd, trees, semset):
     cp = lcr_as(user, "checkpoint", p.pid, "-o", wd / "img", check=False)
     assert_clean_error(cp, "NotCheckpointable", mentions=[f"semaphore set {sid}", "uid 0"])
     assert helpers.alive(p.pid)
+
+
+# --- snapshots of semaphores and queues ------------------------------------------
+
+WORKLOAD = """
+import os, sys, time
+from linuxcr.sys import ipc
+key = int(sys.argv[1])
+sid = ipc.sem_get(key, 3, ipc.IPC_CREAT | ipc.IPC_EXCL | 0o600)
+ipc.sem_setall(sid, [1, 2, 3])
+qid = ipc.msg_get(key + 1, ipc.IPC_CREAT | ipc.IPC_EXCL | 0o600)
+ipc.msg_send(qid, 1, b"one")
+ipc.msg_send(qid, 2, b"two")
+print(f"READY pid={os.getpid()} sem={sid} msg={qid}", flush=True)
+while True:
+    time.sleep(1000)
+"""
+
+
+@pytest.fixture
+def agent_env(tmp_path, monkeypatch):
+    d = tmp_path / "agent"
+    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
+    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    try:
+        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+@pytest.fixture
+def semq(procs, tmp_path):
+    """The workload: (pid, semid, msqid); its two objects removed by id."""
+    made = {}
+    log = tmp_path / "semq.log"
+    p = procs.start([sys.executable, "-c", WORKLOAD, str(random.randrange(0x10000000, 0x3fffffff))],
+                    log, env=helpers.child_env({"PYTHONPATH": os.environ.get("PYTHONPATH", "")}))
+    m = wait_for_line(log, r"^READY pid=(\d+) sem=(\d+) msg=(\d+)", pid=p.pid)
+    made["sem"], made["msg"] = int(m.group(2)), int(m.group(3))
+    yield p.pid, made["sem"], made["msg"]
+    for rm, oid in ((ipc.sem_rm, made["sem"]), (ipc.msg_rm, made["msg"])):
+        try:
+            rm(oid)
+        except OSError:
+            pass
+
+
+def _state(sid: int, qid: int):
+    return ipc.sem_values(sid, 3), ipc.msg_peek(qid, ipc.msg_stat(qid).qnum)
+
+
+@root_only
+def test_snapshot_rollback_writeback(semq, procs, tmp_path, agent_env):
+    pid, sid, qid = semq
+    before = _state(sid, qid)
+    assert before == ([1, 2, 3], [(1, b"one"), (2, b"two")])
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    ipc.sem_setall(sid, [7, 8, 9])
+    ipc.msg_drain(qid)
+    ipc.msg_send(qid, 5, b"later")
+    assert _state(sid, qid) != before
+    cp = lcr("rollback", snap["crid"], env=agent_env, check=False)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert _state(sid, qid) == before
+    assert helpers.alive(pid)
+    # writeback: the image holds the snapshot-time objects
+    ipc.sem_setall(sid, [4, 4, 4])
+    img = tmp_path / "wb.img"
+    lcr("writeback", snap["crid"], "-o", img, env=agent_env)
+    os.kill(pid, signal.SIGKILL)
+    reap(pid)
+    ipc.sem_rm(sid)
+    ipc.msg_rm(qid)
+    new = restart_image(img, procs)
+    assert new == pid
+    assert _state(sid, qid) == before
+
+
+@root_only
+def test_rollback_refused_when_removed(semq, agent_env):
+    pid, sid, qid = semq
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    ipc.msg_rm(qid)
+    ipc.sem_setall(sid, [5, 5, 5])
+    cp = lcr("rollback", snap["crid"], env=agent_env, check=False)
+    assert_clean_error(cp, "RollbackRefused", mentions=[f"message queue {qid}", "removed"])
+    assert ipc.sem_values(sid, 3) == [5, 5, 5]      # nothing changed
+    assert helpers.alive(pid)

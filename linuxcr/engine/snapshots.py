@@ -48,7 +48,7 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child
+from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child, sysvipc
 
 
 
@@ -123,6 +123,7 @@ class Snapshot:
     tracer_tid: int = 0
     early_smaps: dict = field(default_factory=dict)   # pid -> smaps read before the freeze (take)
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
+    ipc: object = None            # SysvIpc kept at snapshot time (semaphores, queues), or None
 
     @property
     def task(self) -> Task:
@@ -459,6 +460,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
+        ipcs = _ipc_at_snapshot(pid, tasks)
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
@@ -487,9 +489,17 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
     snap = Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
                     starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
-                    mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid())
+                    mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid(), ipc=ipcs)
     snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
     return snap
+
+
+def _ipc_at_snapshot(pid: int, tasks: list[Task]):
+    """The System V objects the tree uses, content copied now (frozen):
+    semaphore values and queued messages (segments attached are refused
+    before: CHECKPOINT_ONLY).  Only the objects it uses, also with an ipc
+    namespace of its own: rollback puts back, never removes."""
+    return sysvipc.dump(pid, tasks, False)
 
 
 def _smaps_now(root: int, exclude) -> dict:
@@ -586,7 +596,7 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
                 unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped,
-                zombies=snap.zombies)
+                zombies=snap.zombies, ipc=snap.ipc)
     def work():
         for part in snap.parts:
             normal = [v for v in part.task.vmas if v.pages and not memory.not_cow(v)]
@@ -635,6 +645,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
     for part in snap.parts:
         _precheck_files(part.task)
+    _precheck_ipc(snap, memory_only)
     tree = _SnapTree(pid, set(snap.children()))
     try:
         tree.freeze()
@@ -679,6 +690,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
                                         trackers, full))
         if not memory_only:
             warnings += _refill_pipes(snap)
+            sysvipc.put_back(pid, snap.ipc)
         faults.point("rollback.finished")
         for p in tree.order:
             tree.procs[p].settle()
@@ -863,6 +875,15 @@ def _refill_pipes(snap: Snapshot) -> list[str]:
         finally:
             os.close(f)
     return warnings
+
+
+def _precheck_ipc(snap: Snapshot, memory_only: bool) -> None:
+    """Refused, before anything changes, when a System V object the
+    snapshot kept is gone."""
+    gone = [] if memory_only else sysvipc.removed_since(snap.pid, snap.ipc)
+    if gone:
+        raise RollbackRefused(f"cannot roll back pid {snap.pid}: {gone[0]}",
+                              "take a new snapshot, or roll back with --memory-only")
 
 
 def _precheck_files(task: Task) -> None:

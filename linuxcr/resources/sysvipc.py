@@ -120,6 +120,47 @@ def unsupported(where: str, shmid: int) -> str:
            "not by snapshots or migration"
 
 
+# --- snapshots: kept at snapshot time, put back by rollback ----------------------
+
+def removed_since(pid: int, saved: SysvIpc | None) -> list[str]:
+    """The snapshot's semaphore sets and queues (by id) no longer in the
+    tree's ipc namespace: rollback cannot put them back (lcr does not make
+    them again there)."""
+    if saved is None or not (saved.sem or saved.msg or saved.shm):
+        return []
+
+    def look() -> list[str]:
+        out = []
+        for kind, col, what, objs in (("sem", "semid", "semaphore set", saved.sem),
+                                      ("msg", "msqid", "message queue", saved.msg),
+                                      ("shm", "shmid", "shared memory segment", saved.shm)):
+            have = {r[col] for r in read_sysvipc(kind)}
+            out += [f"System V {what} {o.perm.id} (key {o.perm.key:#x}) was removed since the "
+                    "snapshot" for o in objs if o.perm.id not in have]
+        return out
+    return namespaces.call_in(pid, ["ipc"], look, what="read the System V IPC objects")
+
+
+def put_back(pid: int, saved: SysvIpc | None) -> None:
+    """Semaphore values, queued messages and segment contents as the
+    snapshot kept them (tree frozen; objects made since are left alone).
+    SETALL also clears every process's undo adjustments of the set: a tree
+    holding some was refused at snapshot time (``check``)."""
+    if saved is None:
+        return
+
+    def work() -> None:
+        for s in saved.sem:
+            ipc.sem_setall(s.perm.id, s.values)
+        for q in saved.msg:
+            ipc.msg_drain(q.perm.id)
+            for m in q.messages:
+                ipc.msg_send(q.perm.id, m.mtype, m.text)
+        for g in saved.shm:
+            ipc.shm_write(g.perm.id, [(0, bytes(g.size))] + [(e.offset, e.data) for e in g.extents])
+    namespaces.call_in(pid, ["ipc"], work, what="put the System V IPC objects back")
+
+
 # --- dump -------------------------------------------------------------------------
 
 def dump(root: int, tasks: list[Task], own_ns: bool) -> SysvIpc | None:

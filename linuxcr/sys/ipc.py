@@ -9,6 +9,7 @@ its owner and mode back (IPC_SET).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from linuxcr.sys.syscalls import libc
@@ -197,6 +198,18 @@ def msg_peek(msqid: int, count: int) -> list[tuple[int, bytes]]:
         mtype = ctypes.c_long.from_buffer(buf).value
         out.append((mtype, buf.raw[8:8 + n]))
     return out
+
+
+def msg_drain(msqid: int) -> int:
+    """Take every queued message out (thrown away); how many there were."""
+    buf = ctypes.create_string_buffer(8 + MSGMAX_READ)
+    n = 0
+    while libc.msgrcv(msqid, buf, MSGMAX_READ, 0, IPC_NOWAIT | MSG_NOERROR) >= 0:
+        n += 1
+    e = ctypes.get_errno()
+    if e != errno.ENOMSG:
+        raise OSError(e, os.strerror(e))
+    return n
 
 
 def msg_get(key: int, flags: int) -> int:
