@@ -193,3 +193,77 @@ def test_rollback_refused_when_removed(semq, agent_env):
     assert_clean_error(cp, "RollbackRefused", mentions=[f"message queue {qid}", "removed"])
     assert ipc.sem_values(sid, 3) == [5, 5, 5]      # nothing changed
     assert helpers.alive(pid)
+
+
+# --- a segment attached (with a semaphore set and a queue): tests/progs/sysv_ipc.c
+
+SYSV = "sysv_ipc"
+
+
+@pytest.fixture
+def sysv_prog(bins, procs, tmp_path):
+    key = random.randrange(0x10000000, 0x3fffffff)
+    log = tmp_path / "sysv.log"
+    p = procs.start([bins[SYSV], str(key)], log)
+    m = wait_for_line(log, r"^READY pid=(\d+) child=(\d+)", pid=p.pid)
+    procs.add(int(m.group(2)))
+    yield p.pid, int(m.group(2)), log, key
+    for flag, k in (("-M", key), ("-S", key + 1), ("-Q", key + 2)):
+        subprocess.run(["ipcrm", flag, str(k)], capture_output=True)
+
+
+@root_only
+@pytest.mark.parametrize("way", ["fast", "full"])
+def test_segment_snapshot_rollback(sysv_prog, agent_env, way):
+    pid, child, log, key = sysv_prog
+    helpers.assert_pass(pid, log, SYSV)
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    shmid = ipc.shm_get(key, 0, 0)
+    size = ipc.shm_stat(shmid).segsz
+    saved = ipc.shm_read(shmid, size)
+    ipc.shm_write(shmid, [(0, b"\xff" * size)])
+    cp = lcr("rollback", snap["crid"], *(["--full"] if way == "full" else []), env=agent_env,
+             check=False)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert ipc.shm_read(shmid, size) == saved
+    helpers.assert_pass(pid, log, SYSV)
+    helpers.assert_pass(child, log, SYSV)
+
+
+def _sysv_lines(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [ln.split()[0] for ln in f if "/SYSV" in ln]
+
+
+@root_only
+def test_segment_rollback_keeps_attaches(sysv_prog, agent_env):
+    pid, child, log, key = sysv_prog
+    before = _sysv_lines(pid)
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    lcr("rollback", snap["crid"], "--full", env=agent_env)
+    assert _sysv_lines(pid) == before
+
+
+@root_only
+def test_segment_writeback_restart(sysv_prog, procs, tmp_path, agent_env):
+    pid, child, log, key = sysv_prog
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    shmid = ipc.shm_get(key, 0, 0)
+    size = ipc.shm_stat(shmid).segsz
+    saved = ipc.shm_read(shmid, size)
+    ipc.shm_write(shmid, [(0, b"\xff" * size)])         # after the snapshot: not in the image
+    img = tmp_path / "wb.img"
+    cp = lcr("writeback", snap["crid"], "-o", img, env=agent_env, check=False)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    lcr("discard", snap["crid"], env=agent_env)
+    for p in (child, pid):
+        os.kill(p, signal.SIGKILL)
+        reap(p)
+    for flag, k in (("-M", key), ("-S", key + 1), ("-Q", key + 2)):
+        subprocess.run(["ipcrm", flag, str(k)], capture_output=True)
+    assert restart_image(img, procs) == pid
+    procs.add(child)
+    shmid = ipc.shm_get(key, 0, 0)
+    assert ipc.shm_read(shmid, size) == saved
+    helpers.assert_pass(pid, log, SYSV)
+    helpers.assert_pass(child, log, SYSV)

@@ -382,6 +382,13 @@ def _fd_reason(r: str) -> bool:
     return r.startswith("fd ")
 
 
+def _snapshot_keeps(r: str) -> bool:
+    """A reason of check_process that does not stop a snapshot: about one fd
+    (see _fd_reason), or a System V segment attached (its content is kept
+    with the snapshot's IPC, _ipc_at_snapshot)."""
+    return not _fd_reason(r) and not dump.checkpoint_saves(r)
+
+
 def _SnapTree(root: int, exclude: frozenset[int] | set[int] = frozenset()) -> dump.FrozenTree:
     """The tree as dump freezes it, the snapshot children left out (those of
     its earlier snapshots: traced by us, or named so if the agent died)."""
@@ -443,7 +450,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
     if pid == os.getpid():
         raise NotCheckpointable(pid, ["lcr cannot snapshot itself"])
     pre = _smaps_now(pid, exclude) if early else {}
-    reasons = [r for r in dump.check_process(pid, pre.get(pid)) if not _fd_reason(r)]
+    reasons = [r for r in dump.check_process(pid, pre.get(pid)) if _snapshot_keeps(r)]
     if reasons:
         raise NotCheckpointable(pid, reasons)
     owner = os.stat(f"/proc/{pid}").st_uid
@@ -453,7 +460,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
     counting: list[tuple[Tracked, Part]] = []
     try:
         tree.freeze()
-        smaps = tree.checked(lambda p: _smaps_frozen(p, pre), keep=lambda r: not _fd_reason(r))
+        smaps = tree.checked(lambda p: _smaps_frozen(p, pre), keep=_snapshot_keeps)
         table = SnapTable()
         tasks = [dump.collect_task(tree.procs[p], smaps[p], table, tree.files_with.get(p))
                  for p in tree.order]
