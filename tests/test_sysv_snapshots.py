@@ -267,3 +267,36 @@ def test_segment_writeback_restart(sysv_prog, procs, tmp_path, agent_env):
     assert ipc.shm_read(shmid, size) == saved
     helpers.assert_pass(pid, log, SYSV)
     helpers.assert_pass(child, log, SYSV)
+
+
+@root_only
+def test_migrate_lcr_run_ipc(bins, procs, tmp_path):
+    """A tree in ipc and pid namespaces of its own (`lcr run --ipc`) with a
+    segment attached, a semaphore set and a queue moves over loopback (both
+    ends in this network namespace: the tree's namespaces keep the ids from
+    clashing): the final round carries the IPC record, the receiver makes
+    the objects in a new ipc namespace."""
+    from test_migrate import LCR_MIG, TOKEN, _env
+    key = random.randrange(0x10000000, 0x3fffffff)
+    log = tmp_path / "sysv.log"
+    root = procs.add(int(lcr("run", "--ipc", "-o", log, "--", bins[SYSV], key).stdout))
+    wait_for_line(log, r"^READY pid=2 child=\d+")
+    word = helpers.pass_field(helpers.assert_pass(root, log, SYSV), "word")
+    port = random.randrange(20000, 30000)
+    out, err = tmp_path / "recv.out", tmp_path / "recv.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        recv = subprocess.Popen([*LCR_MIG, "receive", "--listen", f"127.0.0.1:{port}", "--token",
+                                 TOKEN, "--timeout", "60s"], stdin=subprocess.DEVNULL, stdout=o,
+                                stderr=e, env=_env(), close_fds=True, start_new_session=True)
+    procs.add(recv.pid)
+    wait_for_line(err, r"listening on", pid=recv.pid)
+    cp = subprocess.run([*LCR_MIG, "migrate", str(root), "--to", f"127.0.0.1:{port}", "--token",
+                         TOKEN], capture_output=True, text=True, env=_env(verbose=False),
+                        stdin=subprocess.DEVNULL)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert recv.wait() == 0, err.read_text()
+    new = procs.add(int(out.read_text()))
+    reap(root)
+    m = helpers.assert_pass(new, log, SYSV)
+    assert helpers.pass_field(m, "word") > word
+    assert os.stat(f"/proc/{new}/ns/ipc").st_ino != os.stat("/proc/self/ns/ipc").st_ino

@@ -48,7 +48,7 @@ from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
 from linuxcr.migration.skeleton import Skeleton, identical_areas, in_skeleton, skeleton_vmas
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import files, memory, process
+from linuxcr.resources import files, memory, process, sysvipc
 
 EPOCH = "pre-copy"
 DEFAULT_MAX_DOWNTIME = 0.05
@@ -140,6 +140,7 @@ class _Prelim:
     order: list[int]
     zombies: list[int]
     frozen: float
+    sysv: bool = False       # it uses System V IPC objects: the final round sends a full image
 
 
 class PrecopyBase:
@@ -240,11 +241,12 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
     t0 = time.monotonic()
     try:
         tree.freeze()
-        smaps = tree.checked()
+        smaps = tree.checked(keep=lambda r: not dump.checkpoint_saves(r))   # SysV: final round
         table = files.Table()
         tasks = [dump.collect_task(tree.procs[p], smaps[p], table, tree.files_with.get(p))
                  for p in tree.order]
         collected = time.monotonic() - t0     # what the final freeze will take again
+        sysv = _uses_sysv(pid, tasks)
         trackers.on_frozen(tree, None)
         trackers.set_epoch(EPOCH)
         trackers.track = False
@@ -255,7 +257,17 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
     light = [msgspec.structs.replace(k, vmas=skeleton_vmas(k.vmas), files=[], pending=[],
                                      posix_timers=[], locks=[]) for k in tasks]
     return _Prelim(tree=Tree(root=pid, zombies=zombies), tasks=light, order=order,
-                   zombies=sorted(z.pid for z in zombies), frozen=collected)
+                   zombies=sorted(z.pid for z in zombies), frozen=collected, sysv=sysv)
+
+
+def _uses_sysv(pid: int, tasks: list[Task]) -> bool:
+    """Whether the tree uses System V IPC objects (frozen).  The skeleton
+    the destination builds has no ipc namespace and no objects to attach:
+    such a tree moves by a full final image, which carries the IPC record
+    and is restored as `lcr restart` does (objects made before the tasks,
+    in a new ipc namespace when the tree had its own)."""
+    own = os.stat(f"/proc/{pid}/ns/ipc").st_ino != os.stat("/proc/self/ns/ipc").st_ino
+    return sysvipc.dump(pid, tasks, own) is not None
 
 
 def _send_ranges(conn: Conn, pid: int, ranges: list[tuple[int, int]],
@@ -383,10 +395,13 @@ def _final(conn: Conn, session: bytes, pre: _Prelim, sent, trackers: Trackers,
     say(f"stop-and-copy ({res.stop_reason})")
     try:
         try:
+            if pre.sysv:
+                raise _TreeChanged()
             d = dump.checkpoint(pre.tree.root, conn.fd, base=base, on_frozen=base.on_frozen,
                                 on_written=wait_running, name=name)
         except _TreeChanged:
-            say("the process tree changed: sending a full image")
+            say("the tree uses System V IPC objects: sending a full image" if pre.sysv else
+                "the process tree changed: sending a full image")
             res.full_image = True
             d = dump.checkpoint(pre.tree.root, conn.fd, on_written=wait_running, name=name)
     except ImageWriteError as e:
@@ -578,8 +593,15 @@ class _Receiver:
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = spawn_blank(tasks[0], tree, tasks)
-            with process.restore_policy(self._policy(tree, tasks)):
-                r = restore.restore_tree(blank, mode, False, tree, tasks, reader, first, ours, shm)
+            made_ipc = restore.fill_namespaces(blank, tree)     # System V objects: before the tasks
+            try:
+                with process.restore_policy(self._policy(tree, tasks)):
+                    r = restore.restore_tree(blank, mode, False, tree, tasks, reader, first, ours,
+                                             shm)
+            except BaseException:
+                sysvipc.remove(os.getpid(), made_ipc)      # objects made in lcr's ipc namespace
+                raise
+            sysvipc.finish(r.pid, tree.ipc)
         finally:
             files.close_all(ours)
             files.close_all(shm)

@@ -261,7 +261,7 @@ def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
                                    extra=namespaces.unshare_flags(tree.ns)), mode
 
 
-def _fill_namespaces(blank: spawn.Blank, tree: Tree) -> list[tuple[str, int]]:
+def fill_namespaces(blank: spawn.Blank, tree: Tree) -> list[tuple[str, int]]:
     """Before any task: the hostname of a tree's own uts namespace, the
     System V IPC objects (in its own ipc namespace, or lcr's); what was made
     in lcr's.  On failure the blank goes."""
@@ -330,7 +330,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
-            made_ipc = _fill_namespaces(blank, tree)
+            made_ipc = fill_namespaces(blank, tree)
             try:
                 res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm,
                                    chain)

@@ -27,7 +27,7 @@ from linuxcr.image import runs
 from linuxcr.image.schema import Task, Tree, Vma
 from linuxcr.image.stream import PAGE
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import jobstop, memory
+from linuxcr.resources import jobstop, memory, namespaces
 from linuxcr.resources.memory import TRAMPOLINE, PageFill
 from linuxcr.migration.protocol import MigrationError
 
@@ -243,5 +243,5 @@ def spawn_blank(root: Task, tree: Tree, tasks: list[Task]) -> tuple[spawn.Blank,
     vpid = root.vpid or root.pid
     if mode == "host":
         return spawn.in_host(vpid), mode
-    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid,
-                                   user_ns=os.geteuid() != 0), mode
+    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0,
+                                   extra=namespaces.unshare_flags(tree.ns)), mode
