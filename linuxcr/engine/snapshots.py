@@ -503,9 +503,9 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
 
 def _ipc_at_snapshot(pid: int, tasks: list[Task]):
     """The System V objects the tree uses, content copied now (frozen):
-    semaphore values and queued messages (segments attached are refused
-    before: CHECKPOINT_ONLY).  Only the objects it uses, also with an ipc
-    namespace of its own: rollback puts back, never removes."""
+    segments attached, semaphore values, queued messages.  Only the objects
+    it uses, also with an ipc namespace of its own: rollback puts back,
+    never removes."""
     return sysvipc.dump(pid, tasks, False)
 
 

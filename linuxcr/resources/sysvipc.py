@@ -17,10 +17,15 @@ segment is attached again at its address by memory.map_areas (``attach``);
 a segment the tree had marked for removal (IPC_RMID) is removed again once
 every task holds its attach.
 
+Snapshots (engine/snapshots.py) take the same record while the tree is
+frozen; rollback puts the content back (``removed_since``, ``put_back``).
+Migration sends a full final image for a tree that uses any.
+
 Not given back: the last-operation pids and times (sempid, lspid/lrpid,
 otime...); the kernel lets nobody set them.  SEM_UNDO adjustments: the
 kernel shows them nowhere, so a process holding an undo list is refused
-(``check``).
+(``check``).  A semaphore set of another user that lcr may not read is
+skipped, unless the tree may use it (then refused by name).
 """
 from __future__ import annotations
 
@@ -39,10 +44,10 @@ from linuxcr.resources import namespaces
 from linuxcr.sys import ipc
 from linuxcr.sys.syscalls import kcmp_same
 
-# memory.classify marks every /SYSV area with this reason: the checkpoint
-# path (engine/dump.py) saves them and drops it; snapshots and migration,
-# which do not, keep refusing.
-CHECKPOINT_ONLY = "is saved by `lcr checkpoint` only"
+# memory.classify marks every /SYSV area with this reason: checkpoint
+# (engine/dump.py), snapshots and migration save the segments (in the IPC
+# record) and drop it; whoever does not, refuses.
+CHECKPOINT_ONLY = "is saved with the System V IPC objects, not as memory"
 MAX_CONTENT = 48 << 20        # bytes of segments and messages in all (they go in the TREE record)
 CHUNK = 64 << 10              # zero runs are left out at this grain
 PAGE = 4096
@@ -116,8 +121,7 @@ def _may_alter(row: dict[str, int], uid: int, gid: int, bits: int = 0o2) -> bool
 
 
 def unsupported(where: str, shmid: int) -> str:
-    return f"{where}: System V shared memory (shmid {shmid}) {CHECKPOINT_ONLY}, " \
-           "not by snapshots or migration"
+    return f"{where}: System V shared memory (shmid {shmid}) {CHECKPOINT_ONLY}"
 
 
 # --- snapshots: kept at snapshot time, put back by rollback ----------------------
