@@ -300,3 +300,43 @@ def test_migrate_lcr_run_ipc(bins, procs, tmp_path):
     m = helpers.assert_pass(new, log, SYSV)
     assert helpers.pass_field(m, "word") > word
     assert os.stat(f"/proc/{new}/ns/ipc").st_ino != os.stat("/proc/self/ns/ipc").st_ino
+
+
+@root_only
+def test_rootless_snapshot_rollback_writeback(user, wd, trees):
+    """lcrtest's own semaphore set and queue: its agent snapshots, rolls
+    back and writes back."""
+    from rootless_helpers import LCR
+    log = wd / "semq.log"
+    p = start_as(user, [sys.executable, "-c", WORKLOAD, str(random.randrange(0x10000000, 0x3fffffff))],
+                 log, cwd=wd)
+    trees.add(p.pid, p)
+    m = wait_for_line(log, r"^READY pid=(\d+) sem=(\d+) msg=(\d+)", pid=p.pid)
+    sid, qid = int(m.group(2)), int(m.group(3))
+    agent = wd / "agent"
+    env = user.env({"LCR_AGENT_DIR": str(agent)})
+
+    def run(*args):
+        cp = subprocess.run([*user.prefix, *LCR, *map(str, args)], capture_output=True, text=True,
+                            env=env, cwd=wd, timeout=120)
+        assert cp.returncode == 0 and "Traceback" not in cp.stderr, (args, cp.stderr)
+        return cp.stdout
+    try:
+        before = _state(sid, qid)
+        crid = json.loads(run("snapshot", p.pid, "--json"))["crid"]
+        ipc.sem_setall(sid, [9, 9, 9])
+        ipc.msg_send(qid, 3, b"three")
+        run("rollback", crid)
+        assert _state(sid, qid) == before
+        run("writeback", crid, "-o", wd / "wb.img")
+        assert (wd / "wb.img").stat().st_size > 0
+    finally:
+        try:
+            os.kill(int((agent / "agent.pid").read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        for rm, oid in ((ipc.sem_rm, sid), (ipc.msg_rm, qid)):
+            try:
+                rm(oid)
+            except OSError:
+                pass
