@@ -184,15 +184,36 @@ def test_snapshot_rollback_writeback(semq, procs, tmp_path, agent_env):
 
 
 @root_only
-def test_rollback_refused_when_removed(semq, agent_env):
+def test_rollback_makes_removed_again(semq, agent_env):
+    """A queue removed since the snapshot is made again with its id."""
     pid, sid, qid = semq
+    before = _state(sid, qid)
     snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
     ipc.msg_rm(qid)
     ipc.sem_setall(sid, [5, 5, 5])
     cp = lcr("rollback", snap["crid"], env=agent_env, check=False)
-    assert_clean_error(cp, "RollbackRefused", mentions=[f"message queue {qid}", "removed"])
-    assert ipc.sem_values(sid, 3) == [5, 5, 5]      # nothing changed
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    assert _state(sid, qid) == before
     assert helpers.alive(pid)
+
+
+@root_only
+def test_rollback_refused_when_taken(semq, agent_env):
+    """A queue removed since and its key taken by another: refused by name,
+    nothing changed."""
+    pid, sid, qid = semq
+    key = ipc.msg_stat(qid).perm.key
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    ipc.msg_rm(qid)
+    other = ipc.msg_get(key, ipc.IPC_CREAT | 0o600)
+    try:
+        ipc.sem_setall(sid, [5, 5, 5])
+        cp = lcr("rollback", snap["crid"], env=agent_env, check=False)
+        assert_clean_error(cp, "RollbackRefused", mentions=[f"{qid}", "taken"])
+        assert ipc.sem_values(sid, 3) == [5, 5, 5]      # nothing changed
+        assert helpers.alive(pid)
+    finally:
+        ipc.msg_rm(other)
 
 
 # --- a segment attached (with a semaphore set and a queue): tests/progs/sysv_ipc.c

@@ -652,7 +652,6 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
     for part in snap.parts:
         _precheck_files(part.task)
-    _precheck_ipc(snap, memory_only)
     tree = _SnapTree(pid, set(snap.children()))
     try:
         tree.freeze()
@@ -660,6 +659,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             _check_same_tree(snap)        # changed as we froze it: says how
             raise RollbackRefused(f"cannot roll back pid {pid}: its tree changed while it was frozen")
         pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
+        _ipc_again(snap, memory_only)
     except BaseException:
         tree.thaw()
         raise
@@ -884,13 +884,18 @@ def _refill_pipes(snap: Snapshot) -> list[str]:
     return warnings
 
 
-def _precheck_ipc(snap: Snapshot, memory_only: bool) -> None:
-    """Refused, before anything changes, when a System V object the
-    snapshot kept is gone."""
-    gone = [] if memory_only else sysvipc.removed_since(snap.pid, snap.ipc)
-    if gone:
-        raise RollbackRefused(f"cannot roll back pid {snap.pid}: {gone[0]}",
-                              "take a new snapshot, or roll back with --memory-only")
+def _ipc_again(snap: Snapshot, memory_only: bool) -> None:
+    """Tree frozen, before any change: the System V objects the snapshot
+    kept and removed since, made again with their ids; refused (by name)
+    when one cannot be."""
+    if memory_only:
+        return
+    try:
+        sysvipc.make_again(snap.pid, snap.ipc)
+    except RestoreError as e:
+        raise RollbackRefused(f"cannot roll back pid {snap.pid}: {e.message}",
+                              "remove what holds the id or key (ipcrm), or roll back with "
+                              "--memory-only") from None
 
 
 def _precheck_files(task: Task) -> None:

@@ -18,7 +18,8 @@ a segment the tree had marked for removal (IPC_RMID) is removed again once
 every task holds its attach.
 
 Snapshots (engine/snapshots.py) take the same record while the tree is
-frozen; rollback puts the content back (``removed_since``, ``put_back``).
+frozen; rollback makes the ones removed since again (``make_again``)
+and puts the content back (``put_back``).
 Migration sends a full final image for a tree that uses any.
 
 Not given back: the last-operation pids and times (sempid, lspid/lrpid,
@@ -126,23 +127,31 @@ def unsupported(where: str, shmid: int) -> str:
 
 # --- snapshots: kept at snapshot time, put back by rollback ----------------------
 
-def removed_since(pid: int, saved: SysvIpc | None) -> list[str]:
-    """The snapshot's semaphore sets and queues (by id) no longer in the
-    tree's ipc namespace: rollback cannot put them back (lcr does not make
-    them again there)."""
+def removed_since(pid: int, saved: SysvIpc | None) -> SysvIpc | None:
+    """The snapshot's objects (by id) no longer in the tree's ipc namespace,
+    or None."""
     if saved is None or not (saved.sem or saved.msg or saved.shm):
-        return []
+        return None
 
-    def look() -> list[str]:
-        out = []
-        for kind, col, what, objs in (("sem", "semid", "semaphore set", saved.sem),
-                                      ("msg", "msqid", "message queue", saved.msg),
-                                      ("shm", "shmid", "shared memory segment", saved.shm)):
-            have = {r[col] for r in read_sysvipc(kind)}
-            out += [f"System V {what} {o.perm.id} (key {o.perm.key:#x}) was removed since the "
-                    "snapshot" for o in objs if o.perm.id not in have]
-        return out
-    return namespaces.call_in(pid, ["ipc"], look, what="read the System V IPC objects")
+    def look() -> tuple[set[int], set[int], set[int]]:
+        return tuple({r[col] for r in read_sysvipc(kind)}
+                     for kind, col in (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")))
+    shm, sem, msg = namespaces.call_in(pid, ["ipc"], look, what="read the System V IPC objects")
+    gone = SysvIpc(shm=[o for o in saved.shm if o.perm.id not in shm],
+                   sem=[o for o in saved.sem if o.perm.id not in sem],
+                   msg=[o for o in saved.msg if o.perm.id not in msg])
+    return gone if gone.shm or gone.sem or gone.msg else None
+
+
+def make_again(pid: int, saved: SysvIpc | None) -> list[str]:
+    """The snapshot's objects removed since made again in the tree's ipc
+    namespace with their id, key, owner and content (as restart does);
+    what was made ("sem 5", ...).  RestoreError naming the object when one
+    cannot be (its id or key taken, or not root)."""
+    gone = removed_since(pid, saved)
+    if gone is None:
+        return []
+    return [f"{kind} {oid}" for kind, oid in restore(pid, gone)]
 
 
 def put_back(pid: int, saved: SysvIpc | None) -> None:
