@@ -361,3 +361,26 @@ def test_rootless_snapshot_rollback_writeback(user, wd, trees):
                 rm(oid)
             except OSError:
                 pass
+
+
+@root_only
+def test_own_ipc_namespace_rollback(bins, procs, tmp_path, agent_env):
+    """`lcr run --ipc`: the snapshot keeps every object of the tree's ipc
+    namespace; rollback puts the segment back and removes a queue made
+    there since."""
+    key = random.randrange(0x10000000, 0x3fffffff)
+    log = tmp_path / "sysv.log"
+    root = procs.add(int(lcr("run", "--ipc", "-o", log, "--", bins[SYSV], key).stdout))
+    wait_for_line(log, r"^READY pid=2 child=\d+")
+    helpers.assert_pass(root, log, SYSV)
+    snap = json.loads(lcr("snapshot", root, "--json", env=agent_env).stdout)
+    inside = ["nsenter", "-t", str(root), "-i"]
+    made = subprocess.run([*inside, "ipcmk", "-Q"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert len(subprocess.run([*inside, "ipcs", "-q"], capture_output=True,
+                              text=True).stdout.split("\n0x")) == 3    # the program's + the new
+    cp = lcr("rollback", snap["crid"], env=agent_env, check=False)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    queues = subprocess.run([*inside, "ipcs", "-q"], capture_output=True, text=True).stdout
+    assert len(queues.split("\n0x")) == 2, queues
+    helpers.assert_pass(root, log, SYSV)

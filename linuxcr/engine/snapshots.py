@@ -48,7 +48,7 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, finish, memory, pstree, snapshot_child, sysvipc
+from linuxcr.resources import cpu, files, finish, memory, namespaces, pstree, snapshot_child, sysvipc
 
 
 
@@ -123,7 +123,8 @@ class Snapshot:
     tracer_tid: int = 0
     early_smaps: dict = field(default_factory=dict)   # pid -> smaps read before the freeze (take)
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
-    ipc: object = None            # SysvIpc kept at snapshot time (semaphores, queues), or None
+    ipc: object = None            # SysvIpc kept at snapshot time (segments, semaphores, queues)
+    ipc_own: bool = False         # the tree has an ipc namespace of its own (`lcr run --ipc`)
 
     @property
     def task(self) -> Task:
@@ -467,7 +468,8 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
-        ipcs = _ipc_at_snapshot(pid, tasks)
+        ipc_own = bool(tasks[0].pidns_init) and "ipc" in namespaces.own(pid)
+        ipcs = _ipc_at_snapshot(pid, tasks, ipc_own)
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
@@ -496,17 +498,17 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
     snap = Snapshot(crid=crid or secrets.token_hex(5), pid=pid, uid=owner,
                     starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
-                    mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid(), ipc=ipcs)
+                    mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid(), ipc=ipcs,
+                    ipc_own=ipc_own)
     snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
     return snap
 
 
-def _ipc_at_snapshot(pid: int, tasks: list[Task]):
-    """The System V objects the tree uses, content copied now (frozen):
-    segments attached, semaphore values, queued messages.  Only the objects
-    it uses, also with an ipc namespace of its own: rollback puts back,
-    never removes."""
-    return sysvipc.dump(pid, tasks, False)
+def _ipc_at_snapshot(pid: int, tasks: list[Task], own_ns: bool):
+    """The System V objects the tree uses (with an ipc namespace of its
+    own: every object there), content copied now (frozen): segments
+    attached, semaphore values, queued messages."""
+    return sysvipc.dump(pid, tasks, own_ns)
 
 
 def _smaps_now(root: int, exclude) -> dict:
@@ -698,6 +700,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         if not memory_only:
             warnings += _refill_pipes(snap)
             sysvipc.put_back(pid, snap.ipc)
+            warnings += sysvipc.created_since(pid, snap.ipc, snap.ipc_own, tree.order)
         faults.point("rollback.finished")
         for p in tree.order:
             tree.procs[p].settle()

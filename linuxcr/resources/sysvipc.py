@@ -154,6 +154,33 @@ def make_again(pid: int, saved: SysvIpc | None) -> list[str]:
     return [f"{kind} {oid}" for kind, oid in restore(pid, gone)]
 
 
+def created_since(pid: int, saved: SysvIpc | None, own_ns: bool, pids: list[int]) -> list[str]:
+    """Objects not in the snapshot: in an ipc namespace of the tree's own
+    (`lcr run --ipc`) all are its, and are removed; in lcr's, those the tree
+    clearly made or used (a segment it created, a queue it last used) are
+    left, with a warning each (they may be another program's too)."""
+    kept = {"shm": {o.perm.id for o in saved.shm} if saved else set(),
+            "sem": {o.perm.id for o in saved.sem} if saved else set(),
+            "msg": {o.perm.id for o in saved.msg} if saved else set()}
+    mine = set(pids)
+
+    def work() -> list[str]:
+        out = []
+        for kind, col, what, pidcols in (("shm", "shmid", "shared memory segment", ("cpid",)),
+                                         ("sem", "semid", "semaphore set", ()),
+                                         ("msg", "msqid", "message queue", ("lspid", "lrpid"))):
+            for r in read_sysvipc(kind):
+                if r[col] in kept[kind]:
+                    continue
+                if own_ns:
+                    _rm(kind, r[col])
+                elif any(r[c] in mine for c in pidcols):
+                    out.append(f"System V {what} {r[col]} (key {r['key']:#x}) was made or used "
+                               "since the snapshot: left as it is (lcr's ipc namespace)")
+        return out
+    return namespaces.call_in(pid, ["ipc"], work, what="look at the System V IPC objects")
+
+
 def put_back(pid: int, saved: SysvIpc | None) -> None:
     """Semaphore values, queued messages and segment contents as the
     snapshot kept them (tree frozen; objects made since are left alone).
