@@ -384,3 +384,19 @@ def test_own_ipc_namespace_rollback(bins, procs, tmp_path, agent_env):
     queues = subprocess.run([*inside, "ipcs", "-q"], capture_output=True, text=True).stdout
     assert len(queues.split("\n0x")) == 2, queues
     helpers.assert_pass(root, log, SYSV)
+
+
+@root_only
+def test_guardian_completes_ipc(semq, agent_env):
+    """The agent killed once the rollback has begun: its guardian finishes
+    it, the semaphore values and queued messages too."""
+    from test_agentsafe import _killed_run
+    from test_faults import wait_running
+    pid, sid, qid = semq
+    before = _state(sid, qid)
+    snap = json.loads(lcr("snapshot", pid, "--json", env=agent_env).stdout)
+    ipc.sem_setall(sid, [6, 6, 6])
+    ipc.msg_send(qid, 4, b"four")
+    _killed_run(agent_env, "rollback.begun", "rollback", snap["crid"], "--full")
+    wait_running(pid)
+    assert _state(sid, qid) == before

@@ -800,6 +800,10 @@ def _complete(snap: Snapshot, memory_only: bool, procs: dict) -> str:
                              None, True)
         if not memory_only:
             _refill_pipes(snap)
+            try:
+                sysvipc.put_back(snap.pid, snap.ipc)
+            except (OSError, LcrError):
+                pass     # an object removed meanwhile: its memory is back all the same
         for fz in frozen.values():
             fz.settle()
     except BaseException:
