@@ -1,5 +1,6 @@
-"""System V IPC: the two known checkpoint bugs of issue 17.
+"""System V IPC (issue 17).
 
+Checkpoint bugs fixed:
 - sysvipc.check compared a process's semaphore undo list with lcr's own:
   lcr with threads has one (glibc shares it with CLONE_SYSVSEM), so every
   process looked as if it held SEM_UNDO adjustments.
@@ -8,10 +9,11 @@
   in an internal error.  Such a set is skipped unless the tree may use it
   (then a clean NotCheckpointable naming it).
 
-And snapshots of a tree using semaphore sets and message queues: the
-snapshot keeps their values and messages, rollback puts them back (refused
-by name if one was removed since), writeback writes them in the image.
-Segments attached are still refused by snapshots (docs/snapshots.md).
+Snapshots: they keep the segments' content, semaphore values and queued
+messages; rollback puts them back (makes removed ones again, refused by
+name when that cannot be; in an own ipc namespace removes the ones made
+since), the guardian too; writeback writes them in the image; migration
+of an `lcr run --ipc` tree carries them.
 """
 from __future__ import annotations
 
