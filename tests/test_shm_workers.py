@@ -101,6 +101,9 @@ def test_untouched_gib_stays_small(who, request, tmp_path, trees):
     user = request.getfixturevalue("user") if who == "user" else None
     wd = request.getfixturevalue("wd") if user else tmp_path     # root restores only its own images
     pid, log = _start(user, wd, trees, 1024, WORKERS, "--sparse")
+    # reading the pages faults into the parent only what was read: no holes
+    lcr_as(user, "checkpoint", pid, "--leave-running", "-o", wd / "img0")
+    assert _rss_shmem(pid) < 4 << 20, f"the checkpoint read holes: RssShmem {_rss_shmem(pid)}"
     new = _checkpoint_restart(user, pid, wd, trees)
     size = (wd / "img").stat().st_size
     rss = _rss_shmem(new)
@@ -108,3 +111,4 @@ def test_untouched_gib_stays_small(who, request, tmp_path, trees):
     assert rss < 4 << 20, f"restored RssShmem {rss} bytes for {WORKERS} pages written"
     assert pass_field(assert_pass(new, log, "shm_workers"), "pages") == WORKERS
     assert _rss_shmem(new) < 4 << 20
+    print(f"1 GiB area, {WORKERS} pages written, as {who}: image {size} bytes, restored RssShmem {rss}")
