@@ -112,3 +112,28 @@ def test_untouched_gib_stays_small(who, request, tmp_path, trees):
     assert pass_field(assert_pass(new, log, "shm_workers"), "pages") == WORKERS
     assert _rss_shmem(new) < 4 << 20
     print(f"1 GiB area, {WORKERS} pages written, as {who}: image {size} bytes, restored RssShmem {rss}")
+
+
+def test_swapped_shared_area_refused(monkeypatch):
+    """Without map_files, an area whose object has pages in swap (smaps
+    Swap) is refused by name: mincore cannot see those pages."""
+    from linuxcr.errors import NotCheckpointable
+    from linuxcr.image.schema import Vma
+    from linuxcr.procfs.maps import MapEntry, SmapsEntry
+    from linuxcr.resources import memory
+
+    class NoTask:                      # any injection would fail the test
+        pid = 4242
+
+        def syscall(self, *a, **k):
+            raise AssertionError("no call may be injected before the refusal")
+
+    start, end = 0x7f0000000000, 0x7f0000000000 + 16 * PAGE
+    v = Vma(start=start, end=end, prot=3, shared=True, kind="shmem", pages=True)
+    e = SmapsEntry(MapEntry(start, end, "rw-s", 0, 0, 1, 77, "/dev/zero", True), {"Swap": 8192})
+    monkeypatch.setattr(memory, "_opens", lambda pid, v: False)
+    with pytest.raises(NotCheckpointable) as ei:
+        memory.see_shared(NoTask(), [e], [v])
+    msg = str(ei.value)
+    assert f"0x{start:x}-0x{end:x}" in msg and "4242" in msg and "swap" in msg, msg
+    assert "Traceback" not in msg
