@@ -71,8 +71,8 @@ def _checkpoint_restart(user, pid: int, wd: Path, trees: Trees) -> int:
     m = re.fullmatch(r"(\d+)\n?", cp.stdout)
     assert m, f"lcr restart should print one pid, printed {cp.stdout!r}"
     new = int(m.group(1))
-    st = helpers.proc_status(new)
-    init = int(st["PPid"]) if st else 0
+    status = helpers.proc_status(new)
+    init = int(status["PPid"]) if status else 0
     if user is not None and init > 1 and helpers.proc_status(init)["Name"] == "lcr-init":
         trees.add(init)
     trees.add(new)
