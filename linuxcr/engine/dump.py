@@ -421,6 +421,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
         ptimers = posix_timers.dump(t, arena)
         attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena)
+    memory.see_shared(t, smaps, vmas)   # no root: shared anonymous pages by mincore
     frozen.unblock_signals()         # masks and registers back: safe to die from here on
     cwd = os.readlink(f"/proc/{pid}/cwd")
     return Task(

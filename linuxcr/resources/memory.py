@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import os
 import stat
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -159,22 +160,27 @@ def collect(smaps: list[SmapsEntry]) -> list[Vma]:
     return [a.vma for a in map(classify, smaps) if a is not None and a.vma is not None]
 
 
-def page_runs(pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
-    """(address, pages) of every page worth saving, in chunks of at most CHUNK."""
+def page_runs(pid: int, vmas: list[Vma], t: Tracee | None = None) -> list[tuple[int, int]]:
+    """(address, pages) of every page worth saving, in chunks of at most CHUNK.
+    ``t``: the task, whose shared anonymous areas see_shared looked at."""
     out: list[tuple[int, int]] = []
-    for _v, got in _saved_runs(pid, vmas):
+    for _v, got in _saved_runs(pid, vmas, t):
         out += split_runs(got, CHUNK // PAGE)
     return out
 
 
-def _saved_runs(pid: int, vmas: list[Vma]) -> Iterator[tuple[Vma, list[tuple[int, int]]]]:
+def _saved_runs(pid: int, vmas: list[Vma], t: Tracee | None = None
+                ) -> Iterator[tuple[Vma, list[tuple[int, int]]]]:
     """Each area with pages, and (address, pages) of its pages present or
     swapped -- in private file mappings (and memfds, unlinked files) only
     the anonymous copies: the rest is the file's."""
+    seen = _SEEN.get(t, {}) if t is not None else {}
     with PagemapReader(pid) as pm:
         for v in vmas:
             if v.pages:
                 held = _object_runs(pid, v) if v.kind == "shmem" else None
+                if held is None and v.start in seen:      # no root: mincore (see_shared)
+                    held = _union(seen[v.start], pm.runs(v.start, v.end, anon_only=False))
                 yield v, held if held is not None else \
                     pm.runs(v.start, v.end, anon_only=v.kind == "file" or v.kind in OBJECT_KINDS)
 
@@ -206,6 +212,68 @@ def _object_runs(pid: int, v: Vma) -> list[tuple[int, int]] | None:
     return out
 
 
+# Without root (no map_files) the pages of a shared anonymous object are
+# found by mincore() run inside the task (issue 17): it reports the pages
+# the object holds in its page cache whether or not this process maps them.
+# Taken while the task is frozen (collect_task), used when its pages are
+# written (dump_pages, dump_changed): Tracee -> area start -> runs.
+_SEEN: "weakref.WeakKeyDictionary[Tracee, dict[int, list[tuple[int, int]]]]" = weakref.WeakKeyDictionary()
+_RESIDENT = bytes(i & 1 for i in range(256))     # mincore byte -> 0/1
+
+
+def resident_runs(start: int, vec: bytes) -> list[tuple[int, int]]:
+    """(address, pages) of the pages a mincore vector for the area at
+    ``start`` marks resident (bit 0 of each byte)."""
+    bits = bytes(vec).translate(_RESIDENT)
+    out: list[tuple[int, int]] = []
+    i, n = bits.find(1), len(bits)
+    while i >= 0:
+        j = bits.find(0, i)
+        j = n if j < 0 else j
+        out.append((start + i * PAGE, j - i))
+        i = bits.find(1, j) if j < n else -1
+    return out
+
+
+def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(s, (e - s) // PAGE) for s, e in
+            runs.normalize([(s, s + k * PAGE) for s, k in a + b])]
+
+
+def _opens(pid: int, v: Vma) -> bool:
+    try:
+        os.close(os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def see_shared(t: Tracee, smaps: list[SmapsEntry], vmas: list[Vma]) -> None:
+    """For a task whose shared anonymous objects lcr cannot open (no root):
+    one injected mincore per such area, its vector in a scratch mapping in
+    the task, read back at once; what it finds is what _saved_runs stores.
+    A page of such an object that is in swap cannot be seen this way: an
+    area with swapped pages is refused rather than saved without them."""
+    areas = [v for v in vmas if v.kind == "shmem" and v.pages]
+    _SEEN.pop(t, None)
+    if not areas or _opens(t.pid, areas[0]):
+        return
+    swap = {e.map.start: e.fields.get("Swap", 0) for e in smaps}
+    bad = [f"shared area 0x{v.start:x}-0x{v.end:x} of pid {t.pid} has pages in swap that lcr "
+           "cannot see without root: run as root or swapoff" for v in areas if swap.get(v.start, 0)]
+    if bad:
+        raise NotCheckpointable(t.pid, bad)
+    most = max(v.end - v.start for v in areas) // PAGE
+    seen: dict[int, list[tuple[int, int]]] = {}
+    with t.scratch(-(-most // PAGE) * PAGE) as addr:
+        for v in areas:
+            n = (v.end - v.start) // PAGE
+            t.syscall("mincore", v.start, v.end - v.start, addr)
+            seen[v.start] = resident_runs(v.start, t.read(addr, n))
+    _SEEN[t] = seen
+
+
+_RING: list[memoryview] = []
 _RING: list[memoryview] = []
 
 
@@ -226,7 +294,7 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     not to store (a child's pages shared with its parent, cow_shared)."""
     shared = shared or {}
     work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks
-            for addr, n in _unshared_runs(t.pid, vmas, shared.get(t.pid, [])))
+            for addr, n in _unshared_runs(t.pid, vmas, shared.get(t.pid, []), t))
     total = 0
     # the helper thread also checksums each chunk (xxhash drops the GIL)
     # while it is in its cache: this thread only writes
@@ -239,9 +307,10 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     return total
 
 
-def _unshared_runs(pid: int, vmas: list[Vma], shared: list[Span]) -> list[tuple[int, int]]:
+def _unshared_runs(pid: int, vmas: list[Vma], shared: list[Span], t: Tracee | None = None
+                   ) -> list[tuple[int, int]]:
     """page_runs without the ``shared`` byte ranges."""
-    got = page_runs(pid, vmas)
+    got = page_runs(pid, vmas, t)
     if not shared:
         return got
     keep = runs.subtract(runs.normalize((a, a + n * PAGE) for a, n in got), runs.normalize(shared))
@@ -450,13 +519,13 @@ class Changed:
     runs: list[tuple[int, int, int]]   # the task's page map: (start, end, depth)
 
 
-def _present(pid: int, vmas: list[Vma]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _present(pid: int, vmas: list[Vma], t: Tracee | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Byte ranges of the pages worth saving: (of private areas, of shared ones).
     Shared pages are always stored in full: another process may have written
     them, which no per-process tracker sees."""
     private: list[tuple[int, int]] = []
     shared: list[tuple[int, int]] = []
-    for v, got in _saved_runs(pid, vmas):
+    for v, got in _saved_runs(pid, vmas, t):
         (shared if v.shared else private).extend((a, a + n * PAGE) for a, n in got)
     return runs.normalize(private), runs.normalize(shared)
 
@@ -470,7 +539,7 @@ def dump_changed(t: Tracee, vmas: list[Vma], w: ImageWriter, held: list[tuple[in
     inherited unless it was written or lies in an untracked area; without
     one, ``hashes`` (addresses, xxh3 of the parent's pages) decide: a page is
     inherited if its content hashes the same."""
-    private, shared = _present(t.pid, vmas)
+    private, shared = _present(t.pid, vmas, t)
     if written is not None:
         dirty = runs.normalize([(a, a + n * PAGE) for a, n in written.written] + list(written.untracked))
         keep = runs.intersect_tagged(runs.subtract(private, dirty), held)
