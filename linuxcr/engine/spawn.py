@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from linuxcr.engine import run_init
 from linuxcr.errors import KernelError, PidTaken, RestoreError
+from linuxcr.sys.ipc import setns
 from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
 
 CLONE_NEWUSER = 0x10000000
@@ -91,14 +92,23 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
-def enter_namespaces(user_ns: bool, extra: int = 0) -> None:
+def enter_namespaces(user_ns: bool, extra: int = 0, join: list[int] | None = None) -> None:
     """unshare a pid namespace (and a user namespace mapping us to ourselves,
     and the ``extra`` CLONE_NEW* kinds: resources/namespaces.py).
     Root without CAP_SYS_ADMIN (a container's default capabilities) takes a
     user namespace too: inside it, it has what a new pid namespace and
-    clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there)."""
+    clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there).
+    ``join``: fds of namespaces made beforehand (sys/nshelper.py: a user
+    namespace first, if any, then a network namespace with lo up), entered
+    instead of making those kinds."""
     user_ns = user_ns or not _has_cap(CAP_SYS_ADMIN)
     uid, gid = os.geteuid(), os.getegid()
+    if join:
+        for fd in join:
+            setns(fd)
+        if len(join) > 1:
+            user_ns = False          # joined: the helper made and mapped it
+        extra &= ~CLONE_NEWNET
     _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0) | extra)
     if user_ns:
         with open("/proc/self/setgroups", "w") as f:
@@ -155,7 +165,8 @@ def _report(fd: int, msg: str) -> None:
     os.write(fd, msg.encode() + b"\n")
 
 
-def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0) -> Blank:
+def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0,
+                      join: list[int] | None = None) -> Blank:
     """A blank with pid ``vpid`` inside a fresh pid namespace (see module doc)."""
     r, w = os.pipe()
     rep_r, rep_w = os.pipe()
@@ -164,7 +175,7 @@ def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0) -> Blank:
         try:
             os.close(w)
             os.close(rep_r)
-            enter_namespaces(user_ns, extra)
+            enter_namespaces(user_ns, extra, join)
             first = os.fork()          # pid 1 of the new namespace
             if first == 0:
                 if vpid == 1:

@@ -233,7 +233,7 @@ class UnixBound:
     def open(self, state: UnixBoundState, flags: int) -> int:
         if state.sotype not in TYPES:
             raise RestoreError(f"image holds a UNIX socket of unknown type {state.sotype}")
-        s = socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+        s = sockdiag.new_socket(socket.AF_UNIX, state.sotype)
         try:
             apply_opts(s, state.opts)
             with in_dir(state.cwd):
@@ -407,7 +407,7 @@ def _reconnect(state: UnixBoundState, env) -> None:
     for ino in state.pending:
         fd = clients.get(ino)
         s = socket.socket(fileno=os.dup(fd)) if fd is not None else \
-            socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+            sockdiag.new_socket(socket.AF_UNIX, state.sotype)
         try:
             s.connect(state.name)
         except OSError as e:
@@ -418,7 +418,7 @@ def _reconnect(state: UnixBoundState, env) -> None:
 
 
 def _sender() -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    s = sockdiag.new_socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     set_buffers(s, 1 << 24, 0)
     return s
 
