@@ -101,6 +101,6 @@ def test_socket_of_another_netns_refused(trees, tmp_path):
     wait_for_line(log, r"^READY$")
     cp = lcr("check", root, check=False)
     assert cp.returncode == 5, cp.stdout + cp.stderr
-    assert "UDP socket 127.0.0.1:9999 belongs to a network namespace other than lcr's" \
+    assert "UDP socket 127.0.0.1:9999 belongs to a network namespace the tree made itself" \
         in cp.stdout, cp.stdout
     assert "Traceback" not in cp.stderr

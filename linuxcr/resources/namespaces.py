@@ -19,6 +19,7 @@ from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, MountRec, Namespaces, Task, TmpFile
 from linuxcr.procfs import read_status
 from linuxcr.procfs.mounts import Mount, read_mountinfo
+from linuxcr.resources import pstree
 from linuxcr.sys import ipc, sockdiag
 from linuxcr.sys.nshelper import NsHelper
 
@@ -101,9 +102,6 @@ def check_saved(ns: Namespaces | None, descs: list[FileDesc], tasks: list[Task])
 
 # --- sockets of a tree's own network namespace (`lcr run --net`) -------------
 
-NOT_YET_NET = "not yet for a tree in its own network namespace"
-
-
 def own_net(root: int) -> bool:
     """Is ``root`` the init of an `lcr run --net` tree (a network namespace
     of its own, made again on restart)?"""
@@ -129,6 +127,38 @@ def sockets_of(root: int):
                                        f"sockets: {e.strerror or e}"]) from None
     with helper, sockdiag.inside(helper):
         yield
+
+
+def migrate_reasons(root: int) -> list[str]:
+    """Migration does not make a tree's own network namespace again on the
+    destination (only `lcr restart` does): a tree of `lcr run --net`
+    holding a socket other than a UNIX socket pair is refused."""
+    if not own_net(root):
+        return []
+    pids, queue = [], [root]
+    while queue:
+        p = queue.pop(0)
+        if p not in pids:
+            pids.append(p)
+            queue += pstree.children(p)
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+                with sockdiag.grab_socket(pid, int(fd)) as s:
+                    family = sockdiag.identity(s)[0]
+                    named = family == socket.AF_UNIX and bool(s.getsockname())
+            except OSError:
+                continue
+            if family != socket.AF_UNIX or named:
+                return [f"pid {pid} fd {fd}: a socket in the tree's own network namespace: "
+                        f"migration is {sockdiag.NOT_YET_NET}"]
+    return []
 
 
 def net_helper(ns: Namespaces | None) -> NsHelper | None:

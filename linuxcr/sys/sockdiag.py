@@ -275,8 +275,7 @@ def detach_filter(s: socket.socket) -> None:
 
 
 SIOCGSKNS = 0x894C
-OTHER_NETNS = ("belongs to a network namespace other than lcr's and than the tree's own "
-               "(`lcr run --net`): not supported")
+NOT_YET_NET = "not yet for a tree in its own network namespace"
 
 
 def same_netns(pid: int) -> bool:
@@ -300,11 +299,15 @@ def socket_netns(s: socket.socket) -> int | None:
         os.close(fd)
 
 
-def known_netns(s: socket.socket, pid: int) -> bool:
-    """Is socket s (of pid) in a network namespace lcr can make sockets in
-    again: lcr's own, or the one queries are about?  By the socket's own
-    namespace when the kernel tells it, else by pid's."""
+def netns_reason(s: socket.socket, pid: int) -> str | None:
+    """Why socket s (of pid) is in a network namespace lcr cannot make it in
+    again (None: lcr's own, or the one queries are about -- the tree's own,
+    inside(helper)).  By the socket's own namespace when the kernel tells
+    it, else by pid's."""
     ino = socket_netns(s)
-    if ino is None:
-        return same_netns(pid)
-    return ino in (os.stat("/proc/self/ns/net").st_ino, netns_ino())
+    if ino is None and same_netns(pid) or ino in (os.stat("/proc/self/ns/net").st_ino, netns_ino()):
+        return None
+    if _helper is not None:
+        return ("belongs to a network namespace the tree made itself, not the one of "
+                "`lcr run --net`: not supported")
+    return f"belongs to a network namespace other than lcr's: {NOT_YET_NET}"

@@ -100,8 +100,9 @@ class OtherSocket:
             return (f"{what}: only NETLINK_ROUTE and NETLINK_GENERIC sockets are restored; "
                     f"{WAY_OUT}")
         with sd.grab_socket(ctx.pid, ctx.fd) as s:
-            if not sd.known_netns(s, ctx.pid):
-                return f"{what} {sd.OTHER_NETNS}"
+            why = sd.netns_reason(s, ctx.pid)
+            if why:
+                return f"{what} {why}"
             try:
                 peer = s.getpeername()
             except OSError:

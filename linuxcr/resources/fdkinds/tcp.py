@@ -254,8 +254,9 @@ def _reason(ctx, s: socket.socket) -> str | None:
         return f"TCP socket in state {name}: cannot be checkpointed ({ends}){STATE_HINTS.get(name, '')}"
     if ti.state == sd.TCP_CLOSE and (ti.segs_out or ti.segs_in):
         return f"TCP socket in state CLOSE (its connection is over): cannot be checkpointed ({ends})"
-    if not sd.known_netns(s, ctx.pid):
-        return f"TCP socket {ends} {sd.OTHER_NETNS}"
+    why = sd.netns_reason(s, ctx.pid)
+    if why:
+        return f"TCP socket {ends} {why}"
     if sd.filter_len(s) or s.getsockopt(socket.SOL_SOCKET, sd.SO_LOCK_FILTER):
         return f"TCP socket {ends} has a socket filter (SO_ATTACH_FILTER) of its own: not supported"
     if ti.state == sd.TCP_LISTEN:

@@ -81,8 +81,9 @@ class Udp(InetKind):
 
 def _reason(ctx, s: socket.socket) -> str | None:
     where = f"UDP socket {shown(to_addr(s.getsockname()))}"
-    if not sd.known_netns(s, ctx.pid):
-        return f"{where} {sd.OTHER_NETNS}"
+    why = sd.netns_reason(s, ctx.pid)
+    if why:
+        return f"{where} {why}"
     if sd.filter_len(s):
         return f"{where} has a socket filter (SO_ATTACH_FILTER) of its own: not supported"
     return None
