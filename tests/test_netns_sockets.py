@@ -104,3 +104,33 @@ def test_socket_of_another_netns_refused(trees, tmp_path):
     assert "UDP socket 127.0.0.1:9999 belongs to a network namespace the tree made itself" \
         in cp.stdout, cp.stdout
     assert "Traceback" not in cp.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root run")
+def test_migrate_and_writeback_refused(trees, tmp_path):
+    """Migration and the writeback of a snapshot do not make the tree's own
+    network namespace again: refused with that reason, never "use lcr run
+    --net" (the tree already has it)."""
+    import signal
+    from helpers import child_env
+    log = tmp_path / "srv.log"
+    root = trees.add(int(lcr("run", "--net", "-o", log, "--", sys.executable, SERVER).stdout))
+    wait_for_line(log, r"^READY pid=2$")
+    cp = lcr("migrate", root, "--to", "127.0.0.1:9", "--token", "0123456789abcdef", check=False)
+    assert cp.returncode == 5, cp.stderr
+    assert "migration is not yet for a tree in its own network namespace" in cp.stderr, cp.stderr
+    agent = tmp_path / "agent"
+    env = child_env({"LCR_AGENT_DIR": str(agent)})
+    try:
+        crid = lcr("snapshot", "-q", root, env=env).stdout.strip()
+        wb = lcr("writeback", crid, "-o", tmp_path / "wb.img", check=False, env=env)
+        assert wb.returncode == 5, wb.stderr
+        assert "not yet for a tree in its own network namespace" in wb.stderr, wb.stderr
+        assert "--net`" not in wb.stderr and "Traceback" not in wb.stderr
+        lcr("discard", crid, env=env)
+    finally:
+        try:
+            os.kill(int((agent / "agent.pid").read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    assert_pass(root, log, "netns_server")      # refused: it runs on untouched
