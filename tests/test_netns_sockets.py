@@ -1,6 +1,7 @@
 """Sockets inside `lcr run --net` (issue 17): a tree in a network namespace
 of its own, holding a TCP listener, an established connection to itself
-(both ends, bytes queued) and a UDP socket with a datagram queued, is
+(both ends, bytes queued), a UDP socket with a datagram queued, an abstract
+UNIX listener and a netlink socket, is
 checkpointed, killed and restarted into a fresh network namespace, where it
 keeps serving (tests/progs/netns_server.py checks from inside: its unread
 bytes and datagram are there, the pair carries bytes, the listener takes a

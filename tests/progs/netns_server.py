@@ -3,20 +3,24 @@
 
     netns_server.py [--no-pair]
 
-Sets up, on 127.0.0.1 of its network namespace: a TCP listener (port 7070),
-an established connection to itself through it (client and accepted end,
-unless --no-pair), a bound UDP socket (port 7071); leaves bytes unread in
-the accepted end's receive queue and one datagram unread on the UDP
-socket, then prints "READY pid=P".
+Sets up, on 127.0.0.1 of its network namespace: a TCP listener (port
+7070), an established connection to itself through it (client and
+accepted end, unless --no-pair), a bound UDP socket (port 7071), a UNIX
+listener on the abstract name @netns-server, a bound NETLINK_ROUTE socket
+(abstract names and netlink ports are per network namespace); leaves
+bytes unread in the accepted end's receive queue and one datagram unread
+on the UDP socket, then prints "READY pid=P".
 
 On SIGUSR1: the unread bytes and datagram (first time) are there, the pair
-carries bytes both ways, the listener accepts a new connection that carries
-bytes, the UDP socket gets a datagram; prints "PASS netns_server pid=P
+carries bytes both ways, the listener accepts a new connection that
+carries bytes, the UDP socket gets a datagram, the UNIX listener takes a
+connection, netlink lists lo alone; prints "PASS netns_server pid=P
 round=N" or "FAIL netns_server: <details> (pid=P)".
 """
 import os
 import signal
 import socket
+import struct
 import sys
 
 NAME = "netns_server"
@@ -52,6 +56,12 @@ if PAIR:
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind(("127.0.0.1", 7071))
 udp.sendto(b"queued-udp", ("127.0.0.1", 7071))
+# abstract UNIX names are per network namespace; so are netlink ports
+ux = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+ux.bind(b"\0netns-server")
+ux.listen(4)
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # NETLINK_ROUTE
+nl.bind((0, 0))
 
 
 def check() -> list[str]:
@@ -80,6 +90,31 @@ def check() -> list[str]:
                 c.sendall(b"new")
                 if recv_exact(a, 3) != b"new":
                     fails.append("a new connection lost bytes")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(5)
+            c.connect(b"\0netns-server")
+            a, _ = ux.accept()
+            with a:
+                c.sendall(b"unix")
+                if recv_exact(a, 4) != b"unix":
+                    fails.append("the abstract UNIX listener lost bytes")
+        # RTM_GETLINK dump: the namespace has lo only
+        nl.settimeout(5)
+        nl.send(struct.pack("=IHHII", 32, 18, 0x301, 1, 0) + bytes(16))
+        links, done = 0, False
+        while not done:
+            data = nl.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ = struct.unpack_from("=IH", data, off)
+                if typ == 3:            # NLMSG_DONE
+                    done = True
+                    break
+                if typ == 16:           # RTM_NEWLINK
+                    links += 1
+                off += (ln + 3) & ~3
+        if links != 1:
+            fails.append(f"netlink lists {links} links, not lo alone")
     except OSError as e:
         fails.append(f"{type(e).__name__}: {e}")
     return fails
