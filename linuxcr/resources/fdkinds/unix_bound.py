@@ -334,7 +334,12 @@ def _bind(s: socket.socket, state: UnixBoundState) -> None:
 def _in_use(st: os.stat_result) -> bool:
     """Is some socket still bound to this socket file?"""
     key = (sockdiag.kernel_dev(st.st_dev), st.st_ino)
-    return any(d.vfs == key for d in sockdiag.unix_all())
+    if any(d.vfs == key for d in sockdiag.unix_all()):
+        return True
+    if sockdiag.netns_ino() == os.stat("/proc/self/ns/net").st_ino:
+        return False
+    with sockdiag.inside(None):     # an `lcr run --net` tree's: lcr's namespace too
+        return any(d.vfs == key for d in sockdiag.unix_all())
 
 
 def _refill(fd: int, state: UnixBoundState, env) -> None:
