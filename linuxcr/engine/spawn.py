@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import select
 import socket
-import struct
 import sys
 from dataclasses import dataclass
 
 from linuxcr.engine import run_init
 from linuxcr.errors import KernelError, PidTaken, RestoreError
 from linuxcr.sys.ipc import setns
+from linuxcr.sys.nshelper import loopback_up
 from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS, CLONE_NEWNET = 0x20000, 0x40000000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-SIOCSIFFLAGS = 0x8914
-IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 REPORT_TIMEOUT = 30.0
 
 
@@ -127,7 +124,7 @@ def enter_namespaces(user_ns: bool, extra: int = 0, join: list[int] | None = Non
     if extra & CLONE_NEWNS:
         _private_mounts()
     if extra & CLONE_NEWNET:
-        _loopback_up()
+        loopback_up()
 
 
 def _private_mounts() -> None:
@@ -135,13 +132,6 @@ def _private_mounts() -> None:
     if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"making / private: {os.strerror(e)}")
-
-
-def _loopback_up() -> None:
-    """A fresh network namespace has lo down: up, as `ip link set lo up`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifr = struct.pack("16sH14x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifr)
 
 
 def become_init() -> None:
