@@ -131,6 +131,11 @@ def _ns_reasons(pid: int, root: int) -> list[str]:
 def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
     """Reasons for the root and all its descendants (live processes only)
     that ``lcr checkpoint`` has; ``maps_only`` as for check_process."""
+    with namespaces.sockets_of(root):     # `lcr run --net`: sockets seen from inside
+        return _check_tree(root, maps_only)
+
+
+def _check_tree(root: int, maps_only: bool) -> list[str]:
     reasons = [r for r in check_process(root, maps_only=maps_only) if not checkpoint_saves(r)]
     reasons += _ns_reasons(root, root)
     seen = {root}
@@ -258,9 +263,16 @@ class FrozenTree:
             self.procs[p].reap()
 
 
-def checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,
-               name: str = "image", on_written=None, progress=None, base=None,
-               on_frozen=None) -> DumpResult:
+def checkpoint(pid: int, fd: int, **kw) -> DumpResult:
+    """_checkpoint, with the sockets of an `lcr run --net` tree seen from
+    inside its network namespace."""
+    with namespaces.sockets_of(pid):
+        return _checkpoint(pid, fd, **kw)
+
+
+def _checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: bool = False,
+                name: str = "image", on_written=None, progress=None, base=None,
+                on_frozen=None) -> DumpResult:
     """Write an image of process pid and all its descendants to fd.
     ``on_written`` runs after the trailer is written and before the tree is
     killed (files: the rename that makes the image visible); if it raises,

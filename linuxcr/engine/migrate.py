@@ -48,7 +48,7 @@ from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
 from linuxcr.migration.skeleton import Skeleton, identical_areas, in_skeleton, skeleton_vmas
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import files, memory, process, sysvipc
+from linuxcr.resources import files, memory, namespaces, process, sysvipc
 
 EPOCH = "pre-copy"
 DEFAULT_MAX_DOWNTIME = 0.05
@@ -198,7 +198,7 @@ def migrate(pid: int, host: str, port: int, *, token: str | bytes | None = None,
     t0 = time.monotonic()
     key = P.load_token(token)
     say = progress or (lambda _text: None)
-    reasons = dump.check_tree(pid)
+    reasons = dump.check_tree(pid) + namespaces.migrate_reasons(pid)
     if reasons:
         raise NotCheckpointable(pid, reasons)
     res = MigrateResult(pid=pid, to=f"{host}:{port}")

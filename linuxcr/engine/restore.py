@@ -33,7 +33,7 @@ from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import (cpu, fdkinds, files, finish, memory, namespaces, process, pstree,
                                sysvipc)
 from linuxcr.resources import exe_identity, external, jobstop
-from linuxcr.sys import ptrace
+from linuxcr.sys import ptrace, sockdiag
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
 
@@ -252,13 +252,18 @@ def _seekable(fd: int) -> bool:
 
 
 def _make_blank(root: Task, tasks: list[Task], tree: Tree, reader: ImageReader,
-                any_pid: bool) -> tuple[spawn.Blank, str]:
+                any_pid: bool, net=None) -> tuple[spawn.Blank, str]:
     mode = restore_mode(root, any_pid)
     vpid = root.vpid or root.pid
     if mode == "host":
         return spawn.in_host(None if any_pid else vpid), mode
-    return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0,
-                                   extra=namespaces.unshare_flags(tree.ns)), mode
+    join = net.ns_fds() if net is not None else None     # the sockets' network namespace
+    try:
+        return spawn.in_new_namespaces(1 if mode == "ns-init" else vpid, user_ns=os.geteuid() != 0,
+                                       extra=namespaces.unshare_flags(tree.ns), join=join), mode
+    finally:
+        for fd in join or ():
+            os.close(fd)
 
 
 def fill_namespaces(blank: spawn.Blank, tree: Tree) -> list[tuple[str, int]]:
@@ -320,16 +325,24 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         _claim_pids(tasks, tree, reader,
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
         ours = external.resolve(tree.files, tasks)      # --fd N=...: refused if not given
+        net = namespaces.net_helper(tree.ns)     # `lcr run --net`: its sockets are made there
         try:
-            ours.update(files.open_all([d for d in tree.files if d.fid not in ours], tree.pipes,
-                                       tree.unix))
+            with sockdiag.inside(net):
+                ours.update(files.open_all([d for d in tree.files if d.fid not in ours],
+                                           tree.pipes, tree.unix))
         except BaseException:
             files.close_all(ours)
+            if net is not None:
+                net.close()
             raise
         shm: dict[int, int] = {}
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
-            blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid)
+            try:
+                blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid, net)
+            finally:
+                if net is not None:
+                    net.close()
             made_ipc = fill_namespaces(blank, tree)
             try:
                 res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm,

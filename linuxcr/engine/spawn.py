@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import select
 import socket
-import struct
 import sys
 from dataclasses import dataclass
 
 from linuxcr.engine import run_init
 from linuxcr.errors import KernelError, PidTaken, RestoreError
+from linuxcr.sys.ipc import setns
+from linuxcr.sys.nshelper import loopback_up
 from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS, CLONE_NEWNET = 0x20000, 0x40000000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-SIOCSIFFLAGS = 0x8914
-IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 REPORT_TIMEOUT = 30.0
 
 
@@ -91,14 +89,23 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
-def enter_namespaces(user_ns: bool, extra: int = 0) -> None:
+def enter_namespaces(user_ns: bool, extra: int = 0, join: list[int] | None = None) -> None:
     """unshare a pid namespace (and a user namespace mapping us to ourselves,
     and the ``extra`` CLONE_NEW* kinds: resources/namespaces.py).
     Root without CAP_SYS_ADMIN (a container's default capabilities) takes a
     user namespace too: inside it, it has what a new pid namespace and
-    clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there)."""
+    clone3 set_tid ask for (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE there).
+    ``join``: fds of namespaces made beforehand (sys/nshelper.py: a user
+    namespace first, if any, then a network namespace with lo up), entered
+    instead of making those kinds."""
     user_ns = user_ns or not _has_cap(CAP_SYS_ADMIN)
     uid, gid = os.geteuid(), os.getegid()
+    if join:
+        for fd in join:
+            setns(fd)
+        if len(join) > 1:
+            user_ns = False          # joined: the helper made and mapped it
+        extra &= ~CLONE_NEWNET
     _unshare(CLONE_NEWPID | (CLONE_NEWUSER if user_ns else 0) | extra)
     if user_ns:
         with open("/proc/self/setgroups", "w") as f:
@@ -117,7 +124,7 @@ def enter_namespaces(user_ns: bool, extra: int = 0) -> None:
     if extra & CLONE_NEWNS:
         _private_mounts()
     if extra & CLONE_NEWNET:
-        _loopback_up()
+        loopback_up()
 
 
 def _private_mounts() -> None:
@@ -125,13 +132,6 @@ def _private_mounts() -> None:
     if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"making / private: {os.strerror(e)}")
-
-
-def _loopback_up() -> None:
-    """A fresh network namespace has lo down: up, as `ip link set lo up`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifr = struct.pack("16sH14x", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifr)
 
 
 def become_init() -> None:
@@ -155,7 +155,8 @@ def _report(fd: int, msg: str) -> None:
     os.write(fd, msg.encode() + b"\n")
 
 
-def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0) -> Blank:
+def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0,
+                      join: list[int] | None = None) -> Blank:
     """A blank with pid ``vpid`` inside a fresh pid namespace (see module doc)."""
     r, w = os.pipe()
     rep_r, rep_w = os.pipe()
@@ -164,7 +165,7 @@ def in_new_namespaces(vpid: int, user_ns: bool, extra: int = 0) -> Blank:
         try:
             os.close(w)
             os.close(rep_r)
-            enter_namespaces(user_ns, extra)
+            enter_namespaces(user_ns, extra, join)
             first = os.fork()          # pid 1 of the new namespace
             if first == 0:
                 if vpid == 1:

@@ -17,8 +17,11 @@ from typing import Any, Callable
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, MountRec, Namespaces, Task, TmpFile
+from linuxcr.procfs import read_status
 from linuxcr.procfs.mounts import Mount, read_mountinfo
-from linuxcr.sys import ipc
+from linuxcr.resources import pstree
+from linuxcr.sys import ipc, sockdiag
+from linuxcr.sys.nshelper import NsHelper
 
 KINDS = ("ipc", "uts", "net", "mnt")
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x40000000
@@ -66,25 +69,18 @@ def _unsupported(m: Mount) -> str | None:
     return None     # a bind mount: its source is found at dump (or refused there)
 
 
-# Sockets lcr makes itself before the tasks exist, in its own network
-# namespace: wrong for a tree with one of its own.
-NET_KINDS = ("tcp", "udp", "netlink", "unix_bound")
 MAX_TMPFS = 16 << 20          # bytes of tmpfs content saved in all
 MAX_TMPFS_FILES = 10000
 
 
 def check_saved(ns: Namespaces | None, descs: list[FileDesc], tasks: list[Task]) -> list[str]:
     """What the tree holds that its namespaces make lcr unable to give
-    back: sockets of its own network namespace (lcr makes sockets in its
-    own), anything opened or mapped under a mount it made (lcr opens files
-    in its own mount namespace)."""
+    back: anything opened or mapped under a mount it made (lcr opens files
+    in its own mount namespace).  (Sockets of its own network namespace are
+    made again there: see sockets_of and sockets_for.)"""
     if ns is None:
         return []
     out = []
-    if "net" in ns.kinds:
-        out += [f"it holds a {d.kind} socket in a network namespace of its own (`lcr run "
-                "--net`): lcr makes sockets again in its own network namespace, so these are "
-                "not restored yet" for d in descs if d.kind in NET_KINDS][:1]
     points = [m.point for m in ns.mounts]
     if points:
         def under(p: str) -> str | None:
@@ -102,6 +98,89 @@ def check_saved(ns: Namespaces | None, descs: list[FileDesc], tasks: list[Task])
                            "own mount namespace, so this is not restored yet")
                 break
     return out
+
+
+# --- sockets of a tree's own network namespace (`lcr run --net`) -------------
+
+def own_net(root: int) -> bool:
+    """Is ``root`` the init of an `lcr run --net` tree (a network namespace
+    of its own, made again on restart)?"""
+    try:
+        st = read_status(root)
+        return len(st.ns_pid) > 1 and st.ns_pid[-1] == 1 and "net" in own(root)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@contextlib.contextmanager
+def sockets_of(root: int):
+    """While the block runs, socket facts (sock_diag) are read inside the
+    network namespace of an `lcr run --net` tree rooted at ``root``, through
+    a helper that lives there (sys/nshelper.py); elsewhere nothing changes."""
+    if not own_net(root) or sockdiag.netns_ino() == _ino(root, "net"):
+        yield
+        return
+    try:
+        helper = NsHelper.join(root)
+    except OSError as e:
+        raise NotCheckpointable(root, [f"cannot enter its network namespace to read its "
+                                       f"sockets: {e.strerror or e}"]) from None
+    with helper, sockdiag.inside(helper):
+        yield
+
+
+def migrate_reasons(root: int) -> list[str]:
+    """Migration does not make a tree's own network namespace again on the
+    destination (only `lcr restart` does): a tree of `lcr run --net`
+    holding a socket other than a UNIX socket pair is refused."""
+    if not own_net(root):
+        return []
+    pids, queue = [], [root]
+    while queue:
+        p = queue.pop(0)
+        if p not in pids:
+            pids.append(p)
+            queue += pstree.children(p)
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+                with sockdiag.grab_socket(pid, int(fd)) as s:
+                    family = sockdiag.identity(s)[0]
+                    named = family == socket.AF_UNIX and bool(s.getsockname())
+            except OSError:
+                continue
+            if family != socket.AF_UNIX or named:
+                return [f"pid {pid} fd {fd}: a socket in the tree's own network namespace: "
+                        f"migration is {sockdiag.NOT_YET_NET}"]
+    return []
+
+
+def net_helper(ns: Namespaces | None) -> NsHelper | None:
+    """For a restart: a fresh network namespace (loopback up; owned by a new
+    user namespace when lcr is not root) the tree's sockets are made in
+    (``sockdiag.inside``) and its blank joins (``NsHelper.ns_fds``); None
+    if the tree has no network namespace of its own."""
+    if ns is None or "net" not in ns.kinds:
+        return None
+    try:
+        return NsHelper.fresh(user_ns=os.geteuid() != 0 or not _has_cap(CAP_SYS_ADMIN))
+    except OSError as e:
+        raise RestoreError(f"cannot make the network namespace of the restored tree: "
+                           f"{e.strerror or e}", "unprivileged user namespaces may be "
+                           "disabled") from None
+
+
+CAP_SYS_ADMIN = 21
+
+
+def _has_cap(cap: int) -> bool:
+    return bool(read_status("self").cap_eff >> cap & 1)
 
 
 def _mounts(pid: int) -> list[MountRec]:

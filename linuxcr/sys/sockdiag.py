@@ -7,6 +7,7 @@ with the receive-queue length (for a listener: pending connections, and its
 backlog), the shutdown state and the inode of the socket file it is bound to."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -39,6 +40,42 @@ class UnixDiag:
     shutdown: int        # bit 0: no more receives, bit 1: no more sends
     wqueue: int = 0      # bytes being sent (when listening: the backlog)
     vfs: tuple[int, int] | None = None   # (kernel dev_t, inode) of its socket file
+
+
+# --- which network namespace the queries (and new sockets) are about ---------
+# Normally lcr's own.  Inside ``inside(helper)``: the helper's (sys/nshelper.py,
+# a tree started with `lcr run --net`), for every query and every socket made
+# through new_socket().
+
+_helper = None
+
+
+@contextlib.contextmanager
+def inside(helper):
+    """sock_diag queries, new_socket() and same_netns() about ``helper``'s
+    network namespace for the time of the block (None: lcr's own)."""
+    global _helper
+    before, _helper = _helper, helper
+    try:
+        yield helper
+    finally:
+        _helper = before
+
+
+def new_socket(family: int, stype: int, proto: int = 0) -> socket.socket:
+    """A new socket (close-on-exec) in the network namespace queries are about."""
+    if _helper is None:
+        return socket.socket(family, stype | socket.SOCK_CLOEXEC, proto)
+    return _helper.socket(family, stype, proto)
+
+
+def netns_ino() -> int:
+    """Inode of the network namespace queries are about."""
+    return _helper.netns if _helper is not None else os.stat("/proc/self/ns/net").st_ino
+
+
+def _netlink() -> socket.socket:
+    return new_socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
 
 
 def _request(ino: int, flags: int) -> bytes:
@@ -78,7 +115,7 @@ def _parse(data: bytes, off: int, length: int) -> UnixDiag:
 
 def unix_diag(ino: int) -> UnixDiag | None:
     """What the kernel knows of UNIX socket ``ino`` (None if it is gone)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+    with _netlink() as nl:
         nl.send(_request(ino, NLM_F_REQUEST))
         data = nl.recv(65536)
     length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data)
@@ -91,7 +128,7 @@ def unix_icons(ino: int) -> list[int]:
     """The connections waiting on listener ``ino``, oldest first: the inode
     of each one's client (0: the client is gone)."""
     req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, UDIAG_SHOW_ICONS, 0xFFFFFFFF, 0xFFFFFFFF)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+    with _netlink() as nl:
         nl.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req)
         data = nl.recv(1 << 20)
     length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data)
@@ -112,7 +149,7 @@ def unix_icons(ino: int) -> list[int]:
 def unix_all() -> list[UnixDiag]:
     """Every UNIX socket of lcr's network namespace."""
     out: list[UnixDiag] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+    with _netlink() as nl:
         nl.send(_request(0, NLM_F_REQUEST | NLM_F_DUMP))
         while True:
             data = nl.recv(1 << 20)
@@ -237,6 +274,40 @@ def detach_filter(s: socket.socket) -> None:
     s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
 
 
+SIOCGSKNS = 0x894C
+NOT_YET_NET = "not yet for a tree in its own network namespace"
+
+
 def same_netns(pid: int) -> bool:
-    a, b = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    """Is pid in lcr's network namespace, or the one queries are about
+    (``inside``: the `lcr run --net` namespace of the tree being saved)?"""
+    ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+    return ino in (os.stat("/proc/self/ns/net").st_ino, netns_ino())
+
+
+def socket_netns(s: socket.socket) -> int | None:
+    """Inode of the network namespace socket s was made in (SIOCGSKNS);
+    None if lcr may not ask (it needs CAP_NET_ADMIN over that namespace)."""
+    import fcntl
+    try:
+        fd = fcntl.ioctl(s.fileno(), SIOCGSKNS)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def netns_reason(s: socket.socket, pid: int) -> str | None:
+    """Why socket s (of pid) is in a network namespace lcr cannot make it in
+    again (None: lcr's own, or the one queries are about -- the tree's own,
+    inside(helper)).  By the socket's own namespace when the kernel tells
+    it, else by pid's."""
+    ino = socket_netns(s)
+    if ino is None and same_netns(pid) or ino in (os.stat("/proc/self/ns/net").st_ino, netns_ino()):
+        return None
+    if _helper is not None:
+        return ("belongs to a network namespace the tree made itself, not the one of "
+                "`lcr run --net`: not supported")
+    return f"belongs to a network namespace other than lcr's: {NOT_YET_NET}"

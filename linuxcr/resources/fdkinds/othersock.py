@@ -100,6 +100,9 @@ class OtherSocket:
             return (f"{what}: only NETLINK_ROUTE and NETLINK_GENERIC sockets are restored; "
                     f"{WAY_OUT}")
         with sd.grab_socket(ctx.pid, ctx.fd) as s:
+            why = sd.netns_reason(s, ctx.pid)
+            if why:
+                return f"{what} {why}"
             try:
                 peer = s.getpeername()
             except OSError:
@@ -122,7 +125,7 @@ class OtherSocket:
         if state.protocol not in RESTORED:
             raise RestoreError(f"image holds a netlink socket of protocol {state.protocol}: "
                                "not restorable")
-        s = socket.socket(socket.AF_NETLINK, state.sotype | socket.SOCK_CLOEXEC, state.protocol)
+        s = sd.new_socket(socket.AF_NETLINK, state.sotype, state.protocol)
         try:
             apply_opts(s, state.opts)
             if state.portid or state.groups:

@@ -108,20 +108,22 @@ def v6only(s: socket.socket, family: int) -> bool:
     return family == socket.AF_INET6 and bool(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
 
-_can_repair: bool | None = None
+_can_repair: dict[int, bool] = {}
 
 
 def can_repair() -> bool:
-    """May lcr use TCP repair mode (CAP_NET_ADMIN over its network namespace)?"""
-    global _can_repair
-    if _can_repair is None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    """May lcr use TCP repair mode (CAP_NET_ADMIN over the network namespace
+    sockets are made in: lcr's, or an `lcr run --net` tree's, see
+    sockdiag.inside -- an ordinary user has it over a tree's own)?"""
+    ns = sd.netns_ino()
+    if ns not in _can_repair:
+        with sd.new_socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.setsockopt(socket.SOL_TCP, sd.TCP_REPAIR, sd.TCP_REPAIR_ON)
-                _can_repair = True
+                _can_repair[ns] = True
             except PermissionError:
-                _can_repair = False
-    return _can_repair
+                _can_repair[ns] = False
+    return _can_repair[ns]
 
 
 def _boot_id() -> str:
@@ -191,7 +193,7 @@ class Tcp(InetKind):
     def open(self, state: TcpState, flags: int) -> int:
         if state.family not in FAMILIES:
             raise RestoreError(f"image holds a TCP socket of unknown family {state.family}")
-        s = socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s = sd.new_socket(state.family, socket.SOCK_STREAM)
         try:
             if state.v6only:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -209,13 +211,25 @@ class Tcp(InetKind):
                                        f"{shown(state.peer)}: {e.strerror}") from None
             else:
                 raise RestoreError(f"image holds a TCP socket in state {state.state!r}")
-            _set_tcp_opts(s, state)
+            if state.state != "ESTABLISHED":
+                _set_tcp_opts(s, state)
             set_peek_off(s, state.opts)
             s.setblocking(not flags & os.O_NONBLOCK)
         except BaseException:
             s.close()
             raise
         return s.detach()
+
+    def finish_open(self, fd: int, state: TcpState, env) -> None:
+        """An established connection leaves repair mode once every socket is open."""
+        if state.state != "ESTABLISHED":
+            return
+        with socket.socket(fileno=os.dup(fd)) as s:
+            try:
+                _finish_established(s, state)
+            except OSError as e:
+                raise RestoreError(f"cannot restore TCP connection {shown(state.local)} -> "
+                                   f"{shown(state.peer)}: {e.strerror}") from None
 
 
 _CLOSING = "; the connection is being closed: checkpoint again once it is over"
@@ -240,8 +254,9 @@ def _reason(ctx, s: socket.socket) -> str | None:
         return f"TCP socket in state {name}: cannot be checkpointed ({ends}){STATE_HINTS.get(name, '')}"
     if ti.state == sd.TCP_CLOSE and (ti.segs_out or ti.segs_in):
         return f"TCP socket in state CLOSE (its connection is over): cannot be checkpointed ({ends})"
-    if not sd.same_netns(ctx.pid):
-        return f"TCP socket {ends} belongs to another network namespace: not supported"
+    why = sd.netns_reason(s, ctx.pid)
+    if why:
+        return f"TCP socket {ends} {why}"
     if sd.filter_len(s) or s.getsockopt(socket.SOL_SOCKET, sd.SO_LOCK_FILTER):
         return f"TCP socket {ends} has a socket filter (SO_ATTACH_FILTER) of its own: not supported"
     if ti.state == sd.TCP_LISTEN:
@@ -550,11 +565,21 @@ def _open_established(s: socket.socket, st: TcpState) -> None:
         s.setsockopt(socket.SOL_TCP, sd.TCP_REPAIR_WINDOW, sd.REPAIR_WINDOW.pack(*st.window))
     except OSError as e:
         raise RestoreError(f"cannot restore the window of {conn}: {e.strerror}") from None
+    # Repair mode stays on until every socket of the image is open
+    # (finish_open): the window probe of leaving it must find its peer when
+    # both ends are restored here -- in a fresh `lcr run --net` namespace,
+    # no original is held there to take it quietly, and the listener would
+    # answer with a reset.
+
+
+def _finish_established(s: socket.socket, st: TcpState) -> None:
+    conn = f"TCP connection {shown(st.local)} -> {shown(st.peer)}"
+    o = st.opts
     _repair(s, sd.TCP_REPAIR_OFF)          # a window probe: the peer hears from us again
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(o.reuseaddr))
     _set_tcp_opts(s, st)
     if st.unsent:
-        _send_all(s, st.outq[sent:], f"the send queue of {conn}")
+        _send_all(s, st.outq[len(st.outq) - st.unsent:], f"the send queue of {conn}")
     if o.buf_lock & 3 != 3:
         set_buffers(s, o.sndbuf if o.buf_lock & 1 else 0, o.rcvbuf if o.buf_lock & 2 else 0)
     lock_buffers(s, o.buf_lock)

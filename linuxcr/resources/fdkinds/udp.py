@@ -51,7 +51,7 @@ class Udp(InetKind):
     def open(self, state: UdpState, flags: int) -> int:
         if state.family not in FAMILIES:
             raise RestoreError(f"image holds a UDP socket of unknown family {state.family}")
-        s = socket.socket(state.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        s = sd.new_socket(state.family, socket.SOCK_DGRAM)
         try:
             if state.v6only:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -81,8 +81,9 @@ class Udp(InetKind):
 
 def _reason(ctx, s: socket.socket) -> str | None:
     where = f"UDP socket {shown(to_addr(s.getsockname()))}"
-    if not sd.same_netns(ctx.pid):
-        return f"{where} belongs to another network namespace: not supported"
+    why = sd.netns_reason(s, ctx.pid)
+    if why:
+        return f"{where} {why}"
     if sd.filter_len(s):
         return f"{where} has a socket filter (SO_ATTACH_FILTER) of its own: not supported"
     return None
@@ -104,7 +105,7 @@ def _refill(s: socket.socket, state: UdpState) -> None:
     if not state.local.port:
         raise RestoreError("image holds datagrams queued on a UDP socket with no port")
     to = _target(state)
-    with socket.socket(state.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as tmp:
+    with sd.new_socket(state.family, socket.SOCK_DGRAM) as tmp:
         for m in state.queue:
             try:
                 tmp.sendto(m, to)

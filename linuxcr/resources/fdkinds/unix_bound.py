@@ -233,7 +233,7 @@ class UnixBound:
     def open(self, state: UnixBoundState, flags: int) -> int:
         if state.sotype not in TYPES:
             raise RestoreError(f"image holds a UNIX socket of unknown type {state.sotype}")
-        s = socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+        s = sockdiag.new_socket(socket.AF_UNIX, state.sotype)
         try:
             apply_opts(s, state.opts)
             with in_dir(state.cwd):
@@ -334,7 +334,12 @@ def _bind(s: socket.socket, state: UnixBoundState) -> None:
 def _in_use(st: os.stat_result) -> bool:
     """Is some socket still bound to this socket file?"""
     key = (sockdiag.kernel_dev(st.st_dev), st.st_ino)
-    return any(d.vfs == key for d in sockdiag.unix_all())
+    if any(d.vfs == key for d in sockdiag.unix_all()):
+        return True
+    if sockdiag.netns_ino() == os.stat("/proc/self/ns/net").st_ino:
+        return False
+    with sockdiag.inside(None):     # an `lcr run --net` tree's: lcr's namespace too
+        return any(d.vfs == key for d in sockdiag.unix_all())
 
 
 def _refill(fd: int, state: UnixBoundState, env) -> None:
@@ -407,7 +412,7 @@ def _reconnect(state: UnixBoundState, env) -> None:
     for ino in state.pending:
         fd = clients.get(ino)
         s = socket.socket(fileno=os.dup(fd)) if fd is not None else \
-            socket.socket(socket.AF_UNIX, state.sotype | socket.SOCK_CLOEXEC)
+            sockdiag.new_socket(socket.AF_UNIX, state.sotype)
         try:
             s.connect(state.name)
         except OSError as e:
@@ -418,7 +423,7 @@ def _reconnect(state: UnixBoundState, env) -> None:
 
 
 def _sender() -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    s = sockdiag.new_socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     set_buffers(s, 1 << 24, 0)
     return s
 
