@@ -13,6 +13,7 @@ import pytest
 
 from helpers import READY_TIMEOUT, log_size, wait_for_line
 from linuxcr import agent
+from linuxcr.errors import RollbackRefused
 from linuxcr.procfs import read_smaps
 from linuxcr.resources import guards, memory
 from test_snapshots import agent_env  # noqa: F401  (fixture)
@@ -84,21 +85,16 @@ def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     snap.discard()
 
 
-def test_seccomp_added_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
-    """A filter added since the snapshot cannot be removed: refused, untouched."""
+def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+    """no_new_privs cannot be unset (nor a seccomp filter removed): refused, untouched."""
     log = tmp_path / "sec.log"
     p = procs.start([bins["roll_attrs"]], log)
     wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
     snap = agent.snapshot(p.pid)
-    # no_new_privs set since, from the outside is not possible: use the tracer
-    from linuxcr.remote.freezer import Frozen
-    fz = Frozen(p.pid)
-    fz.freeze()
-    try:
-        fz.leader.syscall("prctl", 38, 1, 0, 0, 0)     # PR_SET_NO_NEW_PRIVS
-    finally:
-        fz.thaw()
-    with pytest.raises(Exception) as ei:
+    start = log_size(log)
+    os.kill(p.pid, signal.SIGHUP)
+    wait_for_line(log, r"^NNP pid=", READY_TIMEOUT, start=start, pid=p.pid)
+    with pytest.raises(RollbackRefused) as ei:
         agent.rollback(snap.crid)
     assert re.search(r"no_new_privs", str(ei.value)), str(ei.value)
     _alive_ok(p.pid, log)

@@ -11,6 +11,7 @@
  * RLIMIT_NOFILE soft 100, timer slack 777777, subreaper, D MADV_DODUMP, F
  * MADV_DONTFORK, H MADV_HUGEPAGE, L mlock, G: guard moved to its second
  * page; prints "CHANGED pid=P".
+ * SIGHUP: sets no_new_privs; prints "NNP pid=P".
  * SIGUSR1: "PASS roll_attrs pid=P".
  */
 #define _GNU_SOURCE
@@ -33,7 +34,9 @@
 #endif
 
 static volatile sig_atomic_t change_req;
+static volatile sig_atomic_t nnp_req;
 static void on_usr2(int s) { (void)s; change_req = 1; }
+static void on_hup(int s) { (void)s; nnp_req = 1; }
 
 static char *area(void)
 {
@@ -50,6 +53,7 @@ int main(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	signal(SIGUSR1, on_usr1);
 	signal(SIGUSR2, on_usr2);
+	signal(SIGHUP, on_hup);
 	char *d = area(), *f = area(), *h = area(), *l = area(), *g = area();
 	madvise(d, N * PG, MADV_DONTDUMP);
 	madvise(h, N * PG, MADV_NOHUGEPAGE);
@@ -62,6 +66,11 @@ int main(void)
 		if (probe_req) {
 			probe_req = 0;
 			printf("PASS roll_attrs pid=%d\n", getpid());
+		}
+		if (nnp_req) {
+			nnp_req = 0;
+			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+			printf("NNP pid=%d\n", getpid());
 		}
 		if (change_req) {
 			change_req = 0;
