@@ -1003,6 +1003,7 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
         res.update(path="full", reason=why, pages_dropped=0,
                    pages_copied=memory.roll_back_all(part.child, t, now, task.vmas, snap.shm,
                                                      part.copies, arena, (gap, gap + memory.TRAMPOLINE)))
+        warnings += areaflags.guards_back(t, task.vmas, task.guards)
     # the rest of the task, in the one finish order (resources/finish.py)
     f = finish.Finish(t=t, arena=arena, task=task, tramp=gap, inherited_sigs=inherited,
                       rollback=True, descs=snap.table.descs, threads=list(pairs),

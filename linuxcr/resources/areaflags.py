@@ -53,7 +53,7 @@ def _advise(t: Tracee, runs) -> int:
 def guards_back(t: Tracee, vmas: list[Vma], saved: list[list[int]]) -> list[str]:
     """The snapshot's guard regions, those added since removed (MADV_GUARD_REMOVE).
     The fast path calls it before copying pages back (a page guarded since
-    cannot be written), the finish step again (then a no-op); warnings."""
+    cannot be written), the full path after rebuilding the areas; warnings."""
     now = guards.dump(t.pid, vmas)
     if now == [list(g) for g in saved]:
         return []
@@ -69,10 +69,10 @@ def guards_back(t: Tracee, vmas: list[Vma], saved: list[list[int]]) -> list[str]
     return warnings
 
 
-def roll_back(t: Tracee, vmas: list[Vma], saved_guards: list[list[int]],
-              proc: ProcAttrs | None) -> list[str]:
-    """The snapshot's flags, locks and guards on every area of ``vmas`` (the
-    snapshot's layout, which the process has now); warnings."""
+def roll_back(t: Tracee, vmas: list[Vma], proc: ProcAttrs | None) -> list[str]:
+    """The snapshot's flags and locks on every area of ``vmas`` (the
+    snapshot's layout, which the process has now); warnings.  Guards are
+    given back with the memory (guards_back), before the locks."""
     warnings: list[str] = []
     areas = vmas
     if not any(v.kind not in SKIP_KINDS for v in vmas):
@@ -92,8 +92,7 @@ def roll_back(t: Tracee, vmas: list[Vma], saved_guards: list[list[int]],
                      MADV_RANDOM if "rr" in v.vmflags else MADV_NORMAL))
     _advise(t, _runs(areas, lambda v: MADV_HUGEPAGE if "hg" in v.vmflags else
                      MADV_NOHUGEPAGE if "nh" in v.vmflags else None))
-    # 3. guard regions
-    warnings += guards_back(t, vmas, saved_guards)
+    # 3. guard regions: already, by the memory path (engine/snapshots.py)
     # 4. locks on where the snapshot had them
     for onfault, s, e in _runs(areas, lambda v: (MLOCK_ONFAULT if "lf" in v.vmflags else 0)
                                if "lo" in v.vmflags else None, contiguous=True):

@@ -113,8 +113,9 @@ def _guards(f: Finish) -> None:
 
 
 def _areas_back(f: Finish) -> None:
-    """madvise flags, memory locks and guard regions of every area (resources/areaflags.py)."""
-    f.warnings += areaflags.roll_back(f.t, f.task.vmas, f.task.guards, f.task.proc)
+    """madvise flags and memory locks of every area (resources/areaflags.py);
+    the guard regions came back with the memory (engine/snapshots.py)."""
+    f.warnings += areaflags.roll_back(f.t, f.task.vmas, f.task.proc)
 
 
 def _locks(f: Finish) -> None:
