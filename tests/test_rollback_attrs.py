@@ -102,3 +102,21 @@ def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # no
     assert re.search(r"no_new_privs", str(ei.value)), str(ei.value)
     _alive_ok(p.pid, log)
     snap.discard()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installs a seccomp filter without no_new_privs")
+def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+    """A seccomp filter added since the snapshot cannot be removed: refused, untouched."""
+    log = tmp_path / "sec.log"
+    p = procs.start([bins["roll_attrs"]], log)
+    wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
+    snap = agent.snapshot(p.pid)
+    start = log_size(log)
+    os.kill(p.pid, signal.SIGWINCH)
+    m = wait_for_line(log, r"^SECCOMP pid=\d+ r=(-?\d+)", READY_TIMEOUT, start=start, pid=p.pid)
+    assert m.group(1) == "0", m.string
+    with pytest.raises(RollbackRefused) as ei:
+        agent.rollback(snap.crid)
+    assert "seccomp" in str(ei.value) and "cannot be removed" in str(ei.value), str(ei.value)
+    _alive_ok(p.pid, log)
+    snap.discard()

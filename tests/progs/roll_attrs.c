@@ -12,10 +12,15 @@
  * MADV_DONTFORK, H MADV_HUGEPAGE, L mlock, G: guard moved to its second
  * page; prints "CHANGED pid=P".
  * SIGHUP: sets no_new_privs; prints "NNP pid=P".
+ * SIGWINCH: installs an allow-all seccomp filter (as root); prints
+ * "SECCOMP pid=P r=R".
  * SIGUSR1: "PASS roll_attrs pid=P".
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/syscall.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -37,6 +42,8 @@ static volatile sig_atomic_t change_req;
 static volatile sig_atomic_t nnp_req;
 static void on_usr2(int s) { (void)s; change_req = 1; }
 static void on_hup(int s) { (void)s; nnp_req = 1; }
+static volatile sig_atomic_t sec_req;
+static void on_winch(int s) { (void)s; sec_req = 1; }
 
 static char *area(void)
 {
@@ -54,6 +61,7 @@ int main(void)
 	signal(SIGUSR1, on_usr1);
 	signal(SIGUSR2, on_usr2);
 	signal(SIGHUP, on_hup);
+	signal(SIGWINCH, on_winch);
 	char *d = area(), *f = area(), *h = area(), *l = area(), *g = area();
 	madvise(d, N * PG, MADV_DONTDUMP);
 	madvise(h, N * PG, MADV_NOHUGEPAGE);
@@ -71,6 +79,13 @@ int main(void)
 			nnp_req = 0;
 			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 			printf("NNP pid=%d\n", getpid());
+		}
+		if (sec_req) {
+			sec_req = 0;
+			struct sock_filter allow[] = { BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW) };
+			struct sock_fprog prog = { 1, allow };
+			long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
+			printf("SECCOMP pid=%d r=%ld\n", getpid(), r);
 		}
 		if (change_req) {
 			change_req = 0;
