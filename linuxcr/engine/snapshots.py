@@ -48,7 +48,7 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import cpu, files, finish, memory, namespaces, pstree, snapshot_child, sysvipc
+from linuxcr.resources import areaflags, cpu, files, finish, memory, namespaces, pstree, snapshot_child, sysvipc
 
 
 
@@ -661,6 +661,9 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             _check_same_tree(snap)        # changed as we froze it: says how
             raise RollbackRefused(f"cannot roll back pid {pid}: its tree changed while it was frozen")
         pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
+        if not memory_only:
+            for part in snap.parts:
+                _precheck_attrs(part.task, pairs[part.pid])
         _ipc_again(snap, memory_only)
     except BaseException:
         tree.thaw()
@@ -913,6 +916,50 @@ def _precheck_files(task: Task) -> None:
                                   f"0x{v.start:x}) is gone or unreadable")
 
 
+def _attrs_changed(task: Task, tid: int, saved) -> list[str]:
+    """What of a thread's identity and sandbox changed since the snapshot that
+    a rollback cannot give back: seccomp filters added (they cannot be
+    removed), no_new_privs set (it cannot be unset), credentials and
+    capabilities (dropped ones cannot be regained; lcr never raises any)."""
+    st = read_status(task.pid if tid == task.pid else f"{task.pid}/task/{tid}")
+    a = saved.attrs
+    out = []
+    if a is not None:
+        had = len(a.seccomp) if a.seccomp_mode == 2 else a.seccomp_inherited
+        if st.seccomp != (a.seccomp_mode or (2 if a.seccomp_inherited else 0)) or \
+                (st.seccomp == 2 and st.seccomp_filters != had):
+            out.append(f"seccomp (mode {st.seccomp}, {st.seccomp_filters} filter(s) now, "
+                       f"{had} at the snapshot: filters cannot be removed)")
+        if bool(st.no_new_privs) != a.no_new_privs:
+            out.append("no_new_privs (set since the snapshot: it cannot be unset)")
+        if len(a.caps) == 5:
+            now = [st.cap_inh, st.cap_prm, st.cap_eff, st.cap_bnd, st.cap_amb]
+            names = ("inheritable", "permitted", "effective", "bounding", "ambient")
+            out += [f"{n} capabilities (0x{c:x} now, 0x{w:x} at the snapshot)"
+                    for n, c, w in zip(names, now, a.caps) if c != w]
+    c = task.creds
+    if list(st.uid) != list(c.uid):
+        out.append(f"uid ({'/'.join(map(str, st.uid))} now, {'/'.join(map(str, c.uid))} at the snapshot)")
+    if list(st.gid) != list(c.gid):
+        out.append(f"gid ({'/'.join(map(str, st.gid))} now, {'/'.join(map(str, c.gid))} at the snapshot)")
+    if sorted(st.groups) != sorted(c.groups):
+        out.append("supplementary groups")
+    return out
+
+
+def _precheck_attrs(task: Task, pairs) -> None:
+    """Refuse, before anything changes, a rollback that would leave the
+    process silently different: see _attrs_changed."""
+    for live, saved in pairs:
+        why = _attrs_changed(task, live.pid, saved)
+        if why:
+            who = f"pid {task.pid}" if live.pid == task.pid else f"thread {live.pid} of pid {task.pid}"
+            raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: "
+                                  f"{'; '.join(why)}",
+                                  "a process cannot get these back; use lcr writeback and lcr "
+                                  "restart (as root) instead")
+
+
 def _pair_threads(fz: Frozen, task: Task) -> list[tuple[Tracee, object]]:
     """(live thread, its saved state); the same tids, or at least as many."""
     saved = [task] + list(task.threads)
@@ -985,6 +1032,7 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     res = dict(pid=pid, path="fast", pages_copied=0, pages_dropped=0, reason="")
     touched: list[Span] = []
     if not why:
+        warnings += areaflags.guards_back(t, task.vmas, task.guards)   # before pages go in
         try:
             res["pages_copied"], res["pages_dropped"], touched = memory.roll_back_written(
                 part.child, t, task.vmas, part.written or [], part.copies)
@@ -995,6 +1043,7 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
         res.update(path="full", reason=why, pages_dropped=0,
                    pages_copied=memory.roll_back_all(part.child, t, now, task.vmas, snap.shm,
                                                      part.copies, arena, (gap, gap + memory.TRAMPOLINE)))
+        warnings += areaflags.guards_back(t, task.vmas, task.guards)
     # the rest of the task, in the one finish order (resources/finish.py)
     f = finish.Finish(t=t, arena=arena, task=task, tramp=gap, inherited_sigs=inherited,
                       rollback=True, descs=snap.table.descs, threads=list(pairs),

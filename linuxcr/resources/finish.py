@@ -23,7 +23,7 @@ from linuxcr.errors import LcrError
 from linuxcr.image.schema import FileDesc, Task, Thread
 from linuxcr.procfs import list_fds, read_status
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (cpu, files, fsroot, guards, locks, memory, posix_timers, procattrs,
+from linuxcr.resources import (areaflags, cpu, files, fsroot, guards, locks, memory, posix_timers, procattrs,
                                process, sched, security, signals, threads)
 from linuxcr.sys import ptrace
 
@@ -112,6 +112,12 @@ def _guards(f: Finish) -> None:
     guards.restore(f.t, f.task)
 
 
+def _areas_back(f: Finish) -> None:
+    """madvise flags and memory locks of every area (resources/areaflags.py);
+    the guard regions came back with the memory (engine/snapshots.py)."""
+    f.warnings += areaflags.roll_back(f.t, f.task.vmas, f.task.proc)
+
+
 def _locks(f: Finish) -> None:
     locks.restore(f.t, f.arena, f.task.locks, f.task.files)
 
@@ -192,6 +198,31 @@ def _sched_seccomp(f: Finish) -> None:
         f.arena.reset()
         sched.restore(tt, a)
         security.restore_early(tt, f.arena, a)
+
+
+def _rlimits_back(f: Finish) -> None:
+    try:
+        f.warnings += process.restore_rlimits(f.t.pid, f.task.rlimits)
+    except LcrError as e:
+        f.warnings.append(f"pid {f.t.pid}: resource limits not rolled back: {e}")
+
+
+def _procattrs_back(f: Finish) -> None:
+    f.warnings += procattrs.roll_back(f.t, f.task.proc)
+
+
+def _sched_back(f: Finish) -> None:
+    """Scheduling of every live thread as its saved one's (seccomp, no_new_privs
+    and credentials were checked before the rollback began: unchanged)."""
+    for live, saved in f.threads:
+        try:
+            sched.restore(live, saved.attrs)
+        except LcrError as e:
+            f.warnings.append(f"scheduling not rolled back: {e}")
+
+
+def _late_back(f: Finish) -> None:
+    f.warnings += procattrs.roll_back_late(f.t, f.task.proc)
 
 
 def _creds(f: Finish) -> None:
@@ -373,8 +404,8 @@ KEPT = "a rollback brings back the same live process: "
 STEPS: tuple[Step, ...] = (
     Step("protect", _protect, Skip("the rollback's memory path drops the write permission it "
                                    "added (memory.roll_back_all); the fast path adds none")),
-    Step("guards", _guards, Skip("a rollback leaves guard regions as they are now (the "
-                                 "snapshot's are in its image)"), ("guards",)),
+    # rollback: every area's madvise flags, locks (procattrs' part) and guards
+    Step("guards", _guards, _areas_back, ("guards",)),
     Step("mm", _mm, _mm_back, ("mm",)),
     Step("files", _files, _files_back, ("files",)),
     Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
@@ -385,23 +416,21 @@ STEPS: tuple[Step, ...] = (
     Step("altstack", _altstack, Skip("with each thread's own, in step threads"), ("altstack",)),
     Step("itimers", _itimers, Skip("with the pending signals (step pending): set once those "
                                    "that arrived since are drained"), ("itimers",)),
-    Step("rlimits", _rlimits, Skip(KEPT + "its resource limits are left as they are"),
-         ("rlimits",)),
+    Step("rlimits", _rlimits, _rlimits_back, ("rlimits",)),
     Step("threads", _threads, _threads_back, ("threads",)),
     Step("posix_timers", _posix_timers, Skip("with the pending signals (step pending)"),
          ("posix_timers",)),
-    Step("procattrs", _procattrs, Skip(KEPT + "its oom score, subreaper, THP, membarrier and "
-                                       "memory locks are left as they are"), ("proc",)),
-    Step("sched_seccomp", _sched_seccomp, Skip(KEPT + "its scheduling is left as it is, and "
-                                               "seccomp filters can only be added, never removed"),
-         ("attrs",)),
-    Step("creds", _creds, Skip(KEPT + "its credentials are left as they are"), ("creds",)),
+    Step("procattrs", _procattrs, _procattrs_back, ("proc",)),
+    # rollback: seccomp filters, no_new_privs, securebits and every credential
+    # must be as at the snapshot (engine/snapshots.py _precheck_attrs refuses)
+    Step("sched_seccomp", _sched_seccomp, _sched_back, ("attrs",)),
+    Step("creds", _creds, Skip(KEPT + "its credentials are checked unchanged before the "
+                               "rollback begins (refused otherwise)"), ("creds",)),
     Step("pending", _pending, _signal_state_back, ("pending",)),
     Step("thread_creds", _thread_creds, Skip(KEPT + "its threads keep their credentials")),
     Step("thread_regs", _thread_regs, _thread_regs_back),
     Step("caps", _caps, Skip(KEPT + "its capabilities are left as they are"), ("caps",)),
-    Step("late_attrs", _late_attrs, Skip(KEPT + "ambient capabilities, dumpable and the "
-                                         "parent-death signal are left as they are")),
+    Step("late_attrs", _late_attrs, _late_back),
     Step("rseq", _rseq, _rseq_back, ("rseq",)),
     Step("trampoline", _trampoline, _trampoline),
     Step("registers", _registers, _registers_back, ("regs", "xstate", "sigmask")),
@@ -419,7 +448,8 @@ BEFORE: dict[str, str] = {
 }
 NAMES = frozenset(s.name for s in STEPS)
 # lcr rollback --memory-only: memory, handlers and per-thread state only
-MEMORY_ONLY = frozenset({"files", "fs", "misc", "pending"})
+MEMORY_ONLY = frozenset({"files", "fs", "misc", "pending", "rlimits", "procattrs",
+                         "sched_seccomp", "late_attrs"})
 
 
 def run(f: Finish, *, skip: frozenset[str] = frozenset()) -> list[str]:

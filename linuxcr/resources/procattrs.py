@@ -58,6 +58,11 @@ def _mlockall(t: Tracee) -> int:
         t.syscall("munmap", addr, PAGE, check=False)
 
 
+def mlockall_now(t: Tracee) -> int:
+    """mlockall()'s MCL_FUTURE (| MCL_ONFAULT) as the frozen task has it now."""
+    return _mlockall(t)
+
+
 def dump(t: Tracee, arena: Arena) -> ProcAttrs:
     """``t``: the frozen leader."""
     out = arena.alloc(8)
@@ -152,4 +157,48 @@ def restore_late(t: Tracee, p: ProcAttrs | None, is_root: bool) -> list[str]:
                         " is not restored: its parent is not part of the image")
     elif p.pdeathsig:
         t.syscall("prctl", PR_SET_PDEATHSIG, p.pdeathsig, 0, 0, 0)
+    return warnings
+
+
+def roll_back(t: Tracee, p: ProcAttrs | None) -> list[str]:
+    """Rollback, before the identity: oom_score_adj, subreaper, THP disable
+    set to the snapshot's (cleared too); membarrier registrations made since
+    cannot be undone (a warning).  Memory locks: resources/areaflags.py."""
+    if p is None:
+        return []
+    warnings = []
+    try:
+        what = f"oom_score_adj {p.oom_score_adj}"
+        if read_oom_score_adj(t.pid) != p.oom_score_adj:
+            with open(f"/proc/{t.pid}/oom_score_adj", "w") as f:
+                f.write(str(p.oom_score_adj))
+        what = "the child-subreaper flag"
+        t.syscall("prctl", PR_SET_CHILD_SUBREAPER, int(p.subreaper), 0, 0, 0)
+        what = "PR_SET_THP_DISABLE"
+        if t.syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0) != p.thp_disable:
+            t.syscall("prctl", PR_SET_THP_DISABLE, int(bool(p.thp_disable)),
+                      p.thp_disable & PR_THP_DISABLE_EXCEPT_ADVISED, 0, 0)
+    except OSError as e:
+        warnings.append(f"pid {t.pid}: {what} not rolled back: {e.strerror}")
+    for cmd, reg in MEMBARRIER.items():
+        if not p.membarrier & reg and t.syscall("membarrier", cmd, 0, 0, check=False) == 0:
+            warnings.append(f"pid {t.pid}: its membarrier registration {reg}, made since the "
+                            "snapshot, stays (it cannot be undone)")
+        elif p.membarrier & reg:
+            t.syscall("membarrier", reg, 0, 0, check=False)
+    return warnings
+
+
+def roll_back_late(t: Tracee, p: ProcAttrs | None) -> list[str]:
+    """Rollback, last: dumpable and the parent-death signal (0 too) as at the snapshot."""
+    if p is None:
+        return []
+    warnings = []
+    if p.dumpable != t.syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0):
+        if p.dumpable in (0, 1):
+            t.syscall("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
+        else:
+            warnings.append(f"pid {t.pid}: its dumpable flag {p.dumpable} (suid_dumpable) "
+                            "cannot be set again")
+    t.syscall("prctl", PR_SET_PDEATHSIG, p.pdeathsig, 0, 0, 0)
     return warnings

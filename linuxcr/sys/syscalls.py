@@ -30,7 +30,7 @@ NR = dict(
     flock=73, timer_create=222, timer_settime=223, timer_gettime=224, timer_getoverrun=225,
     timer_delete=226, connect=42, pause=34, tgkill=234,
     # process attributes (resources/sched.py, security.py, procattrs.py)
-    getpriority=140, setpriority=141, mincore=27, mlock=149, mlockall=151, mkdir=83, rmdir=84,
+    getpriority=140, setpriority=141, mincore=27, mlock=149, munlock=150, mlockall=151, munlockall=152, mkdir=83, rmdir=84,
     sched_setattr=314, sched_getattr=315, seccomp=317, membarrier=324, mlock2=325,
     shmat=30, shmdt=67,   # System V shared memory attached in a restored task (resources/sysvipc.py)
 )
