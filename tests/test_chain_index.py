@@ -147,6 +147,10 @@ def _hostile(idx: ImageIndex, what: str) -> ImageIndex:
         m = msgspec.msgpack.decode(e.meta)
         m["addr"] += 1
         recs[k] = rep(e, meta=msgspec.msgpack.encode(m))
+    elif what == "address beyond TASK_SIZE":
+        m = msgspec.msgpack.decode(e.meta)
+        m["addr"] = (1 << 47) - P
+        recs[k] = rep(e, meta=msgspec.msgpack.encode(m))
     elif what == "meta not a Pages":
         recs[k] = rep(e, meta=b"\xa3abc")
     elif what == "a record dropped":
@@ -176,7 +180,7 @@ def _hostile(idx: ImageIndex, what: str) -> ImageIndex:
 
 
 HOSTILE = ["offset past the trailer", "offset in the header", "length not the pages",
-           "unaligned address", "meta not a Pages", "a record dropped", "a record added",
+           "unaligned address", "address beyond TASK_SIZE", "meta not a Pages", "a record dropped", "a record added",
            "checksum changed", "a signature", "tree with metadata", "no header first",
            "trailer elsewhere", "digest", "size", "version", "magic"]
 
