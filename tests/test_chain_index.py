@@ -10,6 +10,7 @@ import stat
 
 import msgspec
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from linuxcr.errors import ImageError
@@ -70,12 +71,17 @@ def _memory(tmp_path) -> tuple[bytes, list[bool]]:
 
 
 def _index_of(path) -> ImageIndex:
-    return msgspec.msgpack.decode((path.parent / (path.name + INDEX_SUFFIX)).read_bytes(),
-                                  type=ImageIndex)
+    raw = (path.parent / (path.name + INDEX_SUFFIX)).read_bytes()
+    assert int.from_bytes(raw[:8], "little") == xxhash.xxh3_64_intdigest(raw[8:])
+    return msgspec.msgpack.decode(raw[8:], type=ImageIndex)
 
 
 def _put_index(path, idx: ImageIndex) -> None:
-    (path.parent / (path.name + INDEX_SUFFIX)).write_bytes(ENCODER.encode(idx))
+    """A forged index: with its own checksum right, so that the checks of
+    what it says are what is tested."""
+    body = ENCODER.encode(idx)
+    (path.parent / (path.name + INDEX_SUFFIX)).write_bytes(
+        xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body)
 
 
 def test_index_written_and_used(tmp_path):
@@ -278,3 +284,36 @@ def test_mutated_index_or_image(tmp_path, data):
         assert which == ""          # a damaged index alone never fails the chain
         return
     assert got == want
+
+
+@given(st.lists(st.tuples(st.integers(0, (1 << 47) // P + 2), st.integers(1, 4), st.integers(0, 3)),
+                max_size=6), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_page_map_check_is_validates(raw, unaligned):
+    """The index's own check of a page map accepts what validate.check does."""
+    from linuxcr.image import validate
+    from linuxcr.image.chain import _map_runs
+    pm = PageMap(pid=PID, runs=[PageRun(addr=a * P + (1 if unaligned and i == 0 else 0),
+                                        npages=n, depth=d) for i, (a, n, d) in enumerate(raw)])
+    try:
+        validate.check(pm)
+        ok = True
+    except validate.Invalid:
+        ok = False
+    assert (_map_runs(pm) is not None) == ok
+
+
+def test_forged_pages_place_is_a_clean_error(tmp_path):
+    """An index forged with its own checksum right, that moves a PAGES record
+    to another address or offset: the pages read are checked against the
+    image's checksum, so the chain fails with ImageError, never wrong bytes."""
+    _pair(tmp_path)
+    full = tmp_path / "full.img"
+    idx = _index_of(full)
+    recs = list(idx.records)
+    ks = [i for i, e in enumerate(recs) if e.type == RecType.PAGES]
+    a, b = recs[ks[0]], recs[ks[1]]
+    recs[ks[0]] = msgspec.structs.replace(a, at=b.at)          # the other record's data
+    _put_index(full, msgspec.structs.replace(idx, records=recs))
+    with pytest.raises(ImageError, match="corrupt"):
+        _memory(tmp_path)

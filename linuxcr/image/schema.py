@@ -517,7 +517,8 @@ class ImageIndex(Struct, forbid_unknown_fields=True):
     the metadata of the PAGEMAP records, so that a child need not read the
     image through.  Untrusted: used only if it names the image (id, size,
     trailer place and digest) and its checksums digest to the image's
-    trailer; otherwise the image is read through as before."""
+    trailer; otherwise the image is read through as before.  The file is the
+    xxh3-64 of the encoded index (8 bytes, little endian), then the index."""
     magic: Annotated[bytes, Meta(max_length=16)]
     version: U32
     image_id: Annotated[bytes, Meta(min_length=16, max_length=16)]
