@@ -109,13 +109,18 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
+_FULL_SECONDS = [1.0]     # a full checkpoint's time, as the last case measured it
+
+
 def written(a, d: Path, memhog: str, pct: float) -> None:
     """A process that wrote ``pct`` % of its pages (0: nothing) between a
     tracked image and the next: full checkpoint vs tracked incremental, in
     turn, ``--runs`` times on the same process (the chain grows by one each)."""
     npages = (a.mib << 20) // 4096
-    # memhog writes 4 words (on 4 random pages) per loop, then sleeps usec
-    usec = 1_000_000_000 if pct <= 0 else max(1, int(a.gap * 1e6 * 4 / (npages * pct / 100)))
+    # memhog writes 4 words (on 4 random pages) per loop, then sleeps usec;
+    # between two incremental images: the gap and a full checkpoint
+    between = a.gap + _FULL_SECONDS[0]
+    usec = 1_000_000_000 if pct <= 0 else max(1, int(between * 1e6 * 4 / (npages * pct / 100)))
     logf = d / "memhog.log"
     pid = start(memhog, a.mib, usec, logf)
     try:
@@ -137,6 +142,7 @@ def written(a, d: Path, memhog: str, pct: float) -> None:
             stored.append(r.incremental.get("stored", r.pages))
             assert set(r.incremental.get("method", {}).values()) == {"uffd-wp-async"}, r.incremental
         ratios = [i / f for i, f in zip(incs, fulls)]
+        _FULL_SECONDS[0] = median(fulls)
         print(f"  {pct:g}% written ({min(stored)}-{max(stored)} pages stored): full "
               f"{median(fulls) * 1e3:6.0f} ms, incremental {median(incs) * 1e3:5.1f} ms "
               f"(min {min(incs) * 1e3:.1f}), ratio x{median(ratios):.3f} "
