@@ -317,3 +317,29 @@ def test_forged_pages_place_is_a_clean_error(tmp_path):
     _put_index(full, msgspec.structs.replace(idx, records=recs))
     with pytest.raises(ImageError, match="corrupt"):
         _memory(tmp_path)
+
+
+@pytest.mark.e2e
+def test_interval_images_have_their_index_and_lose_it_with_them(bins, procs, tmp_path):
+    """`--interval` writes an index beside every image, deletes it with its
+    image (--keep), and restart reads the chain through the indexes."""
+    from helpers import lcr, probe_hog, reap, restart_image, wait_for_line
+    log = tmp_path / "memhog.log"
+    p = procs.start([bins["memhog"], "-f", "-s", "20000", "16"], log)
+    wait_for_line(log, rf"^pid={p.pid} ready\b", 60, pid=p.pid)
+    out = tmp_path / "ckpts"
+    lcr("checkpoint", p.pid, "--interval", "300ms", "--count", "5", "--keep", "2",
+        "--full-every", "3", "-o", out, timeout=300)
+    imgs = sorted(x.name for x in out.glob("lcr-*.img"))
+    sides = sorted(x.name[:-len(INDEX_SUFFIX)] for x in out.glob("*" + INDEX_SUFFIX))
+    assert len(imgs) == 2 and sides == imgs, (imgs, sides)
+    latest = str(out / "latest.img")
+    c = Chain.from_path(latest)
+    try:
+        assert all(im.from_sidecar for im in c.images)
+    finally:
+        c.close()
+    os.kill(p.pid, 9)
+    reap(p.pid)
+    new = restart_image(out / "latest.img", procs)
+    assert probe_hog(new, log).ok

@@ -205,8 +205,9 @@ def load_sidecar(path: str, fd: int, header: Header
                  ) -> tuple[int, dict[int, list[Record]], dict[int, list[runs.Tagged]]] | None:
     """The digest, PAGES and page maps of the image open at fd (its header
     read), from its sidecar index, or None if there is none that matches it."""
-    try:
-        ifd = os.open(path + INDEX_SUFFIX, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:     # beside the file itself: DIR/latest.img is a symlink to the newest image
+        ifd = os.open(os.path.realpath(path) + INDEX_SUFFIX,
+                      os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
