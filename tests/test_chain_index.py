@@ -24,13 +24,15 @@ from test_image import BASE, PID, make_header, make_task
 P = 4096
 
 
-def _write(path, *, pages, pagemap=None, parent=None, image_id=b"\x01" * 16, sidecar=True):
+def _write(path, *, pages, pagemap=None, parent=None, image_id=b"\x01" * 16, sidecar=True,
+           compress=False):
     b = IndexBuilder()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with stream.recording(b):
-            w = ImageWriter(fd, compress=False)
-            w.header(make_header(flags=[], image_id=image_id, parent=parent))
+            w = ImageWriter(fd, compress=compress)
+            w.header(make_header(flags=["compressed"] if compress else [], image_id=image_id,
+                                 parent=parent))
             w.record(RecType.TREE, Tree(root=PID))
             w.record(RecType.TASK, make_task())
             for addr, data in pages:
@@ -343,3 +345,16 @@ def test_interval_images_have_their_index_and_lose_it_with_them(bins, procs, tmp
     reap(p.pid)
     new = restart_image(out / "latest.img", procs)
     assert probe_hog(new, log).ok
+
+
+def test_compressed_image_index(tmp_path):
+    page = bytes(P) + b"x" * P          # compresses
+    _write(tmp_path / "full.img", pages=[(BASE, page)], compress=True)
+    c = Chain.from_path(str(tmp_path / "full.img"))
+    try:
+        assert c.images[0].from_sidecar
+        r = c.images[0].own[PID][0]
+        assert r.meta.compressed and r.data_len < 2 * P
+        assert b"".join(bytes(d) for _, d in c.read(1, PID, BASE, BASE + 2 * P)) == page
+    finally:
+        c.close()
