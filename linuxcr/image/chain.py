@@ -33,6 +33,8 @@ from linuxcr.sys.syscalls import TASK_SIZE
 
 INDEX_SUFFIX = ".lcr-index"     # IMAGE.lcr-index: the sidecar index of IMAGE
 MAX_INDEX = MAX_TOTAL_META      # bytes of a sidecar index read at most
+_PAGES = msgspec.msgpack.Decoder(Pages)
+_PAGEMAP = msgspec.msgpack.Decoder(PageMap)
 
 
 @dataclass
@@ -275,12 +277,11 @@ def _bind(idx: ImageIndex, fd: int, header: Header):
     maps: dict[int, list[runs.Tagged]] = {}
     pages = 0
     first_data = FRAME.size     # no page data before the header's end
-    pages_dec = DECODERS[RecType.PAGES]
     for i, e in enumerate(idx.records):
         digest.update(e.checksum.to_bytes(8, "little"))
         if e.type == RecType.PAGES:
             try:
-                m = pages_dec.decode(e.meta)
+                m = _PAGES.decode(e.meta)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 return None
             want = m.npages * PAGE
@@ -297,7 +298,7 @@ def _bind(idx: ImageIndex, fd: int, header: Header):
             if xxhash.xxh3_64_intdigest(e.meta) != e.checksum:
                 return None
             try:
-                pm = DECODERS[RecType.PAGEMAP].decode(e.meta)
+                pm = _PAGEMAP.decode(e.meta)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 return None
             got = _map_runs(pm)
