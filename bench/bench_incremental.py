@@ -3,6 +3,7 @@
 
     python3 bench/bench_incremental.py [--mib 1024] [--usec 2000] [--gap 2]
                                        [--dir /var/tmp/lcr-bench-inc]
+    python3 bench/bench_incremental.py --written 0,1 [--runs 5] [--code CHECKOUT]
 
 memhog MIB (incompressible private memory) rewriting 4 random words every
 USEC microseconds.  In one run, on the same process:
@@ -15,6 +16,12 @@ USEC microseconds.  In one run, on the same process:
             vs restart of a full image of the same moment
 
 Printed: time and image size of each, and the ratios incremental / full.
+
+``--written 0,1``: for a process that wrote nothing (0) or 1% of its pages
+since a tracked image, a full checkpoint and a tracked incremental one in
+turn, ``--runs`` times (medians and every ratio printed); ``--code DIR``
+times the linuxcr of another checkout (the code before a change) with this
+script.
 Memory is pre-warmed (a page-cache file of the image's size written and
 deleted) before each timed step.  Every process started is killed by pid.
 """
@@ -30,7 +37,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# --code DIR: time another checkout's linuxcr (the code before a change)
+_CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else str(REPO)
+sys.path.insert(0, _CODE)
 
 import linuxcr  # noqa: E402
 from linuxcr import api  # noqa: E402
@@ -95,17 +104,75 @@ def kill(pid: int) -> None:
         time.sleep(0.05)
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+_FULL_SECONDS = [1.0]     # a full checkpoint's time, as the last case measured it
+
+
+def written(a, d: Path, memhog: str, pct: float) -> None:
+    """A process that wrote ``pct`` % of its pages (0: nothing) between a
+    tracked image and the next: full checkpoint vs tracked incremental, in
+    turn, ``--runs`` times on the same process (the chain grows by one each)."""
+    npages = (a.mib << 20) // 4096
+    # memhog writes 4 words (on 4 random pages) per loop, then sleeps usec;
+    # between two incremental images: the gap and a full checkpoint
+    between = a.gap + _FULL_SECONDS[0]
+    usec = 1_000_000_000 if pct <= 0 else max(1, int(between * 1e6 * 4 / (npages * pct / 100)))
+    logf = d / "memhog.log"
+    pid = start(memhog, a.mib, usec, logf)
+    try:
+        size = a.mib << 20
+        prev = d / "w-base.img"
+        prewarm(d, size)
+        api.checkpoint(pid, prev, leave_running=True, track=True)
+        fulls, incs, stored = [], [], []
+        for i in range(a.runs):
+            prewarm(d, size)
+            t_full, _ = timed(lambda: api.checkpoint(pid, d / "w-full.img", leave_running=True))
+            time.sleep(a.gap)
+            cur = d / f"w-inc{i}.img"
+            t_inc, r = timed(lambda: api.checkpoint(pid, cur, leave_running=True, track=True,
+                                                    parent=prev))
+            prev = cur
+            fulls.append(t_full)
+            incs.append(t_inc)
+            stored.append(r.incremental.get("stored", r.pages))
+            assert set(r.incremental.get("method", {}).values()) == {"uffd-wp-async"}, r.incremental
+        ratios = [i / f for i, f in zip(incs, fulls)]
+        _FULL_SECONDS[0] = median(fulls)
+        print(f"  {pct:g}% written ({min(stored)}-{max(stored)} pages stored): full "
+              f"{median(fulls) * 1e3:6.0f} ms, incremental {median(incs) * 1e3:5.1f} ms "
+              f"(min {min(incs) * 1e3:.1f}), ratio x{median(ratios):.3f} "
+              f"(medians of {a.runs}; runs: {' '.join(f'{x:.3f}' for x in ratios)})")
+    finally:
+        kill(pid)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--usec", type=int, default=2000)
     ap.add_argument("--gap", type=float, default=2.0)
     ap.add_argument("--dir", default="/var/tmp/lcr-bench-inc")
+    ap.add_argument("--written", default="",
+                    help="percents of pages written between checkpoints, e.g. 0,1: time "
+                         "full vs tracked incremental for each (instead of the default steps)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--code", default=str(REPO), help="the checkout whose linuxcr is timed")
     a = ap.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
-    for f in d.glob("*.img"):
+    for f in list(d.glob("*.img")) + list(d.glob("*.lcr-index")):
         f.unlink()
+    if a.written:
+        memhog = build_memhog(d)
+        print(f"memhog {a.mib} MiB, {a.gap} s between checkpoints, linuxcr from {a.code}")
+        for pct in a.written.split(","):
+            written(a, d, memhog, float(pct))
+        return
     memhog = build_memhog(d)
     logf = d / "memhog.log"
     logf.write_text("")

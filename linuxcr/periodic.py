@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from linuxcr import api
-from linuxcr.engine.incremental import Saved, Trackers, needed
+from linuxcr.engine.incremental import Saved, Trackers, needed, remove_sidecar
 from linuxcr.errors import LcrError, NoSuchProcess
 
 
@@ -79,6 +79,7 @@ def run_interval(pid: int, outdir: str, interval: float, *, keep: int = 0, full_
                             os.unlink(old_s.path)
                         except FileNotFoundError:
                             pass
+                        remove_sidecar(old_s.path)
                         run.removed.append(old_s.path)
                         run.saved.remove(old_s)
                 if on_saved:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from linuxcr.errors import LcrError
 from linuxcr.image import runs
-from linuxcr.image.chain import Chain
+from linuxcr.image import stream
+from linuxcr.image.chain import Chain, IndexBuilder, remove_sidecar
 from linuxcr.image.schema import ParentRef
 from linuxcr.image.stream import PAGE
 from linuxcr.remote.task import Arena
@@ -174,15 +175,19 @@ def checkpoint(pid: int, fd: int, *, parent: str | Chain | None, track: bool = F
         trackers = Trackers(track=track)
     base = ParentImage(chain, child_path or name, trackers) if chain else None
     pid_ = None if chain is None else base.parent_id  # type: ignore[union-attr]
+    side = IndexBuilder()       # IMAGE.lcr-index, so that its child need not read it through
     try:
-        res = dump.checkpoint(pid, fd, leave_running=leave_running, name=name, base=base,
-                              on_frozen=lambda tree: trackers.on_frozen(tree, pid_), **kw)
+        with stream.recording(side):
+            res = dump.checkpoint(pid, fd, leave_running=leave_running, name=name, base=base,
+                                  on_frozen=lambda tree: trackers.on_frozen(tree, pid_), **kw)
     except BaseException:
         trackers.close()        # what they counted since the parent is gone with the reset
         raise
     finally:
         if chain is not None:
             chain.close()
+    if name and name != "-" and not name.startswith("fd "):
+        side.save(name, fd)     # the image is named now (on_written); a failure costs a read later
     res.warnings += trackers.warnings
     trackers.warnings = []
     if not leave_running or own:

@@ -20,10 +20,21 @@ from typing import Iterator
 
 import xxhash
 
-from linuxcr.errors import ImageError
+import msgspec
+
+from linuxcr.errors import ImageError, LcrError
 from linuxcr.image import files, runs
-from linuxcr.image.schema import MAX_CHAIN, Header, PageMap, Pages, ParentRef, RecType
+from linuxcr.image.schema import (DECODERS, ENCODER, FRAME, FRAME_MAGIC, INDEX_MAGIC,
+                                  INDEX_VERSION, MAX_CHAIN, MAX_DATA, MAX_TOTAL_META, Header,
+                                  ImageIndex, IndexEntry, PageMap, Pages, ParentRef, RecType,
+                                  Trailer)
 from linuxcr.image.stream import PAGE, ImageReader, Record
+from linuxcr.sys.syscalls import TASK_SIZE
+
+INDEX_SUFFIX = ".lcr-index"     # IMAGE.lcr-index: the sidecar index of IMAGE
+MAX_INDEX = MAX_TOTAL_META      # bytes of a sidecar index read at most
+_PAGES = msgspec.msgpack.Decoder(Pages)
+_PAGEMAP = msgspec.msgpack.Decoder(PageMap)
 
 
 @dataclass
@@ -37,6 +48,7 @@ class Indexed:
     own: dict[int, list[Record]] = field(default_factory=dict)          # pid -> PAGES, by address
     held: dict[int, list[runs.Tagged]] = field(default_factory=dict)    # pid -> (start, end, depth)
     _last: tuple[int, memoryview] | None = None    # the record read last: runs come in order
+    from_sidecar: bool = False     # located by its IMAGE.lcr-index, not read through
     _keys: dict[int, list[int]] = field(default_factory=dict)
 
     def keys(self, pid: int) -> list[int]:
@@ -71,7 +83,11 @@ def index(path: str) -> Indexed:
         header = reader.read_header()
         img = Indexed(path=path, header=header, digest=0, reader=reader, fd=fd)
         maps: dict[int, list[runs.Tagged]] = {}
-        while True:
+        side = load_sidecar(path, fd, header) if reader.skim else None
+        if side is not None:
+            img.digest, img.own, maps = side
+            img.from_sidecar = True
+        while side is None:
             rec = reader.next()
             if rec.type is RecType.PAGES:
                 m: Pages = rec.meta  # type: ignore[assignment]
@@ -101,6 +117,217 @@ def index(path: str) -> Indexed:
     except BaseException:
         os.close(fd)
         raise
+
+
+# --- the sidecar index: IMAGE.lcr-index --------------------------------------------
+#
+# Written beside an image as it is written (IndexBuilder, fed by the
+# ImageWriter through stream.recording), read by index() instead of reading
+# the image through.  It is untrusted input, bound to the image it sits
+# beside: the same id and size, a TRAILER frame where it says, whose digest
+# is the xxh3 of the checksums it lists (so the list is the image's, record
+# for record), PAGEMAP metadata whose checksum is the listed one, and PAGES
+# places within the image (their data is checked against the listed
+# checksum when read, as for a skimmed image).  Anything else: the image is
+# read through, as without it.
+
+class IndexBuilder:
+    """Collects what ImageWriter writes (stream.recording(builder)); save()
+    writes the sidecar of the finished image."""
+
+    def __init__(self) -> None:
+        self.entries: list[IndexEntry] = []
+        self.usable = True           # no sidecar for signed images (read in full anyway)
+        self.image_id = b""
+        self.trailer_at = -1
+        self.digest = 0
+
+    def __call__(self, rtype: RecType, meta: bytes, cs: int, at: int, data_len: int) -> None:
+        if rtype is RecType.TRAILER:
+            self.trailer_at = at
+            self.digest = DECODERS[RecType.TRAILER].decode(meta).digest  # type: ignore[attr-defined]
+            return
+        if rtype is RecType.SIGNATURE:
+            self.usable = False
+        elif rtype is RecType.HEADER:
+            self.image_id = DECODERS[RecType.HEADER].decode(meta).image_id  # type: ignore[attr-defined]
+        if rtype is RecType.PAGES:
+            e = IndexEntry(type=int(rtype), checksum=cs, meta=meta,
+                           at=at + FRAME.size + len(meta), length=data_len)
+        elif rtype is RecType.PAGEMAP:
+            e = IndexEntry(type=int(rtype), checksum=cs, meta=meta)
+        else:
+            e = IndexEntry(type=int(rtype), checksum=cs)
+        self.entries.append(e)
+
+    def save(self, path: str, fd: int) -> bool:
+        """Write PATH.lcr-index for the image just written to fd and named
+        path; False when there is none to write (not a named regular file,
+        signed, or the name is taken by something else than a file).  Never
+        raises for a failed write: the sidecar is an optimisation."""
+        if not self.usable or self.trailer_at < 0 or len(self.image_id) != 16:
+            return False
+        try:
+            st = os.fstat(fd)
+            named = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (named.st_dev, named.st_ino):
+                return False
+            side = path + INDEX_SUFFIX
+            try:
+                if not stat.S_ISREG(os.lstat(side).st_mode):
+                    return False       # not ours to replace (a FIFO would block us)
+            except FileNotFoundError:
+                pass
+            data = ENCODER.encode(ImageIndex(
+                magic=INDEX_MAGIC, version=INDEX_VERSION, image_id=self.image_id,
+                size=st.st_size, digest=self.digest, trailer_at=self.trailer_at,
+                records=self.entries))
+            data = xxhash.xxh3_64_intdigest(data).to_bytes(8, "little") + data
+            if len(data) > MAX_INDEX:
+                return False
+            with files.output_image(side, overwrite=True) as (ifd, _name, commit):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(ifd, view):]
+                commit()
+            return True
+        except (OSError, LcrError):
+            return False
+
+
+def remove_sidecar(path: str) -> None:
+    """Remove PATH.lcr-index if there is one (its image is being deleted)."""
+    try:
+        os.unlink(path + INDEX_SUFFIX)
+    except OSError:
+        pass
+
+
+def load_sidecar(path: str, fd: int, header: Header
+                 ) -> tuple[int, dict[int, list[Record]], dict[int, list[runs.Tagged]]] | None:
+    """The digest, PAGES and page maps of the image open at fd (its header
+    read), from its sidecar index, or None if there is none that matches it."""
+    try:     # beside the file itself: DIR/latest.img is a symlink to the newest image
+        ifd = os.open(os.path.realpath(path) + INDEX_SUFFIX,
+                      os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st, ist = os.fstat(ifd), os.fstat(fd)
+        # a regular file, of the image's owner, writable by no one the image is not
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX or st.st_uid != ist.st_uid \
+                or st.st_mode & 0o022 & ~ist.st_mode:
+            return None
+        raw = os.pread(ifd, st.st_size + 1, 0)
+        if len(raw) != st.st_size:
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(ifd)
+    if len(raw) < 8 or int.from_bytes(raw[:8], "little") != xxhash.xxh3_64_intdigest(raw[8:]):
+        return None          # damaged (what a careful liar could forge is checked below)
+    try:
+        idx = msgspec.msgpack.decode(memoryview(raw)[8:], type=ImageIndex)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if idx.magic != INDEX_MAGIC or idx.version != INDEX_VERSION \
+            or idx.image_id != header.image_id or idx.size != ist.st_size:
+        return None
+    return _bind(idx, fd, header)
+
+
+def _read_trailer(fd: int, at: int, size: int) -> Trailer | None:
+    """The TRAILER frame at ``at``, closing the image of ``size`` bytes."""
+    try:
+        raw = os.pread(fd, FRAME.size, at)
+        if len(raw) != FRAME.size:
+            return None
+        magic, rtype, flags, meta_len, pad, data_len, cs = FRAME.unpack(raw)
+        if magic != FRAME_MAGIC or rtype != RecType.TRAILER or flags or pad or data_len \
+                or at + FRAME.size + meta_len != size or meta_len > 4096:
+            return None
+        meta = os.pread(fd, meta_len, at + FRAME.size)
+    except OSError:
+        return None
+    if len(meta) != meta_len or xxhash.xxh3_64_intdigest(meta) != cs:
+        return None
+    try:
+        t = DECODERS[RecType.TRAILER].decode(meta)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return t  # type: ignore[return-value]
+
+
+def _bind(idx: ImageIndex, fd: int, header: Header):
+    """What the index says, if it is the image's own (see above)."""
+    trailer = _read_trailer(fd, idx.trailer_at, idx.size)
+    if trailer is None or trailer.digest != idx.digest or trailer.records != len(idx.records):
+        return None
+    if not idx.records or idx.records[0].type != RecType.HEADER:
+        return None
+    try:
+        first = os.pread(fd, FRAME.size, 0)
+    except OSError:
+        return None
+    if len(first) != FRAME.size or FRAME.unpack(first)[6] != idx.records[0].checksum:
+        return None
+    digest = xxhash.xxh3_64()
+    own: dict[int, list[Record]] = {}
+    maps: dict[int, list[runs.Tagged]] = {}
+    pages = 0
+    first_data = FRAME.size     # no page data before the header's end
+    for i, e in enumerate(idx.records):
+        digest.update(e.checksum.to_bytes(8, "little"))
+        if e.type == RecType.PAGES:
+            try:
+                m = _PAGES.decode(e.meta)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                return None
+            want = m.npages * PAGE
+            # validate.check's rules for Pages (its generic walk costs 6 us a record)
+            if m.addr % PAGE or m.addr + want > TASK_SIZE or e.length > MAX_DATA or e.at < first_data \
+                    or e.at + e.length > idx.trailer_at \
+                    or (not m.compressed and e.length != want):
+                return None
+            pages += m.npages
+            own.setdefault(m.pid, []).append(Record(
+                RecType.PAGES, m, memoryview(b""), data_offset=e.at, data_len=e.length,
+                raw_meta=e.meta, checksum=e.checksum))
+        elif e.type == RecType.PAGEMAP:
+            if xxhash.xxh3_64_intdigest(e.meta) != e.checksum:
+                return None
+            try:
+                pm = _PAGEMAP.decode(e.meta)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                return None
+            got = _map_runs(pm)
+            if got is None:
+                return None
+            maps.setdefault(pm.pid, []).extend(got)
+        elif e.type in (RecType.TREE, RecType.TASK):
+            if e.meta or e.length:
+                return None
+        elif not (e.type == RecType.HEADER and i == 0):
+            return None        # signatures, a second header, unknown types: read it through
+    if pages != trailer.pages or digest.intdigest() != trailer.digest:
+        return None
+    return trailer.digest, own, maps
+
+
+def _map_runs(pm: PageMap) -> list[runs.Tagged] | None:
+    """The runs of a page map, if validate.check accepts it (its rules for
+    PageMap and PageRun, without its generic walk: 10 us a run)."""
+    out: list[runs.Tagged] = []
+    prev = 0
+    for r in pm.runs:
+        start = r.addr
+        end = start + r.npages * PAGE
+        if start % PAGE or start < prev or end > TASK_SIZE:
+            return None
+        out.append((start, end, r.depth))
+        prev = end
+    return out
 
 
 def _check_own(img: Indexed) -> None:

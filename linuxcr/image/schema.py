@@ -498,6 +498,36 @@ class Trailer(Struct, forbid_unknown_fields=True):
     digest: U64         # xxh3-64 over all previous frames' checksums
 
 
+INDEX_MAGIC = b"LCR-INDEX"
+INDEX_VERSION = 1
+
+
+class IndexEntry(Struct, array_like=True, forbid_unknown_fields=True):
+    """One record of an image, as its sidecar index (ImageIndex) lists it."""
+    type: Annotated[int, Meta(ge=1, le=15)]           # RecType
+    checksum: U64                                     # its frame's checksum
+    meta: Annotated[bytes, Meta(max_length=MAX_META)] = b""   # PAGES, PAGEMAP: encoded metadata
+    at: U64 = 0                                       # PAGES: where its data starts in the image
+    length: Annotated[int, Meta(ge=0, le=MAX_DATA)] = 0        # PAGES: bytes of data
+
+
+class ImageIndex(Struct, forbid_unknown_fields=True):
+    """IMAGE.lcr-index, written beside an image (image/chain.py): every
+    record's checksum in order, with the place and metadata of the PAGES and
+    the metadata of the PAGEMAP records, so that a child need not read the
+    image through.  Untrusted: used only if it names the image (id, size,
+    trailer place and digest) and its checksums digest to the image's
+    trailer; otherwise the image is read through as before.  The file is the
+    xxh3-64 of the encoded index (8 bytes, little endian), then the index."""
+    magic: Annotated[bytes, Meta(max_length=16)]
+    version: U32
+    image_id: Annotated[bytes, Meta(min_length=16, max_length=16)]
+    size: U64                # bytes of the image
+    digest: U64              # its Trailer.digest
+    trailer_at: U64          # where its TRAILER frame starts
+    records: Annotated[list[IndexEntry], Long]        # every record before the trailer
+
+
 META_TYPES: dict[RecType, type[Struct]] = {
     RecType.HEADER: Header,
     RecType.TASK: Task,

@@ -17,6 +17,7 @@ caller of ``next()``.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -87,6 +88,9 @@ class Options:
     signer: sign.Key | None = None       # writers sign with it
     verifier: sign.Key | None = None     # readers check signatures with it
     observer: Callable[[RecType, msgspec.Struct], None] | None = None  # readers report metadata
+    # writers report each record written: (type, encoded meta, checksum,
+    # offset of its frame, bytes of data) -- image/chain.py's sidecar index
+    recorder: Callable[[RecType, bytes, int, int, int], None] | None = None
 
 
 _OPTIONS: ContextVar[Options] = ContextVar("linuxcr_stream_options", default=Options())
@@ -97,6 +101,17 @@ def options(**kw) -> Iterator[None]:
     """``with options(signer=key): dump.checkpoint(...)``: the engine makes its
     ImageWriter/ImageReader itself; this is how api.py hands them keys."""
     token = _OPTIONS.set(Options(**kw))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+@contextmanager
+def recording(recorder: Callable[[RecType, bytes, int, int, int], None]) -> Iterator[None]:
+    """Writers made in this context report every record to ``recorder``
+    (the other options stay as they are)."""
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), recorder=recorder))
     try:
         yield
     finally:
@@ -120,6 +135,7 @@ class ImageWriter:
         self._sha = hashlib.sha256() if self.signer is not None else None
         self._meta_signed = False
         self.digest = 0              # the trailer's, once finish() wrote it
+        self._recorder = _OPTIONS.get().recorder
 
     def record(self, rtype: RecType, meta: msgspec.Struct, data: bytes | memoryview = b"",
                cs: int | None = None) -> None:
@@ -135,9 +151,12 @@ class ImageWriter:
         if self._sha is not None:
             for b in bufs:
                 self._sha.update(b)
+        at = self.bytes_written
         self._write_all(bufs)
         self._digest.update(_digest_bytes(cs))
         self.records += 1
+        if self._recorder is not None:
+            self._recorder(rtype, m, cs, at, len(data))
 
     def _sign(self, scope: str) -> None:
         """A SIGNATURE record over the SHA-256 of everything written so far."""

@@ -53,12 +53,20 @@ def _refusal(e: LockEntry) -> str | None:
     return None
 
 
+# Reading /proc/locks costs an RCU grace period (the kernel takes file_rwsem
+# for writing: 5-20 ms on an idle machine, more under load), reading one
+# fdinfo some microseconds: below this many fds the fdinfo files are read
+# straight away.
+FDINFO_FIRST = 256
+
+
 def check(pid: int) -> list[str]:
     """Reasons the process's locks cannot be saved (leases, unknown kinds)."""
-    if not any(_refusal(e) for e in read_locks() if not e.blocked):
+    fds = list_fds(pid)
+    if len(fds) > FDINFO_FIRST and not any(_refusal(e) for e in read_locks() if not e.blocked):
         return []         # nothing of the kind anywhere: spare reading every fdinfo
     reasons = []
-    for fd in list_fds(pid):
+    for fd in fds:
         try:
             entries = fdinfo_locks(read_fdinfo(pid, fd))
             why = [w for w in map(_refusal, entries) if w]
