@@ -315,8 +315,9 @@ def empty_but_inherited(t: Tracee, vmas: list[Vma], keep: list[Span], at: int
         at = free_gap(vmas, t.pid)
         map_trampoline(t, at)
     t.insn = at
-    for s, e in runs.subtract([(0, TASK_SIZE)], runs.normalize(keep + [(at, at + TRAMPOLINE)])):
-        t.syscall("munmap", s, e - s)
+    t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
+    t.batch([("munmap", (s, e - s), True) for s, e in
+             runs.subtract([(0, TASK_SIZE)], runs.normalize(keep + [(at, at + TRAMPOLINE)]))])
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -810,8 +811,8 @@ def empty_but_trampoline(t: Tracee, vmas: list[Vma], at: int = 0) -> tuple[int, 
         map_trampoline(t, at)
     t.insn = at
     t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
-    t.syscall("munmap", 0, at)
-    t.syscall("munmap", at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE)
+    t.batch([("munmap", (0, at), True),      # all but the trampoline: one resume
+             ("munmap", (at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE), True)])
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -1113,12 +1114,12 @@ def drop_pages(t: Tracee, ranges: list[Span], *, zeros_if_refused: bool = False)
     to zeros (anonymous) or to the file's content.  ``zeros_if_refused``
     (private anonymous areas): where the kernel refuses (mlocked), zeros
     are written instead."""
-    for s, e in ranges:
-        try:
-            t.syscall("madvise", s, e - s, MADV_DONTNEED)
-        except OSError:
-            if not zeros_if_refused:
-                raise
+    ranges = list(ranges)
+    # independent: one resume in a blank (Tracee.batch); a checked failure stops it
+    rets = t.batch([("madvise", (s, e - s, MADV_DONTNEED), not zeros_if_refused)
+                    for s, e in ranges])
+    for (s, e), ret in zip(ranges, rets):
+        if -4096 < ret < 0:
             t.write(s, bytes(e - s))
 
 
