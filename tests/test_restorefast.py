@@ -112,3 +112,18 @@ def test_page_writers_restore_memhog_intact(bins, procs, tmp_path, monkeypatch):
     c = probe_hog(new, r.log)
     assert c.ok, f"after restore with two writers: {c.line}"
     assert c.counter > a.counter
+
+
+@pytest.mark.e2e
+def test_page_writers_restore_a_cow_tree(bins, trees, tmp_path, monkeypatch):
+    """A tree poured task by task (TaskPages) with two writers: every
+    process's checksum as before."""
+    from rootless_helpers import checkpoint_tree, restart_tree
+    from test_cow import _start, sums
+    root, workers, log = _start(bins, trees, tmp_path)
+    before = sums(root, workers, log)
+    checkpoint_tree(root, tmp_path / "img")
+    monkeypatch.setenv("LCR_RESTORE_WRITERS", "2")
+    new, _ = restart_tree(tmp_path / "img", trees)
+    assert new == root
+    assert sums(root, workers, log) == before

@@ -380,6 +380,9 @@ class _Upto:
         self.pending = rec
         return Record(type=RecType.TRAILER, meta=None, data=memoryview(b""))  # type: ignore[arg-type]
 
+    def widen(self, n: int) -> None:
+        self.reader.widen(n)
+
     def expect_end(self) -> None:
         pass
 
