@@ -282,6 +282,13 @@ class ImageReader:
         # every byte, so every byte must be read.
         self.skim = skim and self.verifier is None
 
+    def widen(self, n: int) -> None:
+        """At least ``n`` data buffers in the rotation: a record's data then
+        stays valid while the next n - 1 are read (a restore that writes
+        several records at once, resources/memory.py PageFill)."""
+        while len(self._bufs) < n:
+            self._bufs.append(bytearray(0))
+
     def _fail(self, what: str) -> ImageError:
         return ImageError(f"{self.name} is corrupt: {printable(what)} (at byte {self.offset})",
                           "the image cannot be used; take a new checkpoint")
@@ -446,7 +453,7 @@ class ImageReader:
         if data_len and data_len <= SMALL_DATA:   # a buffer of its own: valid for good
             data = self._read_exact(data_len)
         elif data_len:
-            self._turn = (self._turn + 1) % RING
+            self._turn = (self._turn + 1) % len(self._bufs)
             if data_len > len(self._bufs[self._turn]):
                 self._bufs[self._turn] = bytearray(data_len)
             data = self._read_exact(data_len, memoryview(self._bufs[self._turn]))

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -228,11 +229,13 @@ class Tracee:
     # through the scheduler, which on a loaded machine cost far more than the
     # call.  A blank's trampoline page is ours and writable: the calls are
     # written there as straight-line code (registers set, `syscall`, rax
-    # stored to a result slot), ended by int3; one PTRACE_CONT runs them all
-    # and the SIGTRAP stops the task.  Only for a task lcr made (no live
-    # thread: it has no kill-safety to keep; a live one goes call by call),
-    # and only for calls that do not need each other's results: all of them
-    # run even when one fails (the first failure is raised afterwards).
+    # stored to a result slot; a checked call that failed jumps to the end),
+    # ended by int3; one PTRACE_CONT runs them all and the SIGTRAP stops the
+    # task.  Only for a task lcr made (no live thread: it has no kill-safety
+    # to keep; a live one goes call by call), and only for calls that do not
+    # need each other's results.  A checked call that fails stops the batch
+    # there (the later ones do not run, as call by call) and is raised naming
+    # it and its place; unchecked failures are only returned.
 
     def batch(self, calls: list[tuple[str, tuple[int, ...], bool]]) -> list[int]:
         """Run (name, args, check) calls; their results, in order."""
@@ -240,15 +243,24 @@ class Tracee:
             return [self.syscall(name, *args, check=check) for name, args, check in calls]
         out: list[int] = []
         for i in range(0, len(calls), BATCH_MAX):
-            out += self._batch(calls[i:i + BATCH_MAX])
+            out += self._batch(calls[i:i + BATCH_MAX], i, len(calls))
         return out
 
-    def _batch(self, calls: list[tuple[str, tuple[int, ...], bool]]) -> list[int]:
+    def _batch(self, calls: list[tuple[str, tuple[int, ...], bool]], first: int = 0,
+               total: int = 0) -> list[int]:
         assert self.batch_at is not None and self.saved_regs is not None
         at = self.batch_at
-        res = at + ((len(calls) * _CALL_SIZE + 1 + 7) & ~7)
-        code = b"".join(_call_code(NR[name], args, res + 8 * i)
-                        for i, (name, args, _c) in enumerate(calls)) + b"\xcc"
+        size = sum(_CALL_SIZE + (_CHECK_SIZE if check else 0) for _n, _a, check in calls) + 1
+        res = at + ((size + 7) & ~7)
+        end = at + size - 1                      # the int3
+        code = bytearray()
+        for i, (name, args, check) in enumerate(calls):
+            code += _call_code(NR[name], args, res + 8 * i)
+            if check:                            # cmp rax, -4095; jae end
+                here = at + len(code) + _CHECK_SIZE
+                code += b"\x48\x3d\x01\xf0\xff\xff\x0f\x83" + (end - here).to_bytes(4, "little", signed=True)
+        code += b"\xcc"
+        code += bytes(res - at - len(code)) + _NOT_RUN * len(calls)
         self.write(at, code)
         regs = self.saved_regs.copy()
         regs.rip, regs.orig_rax = at, (1 << 64) - 1
@@ -260,9 +272,11 @@ class Tracee:
             self._unexpected(status, what)
         raw = self.read(res, 8 * len(calls))
         rets = [_to_signed(int.from_bytes(raw[8 * i:8 * i + 8], "little")) for i in range(len(calls))]
-        for (name, _args, check), ret in zip(calls, rets):
+        for i, ((name, _args, check), ret) in enumerate(zip(calls, rets)):
             if check and -4096 < ret < 0:
-                raise OSError(-ret, f"{name} in pid {self.pid}: {os.strerror(-ret)}")
+                raise OSError(-ret, f"{name} in pid {self.pid} (call {first + i + 1} of "
+                              f"{total or len(calls)} in one batch; the later ones not run): "
+                              f"{os.strerror(-ret)}")
         return rets
 
     # --- kill-safe injection into a live task ---------------------------------
@@ -532,10 +546,12 @@ class Tracee:
 
     def mem_fd(self) -> int:
         if self._mem_fd is None:
-            try:
-                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-            except (FileNotFoundError, ProcessLookupError):
-                raise TaskGone(f"pid {self.pid} exited while lcr worked on it") from None
+            with _MEM_FD_LOCK:       # page writers may ask from several threads
+                if self._mem_fd is None:
+                    try:
+                        self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+                    except (FileNotFoundError, ProcessLookupError):
+                        raise TaskGone(f"pid {self.pid} exited while lcr worked on it") from None
         return self._mem_fd
 
     @contextmanager
@@ -575,11 +591,18 @@ class Tracee:
 COOKIE_AT = 64      # guardian.COOKIE_AT: where in the code page the cookie is
 
 # batch(): one call is `mov rax, nr` and six `mov reg, imm64` (10 bytes each),
-# `syscall` (2), `mov [imm64], rax` (10); BATCH_MAX of them and their result
+# `syscall` (2), `mov [imm64], rax` (10); BATCH_MAX checked ones and their result
 # slots fit in the trampoline's code page after its first 16 bytes.
 _MOV_IMM = (b"\x48\xb8", b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")
+# A checked call adds `cmp rax, -4095; jae <int3>` (12).  Result slots are
+# filled with _NOT_RUN before the run (the calls after a failure keep it).
 _CALL_SIZE = 7 * 10 + 2 + 10
-BATCH_MAX = 40
+_CHECK_SIZE = 12
+_NOT_RUN = (1 << 63).to_bytes(8, "little")
+BATCH_MAX = 38
+
+
+_MEM_FD_LOCK = threading.Lock()
 
 
 def _call_code(nr: int, args: tuple[int, ...], result: int) -> bytes:

@@ -384,8 +384,9 @@ def empty_but_inherited(t: Tracee, vmas: list[Vma], keep: list[Span], at: int
         at = free_gap(vmas, t.pid)
         map_trampoline(t, at)
     t.insn = at
-    for s, e in runs.subtract([(0, TASK_SIZE)], runs.normalize(keep + [(at, at + TRAMPOLINE)])):
-        t.syscall("munmap", s, e - s)
+    t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
+    t.batch([("munmap", (s, e - s), True) for s, e in
+             runs.subtract([(0, TASK_SIZE)], runs.normalize(keep + [(at, at + TRAMPOLINE)]))])
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -447,6 +448,9 @@ class _Upto:
             return rec
         self.pending = rec
         return Record(type=RecType.TRAILER, meta=None, data=memoryview(b""))  # type: ignore[arg-type]
+
+    def widen(self, n: int) -> None:
+        self.reader.widen(n)
 
     def expect_end(self) -> None:
         pass
@@ -879,8 +883,8 @@ def empty_but_trampoline(t: Tracee, vmas: list[Vma], at: int = 0) -> tuple[int, 
         map_trampoline(t, at)
     t.insn = at
     t.batch_at = at + BATCH_AT       # inherited from the parent: its code page too
-    t.syscall("munmap", 0, at)
-    t.syscall("munmap", at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE)
+    t.batch([("munmap", (0, at), True),      # all but the trampoline: one resume
+             ("munmap", (at + TRAMPOLINE, TASK_SIZE - at - TRAMPOLINE), True)])
     return at, Arena(t, at + PAGE, TRAMPOLINE - PAGE)
 
 
@@ -925,6 +929,68 @@ def _grouped(reader: ImageReader, first: Record) -> Iterator[list[Record]]:
         yield group
 
 
+def writers() -> int:
+    """How many threads write pages into the tasks being restored: two when
+    a CPU is free for the second (the reader thread and the first writer
+    keep about two busy), else one.  LCR_RESTORE_WRITERS forces it (1-4)."""
+    forced = os.environ.get("LCR_RESTORE_WRITERS", "")
+    if forced.isdigit() and int(forced) > 0:
+        return min(int(forced), 4)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1
+    return 2 if cpus >= 3 or (cpus >= 2 and load < cpus - 1) else 1
+
+
+class _Writers:
+    """Large page records written by ``n`` threads, at most ``n`` at once
+    (the image reader's rotation holds n + RING + 1 buffers: a record's
+    data stays valid until its write is waited for).  Two writes to
+    overlapping pages never run at once (the later one waits: last wins,
+    as when written in order).  Fault point restore.pages fires on this
+    thread, once per record, when its write is known done.  n == 1: no
+    thread, written here."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pending: list[tuple[int, int, int, Any]] = []   # pid, start, end, future
+        self.pool = None
+        if n > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(n, thread_name_prefix="lcr-write")
+
+    def write(self, t: Tracee, addr: int, data: memoryview) -> None:
+        if self.pool is None:
+            t.write(addr, data)
+            faults.point("restore.pages")
+            return
+        end = addr + len(data)
+        while self.pending and (len(self.pending) >= self.n or any(
+                p == t.pid and s < end and addr < e for p, s, e, _f in self.pending)):
+            self._wait_oldest()
+        self.pending.append((t.pid, addr, end, self.pool.submit(t.write, addr, data)))
+
+    def _wait_oldest(self) -> None:
+        fut = self.pending.pop(0)[3]
+        fut.result()
+        faults.point("restore.pages")
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        """Every write ended (done or failed), the threads gone: the buffers
+        are free again.  Errors here are the caller's already."""
+        if self.pool is not None:
+            for *_x, fut in self.pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+            self.pending.clear()
+
+
 @dataclass
 class PageFill:
     """The pages of an image poured into the tasks being rebuilt, for
@@ -937,6 +1003,7 @@ class PageFill:
     name: str
     stored: dict[int, list[Span]] = field(default_factory=dict)
     maps: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    _out: "_Writers | None" = field(default=None, repr=False)
 
     def _outside(self, addr: int) -> ImageError:
         return ImageError(f"{self.name} is corrupt: pages at 0x{addr:x} lie outside "
@@ -945,13 +1012,31 @@ class PageFill:
     def pour(self, reader: ImageReader, first: Record) -> int:
         """Every record from ``first`` to the trailer (the end checked): pages
         written as they come, a helper thread reading (and checking) the
-        next records meanwhile.  Pages written."""
+        next records meanwhile, and with ``writers()`` > 1 that many threads
+        writing large records at once (process_vm_writev drops the GIL; the
+        reader's rotation widened so a record's buffer outlives its write).
+        Pages written."""
+        n = writers()
+        if n > 1:
+            reader.widen(n + RING + 1)
+        self._out = _Writers(n)
+        try:
+            total = self._pour(reader, first)
+            self._out.drain()
+            return total
+        finally:
+            self._out.close()
+            self._out = None
+
+    def _pour(self, reader: ImageReader, first: Record) -> int:
         total = 0
         for group in prefetch(_grouped(reader, first)):
             rec = group[0]
             if len(group) > 1 or (rec.type is RecType.PAGES and len(rec.data) <= SMALL_DATA):
+                self._out.drain()
                 total += self._small(group)
             elif rec.type is RecType.TRAILER:
+                self._out.drain()
                 reader.expect_end()
                 return total
             elif rec.type is RecType.PAGEMAP:
@@ -982,8 +1067,13 @@ class PageFill:
 
     def _large(self, rec: Record) -> int:
         meta: Pages = rec.meta  # type: ignore[assignment]
-        self._take(meta).write(meta.addr, rec.data)
-        faults.point("restore.pages")
+        t = self._take(meta)
+        out = self._out
+        if out is None:
+            t.write(meta.addr, rec.data)
+            faults.point("restore.pages")
+        else:
+            out.write(t, meta.addr, rec.data)
         return meta.npages
 
     def _small(self, group: list[Record]) -> int:
@@ -1096,12 +1186,12 @@ def drop_pages(t: Tracee, ranges: list[Span], *, zeros_if_refused: bool = False)
     to zeros (anonymous) or to the file's content.  ``zeros_if_refused``
     (private anonymous areas): where the kernel refuses (mlocked), zeros
     are written instead."""
-    for s, e in ranges:
-        try:
-            t.syscall("madvise", s, e - s, MADV_DONTNEED)
-        except OSError:
-            if not zeros_if_refused:
-                raise
+    ranges = list(ranges)
+    # independent: one resume in a blank (Tracee.batch); a checked failure stops it
+    rets = t.batch([("madvise", (s, e - s, MADV_DONTNEED), not zeros_if_refused)
+                    for s, e in ranges])
+    for (s, e), ret in zip(ranges, rets):
+        if -4096 < ret < 0:
             t.write(s, bytes(e - s))
 
 

@@ -410,12 +410,13 @@ def restore_mm(t: Tracee, arena: Arena, mm: MmFields, inherited_exe: str) -> Non
 
 
 def restore_misc(t: Tracee, arena: Arena, task: Task) -> None:
-    t.syscall("umask", task.umask)
-    t.syscall("personality", task.personality)
-    t.syscall("prctl", PR_SET_NAME, arena.cstr(task.comm[:15]))
+    """Independent calls: one resume in a blank (Tracee.batch)."""
+    calls = [("umask", (task.umask,), True), ("personality", (task.personality,), True),
+             ("prctl", (PR_SET_NAME, arena.cstr(task.comm[:15])), True)]
     if task.robust_list[0]:
-        t.syscall("set_robust_list", task.robust_list[0], task.robust_list[1])
-    t.syscall("set_tid_address", task.tid_address)
+        calls.append(("set_robust_list", (task.robust_list[0], task.robust_list[1]), True))
+    calls.append(("set_tid_address", (task.tid_address,), True))
+    t.batch(calls)
 
 
 def restore_session(t: Tracee, task: Task) -> None:

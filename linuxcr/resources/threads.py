@@ -52,16 +52,18 @@ def create(leader: Tracee, arena: Arena, th: Thread, insn: int) -> Tracee:
     t.attached = True
     t.saved_regs = ptrace.get_regs(tid)
     t.insn = insn
+    t.batch_at = leader.batch_at     # the leader's trampoline: same memory, one runs at a time
     return t
 
 
 def restore_thread(t: Tracee, arena: Arena, th: Thread) -> None:
     """Per-thread kernel state, injected into the thread itself."""
-    if th.robust_list[0]:
-        t.syscall("set_robust_list", th.robust_list[0], th.robust_list[1])
-    t.syscall("set_tid_address", th.tid_address)
+    calls = [("set_robust_list", (th.robust_list[0], th.robust_list[1]), True)] \
+        if th.robust_list[0] else []
+    calls += [("set_tid_address", (th.tid_address,), True),
+              ("prctl", (process.PR_SET_NAME, arena.cstr(th.comm[:15])), True)]
+    t.batch(calls)                   # independent: one resume (Tracee.batch)
     signals.restore_altstack(t, arena, th.altstack)
-    t.syscall("prctl", process.PR_SET_NAME, arena.cstr(th.comm[:15]))
 
 
 def finish_thread(t: Tracee, th: Thread) -> None:

@@ -1,0 +1,129 @@
+"""Restart speed levers (issue 19): Tracee.batch's blob against single
+injections in a real stopped process, and the page writers of PageFill
+(one and two threads, LCR_RESTORE_WRITERS) restoring memhog intact."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import checkpoint_kill_restart, kill_and_reap, probe_hog, restart_image, start_memhog
+from linuxcr.remote.task import BATCH_MAX, Tracee
+from linuxcr.resources import memory
+from linuxcr.sys import ptrace
+
+P = 4096
+ANON = (3, 0x32, (1 << 64) - 1, 0)        # RW, MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS, fd -1
+
+
+def _maps(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {int(line.split("-", 1)[0], 16) for line in f}
+
+
+@pytest.fixture
+def blank(procs, tmp_path):
+    """A stopped sleep, seized, with a trampoline (so batch_at is set)."""
+    p = procs.start(["sleep", "300"], tmp_path / "sleep.log")
+    t = Tracee(p.pid, exitkill=True)
+    t.seize()
+    try:
+        t.stop()
+        vdso = next((m.start, m.end) for m in memory.read_maps(p.pid) if m.path == "[vdso]")
+        t.insn = t.find_syscall_insn(vdso)
+        at = memory.free_gap([], p.pid)
+        memory.map_trampoline(t, at)
+        assert t.batch_at is not None
+        yield t, at + 2 * memory.TRAMPOLINE
+    finally:
+        t.detach()
+
+
+def _calls(base: int) -> list:
+    return [("getpid", (), True), ("mmap", (base, P, *ANON), True),
+            ("mmap", (base + 2 * P, P, *ANON), True), ("munmap", (base, P), True),
+            ("madvise", (base + 1, P, 4), False), ("getpid", (), True)]
+
+
+def _counting():
+    conts = []
+    cont = ptrace.cont
+    ptrace.cont = lambda pid, sig: (conts.append(pid), cont(pid, sig))[1]
+    return conts, cont
+
+
+def test_batch_gives_the_results_of_single_injections(blank):
+    t, base = blank
+    single = [t.syscall(name, *args, check=check) for name, args, check in _calls(base)]
+    other = base + 8 * P
+    conts, cont = _counting()
+    try:
+        batched = t.batch(_calls(other))
+    finally:
+        ptrace.cont = cont
+    assert len(conts) == 1                       # one resume for the six calls
+    shift = lambda r, i: r - (other - base) if i in (1, 2) else r   # noqa: E731
+    assert [shift(r, i) for i, r in enumerate(batched)] == single
+    assert single == [t.pid, base, base + 2 * P, 0, -22, t.pid]
+    m = _maps(t.pid)
+    assert base + 2 * P in m and other + 2 * P in m and base not in m and other not in m
+
+
+def test_batch_error_mid_batch_names_the_call_and_stops_there(blank):
+    t, base = blank
+    calls = [("mmap", (base, P, *ANON), True), ("getpid", (), True),
+             ("munmap", (base + 1, P), True),                     # EINVAL, checked
+             ("mmap", (base + 4 * P, P, *ANON), True)]
+    with pytest.raises(OSError) as e:
+        t.batch(calls)
+    assert e.value.errno == 22
+    assert "munmap" in str(e.value) and "call 3 of 4" in str(e.value)
+    m = _maps(t.pid)
+    assert base in m and base + 4 * P not in m   # ran up to the failing call, not past it
+    # the task is still usable, by batch and singly
+    assert t.batch([("getpid", (), True), ("munmap", (base, P), True)]) == [t.pid, 0]
+    assert t.syscall("getpid") == t.pid
+
+
+def test_batch_of_many_checked_calls_spans_blobs(blank):
+    t, base = blank
+    n = 2 * BATCH_MAX + 5                        # three blobs
+    conts, cont = _counting()
+    try:
+        got = t.batch([("getpid", (), True)] * n)
+    finally:
+        ptrace.cont = cont
+    assert got == [t.pid] * n and len(conts) == 3
+
+
+@pytest.mark.e2e
+def test_page_writers_restore_memhog_intact(bins, procs, tmp_path, monkeypatch):
+    """The same image restarted with one writer and with two: the memory
+    checksum memhog keeps is right both times."""
+    r = start_memhog(procs, bins, tmp_path, 64)
+    a = probe_hog(r.pid, r.log)
+    assert a.ok, a.line
+    img = tmp_path / "img"
+    monkeypatch.setenv("LCR_RESTORE_WRITERS", "1")
+    new = checkpoint_kill_restart(r.pid, img, procs)
+    b = probe_hog(new, r.log)
+    assert b.ok, f"after restore with one writer: {b.line}"
+    kill_and_reap(new)
+    monkeypatch.setenv("LCR_RESTORE_WRITERS", "2")
+    new = restart_image(img, procs)
+    c = probe_hog(new, r.log)
+    assert c.ok, f"after restore with two writers: {c.line}"
+    assert c.counter > a.counter
+
+
+@pytest.mark.e2e
+def test_page_writers_restore_a_cow_tree(bins, trees, tmp_path, monkeypatch):
+    """A tree poured task by task (TaskPages) with two writers: every
+    process's checksum as before."""
+    from rootless_helpers import checkpoint_tree, restart_tree
+    from test_cow import _start, sums
+    root, workers, log = _start(bins, trees, tmp_path)
+    before = sums(root, workers, log)
+    checkpoint_tree(root, tmp_path / "img")
+    monkeypatch.setenv("LCR_RESTORE_WRITERS", "2")
+    new, _ = restart_tree(tmp_path / "img", trees)
+    assert new == root
+    assert sums(root, workers, log) == before
