@@ -59,8 +59,9 @@ def start(sock: socket.socket, peer_uid: int, req: dict, fds: list[int], close_i
                 os.close(fd)
             except OSError:
                 pass
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # as Python starts: EPIPE
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for i in range(3):
             os.dup2(fds[i], i)
