@@ -404,7 +404,12 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
 def agent(foreground: bool) -> None:
     """Run this user's snapshot agent (started on demand by the commands below)."""
     from linuxcr.agent.server import run_agent
-    run_guarded(lambda: run_agent(foreground, run_cli=_run_handed_off))
+    run_guarded(lambda: run_agent(foreground, run_cli=_run_handed_off, warm=_warm))
+
+
+def _warm() -> None:
+    from linuxcr import api  # noqa: F401
+    from linuxcr.cli_output import bar  # noqa: F401
 
 
 def _run_handed_off(argv: list[str]) -> int:

@@ -465,8 +465,10 @@ def _starttime(pid: int) -> int | None:
         return None
 
 
-def run_agent(foreground: bool = False, run_cli=None) -> None:
-    """``lcr agent``: become the agent of this user (unless one runs already)."""
+def run_agent(foreground: bool = False, run_cli=None, warm=None) -> None:
+    """``lcr agent``: become the agent of this user (unless one runs already).
+    ``run_cli(argv) -> exit code``: runs a handed-off command line in a worker
+    (agent/worker.py); ``warm()``: imports what it will need, once listening."""
     d = runtime_dir()
     ensure_dir(d)
     lock = os.open(d / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -508,10 +510,8 @@ def run_agent(foreground: bool = False, run_cli=None) -> None:
         agent.log(f"killed orphaned snapshot process(es) {killed} (left by an agent that died)")
     for line in recovery.sweep(d):
         agent.log(line)
-    if run_cli is not None:
-        # warm: the workers of handed-off checkpoints fork with these imported
-        import linuxcr.api  # noqa: F401
-        import linuxcr.engine.dump  # noqa: F401
+    if warm is not None:
+        warm()          # the workers of handed-off checkpoints fork with the API imported
     try:
         agent.serve(listener)
     finally:
