@@ -68,6 +68,7 @@ class Agent:
         self.dir = d
         self.run_cli = run_cli                # `lcr checkpoint` handed off (agent/worker.py)
         self.listener: socket.socket | None = None
+        self.workers: set[int] = set()        # running workers: the agent is busy (no idle exit)
         self.lock_fd = lock_fd                # kept open by a rollback's guardian
         self.snaps: dict = {}                 # crid -> engine Snapshot
         from linuxcr.engine.snapshots import WriteTrackers
@@ -101,7 +102,7 @@ class Agent:
                 else:
                     self._readable(key.data)
             self._reap()
-            if self.snaps or self.conns or self.wt.by_pid:
+            if self.snaps or self.conns or self.wt.by_pid or self.workers:
                 self.last_busy = time.monotonic()
             elif time.monotonic() - self.last_busy > IDLE_EXIT:
                 self.log("idle: exiting")
@@ -188,6 +189,11 @@ class Agent:
                 break
             if pid == 0:
                 break
+            if (os.WIFEXITED(st) or os.WIFSIGNALED(st)) and pid in self.workers:
+                self.workers.discard(pid)
+                if os.WIFSIGNALED(st):
+                    self.log(f"worker {pid}: killed by signal {os.WTERMSIG(st)}")
+                continue
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 for crid, s in list(self.snaps.items()):
                     if pid in s.children():
@@ -238,6 +244,7 @@ class Agent:
         finally:
             for fd in fds:
                 os.close(fd)
+        self.workers.add(pid)
         self.log(f"worker {pid}: {' '.join(req['argv'][1:])} (pid {c.pid})")
         self.sel.unregister(c.sock)
         self.conns.pop(c.sock.fileno(), None)
