@@ -23,10 +23,11 @@ WORKER = re.compile(r"worker (\d+): checkpoint")
 
 
 @pytest.fixture
-def agent(tmp_path):
-    """A running agent of our own (its dir; killed afterwards, by pid)."""
+def agent(tmp_path, request):
+    """A running agent of our own (its dir; killed afterwards, by pid);
+    indirect parameter: more environment for it."""
     d = Path(tempfile.mkdtemp(prefix="lcr-handoff-"))
-    env = helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    env = helpers.child_env({"LCR_AGENT_DIR": str(d), **getattr(request, "param", {})})
     env.pop("LCR_NO_AGENT", None)
     lcr("agent", env=env)
     deadline = time.monotonic() + 30
@@ -161,6 +162,27 @@ def test_agent_killed_mid_checkpoint(agent, procs, bins, tmp_path):
         time.sleep(0.02)
     helpers.assert_running_untraced(r.pid)
     assert helpers.probe_hog(r.pid, r.log).ok
+
+
+@pytest.mark.parametrize("agent", [{"LCR_AGENT_IDLE": "4"}], indirect=True)
+def test_worker_keeps_agent_from_idle_exit(agent, procs, bins, tmp_path):
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 64)
+    p, worker = _blocked_checkpoint(d, env, r.pid, tmp_path)
+    try:
+        time.sleep(6)                 # idle limit 4 s, but a worker runs
+        assert "idle: exiting" not in _log(d)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert len(out) > 64 << 20
+    deadline = time.monotonic() + 30
+    while "idle: exiting" not in _log(d):      # and then it does exit
+        assert time.monotonic() < deadline, _log(d)
+        time.sleep(0.05)
 
 
 REQUEST = """
