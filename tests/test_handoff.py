@@ -210,3 +210,15 @@ def test_other_uid_refused(agent, procs, bins, tmp_path):
     assert reply["ok"] is False and reply["class"] == "PermissionDenied", reply
     assert _workers(d) == 0
     helpers.assert_running_untraced(r.pid)
+
+
+def test_other_capabilities_run_in_process(agent, procs, bins, tmp_path):
+    """Same uid, fewer capabilities (bounding set): not handed off."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 4)
+    cp = subprocess.run(["setpriv", "--bounding-set=-net_raw", *helpers.LCR, "checkpoint",
+                         str(r.pid), "-o", "a.img", "--leave-running"], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert _workers(d) == 0, _log(d)
+    assert (tmp_path / "a.img").exists()

@@ -239,7 +239,7 @@ class Agent:
         fds = c.take_fds()
         try:
             mine = [k.fd for k in self.sel.get_map().values()] + [self.sel.fileno(), self.lock_fd]
-            pid = worker.start(c.sock, c.uid, req, fds, [fd for fd in mine if fd >= 0 and
+            pid = worker.start(c.sock, c.uid, c.pid, req, fds, [fd for fd in mine if fd >= 0 and
                                                            fd != c.sock.fileno()], self.run_cli)
         finally:
             for fd in fds:

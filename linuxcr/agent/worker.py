@@ -3,7 +3,8 @@
 {"op": "run", "argv": [...], "env": {...}} + fds [stdin, stdout, stderr, cwd]
     -> {"ok": true, "worker": W}  then, when it is done, {"exit": N}
 
-Only for a peer of the agent's own uid (SO_PEERCRED).  The agent forks a
+Only for a peer of the agent's own uid (SO_PEERCRED), with the same
+groups, capabilities and namespaces (its /proc/PID/status and ns/).  The agent forks a
 worker (warm: lcr is imported) that takes those fds as 0/1/2 and its
 working directory, the client's environment, and runs the command line
 through ``run_cli`` (given by `lcr agent`, cli.py: the agent does not import
@@ -33,7 +34,19 @@ def _stream(fd: int, mode: str) -> io.TextIOWrapper:
                 errors="backslashreplace" if fd == 2 else "strict")
 
 
-def start(sock: socket.socket, peer_uid: int, req: dict, fds: list[int], close_in_child: list[int],
+def _context(pid: int | str) -> tuple:
+    """What a worker must share with its client: credentials, capabilities
+    and namespaces (a worker of the same uid with more groups or
+    capabilities, or other mounts, would not be the same command)."""
+    keep = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "NoNewPrivs:",
+            "Seccomp:")
+    with open(f"/proc/{pid}/status") as f:
+        st = tuple(ln.strip() for ln in f if ln.startswith(keep))
+    ns = tuple(os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "pid", "user", "net", "ipc", "uts"))
+    return st + ns
+
+
+def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: list[int], close_in_child: list[int],
           run_cli: Callable[[list[str]], int] | None) -> int:
     """Fork the worker for this request; its pid.  ``close_in_child``: the
     agent's own fds (listener, other connections, lock) the worker drops."""
@@ -42,6 +55,13 @@ def start(sock: socket.socket, peer_uid: int, req: dict, fds: list[int], close_i
     if peer_uid != os.getuid():
         raise PermissionDenied(f"uid {peer_uid} may not run commands in the lcr agent of uid "
                                f"{os.getuid()}", "run lcr as yourself; it runs in-process then")
+    try:
+        same = _context(peer_pid) == _context("self")
+    except OSError:
+        same = False
+    if not same:
+        raise PermissionDenied(f"pid {peer_pid} has other groups, capabilities or namespaces than "
+                               f"the lcr agent", "it runs in-process")
     argv, env = req.get("argv"), req.get("env")
     if (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
             or not isinstance(env, dict) or len(fds) != 4):
