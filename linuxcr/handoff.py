@@ -35,6 +35,12 @@ def agent_socket() -> str:
     return f"/tmp/lcr-{os.geteuid()}/agent.sock"
 
 
+def code_id() -> list[str]:
+    """Which lcr this is: its package directory and interpreter."""
+    import sys
+    return [os.path.dirname(os.path.abspath(__file__)), os.path.realpath(sys.executable)]
+
+
 def wanted(argv: list[str]) -> bool:
     """Is this command line one to hand off?"""
     if os.environ.get("LCR_NO_AGENT", "") not in ("", "0") or os.environ.get("LCR_FAULT"):
@@ -93,7 +99,8 @@ def try_handoff(argv: list[str]) -> int | None:
     cwd = -1
     try:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        req = {"op": "run", "argv": list(argv), "env": dict(os.environ)}
+        # the agent runs only the same lcr (package directory) with the same python
+        req = {"op": "run", "argv": list(argv), "env": dict(os.environ), "code": code_id()}
         socket.send_fds(s, [(json.dumps(req) + "\n").encode()], [0, 1, 2, cwd])
         first = _read_msg(s, buf)
     except (OSError, ValueError):

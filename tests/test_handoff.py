@@ -222,3 +222,17 @@ def test_other_capabilities_run_in_process(agent, procs, bins, tmp_path):
     assert cp.returncode == 0, cp.stderr
     assert _workers(d) == 0, _log(d)
     assert (tmp_path / "a.img").exists()
+
+
+def test_other_code_refused(agent, procs, bins, tmp_path):
+    """A client of another lcr (package dir or interpreter): refused, so it
+    runs its own code in-process."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 4)
+    cp = subprocess.run([sys.executable, "-I", "-c", REQUEST, str(d / "agent.sock"), str(r.pid)],
+                        capture_output=True, text=True, timeout=60, cwd="/")
+    assert cp.returncode == 0, cp.stderr
+    reply = json.loads(cp.stdout)
+    assert reply["ok"] is False and reply["class"] == "AgentError", reply
+    assert "other code" in reply["error"]
+    assert _workers(d) == 0

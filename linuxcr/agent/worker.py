@@ -62,6 +62,10 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
     if not same:
         raise PermissionDenied(f"pid {peer_pid} has other groups, capabilities or namespaces than "
                                f"the lcr agent", "it runs in-process")
+    import linuxcr
+    mine = [os.path.dirname(os.path.abspath(linuxcr.__file__)), os.path.realpath(sys.executable)]
+    if req.get("code") != mine:     # handoff.code_id of the client
+        raise AgentError(f"the lcr agent runs other code ({' '.join(mine)})", "it runs in-process")
     argv, env = req.get("argv"), req.get("env")
     if (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
             or not isinstance(env, dict) or len(fds) != 4):
