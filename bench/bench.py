@@ -471,6 +471,8 @@ class Bench:
         self.criu = args.criu
         self.crit = args.crit
         self.worker = ApiWorker(args.timeout, self.root / "api-worker.log") if "api" in args.modes else None
+        # lcragent: `lcr checkpoint` handed off to a running, warm agent (linuxcr/handoff.py)
+        self.agent_dir = self.start_agent() if "lcragent" in args.modes else None
         self.records: list[dict] = []
         self.last_cpu: float | None = None
         self.meta: dict | None = None
@@ -517,6 +519,7 @@ class Bench:
         self.kill_all(sorted(self.live), reaper=self.worker.reap if self.worker else None)
         if self.worker:
             self.worker.stop()
+        self.stop_agent()
 
     def user_kw(self, user: str | None, home: Path | None = None) -> dict:
         """subprocess kwargs that run a command as USER (None: as ourselves),
@@ -552,14 +555,50 @@ class Bench:
             Path(str(save) + ".err").write_text(err or "")
         return rc, dt, out, err
 
+    def start_agent(self) -> Path:
+        """An lcr agent of our own (its dir), started and warm before the runs."""
+        d = self.root / "agent"
+        d.mkdir(mode=0o700, exist_ok=True)
+        env = dict(os.environ, LCR_AGENT_DIR=str(d))
+        subprocess.run(self.lcr + ["agent"], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        deadline = time.monotonic() + 60
+        while not (d / "agent.log").exists() or "serving" not in (d / "agent.log").read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the lcr agent did not start ({d})")
+            time.sleep(0.05)
+        time.sleep(0.5)     # its warm-up imports (after "serving")
+        return d
+
+    def stop_agent(self) -> None:
+        if self.agent_dir is not None:
+            try:
+                os.kill(int((self.agent_dir / "agent.pid").read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+    def lcr_env(self, mode: str, ukw: dict | None) -> dict:
+        """subprocess kwargs of lcr in MODE: lcr/lcrz in-process (LCR_NO_AGENT=1),
+        lcragent through our agent."""
+        kw = dict(ukw or {})
+        env = dict(kw.get("env") or os.environ)
+        if mode == "lcragent":
+            env.pop("LCR_NO_AGENT", None)
+            env["LCR_AGENT_DIR"] = str(self.agent_dir)
+        else:
+            env["LCR_NO_AGENT"] = "1"
+        kw["env"] = env
+        return kw
+
     # ---- one mode's checkpoint + restart
     def ckpt(self, mode, pid, img, ukw=None):
         """-> (ok, seconds, error); UKW: subprocess kwargs for lcr (another user)"""
-        if mode in ("lcr", "lcrz"):
+        if mode in ("lcr", "lcrz", "lcragent"):
             argv = self.lcr + ["checkpoint", str(pid), "-o", str(img)]
             if mode == "lcrz":
                 argv.append("--compress")
-            rc, dt, out, err = self.run_cmd(argv, save=img.parent / "checkpoint", **(ukw or {}))
+            rc, dt, out, err = self.run_cmd(argv, save=img.parent / "checkpoint",
+                                            **self.lcr_env(mode, ukw))
             if rc != 0:
                 return False, dt, f"lcr checkpoint rc={rc}: {last_line(err) or last_line(out)}"
             return True, dt, None
@@ -581,9 +620,9 @@ class Bench:
 
     def restart(self, mode, img, pid, ukw=None):
         """-> (ok, seconds, restored_pid, error)"""
-        if mode in ("lcr", "lcrz"):
+        if mode in ("lcr", "lcrz", "lcragent"):
             rc, dt, out, err = self.run_cmd(self.lcr + ["restart", str(img)], save=img.parent / "restart",
-                                            **(ukw or {}))
+                                            **self.lcr_env("lcr", ukw))
             if rc != 0:
                 return False, dt, None, f"lcr restart rc={rc}: {last_line(err) or last_line(out)}"
             try:
@@ -1124,7 +1163,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs per workload and tool (default 3)")
     p.add_argument("--modes", default="lcr,criu",
                    help="tools to time, comma separated: lcr (CLI), lcrz (CLI --compress), "
-                        "api (Python API, warm interpreter), criu (default lcr,criu)")
+                        "api (Python API, warm interpreter), lcragent (CLI handing the "
+                        "checkpoint to a running agent; restart in-process), criu "
+                        "(default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
     p.add_argument("--baseline", metavar="DIR",
@@ -1169,7 +1210,7 @@ def parse_args(argv=None):
             p.error(f"--baseline {a.baseline}: no linuxcr package there")
         if "base" not in a.modes:
             a.modes.insert(0, "base")
-    bad = set(a.modes) - {"lcr", "lcrz", "api", "criu", "base"}
+    bad = set(a.modes) - {"lcr", "lcrz", "lcragent", "api", "criu", "base"}
     if bad:
         p.error(f"unknown mode(s): {', '.join(sorted(bad))}")
     if a.runs < 1 or ("memhog" in a.cases and not a.sizes):

@@ -81,13 +81,15 @@ def main() -> None:
               help="The process runs on the terminal of a shell (its other end is outside the "
                    "tree): save that terminal as external; restart with --shell-job.")
 @click.option("-f", "--force", is_flag=True, help="Replace IMAGE if it exists (atomically).")
+@click.option("--no-agent", is_flag=True,
+              help="Run here even if this user's lcr agent runs (also LCR_NO_AGENT=1).")
 @reporting()
 def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                low_downtime: bool = False, sign_key: str | None = None,
                parent: str | None = None, track: bool = False, images_dir: str | None = None,
                interval: str | None = None, keep: int = 0, full_every: int = 10,
                count: int = 0, external: bool = False, shell_job: bool = False,
-               force: bool = False) -> None:
+               force: bool = False, no_agent: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
     def go() -> None:
         from linuxcr import api
@@ -402,7 +404,24 @@ def check(pid: int, tree: bool, as_json: bool) -> None:
 def agent(foreground: bool) -> None:
     """Run this user's snapshot agent (started on demand by the commands below)."""
     from linuxcr.agent.server import run_agent
-    run_guarded(lambda: run_agent(foreground))
+    run_guarded(lambda: run_agent(foreground, run_cli=_run_handed_off, warm=_warm))
+
+
+def _warm() -> None:
+    from linuxcr import api  # noqa: F401
+    from linuxcr.cli_output import bar  # noqa: F401
+
+
+def _run_handed_off(argv: list[str]) -> int:
+    """In the agent's worker (agent/worker.py): one command line handed off
+    by the CLI (handoff.py), as `lcr` would run it; its exit code."""
+    from linuxcr import faults
+    faults.reset()
+    try:
+        main.main(args=argv[1:], prog_name="lcr")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 @main.command()

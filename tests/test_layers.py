@@ -94,7 +94,7 @@ ANYWHERE = None
 # rank of each layer: a module may import its own layer (no cycle, see
 # below) and any layer under it, never one above.
 RANKS = {
-    "cli": 7,            # cli.py, cli_migrate.py, cli_common.py, cli_output.py, __main__.py
+    "cli": 7,            # cli.py, cli_migrate.py, cli_common.py, cli_output.py, __main__.py, handoff.py
     "periodic": 6,       # above the API, calling it: periodic.py (--interval), job.py
                          # (lcr run --checkpoint-dir), selfckpt.py (checkpoint_self)
     "api": 5,            # api.py, results.py
@@ -116,7 +116,7 @@ def layer(mod: str) -> tuple[str | None, str]:
     top = parts[1] if len(parts) > 1 else ""
     if mod == "linuxcr" or top in ("errors", "faults", "pipeline"):
         return ANYWHERE, top
-    if top in ("cli", "cli_migrate", "cli_common", "cli_output", "cli_man", "__main__"):
+    if top in ("cli", "cli_migrate", "cli_common", "cli_output", "cli_man", "__main__", "handoff"):
         return "cli", top
     if top in ("periodic", "job", "selfckpt"):
         return "periodic", top

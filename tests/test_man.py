@@ -77,4 +77,4 @@ def test_the_lcr_command_is_declared():
     import tomllib
     with open(helpers.REPO / "pyproject.toml", "rb") as f:
         meta = tomllib.load(f)
-    assert meta["project"]["scripts"].get("lcr") == "linuxcr.cli:main"
+    assert meta["project"]["scripts"].get("lcr") == "linuxcr.__main__:entry"   # handoff.py first, then the CLI

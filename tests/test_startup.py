@@ -78,3 +78,20 @@ def test_migrate_commands_listed_and_loaded():
     r = subprocess.run([sys.executable, "-m", "linuxcr", "migrate", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--max-downtime" in r.stdout
+
+
+def test_entry_hands_off_before_the_cli():
+    """The `lcr` entry point (linuxcr.__main__:entry) decides on handing
+    `lcr checkpoint` to the agent (linuxcr/handoff.py) with os/socket/json
+    only: no click, no CLI, no API."""
+    mods = _modules("import linuxcr.__main__, linuxcr.handoff as h\n"
+                    "h.wanted(['lcr', 'checkpoint', '1', '-o', 'x']); h.agent_socket()")
+    assert not [m for m in HEAVY + ENGINE if m in mods]
+    assert "click" not in mods and "linuxcr.cli" not in mods and "linuxcr.agent" not in mods
+
+
+def test_script_is_the_light_entry():
+    import tomllib
+    from pathlib import Path
+    meta = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["lcr"] == "linuxcr.__main__:entry"

@@ -64,8 +64,11 @@ class _Conn:
 
 
 class Agent:
-    def __init__(self, d: Path, lock_fd: int = -1) -> None:
+    def __init__(self, d: Path, lock_fd: int = -1, run_cli=None) -> None:
         self.dir = d
+        self.run_cli = run_cli                # `lcr checkpoint` handed off (agent/worker.py)
+        self.listener: socket.socket | None = None
+        self.workers: set[int] = set()        # running workers: the agent is busy (no idle exit)
         self.lock_fd = lock_fd                # kept open by a rollback's guardian
         self.snaps: dict = {}                 # crid -> engine Snapshot
         from linuxcr.engine.snapshots import WriteTrackers
@@ -82,6 +85,7 @@ class Agent:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", flush=True)
 
     def serve(self, listener: socket.socket) -> None:
+        self.listener = listener
         self.sel.register(listener, selectors.EVENT_READ, None)
         self.log(f"agent pid {os.getpid()} serving {self.dir}")
         while not self.quit:
@@ -98,7 +102,7 @@ class Agent:
                 else:
                     self._readable(key.data)
             self._reap()
-            if self.snaps or self.conns or self.wt.by_pid:
+            if self.snaps or self.conns or self.wt.by_pid or self.workers:
                 self.last_busy = time.monotonic()
             elif time.monotonic() - self.last_busy > IDLE_EXIT:
                 self.log("idle: exiting")
@@ -185,6 +189,11 @@ class Agent:
                 break
             if pid == 0:
                 break
+            if (os.WIFEXITED(st) or os.WIFSIGNALED(st)) and pid in self.workers:
+                self.workers.discard(pid)
+                if os.WIFSIGNALED(st):
+                    self.log(f"worker {pid}: killed by signal {os.WTERMSIG(st)}")
+                continue
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 for crid, s in list(self.snaps.items()):
                     if pid in s.children():
@@ -222,6 +231,26 @@ class Agent:
     # --- operations -------------------------------------------------------
     def op_ping(self, c: _Conn, req: dict) -> dict:
         return dict(ok=True, pid=os.getpid(), snapshots=len(self.snaps))
+
+    def op_run(self, c: _Conn, req: dict) -> None:
+        """A command line handed off by the CLI (agent/worker.py): forked,
+        the worker answers on this connection; we forget it."""
+        from linuxcr.agent import worker
+        fds = c.take_fds()
+        try:
+            mine = [k.fd for k in self.sel.get_map().values()] + [self.sel.fileno(), self.lock_fd]
+            pid = worker.start(c.sock, c.uid, c.pid, req, fds, [fd for fd in mine if fd >= 0 and
+                                                           fd != c.sock.fileno()], self.run_cli)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.workers.add(pid)
+        self.log(f"worker {pid}: {' '.join(req['argv'][1:])} (pid {c.pid})")
+        self.sel.unregister(c.sock)
+        self.conns.pop(c.sock.fileno(), None)
+        c.open = False
+        c.sock.close()
+        return None
 
     def op_quit(self, c: _Conn, req: dict) -> dict:
         if c.uid not in (0, os.geteuid()):
@@ -443,8 +472,10 @@ def _starttime(pid: int) -> int | None:
         return None
 
 
-def run_agent(foreground: bool = False) -> None:
-    """``lcr agent``: become the agent of this user (unless one runs already)."""
+def run_agent(foreground: bool = False, run_cli=None, warm=None) -> None:
+    """``lcr agent``: become the agent of this user (unless one runs already).
+    ``run_cli(argv) -> exit code``: runs a handed-off command line in a worker
+    (agent/worker.py); ``warm()``: imports what it will need, once listening."""
     d = runtime_dir()
     ensure_dir(d)
     lock = os.open(d / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -479,13 +510,15 @@ def run_agent(foreground: bool = False) -> None:
     os.umask(old)
     listener.listen(64)
     (d / "agent.pid").write_text(f"{os.getpid()}\n")
-    agent = Agent(d, lock)
+    agent = Agent(d, lock, run_cli)
     from linuxcr.engine import snapshots
     killed = snapshots.kill_orphans()
     if killed:
         agent.log(f"killed orphaned snapshot process(es) {killed} (left by an agent that died)")
     for line in recovery.sweep(d):
         agent.log(line)
+    if warm is not None:
+        warm()          # the workers of handed-off checkpoints fork with the API imported
     try:
         agent.serve(listener)
     finally:

@@ -120,10 +120,21 @@ def checkpoint_saves(reason: str) -> bool:
     return sysvipc.CHECKPOINT_ONLY in reason
 
 
-def _ns_reasons(pid: int, root: int) -> list[str]:
+def _root_is_ns_init(root: int) -> bool | None:
+    """Is the root pid 1 of its own pid namespace (None: gone)?  Read once
+    per check_tree, not once per process."""
     try:
         st = read_status(root)
-        return namespaces.check(pid, root, len(st.ns_pid) > 1 and st.ns_pid[-1] == 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return len(st.ns_pid) > 1 and st.ns_pid[-1] == 1
+
+
+def _ns_reasons(pid: int, root: int, root_init: bool | None) -> list[str]:
+    if root_init is None:
+        return []      # gone: the callers find out
+    try:
+        return namespaces.check(pid, root, root_init)
     except (FileNotFoundError, ProcessLookupError):
         return []      # gone: the callers find out
 
@@ -137,7 +148,8 @@ def check_tree(root: int, *, maps_only: bool = False) -> list[str]:
 
 def _check_tree(root: int, maps_only: bool) -> list[str]:
     reasons = [r for r in check_process(root, maps_only=maps_only) if not checkpoint_saves(r)]
-    reasons += _ns_reasons(root, root)
+    root_init = _root_is_ns_init(root)
+    reasons += _ns_reasons(root, root, root_init)
     seen = {root}
     order = [root]                  # parents before children, for sharing_reasons
     queue = pstree.children(root)
@@ -156,7 +168,7 @@ def _check_tree(root: int, maps_only: bool) -> list[str]:
             if _gone_or_dying(p):
                 continue
             raise
-        found = [r for r in found if not checkpoint_saves(r)] + _ns_reasons(p, root)
+        found = [r for r in found if not checkpoint_saves(r)] + _ns_reasons(p, root, root_init)
         if found and _gone_or_dying(p):
             continue        # what it "holds" is what it is letting go of
         reasons += [f"child pid {p}: {r}" for r in found]

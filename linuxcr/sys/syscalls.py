@@ -6,11 +6,11 @@ Python: functions raise OSError with the real errno, structs are ctypes types.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# by name: ctypes.util.find_library runs ldconfig (start-up time of every command)
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _syscall = libc.syscall
 _syscall.restype = ctypes.c_long
 

@@ -1,0 +1,137 @@
+"""Hand `lcr checkpoint` to this user's running agent (the client side; the
+agent side is agent/worker.py).  Imported by the tiny entry point
+(__main__.entry) before anything else of lcr: it must stay light (os, socket,
+json, signal only).
+
+The agent forks a warm worker (every import already done) that runs the same
+command line with our stdin/stdout/stderr and working directory (SCM_RIGHTS)
+and our environment, and reports its exit code; we exit with it.  ^C here is
+forwarded to the worker (SIGINT), which thaws the target and exits 130 as
+in-process.  Not handed off: when no agent runs (it is not started for
+this: LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1,
+`--shell-job` (needs our terminal), LCR_FAULT set (tests), or when the agent refuses before the
+worker started; then the command runs in this process as before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+COMMANDS = ("checkpoint",)
+NO_HANDOFF_FLAGS = ("--no-agent", "--shell-job", "-h", "--help")
+WORKER_DIED = 70          # errors.INTERNAL_ERROR (not imported: start-up time)
+
+
+def agent_socket() -> str:
+    """agent.sock in the agent's directory (the same rule as agent.client.runtime_dir)."""
+    env = os.environ.get("LCR_AGENT_DIR")
+    if env:
+        return os.path.join(env, "agent.sock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.geteuid():
+        return os.path.join(xdg, "lcr", "agent.sock")
+    return f"/tmp/lcr-{os.geteuid()}/agent.sock"
+
+
+def code_id() -> list[str]:
+    """Which lcr this is: its package directory and interpreter."""
+    import sys
+    return [os.path.dirname(os.path.abspath(__file__)), os.path.realpath(sys.executable)]
+
+
+def wanted(argv: list[str]) -> bool:
+    """Is this command line one to hand off?"""
+    if os.environ.get("LCR_NO_AGENT", "") not in ("", "0") or os.environ.get("LCR_FAULT"):
+        return False          # LCR_FAULT (tests): fault points act on this process
+    args = argv[1:]
+    if not args or args[0] not in COMMANDS:
+        return False
+    return not any(a in NO_HANDOFF_FLAGS for a in args)
+
+
+def _connect() -> socket.socket | None:
+    path = agent_socket()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+        return s
+    except OSError:
+        s.close()
+    if os.environ.get("LCR_AGENT") != "start":
+        return None
+    try:   # opt-in: start the agent (this import costs what handing off saves, once)
+        from linuxcr.agent.client import Client
+        c = Client(start=True)
+        return c.sock
+    except Exception:
+        return None
+
+
+def _read_msg(s: socket.socket, buf: bytearray) -> dict | None:
+    while b"\n" not in buf:
+        try:
+            chunk = s.recv(65536)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+def try_handoff(argv: list[str]) -> int | None:
+    """Run argv through the agent: its exit code, or None to run in-process
+    (nothing was started)."""
+    if not wanted(argv):
+        return None
+    s = _connect()
+    if s is None:
+        return None
+    buf = bytearray()
+    cwd = -1
+    try:
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # the agent runs only the same lcr (package directory) with the same python
+        req = {"op": "run", "argv": list(argv), "env": dict(os.environ), "code": code_id()}
+        socket.send_fds(s, [(json.dumps(req) + "\n").encode()], [0, 1, 2, cwd])
+        first = _read_msg(s, buf)
+    except (OSError, ValueError):
+        first = None
+    finally:
+        if cwd >= 0:
+            os.close(cwd)
+    if not first or not first.get("ok") or not isinstance(first.get("worker"), int):
+        s.close()
+        return None                   # refused or an old agent: run here
+    worker = first["worker"]
+    pending: list[int] = []
+
+    def forward(signum, _frame):      # ^C and friends: the worker's to handle
+        try:
+            os.kill(worker, signum)
+        except OSError:
+            pending.append(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        end = _read_msg(s, buf)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        s.close()
+    if end is None or not isinstance(end.get("exit"), int):
+        if pending and pending[0] == signal.SIGINT:
+            os.write(2, b"lcr: interrupted\n")
+            return 130
+        os.write(2, f"lcr: the agent's worker (pid {worker}) ended without an exit code; "
+                    f"see {os.path.dirname(agent_socket())}/agent.log, or use --no-agent\n".encode())
+        return WORKER_DIED
+    return end["exit"]
