@@ -88,6 +88,9 @@ FEATURES = U.UFFD_FEATURE_EVENT_FORK | U.UFFD_FEATURE_EVENT_REMAP | U.UFFD_FEATU
 UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 STREAM_BYTES = 4 << 20          # background copy: at most this much between looks at faults
 MSGS = 64                       # messages read at once
+# Seconds to wait after each background chunk: a slow disk, for tests and
+# benchmarks (faults are served without it).
+PACE_ENV = "LCR_LAZY_PACE"
 
 
 # --------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
                 keep = {reader.fd, logfd, wfd} | {m.uffd for m in setup.mms}
                 _close_others(keep)
                 _std_to(logfd)
-                srv.spawn_watchdog()
+                srv.spawn_watchdog(close=wfd)
                 os.write(wfd, f"{os.getpid()} {srv.watchdog}\n".encode())
                 os.close(wfd)
                 code = srv.run()
@@ -356,7 +359,7 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
         wfd = -1
         os.waitpid(pid, 0)
         got = b""
-        while True:
+        while not got.endswith(b"\n"):       # one line (the watchdog holds the pipe too)
             k = os.read(rfd, 64)
             if not k:
                 break
@@ -443,11 +446,13 @@ class Server:
             pass
 
     # --- watchdog ----------------------------------------------------------------
-    def spawn_watchdog(self) -> None:
+    def spawn_watchdog(self, close: int = -1) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:                                      # pragma: no cover (child)
             os.close(w)
+            if close >= 0:
+                os.close(close)
             os.setpgid(0, 0)                              # a group of its own
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             code = _watch(r, self)
@@ -604,6 +609,10 @@ class Server:
             poller.register(fd, select.POLLIN)
         watched = set(self.mms)
         stream = list(self.mms.values())
+        try:
+            pace = float(os.environ.get(PACE_ENV, "0") or 0)
+        except ValueError:
+            pace = 0.0
         while self.mms and self.remaining():
             faults.point("lazy.serve")
             for fd in set(self.mms) - watched:
@@ -629,6 +638,9 @@ class Server:
             if not stream:
                 continue
             m = stream[0]
+            if pace:
+                if poller.poll(int(pace * 1000)):
+                    continue                              # a fault came meanwhile
             budget = STREAM_BYTES
             while budget > 0 and len(m.index) and m.uffd in self.mms:
                 piece = m.index.pop(0)
