@@ -179,14 +179,15 @@ def test_pipe_refused(bins, procs, tmp_path):
     pid, log = _start(procs, bins, tmp_path, 4)
     img = tmp_path / "img"
     _ckpt(pid, img)
-    cp = subprocess.run([*LCR, "restart", "-", "--lazy", "--no-progress"], stdin=open(img, "rb"),
-                        capture_output=True, text=True, timeout=60)
     cp2 = subprocess.run(f"cat {img} | {' '.join(LCR)} restart - --lazy --no-progress",
                          shell=True, capture_output=True, text=True, timeout=60)
     assert cp2.returncode != 0 and "--lazy needs the image in a file" in cp2.stderr, cp2.stderr
     assert "Traceback" not in cp2.stderr and len(cp2.stderr.strip().splitlines()) <= 2
     assert not exists(pid) or _state(pid) == "Z"
     # from a file on stdin it works
+    with open(img, "rb") as f:
+        cp = subprocess.run([*LCR, "restart", "-", "--lazy", "--no-progress"], stdin=f,
+                            capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     new = int(cp.stdout.strip())
     procs.add(new)

@@ -341,8 +341,11 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
                 os.setsid()
                 if os.fork() != 0:
                     os._exit(0)
+                if reader.fd <= 2:               # stdin: _std_to puts /dev/null there
+                    import fcntl
+                    reader.fd = fcntl.fcntl(reader.fd, fcntl.F_DUPFD_CLOEXEC, 3)
                 srv = Server(setup.mms, setup.records, reader, root, t0, logfd)
-                keep = {reader.fd, logfd, wfd} | {m.uffd for m in setup.mms}
+                keep = {reader.fd, logfd, wfd, srv.rootfd} | {m.uffd for m in setup.mms}
                 _close_others(keep)
                 _std_to(logfd)
                 srv.spawn_watchdog(close=wfd)
