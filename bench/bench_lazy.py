@@ -10,7 +10,9 @@ restarted (the page cache pre-warmed by reading the image first), memhog's
 checksum is checked (SIGUSR1: OK), and the process killed again:
   - lazy: running = `lcr restart --lazy` returned (CLI, interpreter start
     included); complete = the page server exited (polled every 2 ms from
-    the same start; its own log's complete_ms is printed too);
+    the same start); "engine ms" is lcr's own time to running (the
+    restart's "seconds", no interpreter start-up), "server ms" the server
+    log's complete_ms (from the same engine start to the last page in);
   - lcr: `lcr restart` returned (running = complete);
   - criu: `criu restore -d` returned (running = complete).
 Medians over runs, in ms; the rows as JSON at the end.  Timing on a shared
@@ -77,6 +79,14 @@ def check_hog(pid: int, hoglog: Path) -> bool:
     return False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -109,17 +119,19 @@ def one(mode: str, img: Path, pid: int, hoglog: Path, pace: float, d: Path) -> d
         cp = subprocess.run([*LCR, "restart", img, "--lazy", "--lazy-log", llog, "--json",
                              "--no-progress"], capture_output=True, text=True, env=env)
     else:
-        cp = subprocess.run([*LCR, "restart", img, "--no-progress"], capture_output=True,
-                            text=True, env=env)
+        cp = subprocess.run([*LCR, "restart", img, "--json", "--no-progress"],
+                            capture_output=True, text=True, env=env)
     t1 = time.monotonic()
     if cp.returncode != 0:
         raise SystemExit(f"{mode} restore failed: {cp.stderr}")
     row["running_ms"] = (t1 - t0) * 1000
     row["complete_ms"] = row["running_ms"]
+    if mode != "criu":       # lcr's own time, without the interpreter's start-up
+        row["engine_ms"] = json.loads(cp.stdout)["seconds"] * 1000
     if mode == "lazy":
         data = json.loads(cp.stdout)
         srv = data["lazy"]["server"]
-        while os.path.exists(f"/proc/{srv}"):
+        while _alive(srv):                   # (a zombie: init reaps it only every 1-2 s)
             time.sleep(0.002)
         row["complete_ms"] = (time.monotonic() - t0) * 1000
         m = re.search(r"(\d+) faults.*complete_ms=([\d.]+)", (d / "lazy.log").read_text())
@@ -165,18 +177,21 @@ def main() -> None:
                 rows.append(row)
                 log(json.dumps(row))
     print(f"{'MiB':>6} {'mode':>5} {'running ms':>11} {'complete ms':>12} {'÷criu run':>10} "
-          f"{'÷criu compl':>11} ok")
+          f"{'÷criu compl':>11} {'engine ms':>10} {'server ms':>10} ok")
     for mib in sorted({r["mib"] for r in rows}):
         med = {}
         for mode in modes:
             rs = [r for r in rows if r["mib"] == mib and r["mode"] == mode]
             med[mode] = (statistics.median(r["running_ms"] for r in rs),
-                         statistics.median(r["complete_ms"] for r in rs), all(r["ok"] for r in rs))
-        for mode, (run_ms, comp_ms, ok) in med.items():
+                         statistics.median(r["complete_ms"] for r in rs), all(r["ok"] for r in rs),
+                         statistics.median(r.get("engine_ms") or 0 for r in rs),
+                         statistics.median(r.get("server_complete_ms") or 0 for r in rs))
+        for mode, (run_ms, comp_ms, ok, eng, srv) in med.items():
             c = med.get("criu")
             print(f"{mib:>6} {mode:>5} {run_ms:>11.1f} {comp_ms:>12.1f} "
                   f"{(run_ms / c[0]) if c else float('nan'):>10.2f} "
-                  f"{(comp_ms / c[1]) if c else float('nan'):>11.2f} {'OK' if ok else 'BAD'}")
+                  f"{(comp_ms / c[1]) if c else float('nan'):>11.2f} {eng:>10.1f} {srv:>10.1f} "
+                  f"{'OK' if ok else 'BAD'}")
     print(json.dumps(rows))
 
 
