@@ -279,3 +279,6 @@ SCHEMAS: dict[str, Json] = {
             "signals": _obj({"a": {"type": "object"}, "b": {"type": "object"},
                              "changed": {"type": "boolean"}})})}}),
 }
+# `restart --lazy` only (not required): the pages left to the page server
+SCHEMAS["restart"]["properties"]["lazy"] = _obj({"pages": _INT, "server": _PID, "watchdog": _PID,
+                                                 "log": _STR})
