@@ -207,3 +207,36 @@ def test_default_restart_unchanged(bins, procs, tmp_path):
     # no userfaultfd anywhere near it
     for fd in os.listdir(f"/proc/{data['pid']}/fd"):
         assert "userfaultfd" not in os.readlink(f"/proc/{data['pid']}/fd/{fd}")
+
+
+# --------------------------------------------------------------------------
+# the page index alone
+
+def test_extents_cut_move_copy():
+    from linuxcr.resources.lazy import Extents
+    P = 4096
+    x = Extents()
+    x.add((10 * P, 20 * P, 0, 0))
+    x.add((0, 5 * P, 1, 0))
+    x.add((30 * P, 40 * P, 2, 8 * P))
+    assert x.find(3 * P) == 0 and x.find(7 * P) == -1 and x.find(19 * P) == 1
+    taken = x.cut(12 * P, 32 * P)                       # middle of one, start of another
+    assert taken == [(12 * P, 20 * P, 0, 2 * P), (30 * P, 32 * P, 2, 8 * P)]
+    assert x.items == [(0, 5 * P, 1, 0), (10 * P, 12 * P, 0, 0), (32 * P, 40 * P, 2, 10 * P)]
+    y = x.copy()
+    x.move(32 * P, 100 * P, 8 * P)                      # mremap of the last piece
+    assert x.items[-1] == (100 * P, 108 * P, 2, 10 * P)
+    assert y.items[-1] == (32 * P, 40 * P, 2, 10 * P)   # the fork's copy is its own
+    assert x.cut(1 * P, 2 * P) == [(1 * P, 2 * P, 1, 1 * P)]
+    assert x.items[:2] == [(0, P, 1, 0), (2 * P, 5 * P, 1, 2 * P)]
+    assert x.bytes() == (1 + 3 + 2 + 8) * P
+    assert x.cut(200 * P, 300 * P) == []
+
+
+def test_inside_splits_records():
+    from linuxcr.resources.lazy import _inside
+    areas = [(100, 200), (300, 400)]
+    assert _inside(areas, 50, 350) == [(50, 100, False), (100, 200, True), (200, 300, False),
+                                       (300, 350, True)]
+    assert _inside(areas, 120, 180) == [(120, 180, True)]
+    assert _inside([], 0, 10) == [(0, 10, False)]

@@ -431,6 +431,7 @@ class Server:
         self.zero = 0
         self.copied = 0
         self.forks = 0
+        self.gone = 0               # processes that went (exit, exec) with pages still to come
         self.watchdog = 0
         self.done_fd = -1
         self.rootfd = -1
@@ -511,6 +512,8 @@ class Server:
         return True
 
     def drop(self, m: Mm, why: str) -> None:
+        if why != "done" and len(m.index):
+            self.gone += 1
         if m.uffd in self.mms:
             del self.mms[m.uffd]
             os.close(m.uffd)
@@ -592,6 +595,11 @@ class Server:
             self._release("k")
             return 3
         took = time.monotonic() - self.t0
+        if self.gone and not self.mms:
+            self.log(f"every restored process is gone (exited or exec'd) before all its pages "
+                     f"were in; {self.copied} pages copied; stopping")
+            self._release("d")
+            return 0
         self.log(f"complete: all pages in, {self.copied} copied, {self.faults} faults "
                  f"({self.zero} zero pages), {self.forks} forks; complete_ms={took * 1000:.1f}")
         self._release("d")
