@@ -240,3 +240,24 @@ def test_inside_splits_records():
                                        (300, 350, True)]
     assert _inside(areas, 120, 180) == [(120, 180, True)]
     assert _inside([], 0, 10) == [(0, 10, False)]
+
+
+@pytest.mark.parametrize("point", ["lazy.indexed", "restore.finished"])
+def test_lcr_killed_during_lazy_restart(point, bins, procs, tmp_path):
+    """lcr dies before (lazy.indexed) or after (restore.finished) the page
+    server is up: no restored task survives, and the server goes too."""
+    pid, log = _start(procs, bins, tmp_path, 16)
+    img = tmp_path / "img"
+    _ckpt(pid, img)
+    llog = tmp_path / "lazy.log"
+    env = dict(os.environ, LCR_FAULT=f"{point}:kill", LCR_LAZY_PACE="0.5")
+    cp = subprocess.run([*LCR, "restart", str(img), "--lazy", "--lazy-log", str(llog),
+                         "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
+    assert cp.returncode != 0
+    assert _wait_gone(pid, 30), "a restored task survived its restart's death"
+    if point == "restore.finished":
+        m = re.search(r"lcr lazy\[(\d+)\]", llog.read_text())
+        assert m, llog.read_text()
+        assert _wait_gone(int(m.group(1)), 60), "the page server stayed after its tree died"
+    else:
+        assert not llog.exists() or "serving" not in llog.read_text()
