@@ -47,9 +47,10 @@ Faults:
     the file changes nothing; truncating it (or corrupting it: every
     record's checksum is checked when it is read) makes the server kill
     the tree (SIGKILL, root and descendants), log why and exit.
-  - The watchdog holds a pipe the server writes "done" to when every page
-    is in.  End of file without it (the server died): SIGKILL the tree.
-    The watchdog also holds copies of the first userfaultfds, so the
+  - The watchdog holds a socket the server writes "done" to when every
+    page is in.  End of file without it (the server died): SIGKILL the
+    tree.  The watchdog also holds copies of every userfaultfd (inherited,
+    and those forks hand over, sent to it with SCM_RIGHTS), so the
     faulting threads keep waiting (not running on zero pages) until it has
     killed them.  If the server and the watchdog are killed at the same
     time, the last reference to each userfaultfd goes, the kernel
@@ -66,6 +67,7 @@ import errno
 import os
 import select
 import signal
+import socket
 import stat
 import tempfile
 import time
@@ -433,7 +435,7 @@ class Server:
         self.forks = 0
         self.gone = 0               # processes that went (exit, exec) with pages still to come
         self.watchdog = 0
-        self.done_fd = -1
+        self.done_sock: socket.socket | None = None
         self.rootfd = -1
         self.total = sum(m.index.bytes() for m in mms) // PAGE
         self._buf = ctypes.create_string_buffer(U.UFFD_MSG_SIZE * MSGS)
@@ -451,19 +453,31 @@ class Server:
 
     # --- watchdog ----------------------------------------------------------------
     def spawn_watchdog(self, close: int = -1) -> None:
-        r, w = os.pipe2(os.O_CLOEXEC)
+        """The watchdog: a child in a process group of its own, on the other
+        end of a socket pair; the server sends it a copy of every
+        userfaultfd a fork hands over, and "d" (done) or "k" (killed the
+        tree) at the end."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:                                      # pragma: no cover (child)
-            os.close(w)
+            ours.close()
             if close >= 0:
                 os.close(close)
             os.setpgid(0, 0)                              # a group of its own
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            code = _watch(r, self)
+            code = _watch(theirs, self)
             os._exit(code)
-        os.close(r)
+        theirs.close()
         self.watchdog = pid
-        self.done_fd = w
+        self.done_sock = ours
+
+    def tell_watchdog(self, what: bytes, fds: list[int] = ()) -> None:
+        if self.done_sock is None:
+            return
+        try:
+            socket.send_fds(self.done_sock, [what], list(fds))
+        except OSError:
+            pass
 
     # --- pages -------------------------------------------------------------------
     def data(self, i: int) -> int:
@@ -567,6 +581,7 @@ class Server:
                     fd = a & 0xFFFFFFFF
                     os.set_blocking(fd, False)
                     self.mms[fd] = Mm(fd, m.index.copy())
+                    self.tell_watchdog(b"f", [fd])    # it holds the child's too
                     self.total += m.index.bytes() // PAGE
                     self.forks += 1
                 elif ev == U.UFFD_EVENT_REMAP:
@@ -608,11 +623,7 @@ class Server:
     def _release(self, what: str) -> None:
         for m in list(self.mms.values()):
             self.drop(m, "done")
-        if self.done_fd >= 0:
-            try:
-                os.write(self.done_fd, what.encode())
-            except OSError:
-                pass
+        self.tell_watchdog(what.encode())
 
     def _loop(self) -> None:
         poller = select.poll()
@@ -660,13 +671,24 @@ class Server:
                     break
 
 
-def _watch(r: int, srv: Server) -> int:                   # pragma: no cover (child)
-    """The watchdog: the server's "done" byte, or end of file (it died)."""
+def _watch(sock: socket.socket, srv: Server) -> int:      # pragma: no cover (child)
+    """The watchdog: holds the userfaultfds it is given (so threads waiting
+    for a page keep waiting, not running on zero pages, if the server dies)
+    until the server says "d" (done); "k" (the server killed the tree) or
+    end of file (the server died): SIGKILL the tree."""
+    held: list[int] = []
     got = b""
-    try:
-        got = os.read(r, 1)
-    except OSError:
-        pass
+    while True:
+        try:
+            got, fds, _flags, _addr = socket.recv_fds(sock, 16, 8)
+        except InterruptedError:
+            continue
+        except OSError:
+            got = b""
+        if got == b"f":
+            held += fds
+            continue
+        break
     if got == b"d":
         return 0
     killed = kill_tree(srv.root, srv.rootfd)
