@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (LCR, alive, assert_pass, exists, kill_and_reap, lcr, probe, probe_hog, reap,
+from helpers import (LCR, alive, assert_pass, exists, lcr, probe, probe_hog, reap,
                      start_memhog, wait_for_line)
 
 SERVER_WAIT = 120.0
