@@ -186,7 +186,8 @@ def test_pipe_refused(bins, procs, tmp_path):
     assert not exists(pid) or _state(pid) == "Z"
     # from a file on stdin it works
     with open(img, "rb") as f:
-        cp = subprocess.run([*LCR, "restart", "-", "--lazy", "--no-progress"], stdin=f,
+        cp = subprocess.run([*LCR, "restart", "-", "--lazy", "--lazy-log", str(tmp_path / "l.log"),
+                             "--no-progress"], stdin=f,
                             capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     new = int(cp.stdout.strip())
