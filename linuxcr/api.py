@@ -195,11 +195,14 @@ def restart(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
 def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
                  trust: Iterable[str] | str = (), images_dir: str | None = None,
                  fds: dict[int, str] | Iterable[str] | None = None,
-                 shell_job: bool = False) -> RestartResult:
+                 shell_job: bool = False, lazy: bool = False,
+                 lazy_log: str | None = None) -> RestartResult:
     """As restart(); an incremental image finds its parents beside it (the
     paths it recorded), or in ``images_dir``.  ``fds``: {N: "PATH" | "-" |
     "&M"}, the new file of each external fd N (resources/external.py), or
-    the CLI's ["N=PATH", ...]."""
+    the CLI's ["N=PATH", ...].  ``lazy``: return once the process runs; a
+    page server (its log: ``lazy_log``) fills its private anonymous memory
+    on fault and in the background (docs/lazy.md); the image must be a file."""
     from linuxcr.engine import restore
     from linuxcr.image import stream
     from linuxcr.resources import external as _ext
@@ -219,10 +222,14 @@ def restart_full(image: Target, *, any_pid: bool = False, verify: KeyArg = None,
         with stream.options(verifier=verifier, observer=policy.observe), \
                 process.restore_policy(policy), _ext.options(fds=fds), \
                 _pty.options(shell_job=shell_job):
-            r = restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir)
+            r = restore.restart(fd, any_pid=any_pid, name=name, images_dir=images_dir,
+                                lazy=lazy, lazy_log=lazy_log)
+    lz = r.lazy
     return RestartResult(pid=r.pid, original_pid=r.original_pid, vpid=r.vpid or r.pid,
                          namespace=r.namespace, processes=r.processes, pages=r.pages,
-                         seconds=r.seconds, warnings=tuple(r.warnings))
+                         seconds=r.seconds, warnings=tuple(r.warnings),
+                         lazy_pages=lz.lazy_pages if lz else 0, lazy_server=lz.server if lz else 0,
+                         lazy_watchdog=lz.watchdog if lz else 0, lazy_log=lz.log if lz else "")
 
 
 def stay_parent() -> None:

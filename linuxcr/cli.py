@@ -187,10 +187,17 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
 @click.option("--wait", is_flag=True,
               help="Stay in the foreground, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/2 to the "
                    "restored root and exit with its exit status.")
+@click.option("--lazy", is_flag=True,
+              help="Return as soon as the process runs; a background page server fills its "
+                   "private memory on demand from IMAGE (a file) and exits when all is in. "
+                   "See docs/lazy.md.")
+@click.option("--lazy-log", metavar="FILE",
+              help="The page server's log (default: $TMPDIR/lcr-lazy-PID.log).")
 @reporting()
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
             trust: tuple[str, ...] = (), images_dir: str | None = None,
-            fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False) -> None:
+            fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False,
+            lazy: bool = False, lazy_log: str | None = None) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     code = [0]
 
@@ -206,7 +213,7 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
                 b.poll(_reading(image))
             res = api.restart_full(src, any_pid=any_pid, verify=verify_key,
                                    trust=trust, images_dir=images_dir, fds=list(fd_specs),
-                                   shell_job=shell_job)
+                                   shell_job=shell_job, lazy=lazy, lazy_log=lazy_log)
         for w in res.warnings:
             warn(w)
         if res.namespace:
@@ -216,6 +223,9 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             note(f"pid {res.original_pid} was in use; restored as pid {res.pid}")
         say(f"pid {res.original_pid} -> {res.pid}: {res.processes} process(es), {res.pages} pages "
             f"in {res.seconds:.3f} s")
+        if res.lazy_server:
+            note(f"running; {res.lazy_pages} pages still to come from page server pid "
+                 f"{res.lazy_server} (log: {res.lazy_log})")
         if opts().json:
             emit_json(res)
             return

@@ -48,6 +48,9 @@ POINTS = {
     "clone.event": "a guarded clone3: the child exists (fork event), not yet owned",
     "clone.exit": "a guarded clone3: at its exit stop, injected registers in the parent",
     "clone.rest": "a guarded clone3 done, the child not yet carrying EXITKILL",
+    "lazy.uffd": "resources/lazy.py: a restored task's userfaultfd exists in it (restart --lazy)",
+    "lazy.indexed": "resources/lazy.py: lazy areas registered, pages indexed, no page server yet",
+    "lazy.serve": "resources/lazy.py: the page server, at each turn of its loop",
     "track.uffd": "resources/dirty.py: the tracker's userfaultfd exists in the target",
     # the snapshot agent (LCR_AGENT_FAULT of a client arms LCR_FAULT in the
     # agent for that client's requests: agent/server.py)

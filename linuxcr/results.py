@@ -62,12 +62,21 @@ class RestartResult:
     pages: int
     seconds: float
     warnings: tuple[str, ...] = ()
+    # --lazy: pages left to the page server, its pid, its watchdog's, its log
+    lazy_pages: int = 0
+    lazy_server: int = 0
+    lazy_watchdog: int = 0
+    lazy_log: str = ""
 
     def to_json(self) -> Json:
-        return {"schema": schema_id("restart"), "pid": self.pid,
-                "original_pid": self.original_pid, "vpid": self.vpid or self.pid,
-                "namespace": self.namespace, "processes": self.processes, "pages": self.pages,
-                "seconds": self.seconds, "warnings": list(self.warnings)}
+        out = {"schema": schema_id("restart"), "pid": self.pid,
+               "original_pid": self.original_pid, "vpid": self.vpid or self.pid,
+               "namespace": self.namespace, "processes": self.processes, "pages": self.pages,
+               "seconds": self.seconds, "warnings": list(self.warnings)}
+        if self.lazy_server:
+            out["lazy"] = {"pages": self.lazy_pages, "server": self.lazy_server,
+                           "watchdog": self.lazy_watchdog, "log": self.lazy_log}
+        return out
 
 
 @dataclass(frozen=True)
@@ -270,3 +279,6 @@ SCHEMAS: dict[str, Json] = {
             "signals": _obj({"a": {"type": "object"}, "b": {"type": "object"},
                              "changed": {"type": "boolean"}})})}}),
 }
+# `restart --lazy` only (not required): the pages left to the page server
+SCHEMAS["restart"]["properties"]["lazy"] = _obj({"pages": _INT, "server": _PID, "watchdog": _PID,
+                                                 "log": _STR})

@@ -32,7 +32,7 @@ from linuxcr.procfs import read_maps, read_stat, read_status
 from linuxcr.remote.task import ALL_SIGNALS, Arena, Tracee
 from linuxcr.resources import (cpu, fdkinds, files, finish, memory, namespaces, process, pstree,
                                sysvipc)
-from linuxcr.resources import exe_identity, external, jobstop
+from linuxcr.resources import exe_identity, external, jobstop, lazy as lazy_pages
 from linuxcr.sys import ptrace, sockdiag
 from linuxcr.sys.syscalls import TASK_SIZE
 from linuxcr.resources.pstree import restore_mode  # (it moved to resources: process.py asks it too)
@@ -50,6 +50,14 @@ class RestoreResult:
     vpid: int = 0             # as the root sees itself
     namespace: bool = False   # restored into a new pid namespace
     processes: int = 1
+    lazy: lazy_pages.Lazy | None = None   # --lazy: pages left to the page server
+
+
+@dataclass
+class LazyOpts:
+    """restart(lazy=...): the log of the page server; when the restart began."""
+    log: str | None = None
+    t0: float = 0.0
 
 
 @dataclass
@@ -303,13 +311,19 @@ def read_meta(reader: ImageReader) -> tuple[Header, Tree, list[Task], Record]:
 
 
 def restart(fd: int, *, any_pid: bool = False, name: str = "image",
-            images_dir: str | None = None) -> RestoreResult:
+            images_dir: str | None = None, lazy: bool = False,
+            lazy_log: str | None = None) -> RestoreResult:
     t0 = time.monotonic()
-    reader = ImageReader(fd, name=name)
+    lz = LazyOpts(log=lazy_log, t0=t0) if lazy else None
+    if lz is not None:
+        lazy_pages.check_source(fd, name)
+    reader = ImageReader(fd, name=name, skim=lazy)
     chain: Chain | None = None
     try:
         header, tree, tasks, first = read_meta(reader)
         validate_tree(tree, tasks)
+        if lz is not None:
+            _check_lazy(reader, header, tasks)
         exe_identity.verify(tree.identities)     # no task made for code that is gone
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
@@ -346,7 +360,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
             made_ipc = fill_namespaces(blank, tree)
             try:
                 res = restore_tree(blank, mode, any_pid, tree, tasks, reader, first, ours, shm,
-                                   chain)
+                                   chain, lz)
             except BaseException:
                 sysvipc.remove(os.getpid(), made_ipc)   # objects made in lcr's ipc namespace
                 raise
@@ -365,7 +379,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
 
 def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks: list[Task],
                  reader: ImageReader, first: Record, ours: dict[int, int],
-                 shm: dict[int, int], chain: Chain | None = None) -> RestoreResult:
+                 shm: dict[int, int], chain: Chain | None = None,
+                 lazy: LazyOpts | None = None) -> RestoreResult:
     """The whole tree from the image's records after its metadata (``first``):
     blanks made and seized, areas mapped, pages poured in, every task
     finished; then released to run.  ``ours``: lcr's fds of the tree's open
@@ -373,6 +388,7 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
     every task made is killed."""
     root = Tracee(blank.pid, exitkill=True, traceclone=True)
     made: list[Rebuild] = []
+    lz: lazy_pages.Lazy | None = None
     try:
         try:
             faults.point("restore.spawned")
@@ -387,8 +403,13 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
                 build_tree(root, tasks, tree, any_pid, made)
                 for r in made:
                     prepare(r, shm)
-                pages = memory.fill_image({r.task.pid: (r.t, r.task.vmas) for r in made},
-                                          reader, first, chain)
+                targets = {r.task.pid: (r.t, r.task.vmas) for r in made}
+                if lazy is not None:     # the page server fills the private anonymous pages
+                    lz = lazy_pages.start(targets, reader, first, root=root.pid, t0=lazy.t0,
+                                          log=lazy.log)
+                    pages = lz.eager_pages + lz.lazy_pages
+                else:
+                    pages = memory.fill_image(targets, reader, first, chain)
             warnings: list[str] = []
             for r in made:
                 warnings += finish_task(r, ours, tree)
@@ -409,7 +430,22 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
     warnings += jobstop.settle([r.t.pid for r in made if r.task.stopped])
     return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
                          warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
-                         namespace=mode != "host", processes=len(tasks))
+                         namespace=mode != "host", processes=len(tasks), lazy=lz)
+
+
+def _check_lazy(reader: ImageReader, header: Header, tasks: list[Task]) -> None:
+    """What --lazy does not take: signed images read with --verify (the
+    signature covers every byte, so every byte is read first), incremental
+    images, trees whose tasks share pages with their parents."""
+    if not reader.skim:
+        raise RestoreError(f"{reader.name}: --lazy cannot check a signature (it covers pages "
+                           "read only later)", "restart without --lazy, or without --verify")
+    if header.parent is not None:
+        raise RestoreError(f"{reader.name} is an incremental image: --lazy takes full images only",
+                           "restart without --lazy")
+    if any(k.cow for k in tasks):
+        raise RestoreError(f"{reader.name} holds a tree whose tasks share pages: --lazy does not "
+                           "restore that", "restart without --lazy")
 
 
 def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,

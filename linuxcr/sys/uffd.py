@@ -28,7 +28,10 @@ __all__ = [
     "PAGE_IS_PRESENT", "PAGE_IS_SWAPPED", "PAGE_IS_PFNZERO", "PAGE_IS_HUGE",
     "uffdio_api", "uffdio_range", "uffdio_register", "uffdio_writeprotect",
     "userfaultfd", "api", "register", "unregister", "writeprotect", "scan", "is_userfaultfd",
-    "fdinfo_features",
+    "fdinfo_features", "UFFDIO_REGISTER_MODE_MISSING", "UFFDIO_COPY", "UFFDIO_ZEROPAGE",
+    "UFFDIO_WAKE", "UFFD_EVENT_PAGEFAULT", "UFFD_EVENT_FORK", "UFFD_EVENT_REMAP",
+    "UFFD_EVENT_REMOVE", "UFFD_EVENT_UNMAP", "UFFD_MSG_SIZE", "uffdio_copy", "uffdio_zeropage",
+    "copy", "zeropage", "wake", "parse_msg",
 ]
 
 NR_USERFAULTFD = NR["userfaultfd"]
@@ -92,11 +95,31 @@ class uffdio_writeprotect(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64)]
 
 
+class uffdio_copy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class uffdio_zeropage(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+# struct uffd_msg (32 bytes): event, then a 24-byte union
+UFFD_MSG_SIZE = 32
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK = 0x13
+UFFD_EVENT_REMAP = 0x14
+UFFD_EVENT_REMOVE = 0x15
+UFFD_EVENT_UNMAP = 0x16
+
 _READ, _WRITE = 2, 1
 UFFDIO_API = _IOC(_READ | _WRITE, UFFD_API, 0x3F, ctypes.sizeof(uffdio_api))              # 0xc018aa3f
 UFFDIO_REGISTER = _IOC(_READ | _WRITE, UFFD_API, 0x00, ctypes.sizeof(uffdio_register))    # 0xc020aa00
 UFFDIO_UNREGISTER = _IOC(_READ, UFFD_API, 0x01, ctypes.sizeof(uffdio_range))              # 0x8010aa01
 UFFDIO_WRITEPROTECT = _IOC(_READ | _WRITE, UFFD_API, 0x06, ctypes.sizeof(uffdio_writeprotect))  # 0xc018aa06
+UFFDIO_WAKE = _IOC(_READ, UFFD_API, 0x02, ctypes.sizeof(uffdio_range))                    # 0x8010aa02
+UFFDIO_COPY = _IOC(_READ | _WRITE, UFFD_API, 0x03, ctypes.sizeof(uffdio_copy))            # 0xc028aa03
+UFFDIO_ZEROPAGE = _IOC(_READ | _WRITE, UFFD_API, 0x04, ctypes.sizeof(uffdio_zeropage))    # 0xc020aa04
 
 
 def _ioctl(fd: int, req: int, arg) -> int:
@@ -133,6 +156,47 @@ def writeprotect(fd: int, start: int, length: int, protect: bool = True) -> None
     UFFD_FEATURE_WP_UNPOPULATED) write-protected, or unprotected."""
     mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
     _ioctl(fd, UFFDIO_WRITEPROTECT, uffdio_writeprotect(uffdio_range(start, length), mode))
+
+
+def copy(fd: int, dst: int, src: int, length: int) -> int:
+    """UFFDIO_COPY ``length`` bytes from our address ``src`` to ``dst`` in the
+    userfaultfd's mm (waking the threads waiting there).  Returns the bytes
+    copied; OSError (EEXIST: a page of the range is present already, EAGAIN:
+    the mm is changing, retry after reading events) with ``.copied`` set to
+    the bytes copied before the error."""
+    c = uffdio_copy(dst=dst, src=src, len=length, mode=0, copy=0)
+    try:
+        _ioctl(fd, UFFDIO_COPY, c)
+    except OSError as e:
+        e.copied = max(c.copy, 0)  # type: ignore[attr-defined]
+        raise
+    return c.copy
+
+
+def zeropage(fd: int, start: int, length: int) -> int:
+    """UFFDIO_ZEROPAGE: map the zero page over [start, start+length)."""
+    z = uffdio_zeropage(range=uffdio_range(start, length), mode=0, zeropage=0)
+    try:
+        _ioctl(fd, UFFDIO_ZEROPAGE, z)
+    except OSError as e:
+        e.copied = max(z.zeropage, 0)  # type: ignore[attr-defined]
+        raise
+    return z.zeropage
+
+
+def wake(fd: int, start: int, length: int) -> None:
+    """UFFDIO_WAKE the threads waiting on faults in [start, start+length)."""
+    _ioctl(fd, UFFDIO_WAKE, uffdio_range(start, length))
+
+
+def parse_msg(raw: bytes) -> tuple[int, int, int, int]:
+    """One struct uffd_msg: (event, a, b, c) with a, b, c the union's three
+    u64 words: PAGEFAULT (flags, address, ptid), FORK (new fd in the low
+    32 bits of a), REMAP (from, to, len), REMOVE/UNMAP (start, end, -)."""
+    ev = raw[0]
+    a, b, c = int.from_bytes(raw[8:16], "little"), int.from_bytes(raw[16:24], "little"), \
+        int.from_bytes(raw[24:32], "little")
+    return ev, a, b, c
 
 
 _VEC_LEN = 4096
