@@ -2,7 +2,7 @@ import sys
 
 
 def entry() -> None:
-    """The `lcr` command: `lcr checkpoint` goes to this user's running agent
+    """The `lcr` command: `lcr checkpoint` and `lcr restart` go to this user's running agent
     (linuxcr/handoff.py: a warm worker, no start-up cost) unless it is not
     running; everything else, and the fallback, runs the CLI here."""
     # ^C while Python is still importing the CLI (its first ~0.2 s) is the same

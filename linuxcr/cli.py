@@ -193,11 +193,14 @@ def _interval(pid: int, outdir: str, interval: str, keep: int, full_every: int, 
                    "See docs/lazy.md.")
 @click.option("--lazy-log", metavar="FILE",
               help="The page server's log (default: $TMPDIR/lcr-lazy-PID.log).")
+@click.option("--no-agent", is_flag=True,
+              help="Run here even if your lcr agent runs (by default it runs the restart in a "
+                   "warm worker: no start-up time; the same result).")
 @reporting()
 def restart(image: str, any_pid: bool, verify_key: str | None = None,
             trust: tuple[str, ...] = (), images_dir: str | None = None,
             fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False,
-            lazy: bool = False, lazy_log: str | None = None) -> None:
+            lazy: bool = False, lazy_log: str | None = None, no_agent: bool = False) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
     code = [0]
 

@@ -1,4 +1,4 @@
-"""Hand `lcr checkpoint` to this user's running agent (the client side; the
+"""Hand `lcr checkpoint` and `lcr restart` to this user's running agent (the client side; the
 agent side is agent/worker.py).  Imported by the tiny entry point
 (__main__.entry) before anything else of lcr: it must stay light (os, socket,
 json, signal only).
@@ -9,8 +9,15 @@ and our environment, and reports its exit code; we exit with it.  ^C here is
 forwarded to the worker (SIGINT), which thaws the target and exits 130 as
 in-process.  Not handed off: when no agent runs (it is not started for
 this: LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1,
-`--shell-job` (needs our terminal), LCR_FAULT set (tests), or when the agent refuses before the
-worker started; then the command runs in this process as before.
+`--shell-job` (needs our terminal), `restart --wait` (the restored root must
+be our child), `restart --fd N=&M` with M > 2 (an fd the worker does not
+get), LCR_FAULT set (tests), or when the agent refuses before the worker
+started; then the command runs in this process as before.
+
+A restart by the worker gives the same tree: the restored root is the
+worker's child, then an orphan once the worker exits, as it is of this
+process once it exits; the agent serves only a client in the same cgroup
+and login session (worker._context), where the tree would have been.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ import os
 import signal
 import socket
 
-COMMANDS = ("checkpoint",)
+COMMANDS = ("checkpoint", "restart")
 NO_HANDOFF_FLAGS = ("--no-agent", "--shell-job", "-h", "--help")
+NO_HANDOFF_RESTART = ("--wait",)
 WORKER_DIED = 70          # errors.INTERNAL_ERROR (not imported: start-up time)
 
 
@@ -48,7 +56,22 @@ def wanted(argv: list[str]) -> bool:
     args = argv[1:]
     if not args or args[0] not in COMMANDS:
         return False
-    return not any(a in NO_HANDOFF_FLAGS for a in args)
+    if any(a in NO_HANDOFF_FLAGS for a in args):
+        return False
+    return args[0] != "restart" or not (any(a in NO_HANDOFF_RESTART for a in args)
+                                        or _own_fds(args))
+
+
+def _own_fds(args: list[str]) -> bool:
+    """Does a `--fd N=&M` give the restored process an fd M > 2 of ours
+    (the worker has only our stdin, stdout and stderr)?"""
+    for i, a in enumerate(args):
+        spec = args[i + 1] if a == "--fd" and i + 1 < len(args) else \
+            a[len("--fd="):] if a.startswith("--fd=") else ""
+        _n, _, what = spec.partition("=")
+        if what.startswith("&") and what[1:] not in ("0", "1", "2"):
+            return True
+    return False
 
 
 def _connect() -> socket.socket | None:

@@ -236,3 +236,47 @@ def test_other_code_refused(agent, procs, bins, tmp_path):
     assert reply["ok"] is False and reply["class"] == "AgentError", reply
     assert "other code" in reply["error"]
     assert _workers(d) == 0
+
+
+RESTART_WORKER = re.compile(r"worker (\d+): restart")
+
+
+def test_restart_handed_off(agent, procs, bins, tmp_path):
+    """`lcr restart` runs in the agent's worker: the same restored process
+    (its memory checksum), the pid printed on our stdout, and the same
+    message and exit code for an image that cannot be restarted."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 16)
+    img = tmp_path / "a.img"
+    lcr("checkpoint", r.pid, "-o", img, env=env, cwd=tmp_path)
+    helpers.reap(r.pid)
+    cp = lcr("restart", "a.img", env=env, cwd=tmp_path, check=False)
+    if cp.returncode == 0:
+        procs.add(helpers.parse_restored_pid(cp.stdout))
+    assert cp.returncode == 0, cp.stderr
+    assert len(RESTART_WORKER.findall(_log(d))) == 1, _log(d)
+    pid = helpers.parse_restored_pid(cp.stdout)
+    assert pid == r.pid and helpers.probe_hog(pid, r.log).ok
+    # the pid is in use now: the same refusal both ways
+    there = lcr("restart", "a.img", env=env, cwd=tmp_path, check=False)
+    here = lcr("restart", "a.img", "--no-agent", env=env, cwd=tmp_path, check=False)
+    assert len(RESTART_WORKER.findall(_log(d))) == 2, _log(d)
+    assert there.returncode == here.returncode != 0
+    assert there.stderr == here.stderr and "in use" in there.stderr
+
+
+@pytest.mark.parametrize("argv,handed", [
+    (["lcr", "restart", "a.img"], True),
+    (["lcr", "restart", "-", "--fd", "1=&1"], True),
+    (["lcr", "restart", "a.img", "--wait"], False),
+    (["lcr", "restart", "a.img", "--shell-job"], False),
+    (["lcr", "restart", "a.img", "--fd", "3=&5"], False),
+    (["lcr", "restart", "a.img", "--fd=3=&7"], False),
+    (["lcr", "restart", "a.img", "--fd", "3=out.log"], True),
+    (["lcr", "show", "a.img"], False),
+])
+def test_restart_handoff_wanted(argv, handed, monkeypatch):
+    from linuxcr import handoff
+    monkeypatch.delenv("LCR_NO_AGENT", raising=False)
+    monkeypatch.delenv("LCR_FAULT", raising=False)
+    assert handoff.wanted(argv) is handed

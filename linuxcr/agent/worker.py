@@ -1,4 +1,4 @@
-"""The agent's side of `lcr checkpoint` handed off by the CLI (linuxcr/handoff.py).
+"""The agent's side of `lcr checkpoint` and `lcr restart` handed off by the CLI (linuxcr/handoff.py).
 
 {"op": "run", "argv": [...], "env": {...}} + fds [stdin, stdout, stderr, cwd]
     -> {"ok": true, "worker": W}  then, when it is done, {"exit": N}
@@ -43,7 +43,16 @@ def _context(pid: int | str) -> tuple:
     with open(f"/proc/{pid}/status") as f:
         st = tuple(ln.strip() for ln in f if ln.startswith(keep))
     ns = tuple(os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "pid", "user", "net", "ipc", "uts"))
-    return st + ns
+    # a restarted tree is born in the worker's cgroup and audit session: the
+    # client's must be the same (the kernel gives no way to move them after)
+    extra = []
+    for name in ("cgroup", "loginuid", "sessionid"):
+        try:
+            with open(f"/proc/{pid}/{name}") as f:
+                extra.append(f.read())
+        except FileNotFoundError:
+            extra.append("")
+    return st + ns + tuple(extra)
 
 
 def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: list[int], close_in_child: list[int],
