@@ -622,7 +622,7 @@ class Bench:
         """-> (ok, seconds, restored_pid, error)"""
         if mode in ("lcr", "lcrz", "lcragent"):
             rc, dt, out, err = self.run_cmd(self.lcr + ["restart", str(img)], save=img.parent / "restart",
-                                            **self.lcr_env("lcr", ukw))
+                                            **self.lcr_env(mode, ukw))
             if rc != 0:
                 return False, dt, None, f"lcr restart rc={rc}: {last_line(err) or last_line(out)}"
             try:
@@ -1164,7 +1164,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="lcr,criu",
                    help="tools to time, comma separated: lcr (CLI), lcrz (CLI --compress), "
                         "api (Python API, warm interpreter), lcragent (CLI handing the "
-                        "checkpoint to a running agent; restart in-process), criu "
+                        "checkpoint and the restart to a running agent), criu "
                         "(default lcr,criu)")
     p.add_argument("--no-pvr", dest="pvr", action="store_false", help="skip the process_vm_readv limit")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="do not pre-warm memory")
