@@ -127,3 +127,33 @@ def test_page_writers_restore_a_cow_tree(bins, trees, tmp_path, monkeypatch):
     new, _ = restart_tree(tmp_path / "img", trees)
     assert new == root
     assert sums(root, workers, log) == before
+
+
+@pytest.mark.parametrize("writers", ["1", "2"])
+def test_failed_fill_joins_reader_thread(procs, bins, tmp_path, monkeypatch, writers):
+    """A restart that fails in the middle of the pages (here: a fault
+    injected after the 3rd record) returns only once the thread reading
+    ahead has stopped: it must not go on reading the image fd (or its
+    buffers) while the restart tears down."""
+    import threading
+
+    from helpers import lcr, reap
+    from linuxcr import api, faults
+    from linuxcr.errors import FaultInjected
+    hog = start_memhog(procs, bins, tmp_path, 32)
+    img = tmp_path / "a.img"
+    lcr("checkpoint", hog.pid, "-o", img)
+    reap(hog.pid)
+    before = {t.ident for t in threading.enumerate()}
+    monkeypatch.setenv("LCR_RESTORE_WRITERS", writers)
+    monkeypatch.setenv(faults.ENV, "restore.pages:raise@3")
+    monkeypatch.setattr(faults, "_hits", {})
+    with pytest.raises(FaultInjected):
+        api.restart(str(img))
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert left == []
+    try:                                # and the half-made process torn down
+        with open(f"/proc/{hog.pid}/cmdline", "rb") as f:
+            assert b"memhog" not in f.read()
+    except FileNotFoundError:
+        pass
