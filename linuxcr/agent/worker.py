@@ -1,6 +1,6 @@
 """The agent's side of `lcr checkpoint` handed off by the CLI (linuxcr/handoff.py).
 
-{"op": "run", "argv": [...], "env": {...}} + fds [stdin, stdout, stderr, cwd]
+{"op": "run", "argv": [...], "env": {...}, "umask": N} + fds [stdin, stdout, stderr, cwd]
     -> {"ok": true, "worker": W}  then, when it is done, {"exit": N}
 
 Only for a peer of the agent's own uid (SO_PEERCRED), with the same
@@ -9,7 +9,10 @@ worker (warm: lcr is imported) that takes those fds as 0/1/2 and its
 working directory, the client's environment, and runs the command line
 through ``run_cli`` (given by `lcr agent`, cli.py: the agent does not import
 the CLI); the agent goes on serving.  The worker gets SIGINT if the agent
-dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C.
+dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C; SIGTERM and
+SIGHUP (forwarded by the client) end it the same way (errors.Terminated).
+It takes the client's umask and resource limits; a limit it cannot take (a
+hard one above the agent's) is a refusal: the client runs it in-process.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import socket
 import sys
 from typing import Callable
 
-from linuxcr.errors import AgentError, PermissionDenied
+from linuxcr.errors import AgentError, PermissionDenied, Terminated
 
 PR_SET_PDEATHSIG = 1
 _KEEP: list = []
@@ -46,6 +49,33 @@ def _context(pid: int | str) -> tuple:
     return st + ns
 
 
+def _limits(pid: int) -> list[tuple[int, int]]:
+    """The client's resource limits (soft, hard), in RLIMIT order."""
+    import resource
+
+    from linuxcr.procfs.limits import read_limits
+    try:
+        return read_limits(pid, resource.RLIM_INFINITY)
+    except (OSError, ValueError):
+        raise PermissionDenied(f"cannot read the resource limits of pid {pid}",
+                               "it runs in-process") from None
+
+
+def _apply_limits(limits: list[tuple[int, int]]) -> str:
+    """In the worker: the client's resource limits instead of the agent's
+    (lowering any is allowed; raising a hard one needs CAP_SYS_RESOURCE).
+    What could not be applied, or ""."""
+    import resource
+    for res, lim in enumerate(limits):
+        try:
+            if resource.getrlimit(res) != lim:
+                resource.setrlimit(res, lim)
+        except (OSError, ValueError) as e:
+            return (f"the lcr agent cannot take the client's resource limit {res} "
+                    f"({lim[0]}, {lim[1]}): {getattr(e, 'strerror', None) or e}")
+    return ""
+
+
 def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: list[int], close_in_child: list[int],
           run_cli: Callable[[list[str]], int] | None) -> int:
     """Fork the worker for this request; its pid.  ``close_in_child``: the
@@ -66,10 +96,12 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
     mine = [os.path.dirname(os.path.abspath(linuxcr.__file__)), os.path.realpath(sys.executable)]
     if req.get("code") != mine:     # handoff.code_id of the client
         raise AgentError(f"the lcr agent runs other code ({' '.join(mine)})", "it runs in-process")
-    argv, env = req.get("argv"), req.get("env")
+    argv, env, umask = req.get("argv"), req.get("env"), req.get("umask")
     if (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
-            or not isinstance(env, dict) or len(fds) != 4):
+            or not isinstance(env, dict) or len(fds) != 4
+            or not isinstance(umask, int) or not 0 <= umask <= 0o777):
         raise AgentError("malformed run request")
+    limits = _limits(peer_pid)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -83,10 +115,19 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
                 os.close(fd)
             except OSError:
                 pass
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # as Python starts: EPIPE
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # SIGTERM/SIGHUP forwarded by the client: as in-process (cli.checkpoint
+        # arms the same), from the first instant: cleanup as on ^C, 143/129
+        Terminated.arm()
+        os.umask(umask)               # the client's: the image and files made have its modes
+        refused = _apply_limits(limits)
+        if refused:                   # e.g. a higher hard limit than ours: the client runs it
+            sock.setblocking(True)
+            sock.sendall((json.dumps({"ok": False, "error": refused, "class": "PermissionDenied",
+                                      "hint": "it runs in-process"}) + "\n").encode())
+            os._exit(0)
         for i in range(3):
             os.dup2(fds[i], i)
         os.fchdir(fds[3])
@@ -103,6 +144,9 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         sock.sendall((json.dumps({"ok": True, "worker": os.getpid()}) + "\n").encode())
         try:
             code = run_cli(list(argv))
+        except Terminated as e:
+            sys.stderr.write(f"lcr: {e.message}\n")
+            code = e.exit_code
         except KeyboardInterrupt:
             sys.stderr.write("lcr: interrupted\n")
             code = 130

@@ -1,0 +1,167 @@
+"""Failure paths that must leave nothing of lcr behind: SIGTERM/SIGHUP to
+`lcr checkpoint` in the middle of a dump (in-process and handed off to the
+agent's worker) clean up as ^C does before lcr exits (143/129, one line);
+the worker takes the client's umask and resource limits (or refuses, and
+the client runs the command itself)."""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+from helpers import lcr
+from test_faults import outside
+from test_handoff import _log, _workers, agent  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.e2e
+
+
+def _frozen(pid: int) -> bool:
+    """In a cgroup v1 freezer cgroup that is not THAWED."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _n, ctrl, path = line.split(":", 2)
+        if "freezer" in ctrl.split(","):
+            st = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+            try:
+                return st.read_text().strip() != "THAWED"
+            except OSError:
+                return False
+    return False
+
+
+def _blocked(env: dict, pid: int, cwd: Path) -> subprocess.Popen:
+    """`lcr checkpoint PID -o -` into a pipe nobody reads: it blocks with the
+    target held (seized, stopped, our pipe written to)."""
+    p = subprocess.Popen([*helpers.LCR, "checkpoint", str(pid), "-o", "-"], env=env, cwd=cwd,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + helpers.LCR_TIMEOUT
+    while (helpers.proc_status(pid) or {}).get("TracerPid", "0") == "0":
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "lcr never seized the target"
+        time.sleep(0.01)
+    time.sleep(0.5)           # into the image's writes (blocked on the full pipe)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+@pytest.mark.parametrize("via", ["agent", "no-agent"])
+def test_signal_mid_dump_leaves_target_untouched(via, sig, request, procs, bins, tmp_path):
+    if via == "agent":
+        d, env = request.getfixturevalue("agent")
+    else:
+        d, env = None, helpers.child_env({"LCR_NO_AGENT": "1"})
+    r = helpers.start_memhog(procs, bins, tmp_path, 256)
+    before = outside(r.pid)
+    p = _blocked(env, r.pid, tmp_path)
+    try:
+        if d is not None:
+            assert _workers(d) == 1, _log(d)
+        assert helpers.proc_state(r.pid) in ("t", "T"), "the target is not held by lcr"
+        p.send_signal(sig)
+        _out, err = p.communicate(timeout=helpers.LCR_TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = err.decode()
+    assert p.returncode == 128 + sig, (p.returncode, err)
+    assert err == f"lcr: terminated by {signal.Signals(sig).name}\n", err
+    # at once, not after a guardian put it back: lcr cleaned up before it exited
+    st = helpers.proc_status(r.pid)
+    assert st is not None and st["State"][:1] not in ("t", "T", "Z", "X"), st
+    assert st["TracerPid"] == "0", st
+    assert not _frozen(r.pid)
+    now = outside(r.pid)
+    assert now.maps == before.maps, f"mappings changed: {set(now.maps) ^ set(before.maps)}"
+    assert now.fds == before.fds, f"fds changed: {before.fds} -> {now.fds}"
+    assert now.sigblk == before.sigblk
+    h = helpers.probe_hog(r.pid, r.log)
+    assert h.ok, h.line
+
+
+def test_worker_takes_the_client_umask(agent, procs, bins, tmp_path):
+    """--interval makes its directory: its mode follows the umask of the
+    lcr the user ran, handed off or not."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 4)
+    modes = {}
+    for how, extra in (("agent", {}), ("here", {"LCR_NO_AGENT": "1"})):
+        out = tmp_path / f"dir-{how}"
+        cp = subprocess.run([*helpers.LCR, "checkpoint", str(r.pid), "-o", str(out), "--interval",
+                             "1s", "--count", "1"], env={**env, **extra}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=helpers.LCR_TIMEOUT,
+                            preexec_fn=lambda: os.umask(0o027))
+        assert cp.returncode == 0, cp.stderr
+        modes[how] = out.stat().st_mode & 0o777
+    assert _workers(d) == 1, _log(d)
+    assert modes == {"agent": 0o750, "here": 0o750}, {k: oct(v) for k, v in modes.items()}
+    helpers.assert_running_untraced(r.pid)
+
+
+def _fsize(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_worker_takes_the_client_limits(agent, procs, bins, tmp_path):
+    """A file size limit of the client (1 MiB) binds the image the worker
+    writes, as it does in-process: the same error both ways."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 16)
+    res = {}
+    for how, extra in (("agent", {}), ("here", {"LCR_NO_AGENT": "1"})):
+        (tmp_path / how).mkdir()
+        res[how] = subprocess.run([*helpers.LCR, "checkpoint", str(r.pid), "-o", "a.img",
+                                   "--leave-running"], env={**env, **extra}, cwd=tmp_path / how,
+                                  capture_output=True, text=True, timeout=helpers.LCR_TIMEOUT,
+                                  preexec_fn=_fsize(1 << 20))
+    assert _workers(d) == 1, _log(d)
+    assert res["agent"].returncode == res["here"].returncode == 7, res
+    assert res["agent"].stderr == res["here"].stderr and "too large" in res["agent"].stderr, res
+    assert not (tmp_path / "agent" / "a.img").exists()
+    helpers.assert_running_untraced(r.pid)
+
+
+def _cap_sys_resource() -> bool:
+    m = re.search(r"^CapEff:\s*(\S+)", Path("/proc/self/status").read_text(), re.M)
+    return bool(int(m.group(1), 16) >> 24 & 1)
+
+
+def test_limit_above_the_agents_runs_in_process(procs, bins, tmp_path):
+    """An agent started under a lower hard limit cannot give its worker the
+    client's: it refuses and the client runs the checkpoint itself (before:
+    the worker wrote under the agent's 1 MiB file size limit and failed)."""
+    if _cap_sys_resource():
+        pytest.skip("with CAP_SYS_RESOURCE the worker can raise its hard limit")
+    d = Path(tempfile.mkdtemp(prefix="lcr-failsafe-"))
+    env = helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    env.pop("LCR_NO_AGENT", None)
+    subprocess.run([*helpers.LCR, "agent"], env=env, check=True, timeout=helpers.LCR_TIMEOUT,
+                   capture_output=True, preexec_fn=_fsize(1 << 20))
+    agent_pid = None
+    try:
+        deadline = time.monotonic() + helpers.LCR_TIMEOUT
+        while not (d / "agent.sock").exists() or "serving" not in _log(d):
+            assert time.monotonic() < deadline, f"the agent did not start: {_log(d)}"
+            time.sleep(0.02)
+        agent_pid = int((d / "agent.pid").read_text())
+        r = helpers.start_memhog(procs, bins, tmp_path, 16)
+        cp = lcr("checkpoint", r.pid, "-o", "a.img", "--leave-running", env=env, cwd=tmp_path,
+                 check=False)
+        assert cp.returncode == 0, cp.stderr
+        assert (tmp_path / "a.img").stat().st_size > 16 << 20
+        helpers.assert_running_untraced(r.pid)
+    finally:
+        if agent_pid is not None:
+            try:
+                os.kill(agent_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        subprocess.run(["rm", "-rf", str(d)])
