@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -165,3 +166,93 @@ def test_limit_above_the_agents_runs_in_process(procs, bins, tmp_path):
             except OSError:
                 pass
         subprocess.run(["rm", "-rf", str(d)])
+
+
+# --- sys/nshelper.py: nothing of a helper outlives a failed start ----------------
+
+def _children() -> set[int]:
+    """Our child processes (any state, zombies too)."""
+    me, out = os.getpid(), set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == me:
+                out.add(int(d))
+    return out
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _slow_enter() -> None:
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("how", ["interrupted", "refused", "gone"])
+def test_nshelper_start_failure_leaves_nothing(how):
+    """The helper is forked, then the start fails: ^C while waiting for its
+    answer, its own refusal, or a failure after its answer (the pid's
+    namespace unreadable).  Afterwards: no child of ours, no new fd."""
+    from linuxcr.sys import nshelper
+    kids, fds = _children(), _fds()
+    old = signal.getsignal(signal.SIGALRM)
+
+    def interrupt(_s, _f):
+        raise KeyboardInterrupt
+
+    try:
+        if how == "interrupted":
+            signal.signal(signal.SIGALRM, interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                nshelper.NsHelper._start(_slow_enter)
+        elif how == "refused":
+            def refuse() -> None:
+                raise PermissionError(1, "no")
+            with pytest.raises(OSError, match="cannot enter the network namespace"):
+                nshelper.NsHelper._start(refuse)
+        else:
+            real = nshelper._ino
+
+            def gone(path: str) -> int:
+                if "/ns/net" in path and not path.startswith("/proc/self"):
+                    raise FileNotFoundError(2, "gone", path)
+                return real(path)
+            nshelper._ino = gone
+            try:
+                with pytest.raises(FileNotFoundError):
+                    nshelper.NsHelper._start(lambda: None)
+            finally:
+                nshelper._ino = real
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    left = _children() - kids
+    for pid in left:                      # the test's own cleanup, by pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    assert not left, f"helper process(es) left: {left}"
+    assert _fds() == fds, f"fds left: {_fds() - fds}"
+
+
+def test_nshelper_works_and_closes():
+    """The normal path still works: a socket made in a fresh network
+    namespace; close() reaps the helper."""
+    from linuxcr.sys import nshelper
+    kids = _children()
+    try:
+        h = nshelper.NsHelper.fresh(user_ns=True)
+    except OSError as e:
+        pytest.skip(f"no new network namespace here: {e}")
+    with h:
+        s = h.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.close()
+        assert h.netns != os.stat("/proc/self/ns/net").st_ino
+    assert _children() == kids
