@@ -256,3 +256,28 @@ def test_nshelper_works_and_closes():
         s.close()
         assert h.netns != os.stat("/proc/self/ns/net").st_ino
     assert _children() == kids
+
+
+def test_signal_after_the_image_is_complete_finishes_the_job(procs, bins, tmp_path):
+    """SIGTERM once the image is complete and named (lcr held at dump.kill):
+    the job is finished -- the target killed, exit 0, a good image -- not
+    cut short with the image written and the target left to the guardian."""
+    r = helpers.start_memhog(procs, bins, tmp_path, 16)
+    env = helpers.child_env({"LCR_FAULT": "dump.kill:stop"})
+    img = tmp_path / "a.img"
+    p = subprocess.Popen([*helpers.LCR, "checkpoint", str(r.pid), "-o", str(img)], env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        helpers.wait_state(p.pid, "T", timeout=helpers.LCR_TIMEOUT)
+        p.send_signal(signal.SIGTERM)
+        os.kill(p.pid, signal.SIGCONT)
+        _out, err = p.communicate(timeout=helpers.LCR_TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err.decode()
+    helpers.reap(r.pid)                   # killed by the dump, as without the signal
+    lcr("show", img)
+    pid = helpers.restart_image(img, procs)
+    assert helpers.probe_hog(pid, r.log).ok
