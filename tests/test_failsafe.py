@@ -20,7 +20,7 @@ import pytest
 import helpers
 from helpers import lcr
 from test_faults import outside
-from test_handoff import _log, _workers, agent  # noqa: F401  (fixture)
+from test_handoff import WORKER, _log, _workers, agent  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -281,3 +281,29 @@ def test_signal_after_the_image_is_complete_finishes_the_job(procs, bins, tmp_pa
     lcr("show", img)
     pid = helpers.restart_image(img, procs)
     assert helpers.probe_hog(pid, r.log).ok
+
+
+def test_client_killed_mid_dump_worker_puts_target_back(agent, procs, bins, tmp_path):
+    """The client of a handed-off checkpoint SIGKILLed mid-dump: the worker
+    (blocked writing to a pipe nobody reads) sees its connection close and
+    ends as in-process lcr would have: the target running, as it was --
+    not held (or, unblocked, killed) for a client that is gone."""
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 64)
+    before = outside(r.pid)
+    p = _blocked(env, r.pid, tmp_path)
+    try:
+        worker = int(WORKER.findall(_log(d))[-1])
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + helpers.LCR_TIMEOUT      # a safety bound only
+        while helpers.exists(worker) and helpers.proc_state(worker) not in ("Z", "X"):
+            assert time.monotonic() < deadline, f"worker {worker} runs on for a dead client"
+            time.sleep(0.02)
+    finally:
+        p.stdout.close()
+        p.stderr.close()
+    helpers.assert_running_untraced(r.pid)
+    now = outside(r.pid)
+    assert now.maps == before.maps and now.fds == before.fds
+    assert helpers.probe_hog(r.pid, r.log).ok

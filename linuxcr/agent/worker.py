@@ -10,7 +10,8 @@ working directory, the client's environment, and runs the command line
 through ``run_cli`` (given by `lcr agent`, cli.py: the agent does not import
 the CLI); the agent goes on serving.  The worker gets SIGINT if the agent
 dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C; SIGTERM and
-SIGHUP (forwarded by the client) end it the same way (errors.Terminated).
+SIGHUP (forwarded by the client) end it the same way (errors.Terminated),
+and so does the client's death (its connection closes: SIGHUP).
 It takes the client's umask and resource limits; a limit it cannot take (a
 hard one above the agent's) is a refusal: the client runs it in-process.
 """
@@ -74,6 +75,32 @@ def _apply_limits(limits: list[tuple[int, int]]) -> str:
             return (f"the lcr agent cannot take the client's resource limit {res} "
                     f"({lim[0]}, {lim[1]}): {getattr(e, 'strerror', None) or e}")
     return ""
+
+
+def _watch_client(sock: socket.socket) -> None:
+    """The client killed (even by SIGKILL: its end of the connection
+    closes): SIGHUP to ourselves, so the command ends as in-process lcr
+    would have -- nothing done to the target, which is thawed (the
+    in-process command would have died; its guardian put the target back)
+    -- instead of running on for nobody.  A thread: the main one runs it."""
+    import select
+    import threading
+
+    def watch() -> None:
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        while True:
+            try:
+                p.poll()
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return          # the client never writes again: not ours to judge
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGHUP)
+            return
+    threading.Thread(target=watch, name="lcr-client-watch", daemon=True).start()
 
 
 def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: list[int], close_in_child: list[int],
@@ -142,6 +169,7 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         sys.argv = list(argv)
         sock.setblocking(True)
         sock.sendall((json.dumps({"ok": True, "worker": os.getpid()}) + "\n").encode())
+        _watch_client(sock)
         try:
             code = run_cli(list(argv))
         except Terminated as e:
@@ -158,13 +186,19 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         except Exception:
             pass
     finally:
+        # never back into the agent's code: a signal now (the client gone
+        # once it has its exit code, the agent dying) is too late to matter
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-        try:
-            sock.sendall((json.dumps({"exit": code}) + "\n").encode())
-        except Exception:
-            pass
-        os._exit(code & 0xFF)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            try:
+                sock.sendall((json.dumps({"exit": code}) + "\n").encode())
+            except Exception:
+                pass
+        finally:
+            os._exit(code & 0xFF)
