@@ -5,10 +5,12 @@ json, signal only).
 
 The agent forks a warm worker (every import already done) that runs the same
 command line with our stdin/stdout/stderr and working directory (SCM_RIGHTS)
-and our environment, and reports its exit code; we exit with it.  ^C here is
-forwarded to the worker (SIGINT), which thaws the target and exits 130 as
-in-process.  Not handed off: when no agent runs (it is not started for
-this: LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1,
+and our environment, and reports its exit code; we exit with it.  ^C,
+SIGTERM and SIGHUP here are forwarded to the worker, which thaws the target
+and exits 130/143/129 as in-process (one caught before the worker is known
+goes to it once it is, or back to us if it never starts).  Our umask goes
+with the request; the worker takes our resource limits from /proc.
+Not handed off: when no agent runs (it is not started for this: LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1,
 `--shell-job` (needs our terminal), LCR_FAULT set (tests), or when the agent refuses before the
 worker started; then the command runs in this process as before.
 """
