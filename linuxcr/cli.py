@@ -10,7 +10,7 @@ import click
 from linuxcr import __version__
 from linuxcr.cli_common import help_epilog, main_guarded, run_guarded
 from linuxcr.cli_output import emit_json, note, opts, reporting, say, warn
-from linuxcr.errors import LcrError, UsageError
+from linuxcr.errors import LcrError, Terminated, UsageError
 
 # linuxcr.api (and with it every engine and resource module), json and the
 # rest are imported inside the commands that use them: start-up time of each
@@ -91,6 +91,11 @@ def checkpoint(pid: int, output: str, leave_running: bool, compress: bool,
                count: int = 0, external: bool = False, shell_job: bool = False,
                force: bool = False, no_agent: bool = False) -> None:
     """Save process PID to an image (the process is killed after a complete dump)."""
+    # SIGTERM/SIGHUP mid-dump: the same cleanup as ^C (target thawed, nothing
+    # of ours left in it), then one line and 143/129 -- not a death that
+    # leaves the guardian to put the target back after lcr is gone.
+    Terminated.arm()
+
     def go() -> None:
         from linuxcr import api
         if interval is not None:

@@ -11,7 +11,8 @@ from typing import Any, Callable, NoReturn
 
 import click
 
-from linuxcr.errors import INTERNAL_ERROR, INTERRUPTED, LcrError, UsageError, exit_code_table
+from linuxcr.errors import (INTERNAL_ERROR, INTERRUPTED, LcrError, Terminated, UsageError,
+                            exit_code_table)
 
 
 def fail(msg: str, code: int) -> NoReturn:
@@ -29,6 +30,8 @@ def run_guarded(fn: Callable[[], None]) -> None:
         if os.environ.get("LCR_DEBUG"):
             raise
         fail(str(e), e.exit_code)
+    except Terminated as e:           # SIGTERM/SIGHUP, armed by the command: as ^C
+        fail(e.message, e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", INTERRUPTED)
     except Exception as e:  # a bug of ours: still one line, with the way to learn more
@@ -80,6 +83,8 @@ def main_guarded(run: Callable[[], Any]) -> NoReturn:
         fail("interrupted", INTERRUPTED)
     except click.ClickException as e:          # e.g. click.FileError
         fail(" ".join(e.format_message().split()), e.exit_code)
+    except Terminated as e:
+        fail(e.message, e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", INTERRUPTED)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -12,6 +12,7 @@ class it derives from, when it means the same thing to the user.
 # No `from __future__ import annotations`: tests load this file on its own
 # (not in sys.modules), where dataclasses cannot resolve string annotations.
 import re
+import signal
 from dataclasses import dataclass, replace
 
 
@@ -270,6 +271,43 @@ class FaultInjected(LcrError):
 SUCCESS = 0
 INTERNAL_ERROR = 70      # a bug of ours (any exception that is not an LcrError)
 INTERRUPTED = 130        # ^C (SIGINT), as a shell reports it
+HUNG_UP = 129            # SIGHUP (Terminated), as a shell reports a death by it
+TERMINATED = 143         # SIGTERM (Terminated)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to lcr while it works (``Terminated.arm()``): raised
+    in the main thread as ^C raises KeyboardInterrupt -- of which it is a
+    kind, so every cleanup ^C runs runs (the target thawed, our mappings and
+    fds gone, helpers reaped) before lcr exits with 128 + the signal and one
+    line, as a shell would report that death.  Not an LcrError: like ^C it
+    is not a failure of the job."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.message = f"terminated by {signal.Signals(signum).name}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    @staticmethod
+    def arm() -> None:
+        """From now on SIGTERM and SIGHUP raise Terminated in the main thread
+        (elsewhere: nothing changes).  Once: a second one while the first
+        one's cleanup runs is ignored, so that cleanup is not cut short."""
+        try:
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, _terminated)
+        except ValueError:      # not the main thread (lcr driven from a test's thread)
+            pass
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 # (code, class name or "-", one-line meaning): the exit codes of `lcr`.
@@ -304,6 +342,8 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (22, "GraceExceeded", "lcr run --checkpoint-dir: the checkpoint did not finish within --grace"),
     (INTERNAL_ERROR, "-", "internal error (a bug: run with LCR_DEBUG=1 and report it)"),
     (INTERRUPTED, "-", "interrupted (^C)"),
+    (HUNG_UP, "-", "lcr checkpoint: hung up (SIGHUP), cleaned up as on ^C"),
+    (TERMINATED, "-", "lcr checkpoint: terminated (SIGTERM), cleaned up as on ^C"),
 )
 
 

@@ -5,14 +5,17 @@ json, signal only).
 
 The agent forks a warm worker (every import already done) that runs the same
 command line with our stdin/stdout/stderr and working directory (SCM_RIGHTS)
-and our environment, and reports its exit code; we exit with it.  ^C here is
-forwarded to the worker (SIGINT), which thaws the target and exits 130 as
-in-process.  Not handed off: when no agent runs (it is not started for
-this: LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1,
-`--shell-job` (needs our terminal), `restart --wait` (the restored root must
-be our child), `restart --fd N=&M` with M > 2 (an fd the worker does not
-get), LCR_FAULT set (tests), or when the agent refuses before the worker
-started; then the command runs in this process as before.
+and our environment, and reports its exit code; we exit with it.  ^C,
+SIGTERM and SIGHUP here are forwarded to the worker, which thaws the target
+and exits 130/143/129 as in-process (one caught before the worker is known
+goes to it once it is, or back to us if it never starts).  Our umask goes
+with the request; the worker takes our resource limits from /proc.
+Not handed off: when no agent runs (it is not started for this:
+LCR_AGENT=start asks for that), `--no-agent`, LCR_NO_AGENT=1, `--shell-job`
+(needs our terminal), `restart --wait` (the restored root must be our
+child), `restart --fd N=&M` with M > 2 (an fd the worker does not get),
+LCR_FAULT set (tests), or when the agent refuses before the worker started;
+then the command runs in this process as before.
 
 A restart by the worker gives the same tree: the restored root is the
 worker's child, then an orphan once the worker exits, as it is of this
@@ -120,41 +123,70 @@ def try_handoff(argv: list[str]) -> int | None:
         return None
     buf = bytearray()
     cwd = -1
-    try:
-        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # the agent runs only the same lcr (package directory) with the same python
-        req = {"op": "run", "argv": list(argv), "env": dict(os.environ), "code": code_id()}
-        socket.send_fds(s, [(json.dumps(req) + "\n").encode()], [0, 1, 2, cwd])
-        first = _read_msg(s, buf)
-    except (OSError, ValueError):
-        first = None
-    finally:
-        if cwd >= 0:
-            os.close(cwd)
-    if not first or not first.get("ok") or not isinstance(first.get("worker"), int):
-        s.close()
-        return None                   # refused or an old agent: run here
-    worker = first["worker"]
+    worker = 0
     pending: list[int] = []
 
-    def forward(signum, _frame):      # ^C and friends: the worker's to handle
-        try:
-            os.kill(worker, signum)
-        except OSError:
-            pending.append(signum)
+    def forward(signum, _frame):      # ^C, SIGTERM, SIGHUP: the worker's to handle
+        pending.append(signum)
+        if worker:
+            try:
+                os.kill(worker, signum)
+            except OSError:
+                pass
 
+    # caught from before the request: one that comes before the worker is
+    # known goes to it once it is, or back to us if it never starts
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        try:
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            mask = os.umask(0o22)
+            os.umask(mask)
+            # the agent runs only the same lcr (package directory) with the same python
+            req = {"op": "run", "argv": list(argv), "env": dict(os.environ), "code": code_id(),
+                   "umask": mask}
+            socket.send_fds(s, [(json.dumps(req) + "\n").encode()], [0, 1, 2, cwd])
+            first = _read_msg(s, buf)
+        except (OSError, ValueError):
+            first = None
+        finally:
+            if cwd >= 0:
+                os.close(cwd)
+        if not first or not first.get("ok") or not isinstance(first.get("worker"), int):
+            s.close()
+            _restore(old, pending)
+            return None               # refused or an old agent: run here
+        worker = first["worker"]
+        for sig in dict.fromkeys(pending):
+            try:
+                os.kill(worker, sig)
+            except OSError:
+                pass
         end = _read_msg(s, buf)
     finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
         s.close()
+        _restore(old, [])
     if end is None or not isinstance(end.get("exit"), int):
-        if pending and pending[0] == signal.SIGINT:
-            os.write(2, b"lcr: interrupted\n")
-            return 130
+        if pending:                   # it died of what we forwarded: say so as in-process
+            line, code = _signalled(pending[0])
+            os.write(2, f"lcr: {line}\n".encode())
+            return code
         os.write(2, f"lcr: the agent's worker (pid {worker}) ended without an exit code; "
                     f"see {os.path.dirname(agent_socket())}/agent.log, or use --no-agent\n".encode())
         return WORKER_DIED
     return end["exit"]
+
+
+def _restore(old: dict, pending: list[int]) -> None:
+    """Our handlers back; signals caught meanwhile that nobody handled: to us again."""
+    for sig, h in old.items():
+        signal.signal(sig, h)
+    for sig in dict.fromkeys(pending):
+        signal.raise_signal(sig)
+
+
+def _signalled(sig: int) -> tuple[str, int]:
+    """The line and exit code of in-process lcr ended by ``sig`` (errors.Terminated)."""
+    if sig == signal.SIGINT:
+        return "interrupted", 130
+    return f"terminated by {signal.Signals(sig).name}", 128 + sig

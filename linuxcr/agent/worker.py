@@ -1,6 +1,6 @@
 """The agent's side of `lcr checkpoint` and `lcr restart` handed off by the CLI (linuxcr/handoff.py).
 
-{"op": "run", "argv": [...], "env": {...}} + fds [stdin, stdout, stderr, cwd]
+{"op": "run", "argv": [...], "env": {...}, "umask": N} + fds [stdin, stdout, stderr, cwd]
     -> {"ok": true, "worker": W}  then, when it is done, {"exit": N}
 
 Only for a peer of the agent's own uid (SO_PEERCRED), with the same
@@ -9,7 +9,11 @@ worker (warm: lcr is imported) that takes those fds as 0/1/2 and its
 working directory, the client's environment, and runs the command line
 through ``run_cli`` (given by `lcr agent`, cli.py: the agent does not import
 the CLI); the agent goes on serving.  The worker gets SIGINT if the agent
-dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C.
+dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C; SIGTERM and
+SIGHUP (forwarded by the client) end it the same way (errors.Terminated),
+and so does the client's death (its connection closes: SIGHUP).
+It takes the client's umask and resource limits; a limit it cannot take (a
+hard one above the agent's) is a refusal: the client runs it in-process.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import socket
 import sys
 from typing import Callable
 
-from linuxcr.errors import AgentError, PermissionDenied
+from linuxcr.errors import AgentError, PermissionDenied, Terminated
 
 PR_SET_PDEATHSIG = 1
 _KEEP: list = []
@@ -55,6 +59,59 @@ def _context(pid: int | str) -> tuple:
     return st + ns + tuple(extra)
 
 
+def _limits(pid: int) -> list[tuple[int, int]]:
+    """The client's resource limits (soft, hard), in RLIMIT order."""
+    import resource
+
+    from linuxcr.procfs.limits import read_limits
+    try:
+        return read_limits(pid, resource.RLIM_INFINITY)
+    except (OSError, ValueError):
+        raise PermissionDenied(f"cannot read the resource limits of pid {pid}",
+                               "it runs in-process") from None
+
+
+def _apply_limits(limits: list[tuple[int, int]]) -> str:
+    """In the worker: the client's resource limits instead of the agent's
+    (lowering any is allowed; raising a hard one needs CAP_SYS_RESOURCE).
+    What could not be applied, or ""."""
+    import resource
+    for res, lim in enumerate(limits):
+        try:
+            if resource.getrlimit(res) != lim:
+                resource.setrlimit(res, lim)
+        except (OSError, ValueError) as e:
+            return (f"the lcr agent cannot take the client's resource limit {res} "
+                    f"({lim[0]}, {lim[1]}): {getattr(e, 'strerror', None) or e}")
+    return ""
+
+
+def _watch_client(sock: socket.socket) -> None:
+    """The client killed (even by SIGKILL: its end of the connection
+    closes): SIGHUP to ourselves, so the command ends as in-process lcr
+    would have -- nothing done to the target, which is thawed (the
+    in-process command would have died; its guardian put the target back)
+    -- instead of running on for nobody.  A thread: the main one runs it."""
+    import select
+    import threading
+
+    def watch() -> None:
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        while True:
+            try:
+                p.poll()
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return          # the client never writes again: not ours to judge
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGHUP)
+            return
+    threading.Thread(target=watch, name="lcr-client-watch", daemon=True).start()
+
+
 def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: list[int], close_in_child: list[int],
           run_cli: Callable[[list[str]], int] | None) -> int:
     """Fork the worker for this request; its pid.  ``close_in_child``: the
@@ -75,10 +132,12 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
     mine = [os.path.dirname(os.path.abspath(linuxcr.__file__)), os.path.realpath(sys.executable)]
     if req.get("code") != mine:     # handoff.code_id of the client
         raise AgentError(f"the lcr agent runs other code ({' '.join(mine)})", "it runs in-process")
-    argv, env = req.get("argv"), req.get("env")
+    argv, env, umask = req.get("argv"), req.get("env"), req.get("umask")
     if (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
-            or not isinstance(env, dict) or len(fds) != 4):
+            or not isinstance(env, dict) or len(fds) != 4
+            or not isinstance(umask, int) or not 0 <= umask <= 0o777):
         raise AgentError("malformed run request")
+    limits = _limits(peer_pid)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -92,10 +151,19 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
                 os.close(fd)
             except OSError:
                 pass
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # as Python starts: EPIPE
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # SIGTERM/SIGHUP forwarded by the client: as in-process (cli.checkpoint
+        # arms the same), from the first instant: cleanup as on ^C, 143/129
+        Terminated.arm()
+        os.umask(umask)               # the client's: the image and files made have its modes
+        refused = _apply_limits(limits)
+        if refused:                   # e.g. a higher hard limit than ours: the client runs it
+            sock.setblocking(True)
+            sock.sendall((json.dumps({"ok": False, "error": refused, "class": "PermissionDenied",
+                                      "hint": "it runs in-process"}) + "\n").encode())
+            os._exit(0)
         for i in range(3):
             os.dup2(fds[i], i)
         os.fchdir(fds[3])
@@ -110,8 +178,12 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         sys.argv = list(argv)
         sock.setblocking(True)
         sock.sendall((json.dumps({"ok": True, "worker": os.getpid()}) + "\n").encode())
+        _watch_client(sock)
         try:
             code = run_cli(list(argv))
+        except Terminated as e:
+            sys.stderr.write(f"lcr: {e.message}\n")
+            code = e.exit_code
         except KeyboardInterrupt:
             sys.stderr.write("lcr: interrupted\n")
             code = 130
@@ -123,13 +195,19 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         except Exception:
             pass
     finally:
+        # never back into the agent's code: a signal now (the client gone
+        # once it has its exit code, the agent dying) is too late to matter
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except Exception:
-            pass
-        try:
-            sock.sendall((json.dumps({"exit": code}) + "\n").encode())
-        except Exception:
-            pass
-        os._exit(code & 0xFF)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            try:
+                sock.sendall((json.dumps({"exit": code}) + "\n").encode())
+            except Exception:
+                pass
+        finally:
+            os._exit(code & 0xFF)

@@ -351,8 +351,8 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
             raise
         shm: dict[int, int] = {}
         try:
-            shm = memory.open_shm(tree.shm, tree.mapped)
-            try:
+            try:        # the net helper goes on every path (open_shm failing too)
+                shm = memory.open_shm(tree.shm, tree.mapped)
                 blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid, net)
             finally:
                 if net is not None:

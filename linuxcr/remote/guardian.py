@@ -151,23 +151,40 @@ def start(complete: Complete | None = None, keep: tuple[int, ...] = ()) -> Journ
     """Fork a guardian; GuardianUnavailable (before any change) if we cannot.
     ``complete``: see Complete; ``keep``: fds of lcr the guardian keeps open
     until it is done (the agent's lock: no new agent starts meanwhile)."""
+    r = w = -1
+    # ^C, SIGTERM, SIGHUP held back over the fork: their handler (raising
+    # KeyboardInterrupt or errors.Terminated) run inside an at-fork hook
+    # (logging's) would be swallowed there, and lcr would go on as if no
+    # signal had come.  Delivered right after, in lcr's own code.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, QUIET)
     try:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
         raise GuardianUnavailable(f"cannot start the guardian process that protects the target: "
                                   f"{e.strerror}", "nothing was changed; free some memory or "
                                   "processes and try again") from None
     if pid == 0:
         code = 0
         try:
+            for s in QUIET:
+                signal.signal(s, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             os.close(w)
             _guardian_main(r, complete, keep)
         except BaseException:
             code = 1
         os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     os.close(r)
     return Journal(w, pid)
+
+
+QUIET = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 # --- the guardian's side --------------------------------------------------------

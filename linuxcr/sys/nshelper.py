@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import os
 import signal
@@ -83,8 +84,10 @@ class NsHelper:
         if os.geteuid() != 0 and _ino(f"/proc/{pid}/ns/user") != _ino("/proc/self/ns/user"):
             kinds.append("user")
         kinds.append("net")
-        fds = [os.open(f"/proc/{pid}/ns/{k}", os.O_RDONLY | os.O_CLOEXEC) for k in kinds]
+        fds: list[int] = []
         try:
+            for k in kinds:
+                fds.append(os.open(f"/proc/{pid}/ns/{k}", os.O_RDONLY | os.O_CLOEXEC))
             return cls._start(lambda: [setns(fd) for fd in fds])
         finally:
             for fd in fds:
@@ -105,12 +108,27 @@ class NsHelper:
 
     @classmethod
     def _start(cls, enter) -> "NsHelper":
+        """Fork the helper; ``enter()`` runs in it first.  On any failure
+        here (its refusal, ^C, SIGTERM) the helper is killed and reaped and
+        both ends of the pair closed: nothing of it outlives the call."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        pid = os.fork()
+        # ^C/SIGTERM held back over the fork (their handlers, run in an
+        # at-fork hook, would be swallowed there); delivered right after
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _QUIET)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:     # single-threaded: setns(user) is allowed here
             code = 0
             try:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                for s in _QUIET:          # lcr ends it (close, or its death): not ^C
+                    signal.signal(s, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 try:
                     enter()
                 except OSError as e:
@@ -124,18 +142,26 @@ class NsHelper:
             except BaseException:  # noqa: BLE001 - the helper never returns into lcr's code
                 code = 1
             os._exit(code)
-        theirs.close()
+        ok = False
         try:
-            got = ours.recv(_ANS.size)
-            err = _ANS.unpack(got)[0] if len(got) == _ANS.size else -1
-        except OSError:
-            err = -1
-        if err:
-            ours.close()
-            os.waitpid(pid, 0)
-            e = -err
-            raise OSError(e, f"cannot enter the network namespace: {os.strerror(e)}")
-        return cls(pid, ours)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            theirs.close()
+            try:
+                got = ours.recv(_ANS.size)
+                err = _ANS.unpack(got)[0] if len(got) == _ANS.size else -errno.EIO
+            except OSError as e:
+                err = -(e.errno or errno.EIO)
+            if err:
+                e = -err
+                raise OSError(e, f"cannot enter the network namespace: {os.strerror(e)}")
+            helper = cls(pid, ours)
+            ok = True
+            return helper
+        finally:
+            if not ok:
+                theirs.close()
+                ours.close()
+                _kill_reap(pid)
 
     # --- using it ------------------------------------------------------------
 
@@ -175,15 +201,37 @@ class NsHelper:
             pass
         self._sock.close()
         try:
-            os.waitpid(self.pid, 0)
+            os.waitpid(self.pid, 0)      # it exits at end-of-file
         except ChildProcessError:
             pass
+        except BaseException:            # ^C meanwhile: not left behind either
+            _kill_reap(self.pid)
+            raise
 
     def __enter__(self) -> "NsHelper":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_QUIET = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _kill_reap(pid: int) -> None:
+    """Our helper child (not yet reaped: its pid is still its own) gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 def _serve(s: socket.socket) -> None:
