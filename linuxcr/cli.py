@@ -426,8 +426,9 @@ def agent(foreground: bool) -> None:
 
 
 def _warm() -> None:
-    from linuxcr import api  # noqa: F401
+    from linuxcr import api
     from linuxcr.cli_output import bar  # noqa: F401
+    api.warm()
 
 
 def _run_handed_off(argv: list[str]) -> int:
