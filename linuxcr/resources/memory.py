@@ -274,15 +274,15 @@ def see_shared(t: Tracee, smaps: list[SmapsEntry], vmas: list[Vma]) -> None:
 
 
 _RING: list[memoryview] = []
-_RING: list[memoryview] = []
 
 
-def _ring() -> list[memoryview]:
-    """The copy buffers, made once per lcr process: fresh memory is costly
-    (zeroing, and on VMs a host fault per page), a tree has many tasks."""
-    if not _RING:
-        _RING.extend(memoryview(bytearray(CHUNK)) for _ in range(RING))
-    return _RING
+def _ring(n: int = RING) -> list[memoryview]:
+    """The copy buffers, made once per lcr process (at least n): fresh
+    memory is costly (zeroing, and on VMs a host fault per page), a tree
+    has many tasks."""
+    while len(_RING) < n:
+        _RING.append(memoryview(bytearray(CHUNK)))
+    return _RING[:n]
 
 
 def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=None,
@@ -296,15 +296,36 @@ def dump_pages(tasks: list[tuple[Tracee, list[Vma]]], w: ImageWriter, progress=N
     work = ((t.pid, t, [(addr, n * PAGE)]) for t, vmas in tasks
             for addr, n in _unshared_runs(t.pid, vmas, shared.get(t.pid, []), t))
     total = 0
-    # the helper thread also checksums each chunk (xxhash drops the GIL)
-    # while it is in its cache: this thread only writes
+    # the helper threads also checksum each chunk (xxhash drops the GIL)
+    # while it is in their cache: this thread only writes
     for (pid, cs), pieces, view in read_ahead(
-            work, post=lambda pid, pieces, view: (pid, w.page_digest(pid, pieces[0][0], view))):
+            work, post=lambda pid, pieces, view: (pid, w.page_digest(pid, pieces[0][0], view)),
+            readers=dump_readers()):
         w.page_run(pid, pieces[0][0], view, cs)
         total += len(view) // PAGE
         if progress:
             progress(len(view))
     return total
+
+
+def dump_readers() -> int:
+    """How many threads read (and checksum) pages for a checkpoint: two
+    when a CPU is free for the second (reading and checksumming a chunk
+    costs more than writing it to the page cache, so one reader leaves the
+    writer waiting), else one.  LCR_DUMP_READERS forces it (1-4)."""
+    return _threads("LCR_DUMP_READERS")
+
+
+def _threads(env: str) -> int:
+    forced = os.environ.get(env, "")
+    if forced.isdigit() and int(forced) > 0:
+        return min(int(forced), 4)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1
+    return 2 if cpus >= 3 or (cpus >= 2 and load < cpus - 1) else 1
 
 
 def _unshared_runs(pid: int, vmas: list[Vma], shared: list[Span], t: Tracee | None = None
@@ -463,36 +484,82 @@ Span = tuple[int, int]       # (start, end)
 
 
 def read_ahead(work: Iterable[tuple[Any, Tracee, list[Piece]]], *, skip_unreadable: bool = False,
-               post: Callable[[Any, list[Piece], memoryview], Any] | None = None
-               ) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
+               post: Callable[[Any, list[Piece], memoryview], Any] | None = None,
+               readers: int = 1) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
     """Every copy of pages out of a task goes through here: for each item
     (tag, task, pieces), the pieces (at most CHUNK bytes in all) read back
     to back into the next buffer of the ring, by a helper thread one item
     ahead of the caller; yields (tag, pieces, view).  The view is valid
-    until the caller asks for the next item but one (RING buffers: one
-    queued, one filling, one in use).  ``skip_unreadable``: a piece that
+    until the caller asks for the next item (RING buffers: one queued, one
+    filling, one in use).  ``skip_unreadable``: a piece that
     cannot be read (unmapped meanwhile) yields None instead of failing.
     ``post(tag, pieces, view)``, run by the helper thread on each item read,
-    gives the tag yielded (work done while the buffer is in its cache)."""
+    gives the tag yielded (work done while the buffer is in its cache).
+    ``readers`` > 1: that many threads read (and post) items at once,
+    yielded in order (process_vm_readv and xxhash drop the GIL)."""
+    if readers > 1:
+        return _read_parallel(work, skip_unreadable, post, readers)
     ring = _ring()
 
     def chunks():
         for i, (tag, t, pieces) in enumerate(work):
-            view: memoryview | None = ring[i % RING][: sum(n for _, n in pieces)]
-            try:
-                if len(pieces) == 1:
-                    t.readinto(pieces[0][0], view)
-                else:
-                    t.readinto_many(pieces, view)
-            except (OSError, LcrError):
-                if not skip_unreadable:
-                    raise
-                view = None
-            if post is not None and view is not None:
-                tag = post(tag, pieces, view)
-            yield tag, pieces, view
+            yield _read_item(ring[i % RING], tag, t, pieces, skip_unreadable, post)
 
     return prefetch(chunks())
+
+
+def _read_item(buf: memoryview, tag: Any, t: Tracee, pieces: list[Piece], skip_unreadable: bool,
+               post: Callable[[Any, list[Piece], memoryview], Any] | None
+               ) -> tuple[Any, list[Piece], memoryview | None]:
+    view: memoryview | None = buf[: sum(n for _, n in pieces)]
+    try:
+        if len(pieces) == 1:
+            t.readinto(pieces[0][0], view)
+        else:
+            t.readinto_many(pieces, view)
+    except (OSError, LcrError):
+        if not skip_unreadable:
+            raise
+        view = None
+    if post is not None and view is not None:
+        tag = post(tag, pieces, view)
+    return tag, pieces, view
+
+
+def _read_parallel(work: Iterable[tuple[Any, Tracee, list[Piece]]], skip_unreadable: bool,
+                   post: Callable[[Any, list[Piece], memoryview], Any] | None, readers: int
+                   ) -> Iterator[tuple[Any, list[Piece], memoryview | None]]:
+    """read_ahead with ``readers`` threads: item i goes to buffer i % n of
+    a ring of n = readers + 2, submitted once the caller has asked for item
+    i - readers: the buffers of the item the caller holds and of the one
+    before are never being read into."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    n = readers + 2
+    ring = _ring(n)
+    items = enumerate(work)
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="lcr-read")
+    pending: deque = deque()
+
+    def submit() -> bool:
+        nxt = next(items, None)
+        if nxt is None:
+            return False
+        i, (tag, t, pieces) = nxt
+        pending.append(pool.submit(_read_item, ring[i % n], tag, t, pieces, skip_unreadable, post))
+        return True
+
+    try:
+        while len(pending) < readers and submit():
+            pass
+        while pending:
+            got = pending.popleft().result()
+            submit()
+            yield got
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)     # no thread writes a buffer once we return
 
 
 def runs_work(t: Tracee, ranges: Iterable[Span], tag: Any = None):
@@ -933,15 +1000,7 @@ def writers() -> int:
     """How many threads write pages into the tasks being restored: two when
     a CPU is free for the second (the reader thread and the first writer
     keep about two busy), else one.  LCR_RESTORE_WRITERS forces it (1-4)."""
-    forced = os.environ.get("LCR_RESTORE_WRITERS", "")
-    if forced.isdigit() and int(forced) > 0:
-        return min(int(forced), 4)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except OSError:
-        return 1
-    return 2 if cpus >= 3 or (cpus >= 2 and load < cpus - 1) else 1
+    return _threads("LCR_RESTORE_WRITERS")
 
 
 class _Writers:
