@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 
 import pytest
@@ -122,17 +121,6 @@ def test_sem_undo_refused(bins, procs, tmp_path, key):
     cp = lcr("checkpoint", pid, "-o", tmp_path / "img", check=False)
     assert cp.returncode != 0 and "SEM_UNDO" in cp.stderr
     assert helpers.alive(pid)
-
-
-@pytest.fixture
-def agent_env(tmp_path, monkeypatch):
-    d = tmp_path / "agent"
-    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
-    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
-    try:
-        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the program's objects are root's")
