@@ -354,6 +354,22 @@ def user_workdir(user: User) -> Path:
     return d
 
 
+def root_or_user(who: str, tmp_path: Path) -> tuple[User | None, Path]:
+    """For a test run as root (``who`` "root") or as the ordinary user
+    lcrtest (``who`` "lcrtest"): (None, tmp_path) or (that user, a work
+    directory it owns).  Skips when that user cannot run lcr, or when a
+    root run is not run by root."""
+    if who == "lcrtest":
+        user = find_user()
+        why = user_can_run_lcr(user)
+        if why:
+            pytest.skip(why)
+        return user, user_workdir(user)
+    if os.geteuid() != 0:
+        pytest.skip("root run")
+    return None, tmp_path
+
+
 def user_file(user: User, path: Path, content: bytes = b"") -> Path:
     path.write_bytes(content)
     os.chown(path, user.uid, user.gid)

@@ -18,7 +18,7 @@ import pytest
 import helpers
 from helpers import (assert_clean_error, assert_pass, lcr, pass_field, reap, restart_image,
                      wait_for_line)
-from rootless_helpers import Trees, find_user, lcr_as, user_can_run_lcr, user_workdir
+from rootless_helpers import Trees, find_user, lcr_as, root_or_user, user_can_run_lcr, user_workdir
 
 pytestmark = pytest.mark.e2e
 NAME = "sysv_ipc"
@@ -80,16 +80,7 @@ def test_host_namespace(bins, procs, tmp_path, key):
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
 def test_lcr_run_ipc(bins, trees, tmp_path, key, who):
-    user = None
-    wd = tmp_path
-    if who == "lcrtest":
-        user = find_user()
-        why = user_can_run_lcr(user)
-        if why:
-            pytest.skip(why)
-        wd = user_workdir(user)
-    elif os.geteuid() != 0:
-        pytest.skip("root run")
+    user, wd = root_or_user(who, tmp_path)
     log = wd / "sysv.log"
     root = trees.add(int(lcr_as(user, "run", "--ipc", "--hostname", "ckpt-host", "-o", log, "--",
                                 bins[NAME], key).stdout))
