@@ -169,6 +169,19 @@ def counting_resumes():
         ptrace.cont = cont
 
 
+def damage(path: Path, data) -> None:
+    """Damage the file at ``path`` as hypothesis ``data`` (st.data()) draws:
+    one byte flipped (xor 1..255), or the file cut short."""
+    from hypothesis import strategies as st
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    else:
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    path.write_bytes(bytes(raw))
+
+
 def exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
