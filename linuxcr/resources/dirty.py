@@ -105,7 +105,7 @@ from linuxcr import faults
 from linuxcr.errors import KernelError, NoSuchProcess, PermissionDenied
 from linuxcr.procfs import MapEntry, read_maps
 from linuxcr.sys import uffd as U
-from linuxcr.sys.syscalls import TASK_SIZE, pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import TASK_SIZE, fd_of
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Arena, Tracee
@@ -282,11 +282,7 @@ class Tracker:
                               f"{os.strerror(e.errno)}", "write tracking is not possible here") from None
         ours = -1
         try:
-            pfd = pidfd_open(pid)
-            try:
-                ours = pidfd_getfd(pfd, tfd)
-            finally:
-                os.close(pfd)
+            ours = fd_of(pid, tfd)
             _api(ours, t, arena, tfd)
         except OSError as e:
             if ours >= 0:

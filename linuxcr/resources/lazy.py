@@ -80,7 +80,7 @@ from linuxcr.image.schema import Pages, RecType, Vma
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.resources import pstree
 from linuxcr.sys import uffd as U
-from linuxcr.sys.syscalls import pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import fd_of
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Tracee
@@ -221,11 +221,7 @@ def make_uffd(t: "Tracee", vmas: list[Vma]) -> tuple[int, list[tuple[int, int]]]
                           f"{os.strerror(e.errno)}", hint) from None
     ours = -1
     try:
-        pfd = pidfd_open(pid)
-        try:
-            ours = pidfd_getfd(pfd, tfd)
-        finally:
-            os.close(pfd)
+        ours = fd_of(pid, tfd)
         feats, _ = U.api(ours, FEATURES)
         if feats & FEATURES != FEATURES:
             raise KernelError(f"pid {pid}: userfaultfd without fork/remap/remove/unmap events "

@@ -180,6 +180,16 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return syscall(NR["pidfd_getfd"], pidfd, fd, 0)
 
 
+def fd_of(pid: int, fd: int) -> int:
+    """Our own fd (O_CLOEXEC) for the open file behind fd ``fd`` of process
+    ``pid``: pidfd_open + pidfd_getfd, the pidfd closed again."""
+    pfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pfd, fd)
+    finally:
+        os.close(pfd)
+
+
 KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
 
 
