@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, MountRec, Namespaces, Task, TmpFile
-from linuxcr.procfs import read_status
+from linuxcr.procfs import fd_links, read_status
 from linuxcr.procfs.mounts import Mount, read_mountinfo
 from linuxcr.resources import pstree
 from linuxcr.sys import ipc, sockdiag
@@ -135,22 +135,12 @@ def migrate_reasons(root: int) -> list[str]:
     holding a socket other than a UNIX socket pair is refused."""
     if not own_net(root):
         return []
-    pids, queue = [], [root]
-    while queue:
-        p = queue.pop(0)
-        if p not in pids:
-            pids.append(p)
-            queue += pstree.children(p)
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+    for pid in pstree.tree_pids(root):
+        for fd, link in fd_links(pid):
+            if not link.startswith("socket:"):
+                continue
             try:
-                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                    continue
-                with sockdiag.grab_socket(pid, int(fd)) as s:
+                with sockdiag.grab_socket(pid, fd) as s:
                     family = sockdiag.identity(s)[0]
                     named = family == socket.AF_UNIX and bool(s.getsockname())
             except OSError:
