@@ -36,3 +36,33 @@ def test_fd_of_is_the_same_open_file():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_uffd_copy_and_zeropage_count_what_they_did():
+    """sys.uffd.copy / zeropage on an area of ours registered in MISSING
+    mode: the bytes done, and on EEXIST an OSError with .copied."""
+    import ctypes
+    import errno
+    import mmap
+
+    import pytest
+
+    from linuxcr.sys import uffd as U
+    P = mmap.PAGESIZE
+    area = mmap.mmap(-1, 4 * P)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    src = ctypes.create_string_buffer(b"\x5a" * (2 * P), 2 * P)
+    fd = U.userfaultfd()
+    try:
+        U.api(fd, 0)
+        U.register(fd, start, 4 * P, U.UFFDIO_REGISTER_MODE_MISSING)
+        assert U.copy(fd, start, ctypes.addressof(src), 2 * P) == 2 * P
+        assert U.zeropage(fd, start + 2 * P, P) == P
+        with pytest.raises(OSError) as e:
+            U.copy(fd, start + 2 * P, ctypes.addressof(src), P)      # present already
+        assert e.value.errno == errno.EEXIST and e.value.copied == 0
+        U.unregister(fd, start, 4 * P)
+        assert area[:2 * P] == b"\x5a" * (2 * P) and area[2 * P:3 * P] == bytes(P)
+    finally:
+        os.close(fd)
+        del src
