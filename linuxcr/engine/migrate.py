@@ -266,8 +266,7 @@ def _uses_sysv(pid: int, tasks: list[Task]) -> bool:
     such a tree moves by a full final image, which carries the IPC record
     and is restored as `lcr restart` does (objects made before the tasks,
     in a new ipc namespace when the tree had its own)."""
-    own = os.stat(f"/proc/{pid}/ns/ipc").st_ino != os.stat("/proc/self/ns/ipc").st_ino
-    return sysvipc.dump(pid, tasks, own) is not None
+    return sysvipc.dump(pid, tasks, namespaces.own_ipc(pid, tasks[0].pidns_init)) is not None
 
 
 def _send_ranges(conn: Conn, pid: int, ranges: list[tuple[int, int]],

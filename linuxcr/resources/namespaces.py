@@ -37,6 +37,14 @@ def own(pid: int) -> list[str]:
     return [k for k in KINDS if _ino(pid, k) != _ino("self", k)]
 
 
+def own_ipc(pid: int, root_is_init: bool) -> bool:
+    """Has the tree rooted at ``pid`` an ipc namespace of its own that lcr
+    makes again (an `lcr run --ipc` tree, whose root is the init of its pid
+    namespace)?  Then every System V object there is the tree's
+    (resources/sysvipc.py), not only those it has attached."""
+    return bool(root_is_init) and "ipc" in own(pid)
+
+
 def check(pid: int, root: int, root_is_init: bool) -> list[str]:
     """A process whose namespaces lcr cannot make again: one of the tree
     (not its root) in other namespaces than the root's; in the mount
