@@ -115,7 +115,7 @@ def own_net(root: int) -> bool:
     of its own, made again on restart)?"""
     try:
         st = read_status(root)
-        return len(st.ns_pid) > 1 and st.ns_pid[-1] == 1 and "net" in own(root)
+        return st.pidns_init and "net" in own(root)
     except (FileNotFoundError, ProcessLookupError):
         return False
 
