@@ -80,7 +80,6 @@ from linuxcr.image.schema import Pages, RecType, Vma
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.resources import pstree
 from linuxcr.sys import uffd as U
-from linuxcr.sys.syscalls import fd_of
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Tracee
@@ -219,34 +218,26 @@ def make_uffd(t: "Tracee", vmas: list[Vma]) -> tuple[int, list[tuple[int, int]]]
                                            if e.errno == errno.EPERM else "")
         raise KernelError(f"pid {pid}: userfaultfd() inside the restored process failed: "
                           f"{os.strerror(e.errno)}", hint) from None
-    ours = -1
+    from linuxcr.remote.task import taken_fd
     try:
-        ours = fd_of(pid, tfd)
-        feats, _ = U.api(ours, FEATURES)
-        if feats & FEATURES != FEATURES:
-            raise KernelError(f"pid {pid}: userfaultfd without fork/remap/remove/unmap events "
-                              f"(features 0x{feats:x})", "restart without --lazy")
-        done: list[tuple[int, int]] = []
-        for v in vmas:
-            if not lazy_area(v):
-                continue
-            try:
-                U.register(ours, v.start, v.end - v.start, U.UFFDIO_REGISTER_MODE_MISSING)
-            except OSError:
-                continue                    # written at once instead
-            done.append((v.start, v.end))
-        return ours, done
+        with taken_fd(t, tfd) as ours:
+            feats, _ = U.api(ours, FEATURES)
+            if feats & FEATURES != FEATURES:
+                raise KernelError(f"pid {pid}: userfaultfd without fork/remap/remove/unmap events "
+                                  f"(features 0x{feats:x})", "restart without --lazy")
+            done: list[tuple[int, int]] = []
+            for v in vmas:
+                if not lazy_area(v):
+                    continue
+                try:
+                    U.register(ours, v.start, v.end - v.start, U.UFFDIO_REGISTER_MODE_MISSING)
+                except OSError:
+                    continue                    # written at once instead
+                done.append((v.start, v.end))
+            return ours, done
     except OSError as e:
-        if ours >= 0:
-            os.close(ours)
         raise KernelError(f"pid {pid}: cannot set up its userfaultfd: {e.strerror}",
                           "restart without --lazy") from None
-    except BaseException:
-        if ours >= 0:
-            os.close(ours)
-        raise
-    finally:
-        t.syscall("close", tfd, check=False)
 
 
 def _inside(areas: list[tuple[int, int]], s: int, e: int) -> list[tuple[int, int, bool]]:
