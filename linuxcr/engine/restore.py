@@ -340,22 +340,16 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
         ours = external.resolve(tree.files, tasks)      # --fd N=...: refused if not given
         net = namespaces.net_helper(tree.ns)     # `lcr run --net`: its sockets are made there
-        try:
-            with sockdiag.inside(net):
-                ours.update(files.open_all([d for d in tree.files if d.fid not in ours],
-                                           tree.pipes, tree.unix))
-        except BaseException:
-            files.close_all(ours)
-            if net is not None:
-                net.close()
-            raise
         shm: dict[int, int] = {}
         try:
-            shm = memory.open_shm(tree.shm, tree.mapped)
             try:
+                with sockdiag.inside(net):
+                    ours.update(files.open_all([d for d in tree.files if d.fid not in ours],
+                                               tree.pipes, tree.unix))
+                shm = memory.open_shm(tree.shm, tree.mapped)
                 blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid, net)
             finally:
-                if net is not None:
+                if net is not None:      # the blank is in its namespaces now, or never will be
                     net.close()
             made_ipc = fill_namespaces(blank, tree)
             try:
