@@ -66,3 +66,33 @@ def test_uffd_copy_and_zeropage_count_what_they_did():
     finally:
         os.close(fd)
         del src
+
+
+def test_close_all_but_keeps_what_it_is_told():
+    """sys.syscalls.close_all_but in a forked child: every fd from 3 up
+    closed but those kept; 0-2 untouched."""
+    from linuxcr.sys.syscalls import close_all_but
+    a, b = os.pipe()
+    c, d = os.pipe()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            close_all_but({b, w})
+            left = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+            os.write(w, (" ".join(map(str, left)) + "\n").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        got += chunk
+    os.waitpid(pid, 0)
+    for fd in (a, b, c, d, r):
+        os.close(fd)
+    left = [int(x) for x in got.split()]
+    # the listing's own directory fd may show up (it is open while listing)
+    assert {0, 1, 2, b, w} <= set(left) and not {a, c, d, r} & set(left), left

@@ -80,6 +80,7 @@ from linuxcr.image.schema import Pages, RecType, Vma
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.resources import pstree
 from linuxcr.sys import uffd as U
+from linuxcr.sys.syscalls import close_all_but
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Tracee
@@ -335,7 +336,7 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
                     reader.fd = fcntl.fcntl(reader.fd, fcntl.F_DUPFD_CLOEXEC, 3)
                 srv = Server(setup.mms, setup.records, reader, root, t0, logfd)
                 keep = {reader.fd, logfd, wfd, srv.rootfd} | {m.uffd for m in setup.mms}
-                _close_others(keep)
+                close_all_but(keep)
                 _std_to(logfd)
                 srv.spawn_watchdog(close=wfd)
                 os.write(wfd, f"{os.getpid()} {srv.watchdog}\n".encode())
@@ -366,16 +367,6 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
         if wfd >= 0:
             os.close(wfd)
         os.close(logfd)
-
-
-def _close_others(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep and fd > 2:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def _std_to(logfd: int) -> None:
