@@ -378,10 +378,10 @@ def wait_for_line(log: str | Path, pattern: str, timeout: float = READY_TIMEOUT,
 
 
 def probe(pid: int, log: str | Path, pattern: str = PASSFAIL,
-          timeout: float = PROBE_TIMEOUT) -> re.Match:
-    """Send SIGUSR1 and wait for the answer: a new line matching ``pattern``."""
+          timeout: float = PROBE_TIMEOUT, sig: int = signal.SIGUSR1) -> re.Match:
+    """Send ``sig`` (SIGUSR1) and wait for the answer: a new line matching ``pattern``."""
     start = log_size(log)
-    os.kill(pid, signal.SIGUSR1)
+    os.kill(pid, sig)
     return wait_for_line(log, pattern, timeout, start=start, pid=pid)
 
 

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from helpers import READY_TIMEOUT, log_size, wait_for_line
+from helpers import READY_TIMEOUT, probe, wait_for_line
 from linuxcr import agent
 from linuxcr.errors import RollbackRefused
 from linuxcr.procfs import read_smaps
@@ -48,15 +48,11 @@ def _state(pid: int, at: dict[str, int]) -> dict:
 
 
 def _change(pid, log):
-    start = log_size(log)
-    os.kill(pid, signal.SIGUSR2)
-    wait_for_line(log, r"^CHANGED pid=", READY_TIMEOUT, start=start, pid=pid)
+    probe(pid, log, r"^CHANGED pid=", READY_TIMEOUT, sig=signal.SIGUSR2)
 
 
 def _alive_ok(pid, log):
-    start = log_size(log)
-    os.kill(pid, signal.SIGUSR1)
-    wait_for_line(log, r"^PASS roll_attrs", READY_TIMEOUT, start=start, pid=pid)
+    probe(pid, log, r"^PASS roll_attrs", READY_TIMEOUT)
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["fast", "full"])
@@ -94,9 +90,7 @@ def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # no
     p = procs.start([bins["roll_attrs"]], log)
     wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
     snap = agent.snapshot(p.pid)
-    start = log_size(log)
-    os.kill(p.pid, signal.SIGHUP)
-    wait_for_line(log, r"^NNP pid=", READY_TIMEOUT, start=start, pid=p.pid)
+    probe(p.pid, log, r"^NNP pid=", READY_TIMEOUT, sig=signal.SIGHUP)
     with pytest.raises(RollbackRefused) as ei:
         agent.rollback(snap.crid)
     assert re.search(r"no_new_privs", str(ei.value)), str(ei.value)
@@ -111,9 +105,7 @@ def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):  
     p = procs.start([bins["roll_attrs"]], log)
     wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
     snap = agent.snapshot(p.pid)
-    start = log_size(log)
-    os.kill(p.pid, signal.SIGWINCH)
-    m = wait_for_line(log, r"^SECCOMP pid=\d+ r=(-?\d+)", READY_TIMEOUT, start=start, pid=p.pid)
+    m = probe(p.pid, log, r"^SECCOMP pid=\d+ r=(-?\d+)", READY_TIMEOUT, sig=signal.SIGWINCH)
     assert m.group(1) == "0", m.string
     with pytest.raises(RollbackRefused) as ei:
         agent.rollback(snap.crid)
