@@ -354,20 +354,16 @@ def user_workdir(user: User) -> Path:
     return d
 
 
-def root_or_user(who: str, tmp_path: Path) -> tuple[User | None, Path]:
+def root_or_user(request, who: str) -> tuple[User | None, Path]:
     """For a test run as root (``who`` "root") or as the ordinary user
-    lcrtest (``who`` "lcrtest"): (None, tmp_path) or (that user, a work
-    directory it owns).  Skips when that user cannot run lcr, or when a
-    root run is not run by root."""
-    if who == "lcrtest":
-        user = find_user()
-        why = user_can_run_lcr(user)
-        if why:
-            pytest.skip(why)
-        return user, user_workdir(user)
-    if os.geteuid() != 0:
-        pytest.skip("root run")
-    return None, tmp_path
+    lcrtest (any other ``who``): (None, tmp_path) or the ``user`` and ``wd``
+    fixtures (conftest.py: a work directory lcrtest owns, removed after).
+    Skips when lcrtest cannot run lcr, or a root run is not run by root."""
+    if who == "root":
+        if os.geteuid() != 0:
+            pytest.skip("root run")
+        return None, request.getfixturevalue("tmp_path")
+    return request.getfixturevalue("user"), request.getfixturevalue("wd")
 
 
 def user_file(user: User, path: Path, content: bytes = b"") -> Path:

@@ -36,8 +36,8 @@ def _tcp_states(pid: int, port: int) -> list[str]:
 
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_sockets_in_own_netns(trees, tmp_path, who):
-    user, wd = root_or_user(who, tmp_path)
+def test_sockets_in_own_netns(trees, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "srv.log"
     root = trees.add(int(lcr_as(user, "run", "--net", "-o", log, "--",
                                 sys.executable, SERVER).stdout))

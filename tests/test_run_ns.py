@@ -19,8 +19,8 @@ PROBE = Path(__file__).resolve().parent / "progs" / "ns_probe.py"
 
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_uts_net(trees, tmp_path, who):
-    user, wd = root_or_user(who, tmp_path)
+def test_uts_net(trees, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "ns.log"
     root = trees.add(int(lcr_as(user, "run", "--hostname", "box-1", "--net", "-o", log, "--",
                                 sys.executable, PROBE, "box-1").stdout))

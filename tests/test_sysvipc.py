@@ -79,8 +79,8 @@ def test_host_namespace(bins, procs, tmp_path, key):
 
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_lcr_run_ipc(bins, trees, tmp_path, key, who):
-    user, wd = root_or_user(who, tmp_path)
+def test_lcr_run_ipc(bins, trees, tmp_path, key, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "sysv.log"
     root = trees.add(int(lcr_as(user, "run", "--ipc", "--hostname", "ckpt-host", "-o", log, "--",
                                 bins[NAME], key).stdout))
