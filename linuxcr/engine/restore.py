@@ -323,7 +323,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         header, tree, tasks, first = read_meta(reader)
         validate_tree(tree, tasks)
         if lz is not None:
-            _check_lazy(reader, header, tasks)
+            lazy_pages.check_image(reader, header, tasks)
         exe_identity.verify(tree.identities)     # no task made for code that is gone
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
@@ -425,21 +425,6 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
     return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
                          warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
                          namespace=mode != "host", processes=len(tasks), lazy=lz)
-
-
-def _check_lazy(reader: ImageReader, header: Header, tasks: list[Task]) -> None:
-    """What --lazy does not take: signed images read with --verify (the
-    signature covers every byte, so every byte is read first), incremental
-    images, trees whose tasks share pages with their parents."""
-    if not reader.skim:
-        raise RestoreError(f"{reader.name}: --lazy cannot check a signature (it covers pages "
-                           "read only later)", "restart without --lazy, or without --verify")
-    if header.parent is not None:
-        raise RestoreError(f"{reader.name} is an incremental image: --lazy takes full images only",
-                           "restart without --lazy")
-    if any(k.cow for k in tasks):
-        raise RestoreError(f"{reader.name} holds a tree whose tasks share pages: --lazy does not "
-                           "restore that", "restart without --lazy")
 
 
 def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,

@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING
 
 from linuxcr import faults
 from linuxcr.errors import ImageError, KernelError, LcrError, RestoreError
-from linuxcr.image.schema import Pages, RecType, Vma
+from linuxcr.image.schema import Header, Pages, RecType, Task, Vma
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.resources import pstree
 from linuxcr.sys import uffd as U
@@ -108,6 +108,21 @@ def check_source(fd: int, name: str) -> None:
         what = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
         raise RestoreError(f"{name}: --lazy needs the image in a file it can seek in; this is {what}",
                            "write the image to a file first, or restart without --lazy")
+
+
+def check_image(reader: ImageReader, header: Header, tasks: list[Task]) -> None:
+    """What --lazy does not take: signed images read with --verify (the
+    signature covers every byte, so every byte is read first), incremental
+    images, trees whose tasks share pages with their parents."""
+    if not reader.skim:
+        raise RestoreError(f"{reader.name}: --lazy cannot check a signature (it covers pages "
+                           "read only later)", "restart without --lazy, or without --verify")
+    if header.parent is not None:
+        raise RestoreError(f"{reader.name} is an incremental image: --lazy takes full images only",
+                           "restart without --lazy")
+    if any(k.cow for k in tasks):
+        raise RestoreError(f"{reader.name} holds a tree whose tasks share pages: --lazy does not "
+                           "restore that", "restart without --lazy")
 
 
 def lazy_area(v: Vma) -> bool:
