@@ -16,7 +16,6 @@ from linuxcr import agent
 from linuxcr.errors import RollbackRefused
 from linuxcr.procfs import read_smaps
 from linuxcr.resources import guards, memory
-from test_snapshots import agent_env  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e]
 PG = 4096
@@ -56,7 +55,7 @@ def _alive_ok(pid, log):
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["fast", "full"])
-def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):  # noqa: F811
+def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     pid, log, at = _start(bins, procs, tmp_path)
     snap = agent.snapshot(pid)
     before = _state(pid, at)
@@ -84,7 +83,7 @@ def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     snap.discard()
 
 
-def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):
     """no_new_privs cannot be unset (nor a seccomp filter removed): refused, untouched."""
     log = tmp_path / "sec.log"
     p = procs.start([bins["roll_attrs"]], log)
@@ -99,7 +98,7 @@ def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # no
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="installs a seccomp filter without no_new_privs")
-def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):
     """A seccomp filter added since the snapshot cannot be removed: refused, untouched."""
     log = tmp_path / "sec.log"
     p = procs.start([bins["roll_attrs"]], log)
