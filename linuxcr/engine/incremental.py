@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from linuxcr.errors import LcrError
 from linuxcr.image import runs
@@ -117,7 +118,7 @@ class Trackers:
             self._drop(pid)
 
 
-def is_path(name: str | None) -> bool:
+def is_path(name: str | None) -> TypeGuard[str]:
     """Is the image's name a file path (not "-", stdin/stdout, nor "fd N")?"""
     return name is not None and name not in ("", "-") and not name.startswith("fd ")
 
