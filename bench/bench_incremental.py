@@ -28,9 +28,6 @@ deleted) before each timed step.  Every process started is killed by pid.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -43,17 +40,7 @@ sys.path.insert(0, _CODE)
 
 import linuxcr  # noqa: E402
 from linuxcr import api  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def build_memhog(d: Path) -> str:
-    src = Path(os.environ.get("LCR_SHARED", REPO.parent / "shared")) / "workloads" / "memhog.c"
-    out = d / "memhog"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
-    return str(out)
+from common import build_memhog, kill, memhog_ok, prewarm_memory  # noqa: E402
 
 
 def start(memhog: str, mib: int, usec: int, logf: Path) -> int:
@@ -63,45 +50,13 @@ def start(memhog: str, mib: int, usec: int, logf: Path) -> int:
 
 
 def probe(pid: int, logf: Path) -> bool:
-    n = len(logf.read_text())
-    os.kill(pid, signal.SIGUSR1)
-    for _ in range(600):
-        tail = logf.read_text()[n:]
-        m = re.search(r"(OK|MISMATCH)", tail)
-        if m:
-            return m.group(1) == "OK"
-        time.sleep(0.05)
-    return False
-
-
-def prewarm(d: Path, nbytes: int) -> None:
-    p = d / "prewarm"
-    with open(p, "wb") as f:
-        chunk = b"\1" * (1 << 20)
-        for _ in range(nbytes >> 20):
-            f.write(chunk)
-    p.unlink()
+    return memhog_ok(pid, logf, timeout=30, poll=0.05)
 
 
 def timed(fn):
     t = time.monotonic()
     r = fn()
     return time.monotonic() - t, r
-
-
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for _ in range(200):
-        if not os.path.exists(f"/proc/{pid}"):
-            return
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
 
 
 def median(xs: list[float]) -> float:
@@ -126,11 +81,11 @@ def written(a, d: Path, memhog: str, pct: float) -> None:
     try:
         size = a.mib << 20
         prev = d / "w-base.img"
-        prewarm(d, size)
+        prewarm_memory(d, size)
         api.checkpoint(pid, prev, leave_running=True, track=True)
         fulls, incs, stored = [], [], []
         for i in range(a.runs):
-            prewarm(d, size)
+            prewarm_memory(d, size)
             t_full, _ = timed(lambda: api.checkpoint(pid, d / "w-full.img", leave_running=True))
             time.sleep(a.gap)
             cur = d / f"w-inc{i}.img"
@@ -168,12 +123,12 @@ def main() -> None:
     for f in list(d.glob("*.img")) + list(d.glob("*.lcr-index")):
         f.unlink()
     if a.written:
-        memhog = build_memhog(d)
+        memhog = str(build_memhog(d, reuse=False))
         print(f"memhog {a.mib} MiB, {a.gap} s between checkpoints, linuxcr from {a.code}")
         for pct in a.written.split(","):
             written(a, d, memhog, float(pct))
         return
-    memhog = build_memhog(d)
+    memhog = str(build_memhog(d, reuse=False))
     logf = d / "memhog.log"
     logf.write_text("")
     pids = []
@@ -181,34 +136,34 @@ def main() -> None:
         pid = start(memhog, a.mib, a.usec, logf)
         pids.append(pid)
         size = a.mib << 20
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_full, _ = timed(lambda: api.checkpoint(pid, d / "full.img", leave_running=True))
         s_full = (d / "full.img").stat().st_size
         time.sleep(a.gap)
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_hash, r_hash = timed(lambda: api.checkpoint(pid, d / "hash.img", leave_running=True,
                                                       parent=d / "full.img"))
         s_hash = (d / "hash.img").stat().st_size
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_tfull, _ = timed(lambda: api.checkpoint(pid, d / "tfull.img", leave_running=True,
                                                   track=True))
         time.sleep(a.gap)
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_track, r_track = timed(lambda: api.checkpoint(pid, d / "track.img", leave_running=True,
                                                         parent=d / "tfull.img", track=True))
         s_track = (d / "track.img").stat().st_size
         # the restart comparison: a full image of the same moment as track.img
         # is not possible; take one right after and compare restart times
-        prewarm(d, size)
+        prewarm_memory(d, size)
         api.checkpoint(pid, d / "full2.img", leave_running=True)
         api.checkpoint(pid, d / "track2.img", parent=d / "track.img")   # kills it
         kill(pid)
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_rinc, new = timed(lambda: api.restart(d / "track2.img"))
         pids.append(new)
         ok_inc = probe(new, logf)
         kill(new)
-        prewarm(d, size)
+        prewarm_memory(d, size)
         t_rfull, new2 = timed(lambda: api.restart(d / "full2.img"))
         pids.append(new2)
         ok_full = probe(new2, logf)

@@ -25,15 +25,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LCR_SHARED", REPO.parent / "shared"))
+from common import REPO, build_memhog, gone, kill, log, memhog_ok
+
 CRIU = os.environ.get("CRIU", next((p for p in ("/opt/criu-sid/criu", "/opt/criu-trixie/criu")
                                     if os.access(p, os.X_OK)), "criu"))
 ROOT = Path(os.environ.get("BENCH_DIR", "/var/tmp/lcr-lazybench"))
@@ -41,23 +40,9 @@ LCR = [sys.executable, "-m", "linuxcr"]
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def build() -> Path:
-    out = ROOT / "memhog"
-    if not out.exists():
-        subprocess.run(["gcc", "-O2", "-o", out, SHARED / "workloads" / "memhog.c"], check=True)
-    return out
-
-
-def gone(pid: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}"):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"pid {pid} still there")
-        time.sleep(0.01)
+def wait_gone(pid: int) -> None:
+    if not gone(pid, 30.0):
+        raise SystemExit(f"pid {pid} still there")
 
 
 def start_hog(memhog: Path, mib: int, hoglog: Path) -> int:
@@ -66,33 +51,12 @@ def start_hog(memhog: Path, mib: int, hoglog: Path) -> int:
     return int(out.split()[0])
 
 
-def check_hog(pid: int, hoglog: Path) -> bool:
-    start = hoglog.stat().st_size
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        text = hoglog.read_text()[start:]
-        m = re.search(r"actual=\w+ (OK|MISMATCH)", text)
-        if m:
-            return m.group(1) == "OK"
-        time.sleep(0.01)
-    return False
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    gone(pid)
 
 
 def prewarm(path: Path) -> None:
@@ -137,8 +101,9 @@ def one(mode: str, img: Path, pid: int, hoglog: Path, pace: float, d: Path) -> d
         m = re.search(r"(\d+) faults.*complete_ms=([\d.]+)", (d / "lazy.log").read_text())
         row["server_complete_ms"] = float(m.group(2)) if m else None
         row["faults"] = int(m.group(1)) if m else None
-    row["ok"] = check_hog(pid, hoglog)
-    kill(pid)
+    row["ok"] = memhog_ok(pid, hoglog, timeout=120, poll=0.01)
+    if not kill(pid):
+        raise SystemExit(f"pid {pid} still there")
     return row
 
 
@@ -150,7 +115,7 @@ def main() -> None:
     ap.add_argument("--pace", type=float, default=0.0, help="LCR_LAZY_PACE (a slow disk)")
     a = ap.parse_args()
     ROOT.mkdir(parents=True, exist_ok=True)
-    memhog = build()
+    memhog = build_memhog(ROOT)
     modes = ["lazy", "lcr"] + ([] if a.no_criu or not os.access(CRIU, os.X_OK) else ["criu"])
     rows = []
     for mib in (int(x) for x in a.sizes.split(",")):
@@ -160,14 +125,14 @@ def main() -> None:
         hoglog = d / "hog.log"
         pid = start_hog(memhog, mib, hoglog)
         subprocess.run([*LCR, "checkpoint", str(pid), "-o", d / "image.lcr"], check=True, env=ENV)
-        gone(pid)
+        wait_gone(pid)
         imgs = {"lazy": d / "image.lcr", "lcr": d / "image.lcr"}
         if "criu" in modes:
             pid2 = start_hog(memhog, mib, d / "hog2.log")
             (d / "criu").mkdir()
             subprocess.run([CRIU, "dump", "-t", str(pid2), "-D", d / "criu", "-o", "dump.log"],
                            check=True)
-            gone(pid2)
+            wait_gone(pid2)
             imgs["criu"] = d / "criu"
         for run in range(a.runs):
             for mode in modes:

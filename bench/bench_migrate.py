@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import netns  # noqa: E402
+from common import build_memhog, memhog_ok, prewarm_memory  # noqa: E402
 
-SHARED = Path(os.environ.get("LCR_SHARED", REPO.parent / "shared"))
 ROOT = Path(os.environ.get("BENCH_DIR", "/var/tmp/lcr-migbench"))
 TOKEN = "bench-token-5c1e"
 WRAPPER = ("import sys; sys.path.insert(0, %r); from linuxcr.cli import main; "
@@ -68,19 +68,12 @@ c.close()
 
 def build() -> Path:
     ROOT.mkdir(parents=True, exist_ok=True)
-    out = ROOT / "memhog"
-    if not out.exists():
-        subprocess.run(["gcc", "-O2", "-o", out, SHARED / "workloads" / "memhog.c"], check=True)
     (ROOT / "relay.py").write_text(RELAY)
-    return out
+    return build_memhog(ROOT)
 
 
 def prewarm(mib: int) -> None:
-    p = ROOT / "prewarm"
-    with open(p, "wb") as f:
-        for _ in range(mib):
-            f.write(b"\x5a" * (1 << 20))
-    p.unlink()
+    prewarm_memory(ROOT, mib << 20)
 
 
 def start(memhog: Path, mib: int, usec: int, log: Path) -> int:
@@ -92,19 +85,6 @@ def start(memhog: Path, mib: int, usec: int, log: Path) -> int:
     threading.Thread(target=p.wait, daemon=True).start()
     wait_line(log, rf"pid={p.pid} ready")
     return p.pid
-
-
-def check(pid: int, log: Path) -> bool:
-    size = log.stat().st_size
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        tail = log.read_bytes()[size:].decode(errors="replace")
-        m = re.search(r"counter=\d+ expected=\w+ actual=\w+ (OK|MISMATCH)", tail)
-        if m:
-            return m.group(1) == "OK"
-        time.sleep(0.02)
-    return False
 
 
 def kill(pid: int) -> None:
@@ -146,7 +126,7 @@ def run_migrate(net, memhog: Path, mib: int, usec: int, max_downtime: str) -> di
             raise RuntimeError(f"lcr migrate failed: {cp.stderr.strip()}")
         new = int(out)
         rep = json.loads(cp.stdout)
-        ok = check(new, log)
+        ok = memhog_ok(new, log)
         return {"kind": "migrate", "mib": mib, "total": rep["seconds"], "downtime": rep["downtime"],
                 "rounds": [(r["n"], r["pages"], round(r["seconds"], 3)) for r in rep["rounds"]],
                 "final_pages": rep["final_pages"], "inherited": rep["inherited_pages"],
@@ -185,7 +165,7 @@ def run_plain(net, memhog: Path, mib: int, usec: int) -> dict:
         if src.returncode != 0 or dest.returncode != 0:
             raise RuntimeError(f"plain move failed: {src.stderr.strip()} {err.read_text()}")
         new = int(out.split()[-1])
-        ok = check(new, log)
+        ok = memhog_ok(new, log)
         return {"kind": "plain", "mib": mib, "total": t1 - t0, "downtime": t1 - t0,
                 "checksum_ok": ok}
     finally:

@@ -91,3 +91,17 @@ def trees():
     yield reg
     problems = reg.kill_all()
     assert not problems, f"teardown could not kill: {problems}"
+
+
+@pytest.fixture
+def agent_env(tmp_path, monkeypatch):
+    """An agent of this test's own (LCR_AGENT_DIR in tmp_path, for this
+    process and, as the env it yields, for children): killed after."""
+    import signal
+    d = tmp_path / "agent"
+    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
+    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
+    try:
+        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass

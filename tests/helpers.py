@@ -14,6 +14,7 @@ Timeouts here are safety bounds only, never performance assertions.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -119,6 +120,66 @@ def start_time(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def ns_inode(pid: int | str, kind: str) -> int:
+    """The inode of pid's namespace of ``kind`` ("net", "uts", ...; pid "self": ours)."""
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+def map_starts(pid: int) -> set[int]:
+    """Start addresses of pid's mappings (/proc/PID/maps)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {int(line.split("-", 1)[0], 16) for line in f}
+
+
+@contextlib.contextmanager
+def seized_blank(procs: "Procs", tmp_path: Path):
+    """A ``sleep 300`` held as lcr holds a blank it restores into: seized,
+    stopped, its syscall instruction found in the vDSO, a trampoline mapped
+    at a free address (so Tracee.batch_at is set).  Yields (tracee,
+    trampoline address); detached after (the sleep is killed by procs)."""
+    from linuxcr.remote.task import Tracee
+    from linuxcr.resources import memory
+    p = procs.start(["sleep", "300"], tmp_path / "sleep.log")
+    t = Tracee(p.pid, exitkill=True)
+    t.seize()
+    try:
+        t.stop()
+        vdso = next((m.start, m.end) for m in memory.read_maps(p.pid) if m.path == "[vdso]")
+        t.insn = t.find_syscall_insn(vdso)
+        at = memory.free_gap([], p.pid)
+        memory.map_trampoline(t, at)
+        yield t, at
+    finally:
+        t.detach()
+
+
+@contextlib.contextmanager
+def counting_resumes():
+    """Every ptrace.cont lcr makes meanwhile: yields the list of pids it
+    resumed (one entry a resume)."""
+    from linuxcr.sys import ptrace
+    conts: list[int] = []
+    cont = ptrace.cont
+    ptrace.cont = lambda pid, sig: (conts.append(pid), cont(pid, sig))[1]
+    try:
+        yield conts
+    finally:
+        ptrace.cont = cont
+
+
+def damage(path: Path, data) -> None:
+    """Damage the file at ``path`` as hypothesis ``data`` (st.data()) draws:
+    one byte flipped (xor 1..255), or the file cut short."""
+    from hypothesis import strategies as st
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    else:
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    path.write_bytes(bytes(raw))
 
 
 def exists(pid: int) -> bool:
@@ -317,10 +378,10 @@ def wait_for_line(log: str | Path, pattern: str, timeout: float = READY_TIMEOUT,
 
 
 def probe(pid: int, log: str | Path, pattern: str = PASSFAIL,
-          timeout: float = PROBE_TIMEOUT) -> re.Match:
-    """Send SIGUSR1 and wait for the answer: a new line matching ``pattern``."""
+          timeout: float = PROBE_TIMEOUT, sig: int = signal.SIGUSR1) -> re.Match:
+    """Send ``sig`` (SIGUSR1) and wait for the answer: a new line matching ``pattern``."""
     start = log_size(log)
-    os.kill(pid, signal.SIGUSR1)
+    os.kill(pid, sig)
     return wait_for_line(log, pattern, timeout, start=start, pid=pid)
 
 

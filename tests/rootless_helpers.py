@@ -354,6 +354,18 @@ def user_workdir(user: User) -> Path:
     return d
 
 
+def root_or_user(request, who: str) -> tuple[User | None, Path]:
+    """For a test run as root (``who`` "root") or as the ordinary user
+    lcrtest (any other ``who``): (None, tmp_path) or the ``user`` and ``wd``
+    fixtures (conftest.py: a work directory lcrtest owns, removed after).
+    Skips when lcrtest cannot run lcr, or a root run is not run by root."""
+    if who == "root":
+        if os.geteuid() != 0:
+            pytest.skip("root run")
+        return None, request.getfixturevalue("tmp_path")
+    return request.getfixturevalue("user"), request.getfixturevalue("wd")
+
+
 def user_file(user: User, path: Path, content: bytes = b"") -> Path:
     path.write_bytes(content)
     os.chown(path, user.uid, user.gid)

@@ -19,6 +19,7 @@ from linuxcr.image.chain import INDEX_SUFFIX, Chain, IndexBuilder, index, load_s
 from linuxcr.image.schema import (ENCODER, ImageIndex, IndexEntry, PageMap, PageRun, ParentRef,
                                   RecType, Tree)
 from linuxcr.image.stream import ImageWriter
+from helpers import damage
 from test_image import BASE, PID, make_header, make_task
 
 P = 4096
@@ -273,13 +274,7 @@ def test_mutated_index_or_image(tmp_path, data):
     name = data.draw(st.sampled_from(["full.img", "inc.img"]))
     which = data.draw(st.sampled_from(["", INDEX_SUFFIX]))
     p = tmp_path / (name + which)
-    raw = bytearray(p.read_bytes())
-    if data.draw(st.booleans()):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        raw[i] ^= data.draw(st.integers(1, 255))
-    else:
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-    p.write_bytes(bytes(raw))
+    damage(p, data)
     try:
         got, _ = _memory(tmp_path)
     except ImageError:

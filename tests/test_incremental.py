@@ -188,20 +188,6 @@ def test_interval_stops_when_process_exits(bins, procs, tmp_path):
     assert "gone" in err and "Traceback" not in err, err
 
 
-@pytest.fixture
-def agent_env(tmp_path, monkeypatch):
-    """An agent of this test's own (it holds the write trackers), killed after."""
-    import signal
-    import helpers
-    d = tmp_path / "agent"
-    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
-    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
-    try:
-        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
-
-
 def test_tracked_chain(bins, procs, tmp_path, agent_env):
     """--track: the agent holds the write tracker between commands, and the
     next --parent checkpoint takes the written pages from it (page exact)."""

@@ -87,6 +87,7 @@ from linuxcr.errors import ImageError  # noqa: E402
 from linuxcr.image.chain import Chain, index  # noqa: E402
 from linuxcr.image.schema import PageMap, PageRun, ParentRef, RecType, Tree  # noqa: E402
 from linuxcr.image.stream import ImageWriter  # noqa: E402
+from helpers import damage  # noqa: E402
 from test_image import BASE, PID, make_header, make_task  # noqa: E402
 
 
@@ -189,13 +190,7 @@ def test_mutated_chain_fails_cleanly(tmp_path, data):
     old, new = _pair(tmp_path)
     which = data.draw(st.sampled_from(["full.img", "inc.img"]))
     p = tmp_path / which
-    raw = bytearray(p.read_bytes())
-    if data.draw(st.booleans()):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        raw[i] ^= data.draw(st.integers(1, 255))
-    else:
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-    p.write_bytes(bytes(raw))
+    damage(p, data)
     try:
         c = Chain.from_path(str(tmp_path / "inc.img"))
     except ImageError:

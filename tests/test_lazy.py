@@ -109,9 +109,7 @@ def test_fork_while_lazy(bins, procs, tmp_path):
     img = tmp_path / "img"
     _ckpt(pid, img)
     data = _lazy_restart(img, procs, tmp_path / "lazy.log", pace=0.2)
-    start = os.path.getsize(log)
-    os.kill(pid, signal.SIGUSR2)
-    m = wait_for_line(log, r"^FORK (PASS|FAIL)", 60, start=start, pid=pid)
+    m = probe(pid, log, r"^FORK (PASS|FAIL)", 60, sig=signal.SIGUSR2)
     assert m.group(1) == "PASS", m.string
     assert_pass(pid, log, "lazy_mem")
     text = _complete(data)
@@ -125,9 +123,7 @@ def test_remap_unmap_dontneed(bins, procs, tmp_path):
     img = tmp_path / "img"
     _ckpt(pid, img)
     data = _lazy_restart(img, procs, tmp_path / "lazy.log", pace=0.2)
-    start = os.path.getsize(log)
-    os.kill(pid, signal.SIGHUP)
-    wait_for_line(log, r"^CHANGED", 60, start=start, pid=pid)
+    probe(pid, log, r"^CHANGED", 60, sig=signal.SIGHUP)
     m = probe(pid, log)
     assert m.string.startswith("PASS") and "changed=1" in m.string, m.string
     _complete(data)

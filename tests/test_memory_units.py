@@ -12,6 +12,8 @@ from linuxcr.image.schema import Vma
 from linuxcr.remote.task import Tracee
 from linuxcr.resources import memory
 
+from helpers import counting_resumes, map_starts, seized_blank
+
 P = 4096
 
 
@@ -78,49 +80,28 @@ def test_read_ahead_copies_pieces_and_skips_what_is_gone():
         t.close()
 
 
-def _maps(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/maps") as f:
-        return {int(line.split("-", 1)[0], 16) for line in f}
-
-
 def test_batch_runs_independent_calls_in_one_resume(procs, tmp_path):
     """Tracee.batch in a task lcr holds (as a blank): every call runs, each
     result comes back in order, a checked failure stops the batch there and
     is raised naming its place; an munmap
     over the code page makes later batches go call by call."""
-    from linuxcr.sys import ptrace
-    p = procs.start(["sleep", "300"], tmp_path / "sleep.log")
-    t = Tracee(p.pid, exitkill=True)
-    t.seize()
-    try:
-        t.stop()
-        vdso = next((m.start, m.end) for m in memory.read_maps(p.pid) if m.path == "[vdso]")
-        t.insn = t.find_syscall_insn(vdso)
-        at = memory.free_gap([], p.pid)
-        memory.map_trampoline(t, at)
+    with seized_blank(procs, tmp_path) as (t, at):
         assert t.batch_at == at + memory.BATCH_AT
         a, b = at + 2 * memory.TRAMPOLINE, at + 4 * memory.TRAMPOLINE
         calls = [("mmap", (x, P, 3, 0x32, (1 << 64) - 1, 0), True) for x in (a, b)]   # FIXED|PRIVATE|ANON
         calls.append(("madvise", (a + 1, P, 4), False))              # EINVAL, not checked
         calls += [("getpid", (), True)] * 45                         # more than BATCH_MAX: two blobs
-        stops = []
-        cont = ptrace.cont
-        ptrace.cont = lambda pid, sig: (stops.append(pid), cont(pid, sig))[1]
-        try:
+        with counting_resumes() as stops:
             got = t.batch(calls)
-        finally:
-            ptrace.cont = cont
-        assert got[:3] == [a, b, -22] and set(got[3:]) == {p.pid}
+        assert got[:3] == [a, b, -22] and set(got[3:]) == {t.pid}
         assert len(stops) == 2
-        assert {a, b} <= _maps(p.pid)
+        assert {a, b} <= map_starts(t.pid)
         try:
             t.batch([("munmap", (a, P), True), ("munmap", (b + 1, P), True), ("munmap", (b, P), True)])
             raise AssertionError("EINVAL not raised")
         except OSError as e:
             assert e.errno == 22 and "munmap" in str(e) and "call 2 of 3" in str(e)
-        assert a not in _maps(p.pid) and b in _maps(p.pid)   # ran up to the failure only
+        assert a not in map_starts(t.pid) and b in map_starts(t.pid)   # ran up to the failure only
         t.syscall("munmap", b, P)
         t.syscall("munmap", at, memory.TRAMPOLINE)
         assert t.batch_at is None
-    finally:
-        t.detach()

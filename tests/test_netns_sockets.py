@@ -19,16 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_pass, lcr, reap, wait_for_line
-from rootless_helpers import descendants, find_user, lcr_as, user_can_run_lcr, user_workdir
+from helpers import assert_pass, lcr, ns_inode, reap, wait_for_line
+from rootless_helpers import descendants, lcr_as, root_or_user
 
 pytestmark = pytest.mark.e2e
 PROGS = Path(__file__).resolve().parent / "progs"
 SERVER = PROGS / "netns_server.py"
-
-
-def _ns(pid: int | str, kind: str) -> int:
-    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
 
 
 def _tcp_states(pid: int, port: int) -> list[str]:
@@ -40,17 +36,8 @@ def _tcp_states(pid: int, port: int) -> list[str]:
 
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_sockets_in_own_netns(trees, tmp_path, who):
-    user = None
-    wd = tmp_path
-    if who == "lcrtest":
-        user = find_user()
-        why = user_can_run_lcr(user)
-        if why:
-            pytest.skip(why)
-        wd = user_workdir(user)
-    elif os.geteuid() != 0:
-        pytest.skip("root run")
+def test_sockets_in_own_netns(trees, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "srv.log"
     root = trees.add(int(lcr_as(user, "run", "--net", "-o", log, "--",
                                 sys.executable, SERVER).stdout))
@@ -58,7 +45,7 @@ def test_sockets_in_own_netns(trees, tmp_path, who):
     prog = descendants(root)[0]
     # listener + both ends of the connection, in the tree's namespace only
     assert _tcp_states(prog, 7070) == ["01", "01", "0A"], _tcp_states(prog, 7070)
-    assert _ns(prog, "net") != _ns("self", "net")
+    assert ns_inode(prog, "net") != ns_inode("self", "net")
     check = lcr_as(user, "check", root, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     img = wd / "img"
@@ -66,7 +53,7 @@ def test_sockets_in_own_netns(trees, tmp_path, who):
     reap(root)
     new = trees.add(int(lcr_as(user, "restart", img).stdout))
     prog = descendants(new)[0]
-    assert _ns(prog, "net") != _ns("self", "net"), "restored into lcr's network namespace"
+    assert ns_inode(prog, "net") != ns_inode("self", "net"), "restored into lcr's network namespace"
     assert _tcp_states(prog, 7070) == ["01", "01", "0A"], _tcp_states(prog, 7070)
     m = assert_pass(new, log, "netns_server")          # queued bytes and datagram, then a round
     assert "round=0" in m.string, m.string

@@ -5,36 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import checkpoint_kill_restart, kill_and_reap, probe_hog, restart_image, start_memhog
-from linuxcr.remote.task import BATCH_MAX, Tracee
+from helpers import (checkpoint_kill_restart, counting_resumes, kill_and_reap, map_starts, probe_hog,
+                     restart_image, seized_blank, start_memhog)
+from linuxcr.remote.task import BATCH_MAX
 from linuxcr.resources import memory
-from linuxcr.sys import ptrace
 
 P = 4096
 ANON = (3, 0x32, (1 << 64) - 1, 0)        # RW, MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS, fd -1
 
 
-def _maps(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/maps") as f:
-        return {int(line.split("-", 1)[0], 16) for line in f}
-
-
 @pytest.fixture
 def blank(procs, tmp_path):
     """A stopped sleep, seized, with a trampoline (so batch_at is set)."""
-    p = procs.start(["sleep", "300"], tmp_path / "sleep.log")
-    t = Tracee(p.pid, exitkill=True)
-    t.seize()
-    try:
-        t.stop()
-        vdso = next((m.start, m.end) for m in memory.read_maps(p.pid) if m.path == "[vdso]")
-        t.insn = t.find_syscall_insn(vdso)
-        at = memory.free_gap([], p.pid)
-        memory.map_trampoline(t, at)
+    with seized_blank(procs, tmp_path) as (t, at):
         assert t.batch_at is not None
         yield t, at + 2 * memory.TRAMPOLINE
-    finally:
-        t.detach()
 
 
 def _calls(base: int) -> list:
@@ -43,27 +28,17 @@ def _calls(base: int) -> list:
             ("madvise", (base + 1, P, 4), False), ("getpid", (), True)]
 
 
-def _counting():
-    conts = []
-    cont = ptrace.cont
-    ptrace.cont = lambda pid, sig: (conts.append(pid), cont(pid, sig))[1]
-    return conts, cont
-
-
 def test_batch_gives_the_results_of_single_injections(blank):
     t, base = blank
     single = [t.syscall(name, *args, check=check) for name, args, check in _calls(base)]
     other = base + 8 * P
-    conts, cont = _counting()
-    try:
+    with counting_resumes() as conts:
         batched = t.batch(_calls(other))
-    finally:
-        ptrace.cont = cont
     assert len(conts) == 1                       # one resume for the six calls
     shift = lambda r, i: r - (other - base) if i in (1, 2) else r   # noqa: E731
     assert [shift(r, i) for i, r in enumerate(batched)] == single
     assert single == [t.pid, base, base + 2 * P, 0, -22, t.pid]
-    m = _maps(t.pid)
+    m = map_starts(t.pid)
     assert base + 2 * P in m and other + 2 * P in m and base not in m and other not in m
 
 
@@ -76,7 +51,7 @@ def test_batch_error_mid_batch_names_the_call_and_stops_there(blank):
         t.batch(calls)
     assert e.value.errno == 22
     assert "munmap" in str(e.value) and "call 3 of 4" in str(e.value)
-    m = _maps(t.pid)
+    m = map_starts(t.pid)
     assert base in m and base + 4 * P not in m   # ran up to the failing call, not past it
     # the task is still usable, by batch and singly
     assert t.batch([("getpid", (), True), ("munmap", (base, P), True)]) == [t.pid, 0]
@@ -86,11 +61,8 @@ def test_batch_error_mid_batch_names_the_call_and_stops_there(blank):
 def test_batch_of_many_checked_calls_spans_blobs(blank):
     t, base = blank
     n = 2 * BATCH_MAX + 5                        # three blobs
-    conts, cont = _counting()
-    try:
+    with counting_resumes() as conts:
         got = t.batch([("getpid", (), True)] * n)
-    finally:
-        ptrace.cont = cont
     assert got == [t.pid] * n and len(conts) == 3
 
 

@@ -11,12 +11,11 @@ import signal
 
 import pytest
 
-from helpers import READY_TIMEOUT, log_size, wait_for_line
+from helpers import READY_TIMEOUT, probe, wait_for_line
 from linuxcr import agent
 from linuxcr.errors import RollbackRefused
 from linuxcr.procfs import read_smaps
 from linuxcr.resources import guards, memory
-from test_snapshots import agent_env  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e]
 PG = 4096
@@ -48,19 +47,15 @@ def _state(pid: int, at: dict[str, int]) -> dict:
 
 
 def _change(pid, log):
-    start = log_size(log)
-    os.kill(pid, signal.SIGUSR2)
-    wait_for_line(log, r"^CHANGED pid=", READY_TIMEOUT, start=start, pid=pid)
+    probe(pid, log, r"^CHANGED pid=", READY_TIMEOUT, sig=signal.SIGUSR2)
 
 
 def _alive_ok(pid, log):
-    start = log_size(log)
-    os.kill(pid, signal.SIGUSR1)
-    wait_for_line(log, r"^PASS roll_attrs", READY_TIMEOUT, start=start, pid=pid)
+    probe(pid, log, r"^PASS roll_attrs", READY_TIMEOUT)
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["fast", "full"])
-def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):  # noqa: F811
+def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     pid, log, at = _start(bins, procs, tmp_path)
     snap = agent.snapshot(pid)
     before = _state(pid, at)
@@ -88,15 +83,13 @@ def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     snap.discard()
 
 
-def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):
     """no_new_privs cannot be unset (nor a seccomp filter removed): refused, untouched."""
     log = tmp_path / "sec.log"
     p = procs.start([bins["roll_attrs"]], log)
     wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
     snap = agent.snapshot(p.pid)
-    start = log_size(log)
-    os.kill(p.pid, signal.SIGHUP)
-    wait_for_line(log, r"^NNP pid=", READY_TIMEOUT, start=start, pid=p.pid)
+    probe(p.pid, log, r"^NNP pid=", READY_TIMEOUT, sig=signal.SIGHUP)
     with pytest.raises(RollbackRefused) as ei:
         agent.rollback(snap.crid)
     assert re.search(r"no_new_privs", str(ei.value)), str(ei.value)
@@ -105,15 +98,13 @@ def test_no_new_privs_set_since_refuses(bins, procs, tmp_path, agent_env):  # no
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="installs a seccomp filter without no_new_privs")
-def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+def test_seccomp_filter_added_since_refuses(bins, procs, tmp_path, agent_env):
     """A seccomp filter added since the snapshot cannot be removed: refused, untouched."""
     log = tmp_path / "sec.log"
     p = procs.start([bins["roll_attrs"]], log)
     wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
     snap = agent.snapshot(p.pid)
-    start = log_size(log)
-    os.kill(p.pid, signal.SIGWINCH)
-    m = wait_for_line(log, r"^SECCOMP pid=\d+ r=(-?\d+)", READY_TIMEOUT, start=start, pid=p.pid)
+    m = probe(p.pid, log, r"^SECCOMP pid=\d+ r=(-?\d+)", READY_TIMEOUT, sig=signal.SIGWINCH)
     assert m.group(1) == "0", m.string
     with pytest.raises(RollbackRefused) as ei:
         agent.rollback(snap.crid)

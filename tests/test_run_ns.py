@@ -11,45 +11,30 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_pass, lcr, reap, wait_for_line
-from rootless_helpers import Trees, find_user, lcr_as, user_can_run_lcr, user_workdir
+from helpers import assert_pass, lcr, ns_inode, reap, wait_for_line
+from rootless_helpers import lcr_as, root_or_user
 
 pytestmark = pytest.mark.e2e
 PROBE = Path(__file__).resolve().parent / "progs" / "ns_probe.py"
 
 
-
-
-def _ns(pid: int | str, kind: str) -> int:
-    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-
-
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_uts_net(trees, tmp_path, who):
-    user = None
-    wd = tmp_path
-    if who == "lcrtest":
-        user = find_user()
-        why = user_can_run_lcr(user)
-        if why:
-            pytest.skip(why)
-        wd = user_workdir(user)
-    elif os.geteuid() != 0:
-        pytest.skip("root run")
+def test_uts_net(trees, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "ns.log"
     root = trees.add(int(lcr_as(user, "run", "--hostname", "box-1", "--net", "-o", log, "--",
                                 sys.executable, PROBE, "box-1").stdout))
     wait_for_line(log, r"^READY pid=2$")      # under lcr run's init (pid 1)
     assert_pass(root, log, "ns_probe")
     for kind in ("uts", "net"):
-        assert _ns(root, kind) != _ns("self", kind)
+        assert ns_inode(root, kind) != ns_inode("self", kind)
     img = wd / "img"
     lcr_as(user, "checkpoint", root, "-o", img)
     reap(root)
     new = trees.add(int(lcr_as(user, "restart", img).stdout))
     assert_pass(new, log, "ns_probe")
     for kind in ("uts", "net"):
-        assert _ns(new, kind) != _ns("self", kind), f"restored into lcr's {kind} namespace"
+        assert ns_inode(new, kind) != ns_inode("self", kind), f"restored into lcr's {kind} namespace"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts inside the namespace as root")
@@ -72,7 +57,7 @@ def test_mount(trees, tmp_path):
     lcr("checkpoint", root, "-o", img)
     reap(root)
     new = trees.add(int(lcr("restart", img).stdout))
-    assert _ns(new, "mnt") != _ns("self", "mnt"), "restored into lcr's mount namespace"
+    assert ns_inode(new, "mnt") != ns_inode("self", "mnt"), "restored into lcr's mount namespace"
     inside = Path(f"/proc/{new}/root")
     assert (inside / str(t)[1:] / "l").read_text() == "data\n"
     assert oct((inside / str(t)[1:] / "d" / "x").stat().st_mode & 0o777) == oct(0o640)

@@ -20,7 +20,7 @@ from hypothesis import given, strategies as st
 
 import helpers
 from helpers import PROGS_DIR, assert_pass, pass_field, reap, wait_for_line
-from rootless_helpers import Trees, lcr_as, start_as
+from rootless_helpers import Trees, lcr_as, root_or_user, start_as
 
 from linuxcr.resources.memory import PAGE, resident_runs
 
@@ -86,8 +86,7 @@ def _rss_shmem(pid: int) -> int:
 @pytest.mark.e2e
 @pytest.mark.parametrize("who", ["root", "user"])
 def test_workers_pages_come_back(who, request, tmp_path, trees):
-    user = request.getfixturevalue("user") if who == "user" else None
-    wd = request.getfixturevalue("wd") if user else tmp_path     # root restores only its own images
+    user, wd = root_or_user(request, who)     # root restores only its own images
     pid, log = _start(user, wd, trees, 64, WORKERS, "--holes")
     assert _rss_shmem(pid) == 0, "the parent should map none of the workers' pages"
     new = _checkpoint_restart(user, pid, wd, trees)
@@ -98,8 +97,7 @@ def test_workers_pages_come_back(who, request, tmp_path, trees):
 @pytest.mark.e2e
 @pytest.mark.parametrize("who", ["root", "user"])
 def test_untouched_gib_stays_small(who, request, tmp_path, trees):
-    user = request.getfixturevalue("user") if who == "user" else None
-    wd = request.getfixturevalue("wd") if user else tmp_path     # root restores only its own images
+    user, wd = root_or_user(request, who)     # root restores only its own images
     pid, log = _start(user, wd, trees, 1024, WORKERS, "--sparse")
     # reading the pages faults into the parent only what was read: no holes
     lcr_as(user, "checkpoint", pid, "--leave-running", "-o", wd / "img0")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 
 import pytest
 
-import helpers
 from helpers import (assert_clean_error, assert_pass, kill_and_reap, lcr, reap, restart_image,
                      wait_for_line)
 from rootless_helpers import find_user, lcr_as, user_can_run_lcr, user_workdir
@@ -53,17 +51,6 @@ def test_state_comes_back(bins, procs, tmp_path):
     # the child's parent-death signal fires when its restored parent dies
     kill_and_reap(pid)
     wait_for_line(log, rf"^PDEATH pid={child}$")
-
-
-@pytest.fixture
-def agent_env(tmp_path, monkeypatch):
-    d = tmp_path / "agent"
-    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
-    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
-    try:
-        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sets a seccomp filter as root")

@@ -127,17 +127,6 @@ while True:
 
 
 @pytest.fixture
-def agent_env(tmp_path, monkeypatch):
-    d = tmp_path / "agent"
-    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
-    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
-    try:
-        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
-
-
-@pytest.fixture
 def semq(procs, tmp_path):
     """The workload: (pid, semid, msqid); its two objects removed by id."""
     made = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 import helpers
 from helpers import (assert_clean_error, assert_pass, lcr, pass_field, reap, restart_image,
                      wait_for_line)
-from rootless_helpers import Trees, find_user, lcr_as, user_can_run_lcr, user_workdir
+from rootless_helpers import Trees, find_user, lcr_as, root_or_user, user_can_run_lcr, user_workdir
 
 pytestmark = pytest.mark.e2e
 NAME = "sysv_ipc"
@@ -80,17 +79,8 @@ def test_host_namespace(bins, procs, tmp_path, key):
 
 
 @pytest.mark.parametrize("who", ["root", "lcrtest"])
-def test_lcr_run_ipc(bins, trees, tmp_path, key, who):
-    user = None
-    wd = tmp_path
-    if who == "lcrtest":
-        user = find_user()
-        why = user_can_run_lcr(user)
-        if why:
-            pytest.skip(why)
-        wd = user_workdir(user)
-    elif os.geteuid() != 0:
-        pytest.skip("root run")
+def test_lcr_run_ipc(bins, trees, tmp_path, key, who, request):
+    user, wd = root_or_user(request, who)
     log = wd / "sysv.log"
     root = trees.add(int(lcr_as(user, "run", "--ipc", "--hostname", "ckpt-host", "-o", log, "--",
                                 bins[NAME], key).stdout))
@@ -122,17 +112,6 @@ def test_sem_undo_refused(bins, procs, tmp_path, key):
     cp = lcr("checkpoint", pid, "-o", tmp_path / "img", check=False)
     assert cp.returncode != 0 and "SEM_UNDO" in cp.stderr
     assert helpers.alive(pid)
-
-
-@pytest.fixture
-def agent_env(tmp_path, monkeypatch):
-    d = tmp_path / "agent"
-    monkeypatch.setenv("LCR_AGENT_DIR", str(d))
-    yield helpers.child_env({"LCR_AGENT_DIR": str(d)})
-    try:
-        os.kill(int((d / "agent.pid").read_text()), signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the program's objects are root's")

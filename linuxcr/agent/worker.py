@@ -17,7 +17,6 @@ hard one above the agent's) is a refusal: the client runs it in-process.
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import os
@@ -27,6 +26,8 @@ import sys
 from typing import Callable
 
 from linuxcr.errors import AgentError, PermissionDenied, Terminated
+from linuxcr.procfs import read_status
+from linuxcr.sys.syscalls import prctl
 
 PR_SET_PDEATHSIG = 1
 _KEEP: list = []
@@ -42,10 +43,9 @@ def _context(pid: int | str) -> tuple:
     """What a worker must share with its client: credentials, capabilities
     and namespaces (a worker of the same uid with more groups or
     capabilities, or other mounts, would not be the same command)."""
-    keep = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "NoNewPrivs:",
-            "Seccomp:")
-    with open(f"/proc/{pid}/status") as f:
-        st = tuple(ln.strip() for ln in f if ln.startswith(keep))
+    s = read_status(pid)
+    st = (s.uid, s.gid, s.groups, s.cap_inh, s.cap_prm, s.cap_eff, s.cap_bnd, s.no_new_privs,
+          s.seccomp)
     ns = tuple(os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "pid", "user", "net", "ipc", "uts"))
     # a restarted tree is born in the worker's cgroup and audit session: the
     # client's must be the same (the kernel gives no way to move them after)
@@ -145,7 +145,7 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         return pid
     code = 70
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGINT)
         for fd in close_in_child:
             try:
                 os.close(fd)

@@ -128,7 +128,7 @@ def _root_is_ns_init(root: int) -> bool | None:
         st = read_status(root)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return len(st.ns_pid) > 1 and st.ns_pid[-1] == 1
+    return st.pidns_init
 
 
 def _ns_reasons(pid: int, root: int, root_init: bool | None) -> list[str]:
@@ -481,7 +481,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
         mm=process.dump_mm(pid, stat, brk), vmas=vmas, files=table.task_files(pid),
         sigmask=frozen.masks[pid], sigactions=actions, pending=signals.dump_pending(pid),
         altstack=altstack, threads=others, itimers=itimers, starttime=stat.starttime,
-        vpid=status.ns_pid[-1], pidns_init=status.ns_pid[-1] == 1 and len(status.ns_pid) > 1,
+        vpid=status.ns_pid[-1], pidns_init=status.pidns_init,
         caps=[status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd, status.cap_amb],
         boot_id=_boot_id(), files_with=files_with, posix_timers=ptimers, locks=locks.dump(pid), attrs=attrs, proc=proc,
         stopped=frozen.stop_signal,

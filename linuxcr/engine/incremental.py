@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from linuxcr.errors import LcrError
 from linuxcr.image import runs
 from linuxcr.image import stream
-from linuxcr.image.chain import Chain, IndexBuilder, remove_sidecar
+from linuxcr.image.chain import Chain, IndexBuilder, remove_sidecar  # noqa: F401 (periodic.py)
 from linuxcr.image.schema import ParentRef
 from linuxcr.image.stream import PAGE
 from linuxcr.remote.task import Arena
@@ -117,6 +118,11 @@ class Trackers:
             self._drop(pid)
 
 
+def is_path(name: str | None) -> TypeGuard[str]:
+    """Is the image's name a file path (not "-", stdin/stdout, nor "fd N")?"""
+    return name is not None and name not in ("", "-") and not name.startswith("fd ")
+
+
 class ParentImage:
     """The ``base`` of dump.checkpoint for an incremental image: a parent chain."""
 
@@ -132,7 +138,7 @@ class ParentImage:
     def ref(self) -> ParentRef:
         p = self.chain.parent
         path = os.path.abspath(p.path)
-        if self.child_path and self.child_path != "-" and not self.child_path.startswith("fd "):
+        if is_path(self.child_path):
             path = os.path.relpath(path, os.path.dirname(os.path.abspath(self.child_path)))
         depth = p.header.parent.depth + 1 if p.header.parent else 1
         return ParentRef(id=p.header.image_id, digest=p.digest, path=path, depth=depth)
@@ -186,7 +192,7 @@ def checkpoint(pid: int, fd: int, *, parent: str | Chain | None, track: bool = F
     finally:
         if chain is not None:
             chain.close()
-    if name and name != "-" and not name.startswith("fd "):
+    if is_path(name):
         side.save(name, fd)     # the image is named now (on_written); a failure costs a read later
     res.warnings += trackers.warnings
     trackers.warnings = []

@@ -266,8 +266,7 @@ def _uses_sysv(pid: int, tasks: list[Task]) -> bool:
     such a tree moves by a full final image, which carries the IPC record
     and is restored as `lcr restart` does (objects made before the tasks,
     in a new ipc namespace when the tree had its own)."""
-    own = os.stat(f"/proc/{pid}/ns/ipc").st_ino != os.stat("/proc/self/ns/ipc").st_ino
-    return sysvipc.dump(pid, tasks, own) is not None
+    return sysvipc.dump(pid, tasks, namespaces.own_ipc(pid, tasks[0].pidns_init)) is not None
 
 
 def _send_ranges(conn: Conn, pid: int, ranges: list[tuple[int, int]],
@@ -394,14 +393,16 @@ def _final(conn: Conn, session: bytes, pre: _Prelim, sent, trackers: Trackers,
     name = f"the migration stream to {conn.peer}"
     say(f"stop-and-copy ({res.stop_reason})")
     try:
-        try:
-            if pre.sysv:
-                raise _TreeChanged()
-            d = dump.checkpoint(pre.tree.root, conn.fd, base=base, on_frozen=base.on_frozen,
-                                on_written=wait_running, name=name)
-        except _TreeChanged:
-            say("the tree uses System V IPC objects: sending a full image" if pre.sysv else
-                "the process tree changed: sending a full image")
+        d = None
+        if pre.sysv:
+            say("the tree uses System V IPC objects: sending a full image")
+        else:
+            try:
+                d = dump.checkpoint(pre.tree.root, conn.fd, base=base, on_frozen=base.on_frozen,
+                                    on_written=wait_running, name=name)
+            except _TreeChanged:
+                say("the process tree changed: sending a full image")
+        if d is None:
             res.full_image = True
             d = dump.checkpoint(pre.tree.root, conn.fd, on_written=wait_running, name=name)
     except ImageWriteError as e:

@@ -323,7 +323,7 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
         header, tree, tasks, first = read_meta(reader)
         validate_tree(tree, tasks)
         if lz is not None:
-            _check_lazy(reader, header, tasks)
+            lazy_pages.check_image(reader, header, tasks)
         exe_identity.verify(tree.identities)     # no task made for code that is gone
         if header.parent is not None:      # all parents found and matched before any process
             chain = Chain.open(header.parent, name, images_dir)
@@ -340,22 +340,16 @@ def restart(fd: int, *, any_pid: bool = False, name: str = "image",
                     need_pids=restore_mode(tasks[0], any_pid) == "host" and not any_pid)
         ours = external.resolve(tree.files, tasks)      # --fd N=...: refused if not given
         net = namespaces.net_helper(tree.ns)     # `lcr run --net`: its sockets are made there
-        try:
-            with sockdiag.inside(net):
-                ours.update(files.open_all([d for d in tree.files if d.fid not in ours],
-                                           tree.pipes, tree.unix))
-        except BaseException:
-            files.close_all(ours)
-            if net is not None:
-                net.close()
-            raise
         shm: dict[int, int] = {}
         try:
-            try:        # the net helper goes on every path (open_shm failing too)
+            try:
+                with sockdiag.inside(net):
+                    ours.update(files.open_all([d for d in tree.files if d.fid not in ours],
+                                               tree.pipes, tree.unix))
                 shm = memory.open_shm(tree.shm, tree.mapped)
                 blank, mode = _make_blank(tasks[0], tasks, tree, reader, any_pid, net)
             finally:
-                if net is not None:
+                if net is not None:      # the blank is in its namespaces now, or never will be
                     net.close()
             made_ipc = fill_namespaces(blank, tree)
             try:
@@ -431,21 +425,6 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
     return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
                          warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
                          namespace=mode != "host", processes=len(tasks), lazy=lz)
-
-
-def _check_lazy(reader: ImageReader, header: Header, tasks: list[Task]) -> None:
-    """What --lazy does not take: signed images read with --verify (the
-    signature covers every byte, so every byte is read first), incremental
-    images, trees whose tasks share pages with their parents."""
-    if not reader.skim:
-        raise RestoreError(f"{reader.name}: --lazy cannot check a signature (it covers pages "
-                           "read only later)", "restart without --lazy, or without --verify")
-    if header.parent is not None:
-        raise RestoreError(f"{reader.name} is an incremental image: --lazy takes full images only",
-                           "restart without --lazy")
-    if any(k.cow for k in tasks):
-        raise RestoreError(f"{reader.name} holds a tree whose tasks share pages: --lazy does not "
-                           "restore that", "restart without --lazy")
 
 
 def build_tree(root: Tracee, tasks: list[Task], tree: Tree, any_pid: bool,

@@ -48,7 +48,8 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import areaflags, cpu, files, finish, memory, namespaces, pstree, snapshot_child, sysvipc
+from linuxcr.resources import (areaflags, cpu, files, finish, memory, namespaces, pstree, security,
+                               snapshot_child, sysvipc)
 
 
 
@@ -386,7 +387,7 @@ def _fd_reason(r: str) -> bool:
 def _snapshot_keeps(r: str) -> bool:
     """A reason of check_process that does not stop a snapshot: about one fd
     (see _fd_reason), or a System V segment attached (its content is kept
-    with the snapshot's IPC, _ipc_at_snapshot)."""
+    with the snapshot's IPC, Snapshot.ipc)."""
     return not _fd_reason(r) and not dump.checkpoint_saves(r)
 
 
@@ -468,8 +469,8 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         shm, vmas = memory.shm_objects([t.vmas for t in tasks])
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
-        ipc_own = bool(tasks[0].pidns_init) and "ipc" in namespaces.own(pid)
-        ipcs = _ipc_at_snapshot(pid, tasks, ipc_own)
+        ipc_own = namespaces.own_ipc(pid, tasks[0].pidns_init)
+        ipcs = sysvipc.dump(pid, tasks, ipc_own)     # content copied now (frozen)
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
@@ -502,13 +503,6 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
                     ipc_own=ipc_own)
     snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
     return snap
-
-
-def _ipc_at_snapshot(pid: int, tasks: list[Task], own_ns: bool):
-    """The System V objects the tree uses (with an ipc namespace of its
-    own: every object there), content copied now (frozen): segments
-    attached, semaphore values, queued messages."""
-    return sysvipc.dump(pid, tasks, own_ns)
 
 
 def _smaps_now(root: int, exclude) -> dict:
@@ -916,42 +910,11 @@ def _precheck_files(task: Task) -> None:
                                   f"0x{v.start:x}) is gone or unreadable")
 
 
-def _attrs_changed(task: Task, tid: int, saved) -> list[str]:
-    """What of a thread's identity and sandbox changed since the snapshot that
-    a rollback cannot give back: seccomp filters added (they cannot be
-    removed), no_new_privs set (it cannot be unset), credentials and
-    capabilities (dropped ones cannot be regained; lcr never raises any)."""
-    st = read_status(task.pid if tid == task.pid else f"{task.pid}/task/{tid}")
-    a = saved.attrs
-    out = []
-    if a is not None:
-        had = len(a.seccomp) if a.seccomp_mode == 2 else a.seccomp_inherited
-        if st.seccomp != (a.seccomp_mode or (2 if a.seccomp_inherited else 0)) or \
-                (st.seccomp == 2 and st.seccomp_filters != had):
-            out.append(f"seccomp (mode {st.seccomp}, {st.seccomp_filters} filter(s) now, "
-                       f"{had} at the snapshot: filters cannot be removed)")
-        if bool(st.no_new_privs) != a.no_new_privs:
-            out.append("no_new_privs (set since the snapshot: it cannot be unset)")
-        if len(a.caps) == 5:
-            now = [st.cap_inh, st.cap_prm, st.cap_eff, st.cap_bnd, st.cap_amb]
-            names = ("inheritable", "permitted", "effective", "bounding", "ambient")
-            out += [f"{n} capabilities (0x{c:x} now, 0x{w:x} at the snapshot)"
-                    for n, c, w in zip(names, now, a.caps) if c != w]
-    c = task.creds
-    if list(st.uid) != list(c.uid):
-        out.append(f"uid ({'/'.join(map(str, st.uid))} now, {'/'.join(map(str, c.uid))} at the snapshot)")
-    if list(st.gid) != list(c.gid):
-        out.append(f"gid ({'/'.join(map(str, st.gid))} now, {'/'.join(map(str, c.gid))} at the snapshot)")
-    if sorted(st.groups) != sorted(c.groups):
-        out.append("supplementary groups")
-    return out
-
-
 def _precheck_attrs(task: Task, pairs) -> None:
     """Refuse, before anything changes, a rollback that would leave the
-    process silently different: see _attrs_changed."""
+    process silently different: see security.changed_since."""
     for live, saved in pairs:
-        why = _attrs_changed(task, live.pid, saved)
+        why = security.changed_since(task.pid, live.pid, saved.attrs, task.creds)
         if why:
             who = f"pid {task.pid}" if live.pid == task.pid else f"thread {live.pid} of pid {task.pid}"
             raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: "

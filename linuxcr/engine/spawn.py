@@ -27,7 +27,7 @@ from linuxcr.engine import run_init
 from linuxcr.errors import KernelError, PidTaken, RestoreError
 from linuxcr.sys.ipc import setns
 from linuxcr.sys.nshelper import loopback_up
-from linuxcr.sys.syscalls import clone3_stopped_child, libc, prctl
+from linuxcr.sys.syscalls import clone3_stopped_child, close_all_but, libc, prctl
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -256,13 +256,7 @@ def run_in_namespace(argv: list[str], log: str | None, cwd: str | None = None,
                         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                         os.dup2(out, 1)
                         os.dup2(out, 2)
-                    keep = {0, 1, 2, rep_w}
-                    for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
-                        if fd not in keep:
-                            try:
-                                os.close(fd)
-                            except OSError:
-                                pass
+                    close_all_but({rep_w})
                     # pid 1 is the init of run_init.py (forwards signals, reaps); it
                     # reports CMD's exec failure on rep_w and closes it
                     os.set_inheritable(rep_w, True)

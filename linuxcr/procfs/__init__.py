@@ -7,7 +7,7 @@ through unchanged for callers to translate.
 
 from .attrs import read_cap_last_cap, read_oom_score_adj, thread_tids
 from .auxv import parse_auxv, read_auxv
-from .fdinfo import FdInfo, list_fds, parse_fdinfo, read_fd_link, read_fdinfo
+from .fdinfo import FdInfo, fd_links, list_fds, parse_fdinfo, read_fd_link, read_fdinfo
 from .maps import MapEntry, SmapsEntry, parse_maps, parse_maps_line, parse_smaps, read_maps, read_smaps
 from .pagemap import PagemapReader, page_runs, read_pagemap, split_runs
 from .stat import ProcStat, parse_stat, read_stat
@@ -20,6 +20,7 @@ __all__ = [
     "ProcStat",
     "ProcStatus",
     "SmapsEntry",
+    "fd_links",
     "list_fds",
     "page_runs",
     "parse_auxv",

@@ -74,6 +74,23 @@ def read_fd_link(pid: int | str, fd: int) -> str:
     return os.readlink(proc_path(pid, "fd", fd))
 
 
+def fd_links(pid: int | str) -> list[tuple[int, str]]:
+    """(fd, target of /proc/PID/fd/FD) of every open descriptor, sorted: a
+    process that is gone (or not ours to read) has none; an fd closed
+    meanwhile is left out."""
+    try:
+        names = os.listdir(proc_path(pid, "fd"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            out.append((int(name), os.readlink(proc_path(pid, "fd", name))))
+        except (OSError, ValueError):
+            continue
+    return sorted(out)
+
+
 # Lines some kinds of file add to their fdinfo (parsed here, like all /proc text).
 EPOLL_TFD = re.compile(r"^(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+)"
                   r"(?:\s+pos:\s*(-?\d+)\s+ino:\s*([0-9a-fA-F]+)\s+sdev:\s*([0-9a-fA-F]+))?")

@@ -51,6 +51,12 @@ class ProcStatus:
     seccomp_filters: int = 0     # how many filters (Seccomp_filters:, Linux 5.9+)
     raw: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
 
+    @property
+    def pidns_init(self) -> bool:
+        """pid 1 of a pid namespace of its own (NSpid: more than one level,
+        the innermost 1), as the root of an `lcr run` tree is."""
+        return len(self.ns_pid) > 1 and self.ns_pid[-1] == 1
+
 
 def _unescape(value: str) -> str:
     """Undo the kernel's string escaping of Name (\\n, \\t, \\\\, octal)."""

@@ -234,18 +234,13 @@ def _guardian_main(r: int, complete: Complete | None = None, keep: tuple[int, ..
 
 
 def _close_others(keep: set[int]) -> None:
+    from linuxcr.sys.syscalls import close_all_but
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1):
         if fd not in keep:
             os.dup2(devnull, fd)
     os.close(devnull)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    close_all_but(keep)
 
 
 def _read_journal(r: int, state: dict) -> dict[int, Proc]:

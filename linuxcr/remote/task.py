@@ -23,7 +23,7 @@ from linuxcr.errors import Busy, KernelError, NoSuchProcess, PermissionDenied, T
 from linuxcr.sys import ptrace
 from linuxcr.sys.syscalls import (
     ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR,
-    IOV_MAX, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
+    IOV_MAX, fd_of, process_vm_readv, process_vm_readv_many, process_vm_writev, process_vm_writev_many,
     process_vm_writev_scatter,
     tgkill, user_regs_struct,
 )
@@ -695,6 +695,24 @@ def traced_by(pid: int, tracer: int) -> Busy:
         name = ""
     return Busy(f"pid {pid} is already traced by pid {tracer}{name}",
                 "a debugger or another lcr holds it; detach it or wait for it to finish")
+
+
+@contextmanager
+def taken_fd(t: Tracee, tfd: int) -> Iterator[int]:
+    """lcr's own copy (pidfd_getfd) of fd ``tfd`` that the stopped task
+    ``t`` has just made with an injected syscall: yields it, and closes it
+    again if the block fails.  The task's fd is closed after the block,
+    whatever happens (injected close, its result not checked)."""
+    ours = -1
+    try:
+        ours = fd_of(t.pid, tfd)
+        yield ours
+    except BaseException:
+        if ours >= 0:
+            os.close(ours)
+        raise
+    finally:
+        t.syscall("close", tfd, check=False)
 
 
 class Arena:

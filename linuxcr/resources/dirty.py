@@ -105,7 +105,7 @@ from linuxcr import faults
 from linuxcr.errors import KernelError, NoSuchProcess, PermissionDenied
 from linuxcr.procfs import MapEntry, read_maps
 from linuxcr.sys import uffd as U
-from linuxcr.sys.syscalls import TASK_SIZE, pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import TASK_SIZE
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Arena, Tracee
@@ -280,24 +280,12 @@ class Tracker:
         except OSError as e:
             raise KernelError(f"pid {pid}: userfaultfd() inside the process failed: "
                               f"{os.strerror(e.errno)}", "write tracking is not possible here") from None
-        ours = -1
+        from linuxcr.remote.task import taken_fd
         try:
-            pfd = pidfd_open(pid)
-            try:
-                ours = pidfd_getfd(pfd, tfd)
-            finally:
-                os.close(pfd)
-            _api(ours, t, arena, tfd)
+            with taken_fd(t, tfd) as ours:
+                _api(ours, t, arena, tfd)
         except OSError as e:
-            if ours >= 0:
-                os.close(ours)
             raise KernelError(f"pid {pid}: cannot set up its userfaultfd: {e.strerror}") from None
-        except BaseException:
-            if ours >= 0:
-                os.close(ours)
-            raise
-        finally:
-            t.syscall("close", tfd, check=False)
         self = cls(pid, ours)
         try:
             maps = _user_maps(pid)

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from linuxcr.errors import LcrError, RestoreError
 from linuxcr.image.schema import FileDesc, Task
-from linuxcr.procfs import list_fds, read_fd_link, read_fdinfo
+from linuxcr.procfs import fd_links, list_fds, read_fd_link, read_fdinfo
 from linuxcr.resources import unix_sockets
 from linuxcr.resources.fdkinds import pty
 from linuxcr.sys import sockdiag
@@ -167,20 +167,12 @@ def _holders(inside: set[int], wanted: set[str]) -> dict[str, list[tuple[int, st
         if not name.isdigit() or int(name) in inside or int(name) == me:
             continue
         pid = int(name)
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for f in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{f}")
-            except OSError:
-                continue
+        for f, link in fd_links(pid):
             if link in wanted:
                 comm = _comm(pid)
                 if comm == SNAPSHOT_COMM:    # a held copy-on-write snapshot of a tree process
                     break
-                found.setdefault(link, []).append((pid, comm, int(f)))
+                found.setdefault(link, []).append((pid, comm, f))
     return found
 
 

@@ -76,11 +76,11 @@ from typing import TYPE_CHECKING
 
 from linuxcr import faults
 from linuxcr.errors import ImageError, KernelError, LcrError, RestoreError
-from linuxcr.image.schema import Pages, RecType, Vma
+from linuxcr.image.schema import Header, Pages, RecType, Task, Vma
 from linuxcr.image.stream import PAGE, ImageReader, Record
 from linuxcr.resources import pstree
 from linuxcr.sys import uffd as U
-from linuxcr.sys.syscalls import pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import close_all_but
 
 if TYPE_CHECKING:
     from linuxcr.remote.task import Tracee
@@ -108,6 +108,21 @@ def check_source(fd: int, name: str) -> None:
         what = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
         raise RestoreError(f"{name}: --lazy needs the image in a file it can seek in; this is {what}",
                            "write the image to a file first, or restart without --lazy")
+
+
+def check_image(reader: ImageReader, header: Header, tasks: list[Task]) -> None:
+    """What --lazy does not take: signed images read with --verify (the
+    signature covers every byte, so every byte is read first), incremental
+    images, trees whose tasks share pages with their parents."""
+    if not reader.skim:
+        raise RestoreError(f"{reader.name}: --lazy cannot check a signature (it covers pages "
+                           "read only later)", "restart without --lazy, or without --verify")
+    if header.parent is not None:
+        raise RestoreError(f"{reader.name} is an incremental image: --lazy takes full images only",
+                           "restart without --lazy")
+    if any(k.cow for k in tasks):
+        raise RestoreError(f"{reader.name} holds a tree whose tasks share pages: --lazy does not "
+                           "restore that", "restart without --lazy")
 
 
 def lazy_area(v: Vma) -> bool:
@@ -219,38 +234,26 @@ def make_uffd(t: "Tracee", vmas: list[Vma]) -> tuple[int, list[tuple[int, int]]]
                                            if e.errno == errno.EPERM else "")
         raise KernelError(f"pid {pid}: userfaultfd() inside the restored process failed: "
                           f"{os.strerror(e.errno)}", hint) from None
-    ours = -1
+    from linuxcr.remote.task import taken_fd
     try:
-        pfd = pidfd_open(pid)
-        try:
-            ours = pidfd_getfd(pfd, tfd)
-        finally:
-            os.close(pfd)
-        feats, _ = U.api(ours, FEATURES)
-        if feats & FEATURES != FEATURES:
-            raise KernelError(f"pid {pid}: userfaultfd without fork/remap/remove/unmap events "
-                              f"(features 0x{feats:x})", "restart without --lazy")
-        done: list[tuple[int, int]] = []
-        for v in vmas:
-            if not lazy_area(v):
-                continue
-            try:
-                U.register(ours, v.start, v.end - v.start, U.UFFDIO_REGISTER_MODE_MISSING)
-            except OSError:
-                continue                    # written at once instead
-            done.append((v.start, v.end))
-        return ours, done
+        with taken_fd(t, tfd) as ours:
+            feats, _ = U.api(ours, FEATURES)
+            if feats & FEATURES != FEATURES:
+                raise KernelError(f"pid {pid}: userfaultfd without fork/remap/remove/unmap events "
+                                  f"(features 0x{feats:x})", "restart without --lazy")
+            done: list[tuple[int, int]] = []
+            for v in vmas:
+                if not lazy_area(v):
+                    continue
+                try:
+                    U.register(ours, v.start, v.end - v.start, U.UFFDIO_REGISTER_MODE_MISSING)
+                except OSError:
+                    continue                    # written at once instead
+                done.append((v.start, v.end))
+            return ours, done
     except OSError as e:
-        if ours >= 0:
-            os.close(ours)
         raise KernelError(f"pid {pid}: cannot set up its userfaultfd: {e.strerror}",
                           "restart without --lazy") from None
-    except BaseException:
-        if ours >= 0:
-            os.close(ours)
-        raise
-    finally:
-        t.syscall("close", tfd, check=False)
 
 
 def _inside(areas: list[tuple[int, int]], s: int, e: int) -> list[tuple[int, int, bool]]:
@@ -348,7 +351,7 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
                     reader.fd = fcntl.fcntl(reader.fd, fcntl.F_DUPFD_CLOEXEC, 3)
                 srv = Server(setup.mms, setup.records, reader, root, t0, logfd)
                 keep = {reader.fd, logfd, wfd, srv.rootfd} | {m.uffd for m in setup.mms}
-                _close_others(keep)
+                close_all_but(keep)
                 _std_to(logfd)
                 srv.spawn_watchdog(close=wfd)
                 os.write(wfd, f"{os.getpid()} {srv.watchdog}\n".encode())
@@ -379,16 +382,6 @@ def _fork_server(setup: _Setup, reader: ImageReader, root: int, t0: float,
         if wfd >= 0:
             os.close(wfd)
         os.close(logfd)
-
-
-def _close_others(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep and fd > 2:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def _std_to(logfd: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from linuxcr.errors import NotCheckpointable, RestoreError
 from linuxcr.image.schema import FileDesc, MountRec, Namespaces, Task, TmpFile
-from linuxcr.procfs import read_status
+from linuxcr.procfs import fd_links, read_status
 from linuxcr.procfs.mounts import Mount, read_mountinfo
 from linuxcr.resources import pstree
 from linuxcr.sys import ipc, sockdiag
@@ -35,6 +35,14 @@ def _ino(pid: int | str, kind: str) -> int:
 def own(pid: int) -> list[str]:
     """The kinds of namespace ``pid`` does not share with lcr."""
     return [k for k in KINDS if _ino(pid, k) != _ino("self", k)]
+
+
+def own_ipc(pid: int, root_is_init: bool) -> bool:
+    """Has the tree rooted at ``pid`` an ipc namespace of its own that lcr
+    makes again (an `lcr run --ipc` tree, whose root is the init of its pid
+    namespace)?  Then every System V object there is the tree's
+    (resources/sysvipc.py), not only those it has attached."""
+    return bool(root_is_init) and "ipc" in own(pid)
 
 
 def check(pid: int, root: int, root_is_init: bool) -> list[str]:
@@ -107,7 +115,7 @@ def own_net(root: int) -> bool:
     of its own, made again on restart)?"""
     try:
         st = read_status(root)
-        return len(st.ns_pid) > 1 and st.ns_pid[-1] == 1 and "net" in own(root)
+        return st.pidns_init and "net" in own(root)
     except (FileNotFoundError, ProcessLookupError):
         return False
 
@@ -135,22 +143,12 @@ def migrate_reasons(root: int) -> list[str]:
     holding a socket other than a UNIX socket pair is refused."""
     if not own_net(root):
         return []
-    pids, queue = [], [root]
-    while queue:
-        p = queue.pop(0)
-        if p not in pids:
-            pids.append(p)
-            queue += pstree.children(p)
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+    for pid in pstree.tree_pids(root):
+        for fd, link in fd_links(pid):
+            if not link.startswith("socket:"):
+                continue
             try:
-                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                    continue
-                with sockdiag.grab_socket(pid, int(fd)) as s:
+                with sockdiag.grab_socket(pid, fd) as s:
                     family = sockdiag.identity(s)[0]
                     named = family == socket.AF_UNIX and bool(s.getsockname())
             except OSError:

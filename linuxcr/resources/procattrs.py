@@ -99,15 +99,20 @@ def check(pid: int) -> list[str]:
     return []
 
 
+def _set_oom_score_adj(pid: int, adj: int) -> None:
+    """Write pid's oom_score_adj when it is not ``adj`` already (OSError)."""
+    if read_oom_score_adj(pid) != adj:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(adj))
+
+
 def restore(t: Tracee, p: ProcAttrs | None, vmas: list[Vma]) -> None:
     """Before the task's identity: oom_score_adj, subreaper, THP, membarrier, locks."""
     if p is None:
         return
     try:
         what = f"oom_score_adj {p.oom_score_adj}"
-        if read_oom_score_adj(t.pid) != p.oom_score_adj:
-            with open(f"/proc/{t.pid}/oom_score_adj", "w") as f:
-                f.write(str(p.oom_score_adj))
+        _set_oom_score_adj(t.pid, p.oom_score_adj)
         what = "the child-subreaper flag"
         if p.subreaper:
             t.syscall("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -169,9 +174,7 @@ def roll_back(t: Tracee, p: ProcAttrs | None) -> list[str]:
     warnings = []
     try:
         what = f"oom_score_adj {p.oom_score_adj}"
-        if read_oom_score_adj(t.pid) != p.oom_score_adj:
-            with open(f"/proc/{t.pid}/oom_score_adj", "w") as f:
-                f.write(str(p.oom_score_adj))
+        _set_oom_score_adj(t.pid, p.oom_score_adj)
         what = "the child-subreaper flag"
         t.syscall("prctl", PR_SET_CHILD_SUBREAPER, int(p.subreaper), 0, 0, 0)
         what = "PR_SET_THP_DISABLE"

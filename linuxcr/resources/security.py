@@ -190,3 +190,35 @@ def restore_ambient(t: Tracee, a: ThreadAttrs | None) -> None:
             except OSError as e:
                 raise RestoreError(f"tid {t.pid}: cannot raise ambient capability {cap}: "
                                    f"{e.strerror}") from None
+
+
+def changed_since(pid: int, tid: int, a: ThreadAttrs | None, creds: Creds) -> list[str]:
+    """What of thread ``tid`` of ``pid`` changed since its attributes ``a``
+    and its process's credentials ``creds`` were saved (a snapshot) that a
+    rollback cannot give back: seccomp filters added (they cannot be
+    removed), no_new_privs set (it cannot be unset), credentials and
+    capabilities (dropped ones cannot be regained; lcr never raises any)."""
+    st = _thread_status(pid, tid)
+    out = []
+    if a is not None:
+        had = len(a.seccomp) if a.seccomp_mode == 2 else a.seccomp_inherited
+        if st.seccomp != (a.seccomp_mode or (2 if a.seccomp_inherited else 0)) or \
+                (st.seccomp == 2 and st.seccomp_filters != had):
+            out.append(f"seccomp (mode {st.seccomp}, {st.seccomp_filters} filter(s) now, "
+                       f"{had} at the snapshot: filters cannot be removed)")
+        if bool(st.no_new_privs) != a.no_new_privs:
+            out.append("no_new_privs (set since the snapshot: it cannot be unset)")
+        if len(a.caps) == 5:
+            now = [st.cap_inh, st.cap_prm, st.cap_eff, st.cap_bnd, st.cap_amb]
+            names = ("inheritable", "permitted", "effective", "bounding", "ambient")
+            out += [f"{n} capabilities (0x{c:x} now, 0x{w:x} at the snapshot)"
+                    for n, c, w in zip(names, now, a.caps) if c != w]
+    if list(st.uid) != list(creds.uid):
+        out.append(f"uid ({'/'.join(map(str, st.uid))} now, {'/'.join(map(str, creds.uid))} at the "
+                   "snapshot)")
+    if list(st.gid) != list(creds.gid):
+        out.append(f"gid ({'/'.join(map(str, st.gid))} now, {'/'.join(map(str, creds.gid))} at the "
+                   "snapshot)")
+    if sorted(st.groups) != sorted(creds.groups):
+        out.append("supplementary groups")
+    return out

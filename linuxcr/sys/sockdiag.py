@@ -14,7 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from linuxcr.sys.syscalls import pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import fd_of
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -231,11 +231,7 @@ def queue_sizes(s: socket.socket) -> tuple[int, int, int]:
 
 def grab_socket(pid: int, fd: int) -> socket.socket:
     """lcr's own copy of socket fd of pid (pidfd_getfd): the same socket."""
-    pfd = pidfd_open(pid)
-    try:
-        return socket.socket(fileno=pidfd_getfd(pfd, fd))
-    finally:
-        os.close(pfd)
+    return socket.socket(fileno=fd_of(pid, fd))
 
 
 def identity(s: socket.socket) -> tuple[int, int, int]:

@@ -180,6 +180,28 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return syscall(NR["pidfd_getfd"], pidfd, fd, 0)
 
 
+def fd_of(pid: int, fd: int) -> int:
+    """Our own fd (O_CLOEXEC) for the open file behind fd ``fd`` of process
+    ``pid``: pidfd_open + pidfd_getfd, the pidfd closed again."""
+    pfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pfd, fd)
+    finally:
+        os.close(pfd)
+
+
+def close_all_but(keep: set[int], low: int = 3) -> None:
+    """Close every fd of this process from ``low`` up but those in ``keep``
+    (a child forked to live on its own: a server, a guardian, an init)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd >= low and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
 
 

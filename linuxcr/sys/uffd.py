@@ -158,30 +158,33 @@ def writeprotect(fd: int, start: int, length: int, protect: bool = True) -> None
     _ioctl(fd, UFFDIO_WRITEPROTECT, uffdio_writeprotect(uffdio_range(start, length), mode))
 
 
+def _ioctl_counted(fd: int, req: int, arg: ctypes.Structure, count: str) -> int:
+    """An ioctl whose struct reports in field ``count`` the bytes done
+    (UFFDIO_COPY, UFFDIO_ZEROPAGE): those bytes, or OSError with ``.copied``
+    set to the bytes done before the error."""
+    try:
+        _ioctl(fd, req, arg)
+    except OSError as e:
+        e.copied = max(getattr(arg, count), 0)  # type: ignore[attr-defined]
+        raise
+    return int(getattr(arg, count))
+
+
 def copy(fd: int, dst: int, src: int, length: int) -> int:
     """UFFDIO_COPY ``length`` bytes from our address ``src`` to ``dst`` in the
     userfaultfd's mm (waking the threads waiting there).  Returns the bytes
     copied; OSError (EEXIST: a page of the range is present already, EAGAIN:
     the mm is changing, retry after reading events) with ``.copied`` set to
     the bytes copied before the error."""
-    c = uffdio_copy(dst=dst, src=src, len=length, mode=0, copy=0)
-    try:
-        _ioctl(fd, UFFDIO_COPY, c)
-    except OSError as e:
-        e.copied = max(c.copy, 0)  # type: ignore[attr-defined]
-        raise
-    return c.copy
+    return _ioctl_counted(fd, UFFDIO_COPY, uffdio_copy(dst=dst, src=src, len=length, mode=0, copy=0),
+                          "copy")
 
 
 def zeropage(fd: int, start: int, length: int) -> int:
     """UFFDIO_ZEROPAGE: map the zero page over [start, start+length)."""
-    z = uffdio_zeropage(range=uffdio_range(start, length), mode=0, zeropage=0)
-    try:
-        _ioctl(fd, UFFDIO_ZEROPAGE, z)
-    except OSError as e:
-        e.copied = max(z.zeropage, 0)  # type: ignore[attr-defined]
-        raise
-    return z.zeropage
+    return _ioctl_counted(fd, UFFDIO_ZEROPAGE,
+                          uffdio_zeropage(range=uffdio_range(start, length), mode=0, zeropage=0),
+                          "zeropage")
 
 
 def wake(fd: int, start: int, length: int) -> None:

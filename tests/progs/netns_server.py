@@ -17,21 +17,14 @@ carries bytes, the UDP socket gets a datagram, the UNIX listener takes a
 connection, netlink lists lo alone; prints "PASS netns_server pid=P
 round=N" or "FAIL netns_server: <details> (pid=P)".
 """
-import os
-import signal
 import socket
 import struct
 import sys
 
+from probeloop import serve
+
 NAME = "netns_server"
 PAIR = "--no-pair" not in sys.argv
-probe = False
-rounds = 0
-
-
-def on_usr1(sig, frame):
-    global probe
-    probe = True
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -64,7 +57,7 @@ nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # NETLINK_ROUTE
 nl.bind((0, 0))
 
 
-def check() -> list[str]:
+def check(rounds: int) -> list[str]:
     fails = []
     for s in (lst, udp) + ((cli, srv) if PAIR else ()):
         s.settimeout(5)
@@ -120,15 +113,4 @@ def check() -> list[str]:
     return fails
 
 
-signal.signal(signal.SIGUSR1, on_usr1)
-print(f"READY pid={os.getpid()}", flush=True)
-while True:
-    signal.pause()
-    if probe:
-        probe = False
-        f = check()
-        if f:
-            print(f"FAIL {NAME}: {'; '.join(f)} (pid={os.getpid()})", flush=True)
-        else:
-            print(f"PASS {NAME} pid={os.getpid()} round={rounds}", flush=True)
-        rounds += 1
+serve(NAME, check, lambda n: f"round={n}")

@@ -8,22 +8,16 @@ that its network namespace has loopback only and up (a TCP connection to
 itself over 127.0.0.1 carries bytes), and prints "PASS ns_probe pid=P
 links=N" or "FAIL ns_probe: <details> (pid=P)".
 """
-import os
-import signal
 import socket
 import sys
 
+from probeloop import serve
+
 NAME = "ns_probe"
 want = sys.argv[1]
-probe = False
 
 
-def on_usr1(sig, frame):
-    global probe
-    probe = True
-
-
-def check() -> list[str]:
+def check(n: int) -> list[str]:
     fails = []
     if socket.gethostname() != want:
         fails.append(f"hostname {socket.gethostname()!r}")
@@ -46,14 +40,4 @@ def check() -> list[str]:
     return fails
 
 
-signal.signal(signal.SIGUSR1, on_usr1)
-print(f"READY pid={os.getpid()}", flush=True)
-while True:
-    signal.pause()
-    if probe:
-        probe = False
-        f = check()
-        if f:
-            print(f"FAIL {NAME}: {'; '.join(f)} (pid={os.getpid()})", flush=True)
-        else:
-            print(f"PASS {NAME} pid={os.getpid()} links=1", flush=True)
+serve(NAME, check, lambda n: "links=1")

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from linuxcr.procfs import FdInfo
-from linuxcr.sys.syscalls import pidfd_getfd, pidfd_open
+from linuxcr.sys.syscalls import fd_of
 
 
 @dataclass
@@ -38,11 +38,7 @@ class FdContext:
 
     def grab(self) -> int:
         """Our own fd for the same open file (pidfd_getfd); closed by close()."""
-        pfd = pidfd_open(self.pid)
-        try:
-            fd = pidfd_getfd(pfd, self.fd)
-        finally:
-            os.close(pfd)
+        fd = fd_of(self.pid, self.fd)
         self._grabbed.append(fd)
         return fd
 
