@@ -96,6 +96,8 @@ class Part:
     # (no tracker, or its count was lost): the next rollback is a full one
     written: list[tuple[int, int]] | None = None
     why_full: str = "no write tracker"     # why written is None
+    # tid -> kind -> inode: the namespaces of each thread at the snapshot
+    ns: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -474,7 +476,8 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
             part = Part(task=task, child=snapshot_child.fork(fz, sibling=task.pid == pid), copies=copies,
-                        maps=[e.map for e in smaps[task.pid]])
+                        maps=[e.map for e in smaps[task.pid]],
+                        ns={tid: namespaces.task_inodes(task.pid, tid) for tid in fz.threads})
             parts.append(part)
             if trackers is not None:
                 tr, part.why_full = trackers.on_snapshot(fz, task)
@@ -663,7 +666,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
         if not memory_only:
             for part in snap.parts:
-                _precheck_attrs(part.task, pairs[part.pid])
+                _precheck_attrs(part, pairs[part.pid])
         _ipc_again(snap, memory_only)
     except BaseException:
         tree.thaw()
@@ -947,11 +950,38 @@ def _attrs_changed(task: Task, tid: int, saved) -> list[str]:
     return out
 
 
-def _precheck_attrs(task: Task, pairs) -> None:
+def _process_changed(part: Part) -> list[str]:
+    """What of the process changed since the snapshot that a rollback cannot
+    give back: its session (setsid() cannot be undone), its root directory
+    (a chroot: the snapshot process still holds the saved one)."""
+    task, out = part.task, []
+    st = read_status(task.pid)
+    if task.sid and st.ns_sid and st.ns_sid[-1] != task.sid:
+        out.append(f"session ({st.ns_sid[-1]} now, {task.sid} at the snapshot: a process cannot "
+                   "go back to a session it left)")
+    was = finish.path_key(f"/proc/{part.child.pid}/root")
+    if was is not None and finish.path_key(f"/proc/{task.pid}/root") != was:
+        out.append(f"root directory (chroot since the snapshot; it was {task.root})")
+    return out
+
+
+def _precheck_attrs(part: Part, pairs) -> None:
     """Refuse, before anything changes, a rollback that would leave the
-    process silently different: see _attrs_changed."""
+    process silently different: see _attrs_changed and _process_changed;
+    a thread in namespaces it left since (unshare, setns) is refused too."""
+    task = part.task
+    why = _process_changed(part)
+    if why:
+        raise RollbackRefused(f"cannot roll back pid {task.pid}: changed since the snapshot: "
+                              f"{'; '.join(why)}",
+                              "a process cannot get these back; use lcr writeback and lcr "
+                              "restart instead")
     for live, saved in pairs:
-        why = _attrs_changed(task, live.pid, saved)
+        was = part.ns.get(saved.tid if saved is not task else task.pid) or part.ns.get(task.pid)
+        kinds = namespaces.moved(task.pid, live.pid, was) if was else []
+        why = [f"namespaces {', '.join(kinds)} (left since the snapshot: unshare or setns "
+               "cannot be undone from outside)"] if kinds else []
+        why += _attrs_changed(task, live.pid, saved)
         if why:
             who = f"pid {task.pid}" if live.pid == task.pid else f"thread {live.pid} of pid {task.pid}"
             raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: "
@@ -1047,7 +1077,8 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     # the rest of the task, in the one finish order (resources/finish.py)
     f = finish.Finish(t=t, arena=arena, task=task, tramp=gap, inherited_sigs=inherited,
                       rollback=True, descs=snap.table.descs, threads=list(pairs),
-                      fd_keys=snap.table.keys.get(pid, {}), masks=fz.masks)
+                      fd_keys=snap.table.keys.get(pid, {}), masks=fz.masks,
+                      cwd_key=finish.path_key(f"/proc/{part.child.pid}/cwd"))
     warnings += finish.run(f, skip=finish.MEMORY_ONLY if memory_only else frozenset())
     # the process equals the snapshot again: count from here.  What we
     # changed may differ from every other snapshot of the process; the

@@ -24,7 +24,7 @@ from linuxcr.image.schema import FileDesc, Task, Thread
 from linuxcr.procfs import list_fds, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import (areaflags, cpu, files, fsroot, guards, locks, memory, posix_timers, procattrs,
-                               process, sched, security, signals, threads)
+                               process, pstree, sched, security, signals, threads)
 from linuxcr.sys import ptrace
 
 SS_DISABLE = 2
@@ -54,6 +54,7 @@ class Finish:
     # rollback: fd -> (st_dev, st_ino) at the snapshot; where final masks go (set at thaw)
     fd_keys: dict[int, tuple[int, int]] = field(default_factory=dict)
     masks: dict[int, int] = field(default_factory=dict)
+    cwd_key: tuple[int, int] | None = None    # rollback: (st_dev, st_ino) of the cwd at the snapshot
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -127,8 +128,12 @@ def _fs(f: Finish) -> None:
 
 
 def _fs_back(f: Finish) -> None:
+    """The working directory, where it is not the one of the snapshot (the
+    root directory is: engine/snapshots.py refuses otherwise)."""
+    if f.cwd_key is not None and path_key(f"/proc/{f.t.pid}/cwd") == f.cwd_key:
+        return
     try:
-        files.restore_fs(f.t, f.arena, f.task.cwd, "/")
+        fsroot.roll_back_cwd(f.t, f.arena, f.task)
     except LcrError as e:
         f.warnings.append(str(e))
 
@@ -137,8 +142,14 @@ def _misc(f: Finish) -> None:
     process.restore_misc(f.t, f.arena, f.task)
 
 
-def _umask(f: Finish) -> None:
-    f.t.syscall("umask", f.task.umask)
+def _misc_back(f: Finish) -> None:
+    """umask, personality, name, robust list and clear_child_tid of the
+    leader, as restart sets them (a live process may have changed any
+    since); its process group, if it moved to another one of its session."""
+    process.restore_misc(f.t, f.arena, f.task)
+    why = pstree.roll_back_group(f.t, f.task)
+    if why:
+        f.warnings.append(why)
 
 
 def _sigactions(f: Finish) -> None:
@@ -167,14 +178,13 @@ def _threads(f: Finish) -> None:
 
 
 def _threads_back(f: Finish) -> None:
-    """Each live thread's kernel-side state as saved: a thread made since
-    gets the saved pointers; the alternate signal stack, disabled too."""
+    """Each live thread's kernel-side state as saved: robust list,
+    clear_child_tid, name; the alternate signal stack, disabled too."""
     for live, saved in f.threads:
         f.arena.reset()
-        if live.pid != saved.tid:
-            if saved.robust_list[0]:
-                live.syscall("set_robust_list", saved.robust_list[0], saved.robust_list[1])
-            live.syscall("set_tid_address", saved.tid_address)
+        if saved is not f.task:          # the leader's: step misc
+            threads.restore_pointers(live, f.arena, saved)
+            f.arena.reset()
         if saved.altstack[1] & SS_DISABLE:
             signals.disable_altstack(live, f.arena)
         else:
@@ -345,8 +355,12 @@ def _registers_back(f: Finish) -> None:
 
 def fd_key(pid: int, fd: int) -> tuple[int, int] | None:
     """(st_dev, st_ino) of what fd of pid reaches now; None if it is closed."""
+    return path_key(f"/proc/{pid}/fd/{fd}")
+
+
+def path_key(path: str) -> tuple[int, int] | None:
     try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
@@ -410,8 +424,9 @@ STEPS: tuple[Step, ...] = (
     Step("files", _files, _files_back, ("files",)),
     Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
     Step("fs", _fs, _fs_back, ("cwd", "root", "cwd_deleted")),
-    # rollback: the umask only; personality, name and the leader's pointers are kept
-    Step("misc", _misc, _umask, ("umask", "personality", "comm", "robust_list", "tid_address")),
+    # rollback: the process group too (the session is checked unchanged:
+    # engine/snapshots.py _precheck_attrs refuses otherwise)
+    Step("misc", _misc, _misc_back, ("umask", "personality", "comm", "robust_list", "tid_address")),
     Step("sigactions", _sigactions, _sigactions, ("sigactions",)),
     Step("altstack", _altstack, Skip("with each thread's own, in step threads"), ("altstack",)),
     Step("itimers", _itimers, Skip("with the pending signals (step pending): set once those "

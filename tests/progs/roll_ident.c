@@ -1,0 +1,190 @@
+/*
+ * roll_ident -- per-task state a rollback must give back, or refuse to
+ * touch (tests/test_rollback_ident.py).
+ *
+ *   roll_ident [-t] [-c DIR]
+ *
+ * Forks: the parent (a session leader, as the tests start programs) only
+ * waits; the child is the subject, in its parent's process group.  With
+ * -t it has a second thread named "worker"; with -c it first enters
+ * DIR/sub and chroots to DIR (as root).  It notes its state: name, the
+ * thread's name, personality, process group, working directory, umask,
+ * robust list head and clear_child_tid address.  Prints
+ * "READY pid=P pgid=G".
+ * SIGUSR2 (change): every item above changed (name "changed", thread name
+ * "wchanged", personality ADDR_NO_RANDOMIZE, a group of its own, cwd /,
+ * umask 077, robust list and clear_child_tid pointing elsewhere); prints
+ * "CHANGED pid=P".
+ * SIGHUP: setsid(); prints "SETSID pid=P r=R".
+ * SIGWINCH: unshare(CLONE_NEWUTS) (as root); prints "UNSHARE pid=P r=R".
+ * SIGPWR: chroot("/tmp") (as root); prints "CHROOT pid=P r=R".
+ * SIGUSR1: compares with the noted state: "PASS roll_ident pid=P" or
+ * "FAIL roll_ident: ... (pid=P)".
+ */
+#define _GNU_SOURCE
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "probe.h"
+
+#ifndef PR_GET_TID_ADDRESS
+#define PR_GET_TID_ADDRESS 40
+#endif
+
+static volatile sig_atomic_t change_req, setsid_req, unshare_req, chroot_req;
+static void on_usr2(int s) { (void)s; change_req = 1; }
+static void on_hup(int s) { (void)s; setsid_req = 1; }
+static void on_winch(int s) { (void)s; unshare_req = 1; }
+static void on_pwr(int s) { (void)s; chroot_req = 1; }
+
+static pthread_t worker;
+static int have_worker;
+static volatile int worker_rename;
+static struct robust_list_head other_head = { { &other_head.list }, 0, NULL };
+static int other_tid;
+
+static void *work(void *arg)
+{
+	(void)arg;
+	prctl(PR_SET_NAME, "worker", 0, 0, 0);
+	for (;;) {
+		if (worker_rename) {
+			prctl(PR_SET_NAME, "wchanged", 0, 0, 0);
+			worker_rename = 0;
+		}
+		usleep(1000);
+	}
+	return NULL;
+}
+
+struct state {
+	char comm[16], wcomm[16], cwd[4096];
+	int pers;
+	pid_t pgid;
+	mode_t umask;
+	void *head;
+	size_t hlen;
+	int *tidaddr;
+};
+
+static void note(struct state *s)
+{
+	memset(s, 0, sizeof *s);
+	prctl(PR_GET_NAME, s->comm, 0, 0, 0);
+	if (have_worker)
+		pthread_getname_np(worker, s->wcomm, sizeof s->wcomm);
+	if (!getcwd(s->cwd, sizeof s->cwd))
+		strcpy(s->cwd, "?");
+	s->pers = personality(0xffffffff);
+	s->pgid = getpgid(0);
+	s->umask = umask(0);
+	umask(s->umask);
+	syscall(SYS_get_robust_list, 0, &s->head, &s->hlen);
+	prctl(PR_GET_TID_ADDRESS, &s->tidaddr, 0, 0, 0);
+}
+
+static void subject(const char *root)
+{
+	signal(SIGUSR1, on_usr1);
+	signal(SIGUSR2, on_usr2);
+	signal(SIGHUP, on_hup);
+	signal(SIGWINCH, on_winch);
+	signal(SIGPWR, on_pwr);
+	if (root) {
+		char sub[4096];
+		snprintf(sub, sizeof sub, "%s/sub", root);
+		if (chdir(sub) || chroot(root)) { perror("chroot"); _exit(1); }
+	}
+	struct state was, now;
+	if (have_worker) {
+		pthread_create(&worker, NULL, work, NULL);
+		char n[16] = "";
+		while (strcmp(n, "worker")) {
+			usleep(1000);
+			pthread_getname_np(worker, n, sizeof n);
+		}
+	}
+	note(&was);
+	printf("READY pid=%d pgid=%d\n", getpid(), getpgid(0));
+	for (;;) {
+		sigset_t all, old;
+		sigfillset(&all);
+		sigprocmask(SIG_BLOCK, &all, &old);
+		if (probe_req) {
+			probe_req = 0;
+			fails[0] = 0;
+			note(&now);
+			if (strcmp(now.comm, was.comm)) fail("name %s, was %s", now.comm, was.comm);
+			if (strcmp(now.wcomm, was.wcomm)) fail("thread name %s, was %s", now.wcomm, was.wcomm);
+			if (strcmp(now.cwd, was.cwd)) fail("cwd %s, was %s", now.cwd, was.cwd);
+			if (now.pers != was.pers) fail("personality 0x%x, was 0x%x", now.pers, was.pers);
+			if (now.pgid != was.pgid) fail("pgid %d, was %d", now.pgid, was.pgid);
+			if (now.umask != was.umask) fail("umask %o, was %o", now.umask, was.umask);
+			if (now.head != was.head || now.hlen != was.hlen) fail("robust list %p, was %p", now.head, was.head);
+			if (now.tidaddr != was.tidaddr) fail("clear_child_tid %p, was %p", (void *)now.tidaddr, (void *)was.tidaddr);
+			if (fails[0]) printf("FAIL roll_ident: %s (pid=%d)\n", fails, getpid());
+			else printf("PASS roll_ident pid=%d\n", getpid());
+		}
+		if (change_req) {
+			change_req = 0;
+			prctl(PR_SET_NAME, "changed", 0, 0, 0);
+			if (have_worker) {
+				worker_rename = 1;
+				while (worker_rename) usleep(1000);
+			}
+			personality(was.pers | ADDR_NO_RANDOMIZE);
+			if (setpgid(0, 0)) perror("setpgid");
+			if (chdir("/")) perror("chdir");
+			umask(077);
+			syscall(SYS_set_robust_list, &other_head, sizeof other_head);
+			syscall(SYS_set_tid_address, &other_tid);
+			printf("CHANGED pid=%d\n", getpid());
+		}
+		if (setsid_req) {
+			setsid_req = 0;
+			printf("SETSID pid=%d r=%d\n", getpid(), setsid() < 0 ? -1 : 0);
+		}
+		if (unshare_req) {
+			unshare_req = 0;
+			printf("UNSHARE pid=%d r=%d\n", getpid(), unshare(CLONE_NEWUTS));
+		}
+		if (chroot_req) {
+			chroot_req = 0;
+			printf("CHROOT pid=%d r=%d\n", getpid(), chroot("/tmp"));
+		}
+		sigprocmask(SIG_SETMASK, &old, NULL);
+		usleep(1000);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	const char *root = NULL;
+	int c;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	while ((c = getopt(argc, argv, "tc:")) != -1) {
+		if (c == 't') have_worker = 1;
+		else if (c == 'c') root = optarg;
+		else return 2;
+	}
+	pid_t child = fork();
+	if (child == 0) {
+		subject(root);
+		return 0;
+	}
+	for (;;) {
+		int st;
+		if (waitpid(child, &st, 0) == child)
+			return 0;
+	}
+}
