@@ -1,9 +1,10 @@
 """Rollback gives back what `lcr restart` gives back of a task's identity
 (resources/finish.py, steps misc, fs, threads): name of the process and of
 each thread, personality, process group, working directory (also inside a
-chroot), umask, robust list and clear_child_tid; on the fast and the full
-path.  It refuses, before any change, what it cannot give back: a session
-left (setsid), namespaces left (unshare), a new root directory (chroot)."""
+chroot), umask, robust list, clear_child_tid and (as root) securebits; on
+the fast and the full path.  It refuses, before any change, what it cannot
+give back: a session left (setsid), namespaces left (unshare), a new root
+directory (chroot), securebits locked since."""
 from __future__ import annotations
 
 import os
@@ -101,10 +102,11 @@ REFUSED = [
     (signal.SIGHUP, r"^SETSID pid=\d+ r=(-?\d+)", r"session \(\d+ now"),
     (signal.SIGWINCH, r"^UNSHARE pid=\d+ r=(-?\d+)", r"namespaces uts \(left since"),
     (signal.SIGPWR, r"^CHROOT pid=\d+ r=(-?\d+)", r"root directory \(chroot since"),
+    (signal.SIGTTIN, r"^LOCKED pid=\d+ r=(-?\d+)", r"securebits \(0xc now, 0x0 .* locked since"),
 ]
 
 
-@pytest.mark.parametrize("sig,said,why", REFUSED, ids=["setsid", "unshare", "chroot"])
+@pytest.mark.parametrize("sig,said,why", REFUSED, ids=["setsid", "unshare", "chroot", "securebits"])
 def test_refused_when_it_cannot_be_given_back(bins, procs, tmp_path, agent_env, sig, said, why):  # noqa: F811
     if sig != signal.SIGHUP and os.geteuid() != 0:
         pytest.skip("needs root")

@@ -48,7 +48,8 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import areaflags, cpu, files, finish, memory, namespaces, pstree, snapshot_child, sysvipc
+from linuxcr.resources import (areaflags, cpu, files, finish, memory, namespaces, pstree, security,
+                               snapshot_child, sysvipc)
 
 
 
@@ -686,6 +687,8 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             tree.procs[part.pid].hold(journal)
         for part in snap.parts:
             snapshot_child.loosen(part.child)
+        if not memory_only:
+            _precheck_securebits(snap, tree, pairs)
     except BaseException:
         _own_children(snap)
         tree.thaw()
@@ -988,6 +991,23 @@ def _precheck_attrs(part: Part, pairs) -> None:
                                   f"{'; '.join(why)}",
                                   "a process cannot get these back; use lcr writeback and lcr "
                                   "restart (as root) instead")
+
+
+def _precheck_securebits(snap: Snapshot, tree, pairs) -> None:
+    """Threads guarded, before any change: securebits changed since that
+    cannot be set back refuse the rollback (read by an injected prctl:
+    /proc does not show them)."""
+    for part in snap.parts:
+        fz = tree.procs[part.pid]
+        insn = _vdso_insn(fz.leader, part.task.vmas)
+        for live, saved in pairs[part.pid]:
+            live.insn = insn
+            why = security.securebits_stuck(live, saved.attrs.securebits) if saved.attrs else ""
+            if why:
+                who = f"pid {part.pid}" if live.pid == part.pid else f"thread {live.pid} of pid {part.pid}"
+                raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: {why}",
+                                      "a process cannot get these back; use lcr writeback and "
+                                      "lcr restart instead")
 
 
 def _pair_threads(fz: Frozen, task: Task) -> list[tuple[Tracee, object]]:

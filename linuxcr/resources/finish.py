@@ -222,13 +222,18 @@ def _procattrs_back(f: Finish) -> None:
 
 
 def _sched_back(f: Finish) -> None:
-    """Scheduling of every live thread as its saved one's (seccomp, no_new_privs
-    and credentials were checked before the rollback began: unchanged)."""
+    """Scheduling and securebits of every live thread as its saved one's
+    (seccomp, no_new_privs, credentials, and securebits that cannot be set
+    back, were checked before the rollback began: unchanged)."""
     for live, saved in f.threads:
         try:
             sched.restore(live, saved.attrs)
         except LcrError as e:
             f.warnings.append(f"scheduling not rolled back: {e}")
+        try:
+            security.roll_back_securebits(live, saved.attrs)
+        except LcrError as e:
+            f.warnings.append(str(e))
 
 
 def _late_back(f: Finish) -> None:

@@ -13,11 +13,13 @@
  * "READY pid=P pgid=G".
  * SIGUSR2 (change): every item above changed (name "changed", thread name
  * "wchanged", personality ADDR_NO_RANDOMIZE, a group of its own, cwd /,
- * umask 077, robust list and clear_child_tid pointing elsewhere); prints
- * "CHANGED pid=P".
+ * umask 077, robust list and clear_child_tid pointing elsewhere; as root,
+ * securebits SECBIT_KEEP_CAPS); prints "CHANGED pid=P".
  * SIGHUP: setsid(); prints "SETSID pid=P r=R".
  * SIGWINCH: unshare(CLONE_NEWUTS) (as root); prints "UNSHARE pid=P r=R".
  * SIGPWR: chroot("/tmp") (as root); prints "CHROOT pid=P r=R".
+ * SIGTTIN: securebits SECBIT_NO_SETUID_FIXUP and its lock (as root);
+ * prints "LOCKED pid=P r=R".
  * SIGUSR1: compares with the noted state: "PASS roll_ident pid=P" or
  * "FAIL roll_ident: ... (pid=P)".
  */
@@ -41,7 +43,8 @@
 #define PR_GET_TID_ADDRESS 40
 #endif
 
-static volatile sig_atomic_t change_req, setsid_req, unshare_req, chroot_req;
+static volatile sig_atomic_t change_req, setsid_req, unshare_req, chroot_req, lock_req;
+static void on_ttin(int s) { (void)s; lock_req = 1; }
 static void on_usr2(int s) { (void)s; change_req = 1; }
 static void on_hup(int s) { (void)s; setsid_req = 1; }
 static void on_winch(int s) { (void)s; unshare_req = 1; }
@@ -69,7 +72,7 @@ static void *work(void *arg)
 
 struct state {
 	char comm[16], wcomm[16], cwd[4096];
-	int pers;
+	int pers, secbits;
 	pid_t pgid;
 	mode_t umask;
 	void *head;
@@ -86,6 +89,7 @@ static void note(struct state *s)
 	if (!getcwd(s->cwd, sizeof s->cwd))
 		strcpy(s->cwd, "?");
 	s->pers = personality(0xffffffff);
+	s->secbits = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
 	s->pgid = getpgid(0);
 	s->umask = umask(0);
 	umask(s->umask);
@@ -100,6 +104,7 @@ static void subject(const char *root)
 	signal(SIGHUP, on_hup);
 	signal(SIGWINCH, on_winch);
 	signal(SIGPWR, on_pwr);
+	signal(SIGTTIN, on_ttin);
 	if (root) {
 		char sub[4096];
 		snprintf(sub, sizeof sub, "%s/sub", root);
@@ -129,6 +134,7 @@ static void subject(const char *root)
 			if (strcmp(now.cwd, was.cwd)) fail("cwd %s, was %s", now.cwd, was.cwd);
 			if (now.pers != was.pers) fail("personality 0x%x, was 0x%x", now.pers, was.pers);
 			if (now.pgid != was.pgid) fail("pgid %d, was %d", now.pgid, was.pgid);
+			if (now.secbits != was.secbits) fail("securebits 0x%x, was 0x%x", now.secbits, was.secbits);
 			if (now.umask != was.umask) fail("umask %o, was %o", now.umask, was.umask);
 			if (now.head != was.head || now.hlen != was.hlen) fail("robust list %p, was %p", now.head, was.head);
 			if (now.tidaddr != was.tidaddr) fail("clear_child_tid %p, was %p", (void *)now.tidaddr, (void *)was.tidaddr);
@@ -148,6 +154,8 @@ static void subject(const char *root)
 			umask(077);
 			syscall(SYS_set_robust_list, &other_head, sizeof other_head);
 			syscall(SYS_set_tid_address, &other_tid);
+			if (geteuid() == 0 && prctl(PR_SET_SECUREBITS, was.secbits | 1 << 4, 0, 0, 0))
+				perror("securebits");
 			printf("CHANGED pid=%d\n", getpid());
 		}
 		if (setsid_req) {
@@ -157,6 +165,11 @@ static void subject(const char *root)
 		if (unshare_req) {
 			unshare_req = 0;
 			printf("UNSHARE pid=%d r=%d\n", getpid(), unshare(CLONE_NEWUTS));
+		}
+		if (lock_req) {
+			lock_req = 0;
+			printf("LOCKED pid=%d r=%d\n", getpid(),
+			       prctl(PR_SET_SECUREBITS, was.secbits | 1 << 2 | 1 << 3, 0, 0, 0));
 		}
 		if (chroot_req) {
 			chroot_req = 0;
