@@ -4,9 +4,11 @@ each thread, personality, process group, working directory (also inside a
 chroot), umask, robust list, clear_child_tid and (as root) securebits; on
 the fast and the full path.  It refuses, before any change, what it cannot
 give back: a session left (setsid), namespaces left (unshare), a new root
-directory (chroot), securebits locked since."""
+directory (chroot), securebits locked since.  File locks (flock, POSIX,
+OFD) come back as at the snapshot; one another owner took since refuses."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ import pytest
 from helpers import READY_TIMEOUT, log_size, wait_for_line
 from linuxcr import agent
 from linuxcr.errors import NotCheckpointable, RollbackRefused
+from linuxcr.resources import locks
 from test_snapshots import agent_env  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e]
@@ -120,4 +123,59 @@ def test_refused_when_it_cannot_be_given_back(bins, procs, tmp_path, agent_env, 
     assert re.search(why, str(ei.value)), str(ei.value)
     assert _seen(pid) == seen                       # untouched
     _probe(pid, log)                                # and running
+    snap.discard()
+
+
+def _start_locks(bins, procs, tmp_path):
+    log, d = tmp_path / "roll_locks.log", tmp_path / "locks"
+    d.mkdir()
+    p = procs.start([bins["roll_locks"], d], log)
+    wait_for_line(log, r"^READY pid=", READY_TIMEOUT, pid=p.pid)
+    return p.pid, log, d
+
+
+def _lockset(pid_or_locks) -> set:
+    got = locks.dump(pid_or_locks) if isinstance(pid_or_locks, int) else pid_or_locks
+    return {(lk.fd, lk.kind, lk.write, lk.start, lk.length) for lk in got}
+
+
+def _locks_probe(pid, log) -> str:
+    return _signal(pid, log, signal.SIGUSR1, r"^(PASS|FAIL) roll_locks.*").group(0)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["fast", "full"])
+def test_rollback_gives_locks_back(bins, procs, tmp_path, agent_env, full):  # noqa: F811
+    """flock, POSIX and OFD locks: those taken since released, those
+    released since taken again, one converted since as it was."""
+    pid, log, _d = _start_locks(bins, procs, tmp_path)
+    before = locks.dump(pid)
+    assert {lk.kind for lk in before} == {"flock", "posix", "ofd"}, before
+    snap = agent.snapshot(pid)
+    _signal(pid, log, signal.SIGUSR2, r"^CHANGED pid=")
+    assert _locks_probe(pid, log).startswith("FAIL")
+    res = agent.rollback(snap.crid, full=full)
+    assert _lockset(pid) == _lockset(before), res["warnings"]
+    assert _locks_probe(pid, log).startswith("PASS"), res["warnings"]
+    snap.discard()
+
+
+def test_lock_held_by_another_now_refuses(bins, procs, tmp_path, agent_env):  # noqa: F811
+    """A lock released since and taken by another owner: refused, untouched;
+    once the other lets go, the rollback takes it back."""
+    pid, log, d = _start_locks(bins, procs, tmp_path)
+    snap = agent.snapshot(pid)
+    _signal(pid, log, signal.SIGUSR2, r"^CHANGED pid=")
+    held = locks.dump(pid)
+    fd = os.open(d / "a", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RollbackRefused) as ei:
+            agent.rollback(snap.crid)
+        assert re.search(r"fd \d+: the exclusive flock\(\) lock on .*/a it held at the snapshot "
+                         rf"is held by pid {os.getpid()} now", str(ei.value)), str(ei.value)
+        assert _lockset(pid) == _lockset(held)          # untouched
+    finally:
+        os.close(fd)
+    res = agent.rollback(snap.crid)
+    assert _locks_probe(pid, log).startswith("PASS"), res["warnings"]
     snap.discard()

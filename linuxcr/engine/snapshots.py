@@ -48,8 +48,8 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (areaflags, cpu, files, finish, memory, namespaces, pstree, security,
-                               snapshot_child, sysvipc)
+from linuxcr.resources import (areaflags, cpu, files, finish, locks, memory, namespaces, pstree,
+                               security, snapshot_child, sysvipc)
 
 
 
@@ -667,7 +667,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
         if not memory_only:
             for part in snap.parts:
-                _precheck_attrs(part, pairs[part.pid])
+                _precheck_attrs(snap, part, pairs[part.pid])
         _ipc_again(snap, memory_only)
     except BaseException:
         tree.thaw()
@@ -953,27 +953,30 @@ def _attrs_changed(task: Task, tid: int, saved) -> list[str]:
     return out
 
 
-def _process_changed(part: Part) -> list[str]:
+def _process_changed(snap: Snapshot, part: Part) -> list[str]:
     """What of the process changed since the snapshot that a rollback cannot
-    give back: its session (setsid() cannot be undone), its root directory
-    (a chroot: the snapshot process still holds the saved one)."""
+    give back: its session (setsid() cannot be undone), a file lock it held
+    then that another owner holds now, its root directory (a chroot: the
+    snapshot process still holds the saved one)."""
     task, out = part.task, []
     st = read_status(task.pid)
     if task.sid and st.ns_sid and st.ns_sid[-1] != task.sid:
         out.append(f"session ({st.ns_sid[-1]} now, {task.sid} at the snapshot: a process cannot "
                    "go back to a session it left)")
+    same = {fd for fd, key in snap.table.keys.get(task.pid, {}).items() if finish.fd_key(task.pid, fd) == key}
+    out += locks.taken_since(task.pid, task.locks, same)
     was = finish.path_key(f"/proc/{part.child.pid}/root")
     if was is not None and finish.path_key(f"/proc/{task.pid}/root") != was:
         out.append(f"root directory (chroot since the snapshot; it was {task.root})")
     return out
 
 
-def _precheck_attrs(part: Part, pairs) -> None:
+def _precheck_attrs(snap: Snapshot, part: Part, pairs) -> None:
     """Refuse, before anything changes, a rollback that would leave the
     process silently different: see _attrs_changed and _process_changed;
     a thread in namespaces it left since (unshare, setns) is refused too."""
     task = part.task
-    why = _process_changed(part)
+    why = _process_changed(snap, part)
     if why:
         raise RollbackRefused(f"cannot roll back pid {task.pid}: changed since the snapshot: "
                               f"{'; '.join(why)}",
