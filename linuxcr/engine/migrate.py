@@ -48,7 +48,7 @@ from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
 from linuxcr.migration.skeleton import Skeleton, identical_areas, in_skeleton, skeleton_vmas
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import files, memory, namespaces, process, sysvipc
+from linuxcr.resources import exe_identity, files, memory, namespaces, process, sysvipc
 
 EPOCH = "pre-copy"
 DEFAULT_MAX_DOWNTIME = 0.05
@@ -520,6 +520,7 @@ class _Receiver:
                 if reason:
                     raise MigrationError(reason)
         restore.check_vdso(tasks[0])
+        exe_identity.verify(tree.identities)     # as restart: no task runs code that changed
 
     def _run(self) -> ReceiveResult:
         conn = self.conn
