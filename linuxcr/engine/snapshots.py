@@ -48,8 +48,8 @@ from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_st
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (areaflags, cpu, files, finish, locks, memory, namespaces, pstree,
-                               security, snapshot_child, sysvipc)
+from linuxcr.resources import (areaflags, cpu, exe_identity, files, finish, locks, memory, namespaces,
+                               pstree, security, snapshot_child, sysvipc)
 
 
 
@@ -128,6 +128,7 @@ class Snapshot:
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
     ipc: object = None            # SysvIpc kept at snapshot time (segments, semaphores, queues)
     ipc_own: bool = False         # the tree has an ipc namespace of its own (`lcr run --ipc`)
+    ns: object = None             # Namespaces of an `lcr run` tree's own (written back, as checkpoint)
 
     @property
     def task(self) -> Task:
@@ -472,6 +473,8 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         ipc_own = bool(tasks[0].pidns_init) and "ipc" in namespaces.own(pid)
+        ns = namespaces.dump(pid, tasks[0].pidns_init)
+        table.blockers += namespaces.check_saved(ns, table.descs, tasks)
         ipcs = _ipc_at_snapshot(pid, tasks, ipc_own)
         for task in tasks:
             fz = tree.procs[task.pid]
@@ -503,7 +506,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
                     starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
                     mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid(), ipc=ipcs,
-                    ipc_own=ipc_own)
+                    ipc_own=ipc_own, ns=ns)
     snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
     return snap
 
@@ -607,9 +610,12 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
         raise NotCheckpointable(snap.pid, snap.table.blockers)
     if not snap.alive():
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
+    # the files' identity as checkpoint records it: of the inodes mapped at
+    # the snapshot, which the snapshot processes map still (forks: same places)
+    ids = exe_identity.collect([msgspec.structs.replace(p.task, pid=p.child.pid) for p in snap.parts])
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
                 unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped,
-                zombies=snap.zombies, ipc=snap.ipc)
+                zombies=snap.zombies, ipc=snap.ipc, ns=snap.ns, identities=ids)
     def work():
         for part in snap.parts:
             normal = [v for v in part.task.vmas if v.pages and not memory.not_cow(v)]
