@@ -716,6 +716,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             warnings += _refill_pipes(snap)
             sysvipc.put_back(pid, snap.ipc)
             warnings += sysvipc.created_since(pid, snap.ipc, snap.ipc_own, tree.order)
+            warnings += _hostname_back(snap)
         faults.point("rollback.finished")
         for p in tree.order:
             tree.procs[p].settle()
@@ -904,6 +905,19 @@ def _refill_pipes(snap: Snapshot) -> list[str]:
         finally:
             os.close(f)
     return warnings
+
+
+def _hostname_back(snap: Snapshot) -> list[str]:
+    """The hostname of an `lcr run --hostname` tree's own uts namespace, as
+    restart sets it (mounts and their files are left as they are now)."""
+    ns = snap.ns
+    if ns is None or "uts" not in ns.kinds:
+        return []
+    try:
+        namespaces.restore(snap.pid, msgspec.structs.replace(ns, mounts=[]))
+    except LcrError as e:
+        return [f"hostname not rolled back: {e.message}"]
+    return []
 
 
 def _ipc_again(snap: Snapshot, memory_only: bool) -> None:
