@@ -193,6 +193,24 @@ def test_image_removed_while_serving(bins, procs, tmp_path):
     assert_pass(pid, log, "lazy_mem")
 
 
+def test_watchdog_killed_then_server(bins, procs, tmp_path):
+    """The watchdog killed alone is replaced: the server's death after it
+    still kills the tree (else it would run on zero pages)."""
+    pid, log = _start(procs, bins, tmp_path, 64)
+    img = tmp_path / "img"
+    _ckpt(pid, img)
+    data = _lazy_restart(img, procs, tmp_path / "lazy.log", pace=1.0)
+    srv, dog = data["lazy"]["server"], data["lazy"]["watchdog"]
+    _kill(dog)
+    wait_for_line(data["lazy"]["log"], rf"the watchdog {dog} died: a new one, pid (\d+)", 30)
+    new_dog = int(re.search(r"a new one, pid (\d+)", Path(data["lazy"]["log"]).read_text()).group(1))
+    assert alive(pid) and alive(new_dog)
+    _kill(srv)
+    assert _wait_gone(pid, 30), "the restored process ran on after its page server died"
+    assert _wait_gone(new_dog, 30)
+    assert "page server died" in Path(data["lazy"]["log"]).read_text()
+
+
 def test_pipe_refused(bins, procs, tmp_path):
     pid, log = _start(procs, bins, tmp_path, 4)
     img = tmp_path / "img"

@@ -49,7 +49,7 @@ Faults:
     the tree (SIGKILL, root and descendants), log why and exit.
   - The watchdog holds a socket the server writes "done" to when every
     page is in.  End of file without it (the server died): SIGKILL the
-    tree.  The watchdog also holds copies of every userfaultfd (inherited,
+    tree.  A watchdog killed alone is replaced by the server at once.  The watchdog also holds copies of every userfaultfd (inherited,
     and those forks hand over, sent to it with SCM_RIGHTS), so the
     faulting threads keep waiting (not running on zero pages) until it has
     killed them.  If the server and the watchdog are killed at the same
@@ -485,6 +485,21 @@ class Server:
         self.watchdog = pid
         self.done_sock = ours
 
+    def watchdog_gone(self) -> None:
+        """The watchdog died (killed alone): a new one, forked now, holds every
+        userfaultfd the server holds (inherited) -- else the server's death
+        would leave the tree running on zero pages."""
+        old, self.done_sock = self.done_sock, None
+        if old is not None:
+            old.close()
+        try:
+            os.waitpid(self.watchdog, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        was = self.watchdog
+        self.spawn_watchdog()
+        self.log(f"the watchdog {was} died: a new one, pid {self.watchdog}")
+
     def tell_watchdog(self, what: bytes, fds: list[int] = ()) -> None:
         if self.done_sock is None:
             return
@@ -644,6 +659,9 @@ class Server:
         for fd in self.mms:
             poller.register(fd, select.POLLIN)
         watched = set(self.mms)
+        dog = self.done_sock.fileno() if self.done_sock is not None else -1
+        if dog >= 0:
+            poller.register(dog, 0)               # POLLHUP: the watchdog died
         stream = list(self.mms.values())
         try:
             pace = float(os.environ.get(PACE_ENV, "0") or 0)
@@ -663,6 +681,13 @@ class Server:
                         self.pending.append((m, addr))
             busy = bool(self.pending)
             for fd, _ev in poller.poll(1 if busy else 0):
+                if fd == dog:
+                    poller.unregister(dog)
+                    self.watchdog_gone()
+                    dog = self.done_sock.fileno() if self.done_sock is not None else -1
+                    if dog >= 0:
+                        poller.register(dog, 0)
+                    continue
                 m = self.mms.get(fd)
                 if m is not None:
                     busy |= not self.events(m)
