@@ -497,7 +497,11 @@ class Server:
         except ChildProcessError:
             pass
         was = self.watchdog
-        self.spawn_watchdog()
+        try:
+            self.spawn_watchdog()
+        except OSError as e:      # the tree is not left without one: killed (run)
+            raise RestoreError(f"the watchdog {was} died and no new one could be made "
+                               f"({e.strerror})") from None
         self.log(f"the watchdog {was} died: a new one, pid {self.watchdog}")
 
     def tell_watchdog(self, what: bytes, fds: list[int] = ()) -> None:
