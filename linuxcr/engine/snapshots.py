@@ -42,7 +42,7 @@ from linuxcr import faults
 from linuxcr.engine import dump
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError, RollbackRefused
 from linuxcr.image import runs
-from linuxcr.image.schema import ShmObject, Task, Tree, Vma
+from linuxcr.image.schema import Namespaces, ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote import guardian
@@ -128,7 +128,7 @@ class Snapshot:
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
     ipc: object = None            # SysvIpc kept at snapshot time (segments, semaphores, queues)
     ipc_own: bool = False         # the tree has an ipc namespace of its own (`lcr run --ipc`)
-    ns: object = None             # Namespaces of an `lcr run` tree's own (written back, as checkpoint)
+    ns: Namespaces | None = None  # of an `lcr run` tree's own (written back, as checkpoint)
 
     @property
     def task(self) -> Task:

@@ -189,7 +189,7 @@ def _threads_back(f: Finish) -> None:
     clear_child_tid, name; the alternate signal stack, disabled too."""
     for live, saved in f.threads:
         f.arena.reset()
-        if saved is not f.task:          # the leader's: step misc
+        if isinstance(saved, Thread):    # the leader's: step misc
             threads.restore_pointers(live, f.arena, saved)
             f.arena.reset()
         if saved.altstack[1] & SS_DISABLE:
