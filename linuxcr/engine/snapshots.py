@@ -820,6 +820,7 @@ def _complete(snap: Snapshot, memory_only: bool, procs: dict) -> str:
                 sysvipc.put_back(snap.pid, snap.ipc)
             except (OSError, LcrError):
                 pass     # an object removed meanwhile: its memory is back all the same
+            _hostname_back(snap)
         for fz in frozen.values():
             fz.settle()
     except BaseException:
