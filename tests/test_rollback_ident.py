@@ -1,7 +1,9 @@
 """Rollback gives back what `lcr restart` gives back of a task's identity
 (resources/finish.py, steps misc, fs, threads): name of the process and of
 each thread, personality, process group, working directory (also inside a
-chroot), umask, robust list, clear_child_tid and (as root) securebits; on
+chroot), umask, robust list, clear_child_tid, the mm fields a program may
+set with PR_SET_MM_MAP (setproctitle: /proc/PID/cmdline) and (as root)
+securebits; on
 the fast and the full path.  It refuses, before any change, what it cannot
 give back: a session left (setsid), namespaces left (unshare), a new root
 directory (chroot), securebits locked since.  File locks (flock, POSIX,
@@ -50,7 +52,7 @@ def _seen(pid: int) -> dict:
         with open(f"/proc/{pid}/{path}") as f:
             return f.read().strip()
     threads = sorted(read(f"task/{t}/comm") for t in os.listdir(f"/proc/{pid}/task"))
-    return dict(comm=read("comm"), threads=threads, personality=read("personality"),
+    return dict(comm=read("comm"), threads=threads, cmdline=read("cmdline"), personality=read("personality"),
                 pgid=os.getpgid(pid), cwd=os.readlink(f"/proc/{pid}/cwd"),
                 umask=re.search(r"Umask:\s+(\d+)", read("status")).group(1))
 

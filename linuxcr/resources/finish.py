@@ -89,13 +89,15 @@ def _mm(f: Finish) -> None:
 
 
 def _mm_back(f: Finish) -> None:
-    """The kernel's view of the layout (brk), only where it moved."""
-    if f.t.syscall("brk", 0) == f.task.mm.brk:
+    """The kernel's view of the layout (brk, the arguments, environment and
+    auxv areas a program may move with PR_SET_MM_MAP, as setproctitle()
+    does), only where it changed; the executable link stays."""
+    if not process.mm_changed(f.t.pid, f.task.mm, f.t.syscall("brk", 0)):
         return
     try:
         process.restore_mm(f.t, f.arena, f.task.mm, os.readlink(f"/proc/{f.t.pid}/exe"))
     except LcrError as e:
-        f.warnings.append(f"program break not restored: {e}")
+        f.warnings.append(f"program break and argument areas not restored: {e}")
 
 
 def _files(f: Finish) -> None:

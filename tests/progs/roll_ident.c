@@ -13,8 +13,10 @@
  * "READY pid=P pgid=G".
  * SIGUSR2 (change): every item above changed (name "changed", thread name
  * "wchanged", personality ADDR_NO_RANDOMIZE, a group of its own, cwd /,
- * umask 077, robust list and clear_child_tid pointing elsewhere; as root,
- * securebits SECBIT_KEEP_CAPS); prints "CHANGED pid=P".
+ * umask 077, robust list and clear_child_tid pointing elsewhere, its
+ * arguments area moved to a new title as setproctitle() does with
+ * PR_SET_MM_MAP; as root, securebits SECBIT_KEEP_CAPS); prints
+ * "CHANGED pid=P".
  * SIGHUP: setsid(); prints "SETSID pid=P r=R".
  * SIGWINCH: unshare(CLONE_NEWUTS) (as root); prints "UNSHARE pid=P r=R".
  * SIGPWR: chroot("/tmp") (as root); prints "CHROOT pid=P r=R".
@@ -39,6 +41,7 @@
 #include <unistd.h>
 #include "probe.h"
 
+#include <linux/prctl.h>
 #ifndef PR_GET_TID_ADDRESS
 #define PR_GET_TID_ADDRESS 40
 #endif
@@ -68,6 +71,36 @@ static void *work(void *arg)
 		usleep(1000);
 	}
 	return NULL;
+}
+
+/* setproctitle the way libraries do it without CAP_SYS_RESOURCE: the whole
+ * mm map at once (PR_SET_MM_MAP), the arguments area moved to a new string */
+static int retitle(void)
+{
+	char *title = malloc(64);     /* anonymous memory: /proc/PID/cmdline reads only that */
+	strcpy(title, "roll_ident-retitled");
+	unsigned long f[64] = {0};
+	char buf[4096];
+	FILE *st = fopen("/proc/self/stat", "r");
+	if (!st || !fgets(buf, sizeof buf, st)) return -1;
+	fclose(st);
+	char *p = strchr(strrchr(buf, ')') + 2, ' ') + 1;   /* field 4 on (3: the state) */
+	for (int i = 4; i <= 52 && p; i++) {
+		f[i] = strtoul(p, &p, 10);
+		while (*p == ' ') p++;
+	}
+	static unsigned long auxv[512];
+	FILE *a = fopen("/proc/self/auxv", "r");
+	size_t n = a ? fread(auxv, 1, sizeof auxv, a) : 0;
+	if (a) fclose(a);
+	struct prctl_mm_map m = {
+		.start_code = f[26], .end_code = f[27], .start_data = f[45], .end_data = f[46],
+		.start_brk = f[47], .brk = (unsigned long)sbrk(0), .start_stack = f[28],
+		.arg_start = (unsigned long)title, .arg_end = (unsigned long)title + strlen(title) + 1,
+		.env_start = f[50], .env_end = f[51], .auxv = (__u64 *)auxv, .auxv_size = n,
+		.exe_fd = (__u32)-1,
+	};
+	return prctl(PR_SET_MM, PR_SET_MM_MAP, &m, sizeof m, 0);
 }
 
 struct state {
@@ -154,6 +187,7 @@ static void subject(const char *root)
 			umask(077);
 			syscall(SYS_set_robust_list, &other_head, sizeof other_head);
 			syscall(SYS_set_tid_address, &other_tid);
+			if (retitle()) perror("PR_SET_MM_MAP");
 			if (geteuid() == 0 && prctl(PR_SET_SECUREBITS, was.secbits | 1 << 4, 0, 0, 0))
 				perror("securebits");
 			printf("CHANGED pid=%d\n", getpid());
