@@ -184,7 +184,9 @@ def test_killed_client_leaves_no_snapshot(bins, procs, tmp_path, agent_env):  # 
 # --- rollback ------------------------------------------------------------------
 
 # (point, whether the rollback had begun: then it must be complete)
-COMMON = [("rollback.frozen", False), ("inject.masked", True), ("rollback.begun", True),
+# (the first masked injected call reads the securebits, before the rollback begins)
+COMMON = [("rollback.frozen", False), ("inject.masked", False), ("inject.masked@2", True),
+          ("rollback.begun", True),
           ("inject.exit@2", True), ("inject.parked@4", True), ("inject.rest@12", True),
           ("rollback.finished", True), ("rollback.done", True)]
 FAST = COMMON + [("rollback.dropped", True)]

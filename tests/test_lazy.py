@@ -171,6 +171,42 @@ def test_server_killed_kills_tree(bins, procs, tmp_path):
     assert "page server died" in text, text
 
 
+def test_image_removed_while_serving(bins, procs, tmp_path):
+    """The server reads through the fd lcr opened: the image file removed
+    while most pages are missing changes nothing; and none of lcr's or the
+    server's fds is left in the restored process (its fds are the saved
+    ones: the log, /dev/null; no userfaultfd, no image, no pidfd)."""
+    pid, log = _start(procs, bins, tmp_path, 64)
+    want = sorted((fd, os.readlink(f"/proc/{pid}/fd/{fd}")) for fd in os.listdir(f"/proc/{pid}/fd"))
+    img = tmp_path / "img"
+    _ckpt(pid, img)
+    data = _lazy_restart(img, procs, tmp_path / "lazy.log", pace=0.5)
+    os.unlink(img)
+    got = sorted((fd, os.readlink(f"/proc/{pid}/fd/{fd}")) for fd in os.listdir(f"/proc/{pid}/fd"))
+    assert got == want
+    assert_pass(pid, log, "lazy_mem")         # touches every page: all from the removed file
+    _complete(data)
+    assert_pass(pid, log, "lazy_mem")
+
+
+def test_watchdog_killed_then_server(bins, procs, tmp_path):
+    """The watchdog killed alone is replaced: the server's death after it
+    still kills the tree (else it would run on zero pages)."""
+    pid, log = _start(procs, bins, tmp_path, 64)
+    img = tmp_path / "img"
+    _ckpt(pid, img)
+    data = _lazy_restart(img, procs, tmp_path / "lazy.log", pace=1.0)
+    srv, dog = data["lazy"]["server"], data["lazy"]["watchdog"]
+    _kill(dog)
+    wait_for_line(data["lazy"]["log"], rf"the watchdog {dog} died: a new one, pid (\d+)", 30)
+    new_dog = int(re.search(r"a new one, pid (\d+)", Path(data["lazy"]["log"]).read_text()).group(1))
+    assert alive(pid) and alive(new_dog)
+    _kill(srv)
+    assert _wait_gone(pid, 30), "the restored process ran on after its page server died"
+    assert _wait_gone(new_dog, 30)
+    assert "page server died" in Path(data["lazy"]["log"]).read_text()
+
+
 def test_pipe_refused(bins, procs, tmp_path):
     pid, log = _start(procs, bins, tmp_path, 4)
     img = tmp_path / "img"
@@ -258,3 +294,15 @@ def test_lcr_killed_during_lazy_restart(point, bins, procs, tmp_path):
         assert _wait_gone(int(m.group(1)), 60), "the page server stayed after its tree died"
     else:
         assert not llog.exists() or "serving" not in llog.read_text()
+
+
+def test_extents_take():
+    """The stream's batch: the first pieces up to a byte budget, out in one cut."""
+    from linuxcr.resources.lazy import Extents
+    P = 4096
+    x = Extents([(i * 2 * P, (i * 2 + 1) * P, i, 0) for i in range(10)])
+    assert x.take(3 * P) == [(0, P, 0, 0), (2 * P, 3 * P, 1, 0), (4 * P, 5 * P, 2, 0)]
+    assert x.starts == [p[0] for p in x.items] and len(x) == 7
+    assert x.take(1) == [(6 * P, 7 * P, 3, 0)]                 # at least one
+    assert x.find(8 * P) == 0 and x.find(6 * P) == -1
+    assert len(x.take(100 * P)) == 6 and len(x) == 0 and x.take(P) == []

@@ -48,7 +48,7 @@ from linuxcr.migration.protocol import AuthError, Conn, MigrationError, Msg
 from linuxcr.migration.skeleton import Skeleton, identical_areas, in_skeleton, skeleton_vmas
 from linuxcr.procfs import PagemapReader, read_smaps
 from linuxcr.remote.task import Tracee
-from linuxcr.resources import files, memory, namespaces, process, sysvipc
+from linuxcr.resources import exe_identity, files, memory, namespaces, process, sysvipc
 
 EPOCH = "pre-copy"
 DEFAULT_MAX_DOWNTIME = 0.05
@@ -256,7 +256,11 @@ def _start(pid: int, trackers: Trackers) -> _Prelim:
         tree.thaw()
     light = [msgspec.structs.replace(k, vmas=skeleton_vmas(k.vmas), files=[], pending=[],
                                      posix_timers=[], locks=[]) for k in tasks]
-    return _Prelim(tree=Tree(root=pid, zombies=zombies), tasks=light, order=order,
+    # an `lcr run` tree's own namespaces: the skeleton is made in new ones
+    # (the mounts come with the final image, whose content they hold)
+    ns = namespaces.dump(pid, tasks[0].pidns_init)
+    ns = msgspec.structs.replace(ns, mounts=[]) if ns is not None else None
+    return _Prelim(tree=Tree(root=pid, zombies=zombies, ns=ns), tasks=light, order=order,
                    zombies=sorted(z.pid for z in zombies), frozen=collected, sysv=sysv)
 
 
@@ -517,6 +521,7 @@ class _Receiver:
                 if reason:
                     raise MigrationError(reason)
         restore.check_vdso(tasks[0])
+        exe_identity.verify(tree.identities)     # as restart: no task runs code that changed
 
     def _run(self) -> ReceiveResult:
         conn = self.conn
@@ -622,6 +627,7 @@ class _Receiver:
         try:
             shm = memory.open_shm(tree.shm, tree.mapped)
             _mark("files opened")
+            sk.fill_namespaces(tree)
             given: dict[int, dict[int, int]] = {}
             for r, k in zip(sk.made, tasks):
                 need = {ours[f.fid] for f in k.files}

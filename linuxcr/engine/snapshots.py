@@ -42,14 +42,14 @@ from linuxcr import faults
 from linuxcr.engine import dump
 from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, RestoreError, RollbackRefused
 from linuxcr.image import runs
-from linuxcr.image.schema import ShmObject, Task, Tree, Vma
+from linuxcr.image.schema import Namespaces, ShmObject, Task, Tree, Vma
 from linuxcr.image.stream import PAGE, ImageWriter
 from linuxcr.procfs import list_fds, read_fdinfo, read_maps, read_smaps, read_stat, read_status
 from linuxcr.remote import guardian
 from linuxcr.remote.freezer import Frozen
 from linuxcr.remote.task import Arena, Tracee
-from linuxcr.resources import (areaflags, cpu, files, finish, memory, namespaces, pstree, security,
-                               snapshot_child, sysvipc)
+from linuxcr.resources import (areaflags, cpu, exe_identity, files, finish, locks, memory, namespaces,
+                               pstree, security, snapshot_child, sysvipc)
 
 
 
@@ -97,6 +97,8 @@ class Part:
     # (no tracker, or its count was lost): the next rollback is a full one
     written: list[tuple[int, int]] | None = None
     why_full: str = "no write tracker"     # why written is None
+    # tid -> kind -> inode: the namespaces of each thread at the snapshot
+    ns: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -126,6 +128,7 @@ class Snapshot:
     extra: dict = field(default_factory=dict)   # the agent's bookkeeping
     ipc: object = None            # SysvIpc kept at snapshot time (segments, semaphores, queues)
     ipc_own: bool = False         # the tree has an ipc namespace of its own (`lcr run --ipc`)
+    ns: Namespaces | None = None  # of an `lcr run` tree's own (written back, as checkpoint)
 
     @property
     def task(self) -> Task:
@@ -470,12 +473,15 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
         tasks = [msgspec.structs.replace(t, vmas=[_no_uffd(x) for x in v]) for t, v in zip(tasks, vmas)]
         mapped = memory.mapped_objects(pid, [(t.pid, t.vmas) for t in tasks], table.descs)
         ipc_own = namespaces.own_ipc(pid, tasks[0].pidns_init)
+        ns = namespaces.dump(pid, tasks[0].pidns_init)
+        table.blockers += namespaces.check_saved(ns, table.descs, tasks)
         ipcs = sysvipc.dump(pid, tasks, ipc_own)     # content copied now (frozen)
         for task in tasks:
             fz = tree.procs[task.pid]
             copies = memory.copy_not_cow(fz.leader, task.vmas)
             part = Part(task=task, child=snapshot_child.fork(fz, sibling=task.pid == pid), copies=copies,
-                        maps=[e.map for e in smaps[task.pid]])
+                        maps=[e.map for e in smaps[task.pid]],
+                        ns={tid: namespaces.task_inodes(task.pid, tid) for tid in fz.threads})
             parts.append(part)
             if trackers is not None:
                 tr, part.why_full = trackers.on_snapshot(fz, task)
@@ -500,7 +506,7 @@ def _take(pid: int, crid: str | None, exclude, early: bool,
                     starttime=root.starttime, taken=time.time(), frozen_seconds=frozen,
                     seconds=time.monotonic() - t0, parts=parts, table=table, shm=shm,
                     mapped=mapped, zombies=list(tree.zombies), tracer_tid=_gettid(), ipc=ipcs,
-                    ipc_own=ipc_own)
+                    ipc_own=ipc_own, ns=ns)
     snap.early_smaps = {p: smaps[p] for p in tree.order if pre.get(p) is smaps[p]}
     return snap
 
@@ -597,9 +603,12 @@ def writeback(snap: Snapshot, fd: int, *, compress: bool = False, name: str = "i
         raise NotCheckpointable(snap.pid, snap.table.blockers)
     if not snap.alive():
         raise LcrError(f"snapshot {snap.crid}: its snapshot process is gone", "take a new snapshot")
+    # the files' identity as checkpoint records it: of the inodes mapped at
+    # the snapshot, which the snapshot processes map still (forks: same places)
+    ids = exe_identity.collect([msgspec.structs.replace(p.task, pid=p.child.pid) for p in snap.parts])
     tree = Tree(root=snap.pid, files=snap.table.descs, pipes=snap.table.pipe_list(),
                 unix=snap.table.unix_list(), shm=snap.shm, mapped=snap.mapped,
-                zombies=snap.zombies, ipc=snap.ipc)
+                zombies=snap.zombies, ipc=snap.ipc, ns=snap.ns, identities=ids)
     def work():
         for part in snap.parts:
             normal = [v for v in part.task.vmas if v.pages and not memory.not_cow(v)]
@@ -657,7 +666,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
         pairs = {part.pid: _pair_threads(tree.procs[part.pid], part.task) for part in snap.parts}
         if not memory_only:
             for part in snap.parts:
-                _precheck_attrs(part.task, pairs[part.pid])
+                _precheck_attrs(snap, part, pairs[part.pid])
         _ipc_again(snap, memory_only)
     except BaseException:
         tree.thaw()
@@ -677,6 +686,8 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             tree.procs[part.pid].hold(journal)
         for part in snap.parts:
             snapshot_child.loosen(part.child)
+        if not memory_only:
+            _precheck_securebits(snap, tree, pairs)
     except BaseException:
         _own_children(snap)
         tree.thaw()
@@ -698,6 +709,7 @@ def rollback(snap: Snapshot, *, memory_only: bool = False, trackers: WriteTracke
             warnings += _refill_pipes(snap)
             sysvipc.put_back(pid, snap.ipc)
             warnings += sysvipc.created_since(pid, snap.ipc, snap.ipc_own, tree.order)
+            warnings += _hostname_back(snap)
         faults.point("rollback.finished")
         for p in tree.order:
             tree.procs[p].settle()
@@ -801,6 +813,7 @@ def _complete(snap: Snapshot, memory_only: bool, procs: dict) -> str:
                 sysvipc.put_back(snap.pid, snap.ipc)
             except (OSError, LcrError):
                 pass     # an object removed meanwhile: its memory is back all the same
+            _hostname_back(snap)
         for fz in frozen.values():
             fz.settle()
     except BaseException:
@@ -888,6 +901,19 @@ def _refill_pipes(snap: Snapshot) -> list[str]:
     return warnings
 
 
+def _hostname_back(snap: Snapshot) -> list[str]:
+    """The hostname of an `lcr run --hostname` tree's own uts namespace, as
+    restart sets it (mounts and their files are left as they are now)."""
+    ns = snap.ns
+    if ns is None or "uts" not in ns.kinds:
+        return []
+    try:
+        namespaces.restore(snap.pid, msgspec.structs.replace(ns, mounts=[]))
+    except LcrError as e:
+        return [f"hostname not rolled back: {e.message}"]
+    return []
+
+
 def _ipc_again(snap: Snapshot, memory_only: bool) -> None:
     """Tree frozen, before any change: the System V objects the snapshot
     kept and removed since, made again with their ids; refused (by name)
@@ -910,17 +936,64 @@ def _precheck_files(task: Task) -> None:
                                   f"0x{v.start:x}) is gone or unreadable")
 
 
-def _precheck_attrs(task: Task, pairs) -> None:
+def _process_changed(snap: Snapshot, part: Part) -> list[str]:
+    """What of the process changed since the snapshot that a rollback cannot
+    give back: its session (setsid() cannot be undone), a file lock it held
+    then that another owner holds now, its root directory (a chroot: the
+    snapshot process still holds the saved one)."""
+    task, out = part.task, []
+    st = read_status(task.pid)
+    if task.sid and st.ns_sid and st.ns_sid[-1] != task.sid:
+        out.append(f"session ({st.ns_sid[-1]} now, {task.sid} at the snapshot: a process cannot "
+                   "go back to a session it left)")
+    same = {fd for fd, key in snap.table.keys.get(task.pid, {}).items() if finish.fd_key(task.pid, fd) == key}
+    out += locks.taken_since(task.pid, task.locks, same)
+    was = finish.path_key(f"/proc/{part.child.pid}/root")
+    if was is not None and finish.path_key(f"/proc/{task.pid}/root") != was:
+        out.append(f"root directory (chroot since the snapshot; it was {task.root})")
+    return out
+
+
+def _precheck_attrs(snap: Snapshot, part: Part, pairs) -> None:
     """Refuse, before anything changes, a rollback that would leave the
-    process silently different: see security.changed_since."""
+    process silently different: see security.changed_since and _process_changed;
+    a thread in namespaces it left since (unshare, setns) is refused too."""
+    task = part.task
+    why = _process_changed(snap, part)
+    if why:
+        raise RollbackRefused(f"cannot roll back pid {task.pid}: changed since the snapshot: "
+                              f"{'; '.join(why)}",
+                              "a process cannot get these back; use lcr writeback and lcr "
+                              "restart instead")
     for live, saved in pairs:
-        why = security.changed_since(task.pid, live.pid, saved.attrs, task.creds)
+        was = part.ns.get(saved.tid if saved is not task else task.pid) or part.ns.get(task.pid)
+        kinds = namespaces.moved(task.pid, live.pid, was) if was else []
+        why = [f"namespaces {', '.join(kinds)} (left since the snapshot: unshare or setns "
+               "cannot be undone from outside)"] if kinds else []
+        why += security.changed_since(task.pid, live.pid, saved.attrs, task.creds)
         if why:
             who = f"pid {task.pid}" if live.pid == task.pid else f"thread {live.pid} of pid {task.pid}"
             raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: "
                                   f"{'; '.join(why)}",
                                   "a process cannot get these back; use lcr writeback and lcr "
                                   "restart (as root) instead")
+
+
+def _precheck_securebits(snap: Snapshot, tree, pairs) -> None:
+    """Threads guarded, before any change: securebits changed since that
+    cannot be set back refuse the rollback (read by an injected prctl:
+    /proc does not show them)."""
+    for part in snap.parts:
+        fz = tree.procs[part.pid]
+        insn = _vdso_insn(fz.leader, part.task.vmas)
+        for live, saved in pairs[part.pid]:
+            live.insn = insn
+            why = security.securebits_stuck(live, saved.attrs.securebits) if saved.attrs else ""
+            if why:
+                who = f"pid {part.pid}" if live.pid == part.pid else f"thread {live.pid} of pid {part.pid}"
+                raise RollbackRefused(f"cannot roll back {who}: changed since the snapshot: {why}",
+                                      "a process cannot get these back; use lcr writeback and "
+                                      "lcr restart instead")
 
 
 def _pair_threads(fz: Frozen, task: Task) -> list[tuple[Tracee, object]]:
@@ -1010,7 +1083,8 @@ def _rollback_frozen(snap: Snapshot, part: Part, fz: Frozen, pairs, memory_only:
     # the rest of the task, in the one finish order (resources/finish.py)
     f = finish.Finish(t=t, arena=arena, task=task, tramp=gap, inherited_sigs=inherited,
                       rollback=True, descs=snap.table.descs, threads=list(pairs),
-                      fd_keys=snap.table.keys.get(pid, {}), masks=fz.masks)
+                      fd_keys=snap.table.keys.get(pid, {}), masks=fz.masks,
+                      cwd_key=finish.path_key(f"/proc/{part.child.pid}/cwd"))
     warnings += finish.run(f, skip=finish.MEMORY_ONLY if memory_only else frozenset())
     # the process equals the snapshot again: count from here.  What we
     # changed may differ from every other snapshot of the process; the

@@ -20,6 +20,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+import msgspec
+
 from linuxcr.engine import restore, spawn
 from linuxcr.engine.restore import Rebuild
 from linuxcr.errors import ImageError, RestoreError
@@ -96,6 +98,8 @@ class Skeleton:
         sk = cls(tree=tree, tasks=tasks, blank=blank, mode=mode, courier=courier,
                  inherited=end.detach(), root=Tracee(blank.pid, exitkill=True, traceclone=True))
         try:
+            if tree.ns is not None:     # the hostname now; the mounts with the final image
+                namespaces.restore(blank.pid, msgspec.structs.replace(tree.ns, mounts=[]))
             sk.root.seize()
             sk.root.stop()
             restore.build_tree(sk.root, tasks, tree, False, sk.made)
@@ -128,6 +132,17 @@ class Skeleton:
             return ([(k.pid, k.ppid, k.vpid or k.pid) for k in ts],
                     sorted((z.pid, z.ppid) for z in t.zombies))
         return shape(tasks, tree) == shape(self.tasks, self.tree)
+
+    def fill_namespaces(self, tree: Tree) -> None:
+        """The final image's namespaces: the same kinds the skeleton was made
+        in; their hostname (again: it may have changed) and mounts, before
+        any task is finished (as restart does them before the tasks)."""
+        kinds = lambda t: sorted(t.ns.kinds) if t.ns is not None else []   # noqa: E731
+        if kinds(tree) != kinds(self.tree):
+            raise MigrationError(f"the tree's own namespaces changed during the migration "
+                                 f"({'/'.join(kinds(self.tree)) or 'none'} -> "
+                                 f"{'/'.join(kinds(tree)) or 'none'})")
+        namespaces.restore(self.root.pid, tree.ns)
 
     def give_fds(self, r: Rebuild, fds: set[int]) -> dict[int, int]:
         """lcr's fds, passed into task r: lcr sends them (SCM_RIGHTS) on its

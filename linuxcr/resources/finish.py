@@ -24,7 +24,7 @@ from linuxcr.image.schema import FileDesc, Task, Thread
 from linuxcr.procfs import list_fds, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import (areaflags, cpu, files, fsroot, guards, locks, memory, posix_timers, procattrs,
-                               process, sched, security, signals, threads)
+                               process, pstree, sched, security, signals, threads)
 from linuxcr.sys import ptrace
 
 SS_DISABLE = 2
@@ -54,6 +54,7 @@ class Finish:
     # rollback: fd -> (st_dev, st_ino) at the snapshot; where final masks go (set at thaw)
     fd_keys: dict[int, tuple[int, int]] = field(default_factory=dict)
     masks: dict[int, int] = field(default_factory=dict)
+    cwd_key: tuple[int, int] | None = None    # rollback: (st_dev, st_ino) of the cwd at the snapshot
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -88,13 +89,15 @@ def _mm(f: Finish) -> None:
 
 
 def _mm_back(f: Finish) -> None:
-    """The kernel's view of the layout (brk), only where it moved."""
-    if f.t.syscall("brk", 0) == f.task.mm.brk:
+    """The kernel's view of the layout (brk, the arguments, environment and
+    auxv areas a program may move with PR_SET_MM_MAP, as setproctitle()
+    does), only where it changed; the executable link stays."""
+    if not process.mm_changed(f.t.pid, f.task.mm, f.t.syscall("brk", 0)):
         return
     try:
         process.restore_mm(f.t, f.arena, f.task.mm, os.readlink(f"/proc/{f.t.pid}/exe"))
     except LcrError as e:
-        f.warnings.append(f"program break not restored: {e}")
+        f.warnings.append(f"program break and argument areas not restored: {e}")
 
 
 def _files(f: Finish) -> None:
@@ -122,13 +125,24 @@ def _locks(f: Finish) -> None:
     locks.restore(f.t, f.arena, f.task.locks, f.task.files)
 
 
+def _locks_back(f: Finish) -> None:
+    """After step files (fds as at the snapshot): locks taken since released,
+    locks released since taken again (engine/snapshots.py refused the
+    rollback if another owner holds one of those now)."""
+    f.warnings += locks.roll_back(f.t, f.arena, f.task.locks, f.task.files)
+
+
 def _fs(f: Finish) -> None:
     fsroot.restore(f.t, f.arena, f.task)
 
 
 def _fs_back(f: Finish) -> None:
+    """The working directory, where it is not the one of the snapshot (the
+    root directory is: engine/snapshots.py refuses otherwise)."""
+    if f.cwd_key is not None and path_key(f"/proc/{f.t.pid}/cwd") == f.cwd_key:
+        return
     try:
-        files.restore_fs(f.t, f.arena, f.task.cwd, "/")
+        fsroot.roll_back_cwd(f.t, f.arena, f.task)
     except LcrError as e:
         f.warnings.append(str(e))
 
@@ -137,8 +151,14 @@ def _misc(f: Finish) -> None:
     process.restore_misc(f.t, f.arena, f.task)
 
 
-def _umask(f: Finish) -> None:
-    f.t.syscall("umask", f.task.umask)
+def _misc_back(f: Finish) -> None:
+    """umask, personality, name, robust list and clear_child_tid of the
+    leader, as restart sets them (a live process may have changed any
+    since); its process group, if it moved to another one of its session."""
+    process.restore_misc(f.t, f.arena, f.task)
+    why = pstree.roll_back_group(f.t, f.task)
+    if why:
+        f.warnings.append(why)
 
 
 def _sigactions(f: Finish) -> None:
@@ -167,14 +187,13 @@ def _threads(f: Finish) -> None:
 
 
 def _threads_back(f: Finish) -> None:
-    """Each live thread's kernel-side state as saved: a thread made since
-    gets the saved pointers; the alternate signal stack, disabled too."""
+    """Each live thread's kernel-side state as saved: robust list,
+    clear_child_tid, name; the alternate signal stack, disabled too."""
     for live, saved in f.threads:
         f.arena.reset()
-        if live.pid != saved.tid:
-            if saved.robust_list[0]:
-                live.syscall("set_robust_list", saved.robust_list[0], saved.robust_list[1])
-            live.syscall("set_tid_address", saved.tid_address)
+        if isinstance(saved, Thread):    # the leader's: step misc
+            threads.restore_pointers(live, f.arena, saved)
+            f.arena.reset()
         if saved.altstack[1] & SS_DISABLE:
             signals.disable_altstack(live, f.arena)
         else:
@@ -212,13 +231,18 @@ def _procattrs_back(f: Finish) -> None:
 
 
 def _sched_back(f: Finish) -> None:
-    """Scheduling of every live thread as its saved one's (seccomp, no_new_privs
-    and credentials were checked before the rollback began: unchanged)."""
+    """Scheduling and securebits of every live thread as its saved one's
+    (seccomp, no_new_privs, credentials, and securebits that cannot be set
+    back, were checked before the rollback began: unchanged)."""
     for live, saved in f.threads:
         try:
             sched.restore(live, saved.attrs)
         except LcrError as e:
             f.warnings.append(f"scheduling not rolled back: {e}")
+        try:
+            security.roll_back_securebits(live, saved.attrs)
+        except LcrError as e:
+            f.warnings.append(str(e))
 
 
 def _late_back(f: Finish) -> None:
@@ -345,8 +369,12 @@ def _registers_back(f: Finish) -> None:
 
 def fd_key(pid: int, fd: int) -> tuple[int, int] | None:
     """(st_dev, st_ino) of what fd of pid reaches now; None if it is closed."""
+    return path_key(f"/proc/{pid}/fd/{fd}")
+
+
+def path_key(path: str) -> tuple[int, int] | None:
     try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
@@ -408,10 +436,11 @@ STEPS: tuple[Step, ...] = (
     Step("guards", _guards, _areas_back, ("guards",)),
     Step("mm", _mm, _mm_back, ("mm",)),
     Step("files", _files, _files_back, ("files",)),
-    Step("locks", _locks, Skip(KEPT + "its open files keep the locks they hold"), ("locks",)),
+    Step("locks", _locks, _locks_back, ("locks",)),
     Step("fs", _fs, _fs_back, ("cwd", "root", "cwd_deleted")),
-    # rollback: the umask only; personality, name and the leader's pointers are kept
-    Step("misc", _misc, _umask, ("umask", "personality", "comm", "robust_list", "tid_address")),
+    # rollback: the process group too (the session is checked unchanged:
+    # engine/snapshots.py _precheck_attrs refuses otherwise)
+    Step("misc", _misc, _misc_back, ("umask", "personality", "comm", "robust_list", "tid_address")),
     Step("sigactions", _sigactions, _sigactions, ("sigactions",)),
     Step("altstack", _altstack, Skip("with each thread's own, in step threads"), ("altstack",)),
     Step("itimers", _itimers, Skip("with the pending signals (step pending): set once those "
@@ -448,7 +477,7 @@ BEFORE: dict[str, str] = {
 }
 NAMES = frozenset(s.name for s in STEPS)
 # lcr rollback --memory-only: memory, handlers and per-thread state only
-MEMORY_ONLY = frozenset({"files", "fs", "misc", "pending", "rlimits", "procattrs",
+MEMORY_ONLY = frozenset({"files", "locks", "fs", "misc", "pending", "rlimits", "procattrs",
                          "sched_seccomp", "late_attrs"})
 
 

@@ -47,6 +47,26 @@ def restore(t: Tracee, arena: Arena, task: Task) -> None:
                                "restoring a chroot'ed process needs CAP_SYS_CHROOT") from None
 
 
+def roll_back_cwd(t: Tracee, arena: Arena, task: Task) -> None:
+    """A live task (rollback), its root directory the saved one still: back
+    into the saved working directory.  The saved paths are lcr's: inside a
+    chroot the task names the directory without the root in front."""
+    if task.cwd_deleted is not None:
+        if task.root != "/":
+            raise RestoreError(f"working directory {task.cwd} not rolled back: it was removed, "
+                               f"inside the root {task.root}")
+        _enter_deleted(t, arena, task.cwd_deleted)
+        return
+    path = task.cwd
+    if task.root != "/":
+        top = task.root.rstrip("/")
+        if path != top and not path.startswith(top + "/"):
+            raise RestoreError(f"working directory {task.cwd} not rolled back: it is outside "
+                               f"the process's root {task.root}")
+        path = path[len(top):] or "/"
+    _chdir(t, arena, path, task.cwd)
+
+
 def _enter_deleted(t: Tracee, arena: Arena, st: DeletedDirState) -> None:
     """Made again where it was (or under a free name beside it), entered by
     the task by path (a task in a user namespace of its own cannot reach

@@ -49,7 +49,7 @@ Faults:
     the tree (SIGKILL, root and descendants), log why and exit.
   - The watchdog holds a socket the server writes "done" to when every
     page is in.  End of file without it (the server died): SIGKILL the
-    tree.  The watchdog also holds copies of every userfaultfd (inherited,
+    tree.  A watchdog killed alone is replaced by the server at once.  The watchdog also holds copies of every userfaultfd (inherited,
     and those forks hand over, sent to it with SCM_RIGHTS), so the
     faulting threads keep waiting (not running on zero pages) until it has
     killed them.  If the server and the watchdog are killed at the same
@@ -165,6 +165,20 @@ class Extents:
     def pop(self, i: int) -> tuple[int, int, int, int]:
         del self.starts[i]
         return self.items.pop(i)
+
+    def take(self, budget: int) -> list[tuple[int, int, int, int]]:
+        """The first pieces, until they hold ``budget`` bytes (at least one),
+        out in one cut: popping the front piece by piece moves the whole
+        list each time (2.8 s for 131072 pieces, a 1 GiB image of every
+        other page)."""
+        n = total = 0
+        while n < len(self.items) and total < budget:
+            total += self.items[n][1] - self.items[n][0]
+            n += 1
+        out = self.items[:n]
+        del self.items[:n]
+        del self.starts[:n]
+        return out
 
     def cut(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
         """Take [start, end) out; the pieces taken (clipped), in order."""
@@ -464,6 +478,25 @@ class Server:
         self.watchdog = pid
         self.done_sock = ours
 
+    def watchdog_gone(self) -> None:
+        """The watchdog died (killed alone): a new one, forked now, holds every
+        userfaultfd the server holds (inherited) -- else the server's death
+        would leave the tree running on zero pages."""
+        old, self.done_sock = self.done_sock, None
+        if old is not None:
+            old.close()
+        try:
+            os.waitpid(self.watchdog, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        was = self.watchdog
+        try:
+            self.spawn_watchdog()
+        except OSError as e:      # the tree is not left without one: killed (run)
+            raise RestoreError(f"the watchdog {was} died and no new one could be made "
+                               f"({e.strerror})") from None
+        self.log(f"the watchdog {was} died: a new one, pid {self.watchdog}")
+
     def tell_watchdog(self, what: bytes, fds: list[int] = ()) -> None:
         if self.done_sock is None:
             return
@@ -623,6 +656,9 @@ class Server:
         for fd in self.mms:
             poller.register(fd, select.POLLIN)
         watched = set(self.mms)
+        dog = self.done_sock.fileno() if self.done_sock is not None else -1
+        if dog >= 0:
+            poller.register(dog, 0)               # POLLHUP: the watchdog died
         stream = list(self.mms.values())
         try:
             pace = float(os.environ.get(PACE_ENV, "0") or 0)
@@ -642,6 +678,13 @@ class Server:
                         self.pending.append((m, addr))
             busy = bool(self.pending)
             for fd, _ev in poller.poll(1 if busy else 0):
+                if fd == dog:
+                    poller.unregister(dog)
+                    self.watchdog_gone()
+                    dog = self.done_sock.fileno() if self.done_sock is not None else -1
+                    if dog >= 0:
+                        poller.register(dog, 0)
+                    continue
                 m = self.mms.get(fd)
                 if m is not None:
                     busy |= not self.events(m)
@@ -656,11 +699,13 @@ class Server:
             if pace:
                 if poller.poll(int(pace * 1000)):
                     continue                              # a fault came meanwhile
-            budget = STREAM_BYTES
-            while budget > 0 and len(m.index) and m.uffd in self.mms:
-                piece = m.index.pop(0)
-                budget -= piece[1] - piece[0]
+            pieces = m.index.take(STREAM_BYTES)
+            for k, piece in enumerate(pieces):
+                if m.uffd not in self.mms:
+                    break                                 # its process went
                 if not self.fill(m, piece):
+                    for rest in pieces[k + 1:]:           # the mm is changing: events first
+                        m.index.add(rest)
                     break
 
 

@@ -33,8 +33,8 @@ FLOCK, POSIX, OFD = "flock", "posix", "ofd"
 _KINDS = {"FLOCK": FLOCK, "POSIX": POSIX, "OFDLCK": OFD}
 _PROC_KIND = {v: k for k, v in _KINDS.items()}
 F_SETLK, F_OFD_SETLK = 6, 37
-F_RDLCK, F_WRLCK = 0, 1
-LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
 _FLOCK = struct.Struct("<hhxxxxqqi4x")   # struct flock: type, whence, start, len, pid
 _WHAT = {FLOCK: "flock() lock", POSIX: "POSIX record lock (fcntl F_SETLK)",
          OFD: "open file description lock (fcntl F_OFD_SETLK)"}
@@ -118,6 +118,79 @@ def restore(t: Tracee, arena: Arena, locks: list[FileLock], files: list[OpenFile
                 t.syscall("fcntl", lk.fd, F_SETLK if lk.kind == POSIX else F_OFD_SETLK, arena.put(fl))
         except OSError as e:
             _failed(t.pid, lk, e)
+
+
+# --- rollback: a live process's locks become the snapshot's -------------------------
+
+def _key(lk: FileLock) -> tuple:
+    return lk.fd, lk.kind, lk.write, lk.start, lk.length
+
+
+def _unlock(t: Tracee, arena: Arena, lk: FileLock) -> None:
+    if lk.kind == FLOCK:
+        t.syscall("flock", lk.fd, LOCK_UN)
+    else:
+        fl = _FLOCK.pack(F_UNLCK, os.SEEK_SET, lk.start, lk.length, 0)
+        t.syscall("fcntl", lk.fd, F_SETLK if lk.kind == POSIX else F_OFD_SETLK, arena.put(fl))
+
+
+def roll_back(t: Tracee, arena: Arena, saved: list[FileLock], files: list[OpenFile]) -> list[str]:
+    """Its fds as at the snapshot (finish step files): locks taken since are
+    released, those held at the snapshot and released since taken again
+    (``restore``, lock by lock).  Warnings for those that could not be."""
+    want = {_key(lk) for lk in saved}
+    warnings = []
+    for lk in dump(t.pid):
+        if _key(lk) not in want:
+            arena.reset()
+            try:
+                _unlock(t, arena, lk)
+            except OSError as e:
+                warnings.append(f"pid {t.pid} fd {lk.fd}: its {_WHAT[lk.kind]} taken since the "
+                                f"snapshot could not be released: {e.strerror}")
+    for lk in saved:
+        arena.reset()
+        try:
+            restore(t, arena, [lk], files)
+        except (RestoreError, ImageError) as e:
+            warnings.append(f"pid {t.pid}: {e.message}")
+    return warnings
+
+
+def taken_since(pid: int, saved: list[FileLock], fds: set[int]) -> list[str]:
+    """Rollback, before any change: saved locks, through ``fds`` (those that
+    reach the same file as at the snapshot), the process no longer holds and
+    another owner holds now in a conflicting way: they cannot be taken back."""
+    missing = [lk for lk in saved if lk.fd in fds and lk.kind in _WHAT and not _held(pid, lk)]
+    if not missing:
+        return []
+    table = [e for e in read_locks() if not e.blocked and e.kind in _KINDS]
+    out = []
+    for lk in missing:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{lk.fd}")
+            mine = {(e.kind, e.type, e.start, e.end) for e in fdinfo_locks(read_fdinfo(pid, lk.fd))}
+        except OSError:
+            continue
+        end = None if lk.length == 0 else lk.start + lk.length - 1
+        for e in table:
+            if e.ino != st.st_ino or e.dev not in (None, (os.major(st.st_dev), os.minor(st.st_dev))):
+                continue
+            if (lk.kind == FLOCK) != (e.kind == "FLOCK") or not (lk.write or e.type == "WRITE"):
+                continue
+            if e.pid == pid or (e.kind, e.type, e.start, e.end) in mine:
+                continue          # the process's own
+            if lk.kind != FLOCK and not _overlap(lk.start, end, e.start, e.end):
+                continue
+            who = f"pid {e.pid}" if e.pid > 0 else "another open file description"
+            out.append(f"fd {lk.fd}: the {'exclusive' if lk.write else 'shared'} {_WHAT[lk.kind]} "
+                       f"on {read_fd_link(pid, lk.fd)} it held at the snapshot is held by {who} now")
+            break
+    return out
+
+
+def _overlap(a0: int, a1: int | None, b0: int, b1: int | None) -> bool:
+    return (a1 is None or b0 <= a1) and (b1 is None or a0 <= b1)
 
 
 def _held(pid: int, lk: FileLock) -> bool:

@@ -45,6 +45,29 @@ def own_ipc(pid: int, root_is_init: bool) -> bool:
     return bool(root_is_init) and "ipc" in own(pid)
 
 
+# every namespace a task is in or gives its children, as /proc/PID/ns names them
+TASK_KINDS = ("mnt", "uts", "ipc", "net", "user", "cgroup", "time", "pid_for_children",
+              "time_for_children")
+
+
+def task_inodes(pid: int, tid: int) -> dict[str, int]:
+    """kind -> inode of the namespaces of thread ``tid`` of ``pid`` (those it can read)."""
+    out = {}
+    for k in TASK_KINDS:
+        try:
+            out[k] = os.stat(f"/proc/{pid}/task/{tid}/ns/{k}").st_ino
+        except OSError:
+            pass
+    return out
+
+
+def moved(pid: int, tid: int, was: dict[str, int]) -> list[str]:
+    """The kinds of namespace thread ``tid`` left since ``was`` (task_inodes)
+    was read: unshare() and setns() cannot be undone from outside."""
+    now = task_inodes(pid, tid)
+    return [k for k, ino in was.items() if k in now and now[k] != ino]
+
+
 def check(pid: int, root: int, root_is_init: bool) -> list[str]:
     """A process whose namespaces lcr cannot make again: one of the tree
     (not its root) in other namespaces than the root's; in the mount

@@ -12,11 +12,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import msgspec
+
 from linuxcr.errors import LcrError, PermissionDenied, RestoreError
 from linuxcr.image.schema import Creds, MmFields, RecType, Rlimit, Task, Tree
 from linuxcr.image.source import Source
 from linuxcr.procfs.limits import read_limits
-from linuxcr.procfs import ProcStat, ProcStatus, read_auxv, read_status
+from linuxcr.procfs import ProcStat, ProcStatus, read_auxv, read_stat, read_status
 from linuxcr.remote.task import Arena, Tracee
 from linuxcr.resources import pstree
 from linuxcr.sys.syscalls import get_robust_list
@@ -62,6 +64,13 @@ def dump_mm(pid: int, stat: ProcStat, brk: int) -> MmFields:
         end_data=stat.end_data, start_brk=stat.start_brk, brk=brk, start_stack=stat.start_stack,
         arg_start=stat.arg_start, arg_end=stat.arg_end, env_start=stat.env_start,
         env_end=stat.env_end, auxv=read_auxv(pid), exe=os.readlink(f"/proc/{pid}/exe"))
+
+
+def mm_changed(pid: int, saved: MmFields, brk: int) -> bool:
+    """Do the mm fields of the live process (its break ``brk``) differ from
+    ``saved`` (the executable's path aside)?"""
+    now = dump_mm(pid, read_stat(pid), brk)
+    return msgspec.structs.replace(now, exe=saved.exe) != saved
 
 
 def dump_creds(status: ProcStatus) -> Creds:

@@ -196,6 +196,19 @@ def set_session(t: Tracee, task: Task) -> None:
         t.syscall("setsid")
 
 
+def roll_back_group(t: Tracee, task: Task) -> str | None:
+    """A live task (rollback) back in its saved process group, if it moved
+    to another one of its session since (setpgid); why not, or None."""
+    if not task.pgid or read_status(t.pid).ns_pgid[-1:] == (task.pgid,):
+        return None
+    try:
+        t.syscall("setpgid", 0, task.pgid)
+    except OSError as e:
+        return (f"pid {task.vpid or task.pid}: process group {task.pgid} not rolled back "
+                f"({e.strerror}): it stays in group {read_status(t.pid).ns_pgid[-1]}")
+    return None
+
+
 def set_groups(made: list[tuple[Tracee, Task]]) -> None:
     """Once every task exists: group leaders first, then members join."""
     def vp(task: Task) -> int:

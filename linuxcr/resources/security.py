@@ -169,6 +169,43 @@ def restore_early(t: Tracee, arena: Arena, a: ThreadAttrs | None) -> None:
         raise RestoreError(f"{what}: {e.strerror}", "restart as root") from None
 
 
+SECBIT_LOCKS = 0xAAA            # every *_LOCKED bit: the odd ones (a lock follows its bit)
+CAP_SETPCAP = 8
+
+
+def securebits(t: Tracee) -> int:
+    return t.syscall("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0)
+
+
+def securebits_stuck(t: Tracee, saved: int) -> str:
+    """Rollback: why the thread's securebits, changed since, cannot be set
+    back to ``saved`` ("" if they are the same or can be): a lock bit set
+    since (locks cannot be cleared) or a bit changed under its lock; or no
+    CAP_SETPCAP to change them."""
+    now = securebits(t)
+    if now == saved:
+        return ""
+    diff = now ^ saved
+    stuck = diff & now & SECBIT_LOCKS | (diff & ~SECBIT_LOCKS & (now & SECBIT_LOCKS) >> 1)
+    if stuck:
+        return (f"securebits (0x{now:x} now, 0x{saved:x} at the snapshot: locked since, "
+                "locks cannot be cleared)")
+    if not read_status(t.pid).cap_eff >> CAP_SETPCAP & 1:
+        return (f"securebits (0x{now:x} now, 0x{saved:x} at the snapshot: setting them needs "
+                "CAP_SETPCAP, which it lacks)")
+    return ""
+
+
+def roll_back_securebits(t: Tracee, a: ThreadAttrs | None) -> None:
+    """A live thread's securebits as saved (securebits_stuck said they can be)."""
+    if a is not None and securebits(t) != a.securebits:
+        try:
+            t.syscall("prctl", PR_SET_SECUREBITS, a.securebits, 0, 0, 0)
+        except OSError as e:
+            raise RestoreError(f"tid {t.pid}: securebits 0x{a.securebits:x} not rolled back: "
+                               f"{e.strerror}") from None
+
+
 def restore_identity(t: Tracee, arena: Arena, creds: Creds, a: ThreadAttrs | None) -> None:
     """A thread other than the leader: the process's identity, its own capabilities."""
     process.restore_creds(t, arena, creds)

@@ -58,12 +58,18 @@ def create(leader: Tracee, arena: Arena, th: Thread, insn: int) -> Tracee:
 
 def restore_thread(t: Tracee, arena: Arena, th: Thread) -> None:
     """Per-thread kernel state, injected into the thread itself."""
+    restore_pointers(t, arena, th)
+    signals.restore_altstack(t, arena, th.altstack)
+
+
+def restore_pointers(t: Tracee, arena: Arena, th: Thread) -> None:
+    """Robust futex list, clear_child_tid and name (restart, and rollback of
+    a live thread: it may have changed any of them since)."""
     calls = [("set_robust_list", (th.robust_list[0], th.robust_list[1]), True)] \
         if th.robust_list[0] else []
     calls += [("set_tid_address", (th.tid_address,), True),
               ("prctl", (process.PR_SET_NAME, arena.cstr(th.comm[:15])), True)]
     t.batch(calls)                   # independent: one resume (Tracee.batch)
-    signals.restore_altstack(t, arena, th.altstack)
 
 
 def finish_thread(t: Tracee, th: Thread) -> None:
@@ -74,4 +80,5 @@ def finish_thread(t: Tracee, th: Thread) -> None:
     ptrace.set_sigmask(t.pid, th.sigmask)
 
 
-__all__ = ["dump_thread", "create", "restore_thread", "finish_thread", "read_status"]
+__all__ = ["dump_thread", "create", "restore_thread", "restore_pointers", "finish_thread",
+           "read_status"]
