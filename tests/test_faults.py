@@ -165,12 +165,17 @@ PAUSER_C = r"""
 #include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 /* Waits in pause(), which only ever returns -1/EINTR after a handler ran:
-   any other return means its registers were changed under it. */
+   any other return means its registers were changed under it.  A SIGUSR1
+   that lands between the usr1 test and the next pause() is only seen at the
+   next wake-up, so a SIGALRM every 0.5 s (its handler does nothing, pause()
+   returns EINTR as for any handled signal) bounds that lost wake-up. */
 static volatile sig_atomic_t usr1;
 static void on_usr1(int s) { (void)s; usr1 = 1; }
+static void on_alrm(int s) { (void)s; }
 
 int main(void)
 {
@@ -178,6 +183,10 @@ int main(void)
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_usr1;
 	sigaction(SIGUSR1, &sa, NULL);
+	sa.sa_handler = on_alrm;
+	sigaction(SIGALRM, &sa, NULL);
+	struct itimerval it = { { 0, 500000 }, { 0, 500000 } };
+	setitimer(ITIMER_REAL, &it, NULL);
 	printf("READY pid=%d\n", getpid());
 	fflush(stdout);
 	for (unsigned long n = 0;;) {
