@@ -107,10 +107,10 @@ def test_no_agent_running_runs_here(procs, bins, tmp_path):
     assert (tmp_path / "a.img").exists() and not (d / "agent.sock").exists()
 
 
-def _blocked_checkpoint(d, env, pid, tmp_path):
+def _blocked_checkpoint(d, env, pid, tmp_path, prefix=()):
     """A handed-off checkpoint writing to a pipe nobody reads: the worker
     blocks with the target frozen.  (client Popen, worker pid)"""
-    p = subprocess.Popen([*helpers.LCR, "checkpoint", str(pid), "-o", "-"], env=env, cwd=tmp_path,
+    p = subprocess.Popen([*prefix, *helpers.LCR, "checkpoint", str(pid), "-o", "-"], env=env, cwd=tmp_path,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while True:
@@ -141,6 +141,71 @@ def test_ctrl_c_forwarded(agent, procs, bins, tmp_path):
     assert err.strip() == "lcr: interrupted", err
     helpers.assert_running_untraced(r.pid)
     assert helpers.probe_hog(r.pid, r.log).ok
+
+
+def test_worker_takes_client_scheduling(agent, procs, bins, tmp_path):
+    """`nice`, `ionice`, `taskset` and `choom` on the command hold for the
+    worker that does the checkpoint, as they would in-process."""
+    from linuxcr.sys.syscalls import ioprio_get
+    d, env = agent
+    r = helpers.start_memhog(procs, bins, tmp_path, 64)
+    cpu = max(os.sched_getaffinity(0))
+    prefix = ["nice", "-n", "7", "ionice", "-c3", "taskset", "-c", str(cpu)]
+    p, worker = _blocked_checkpoint(d, env, r.pid, tmp_path, prefix)
+    try:
+        got = dict(nice=os.getpriority(os.PRIO_PROCESS, worker), ioprio=ioprio_get(worker),
+                   cpus=os.sched_getaffinity(worker))
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and len(out) > 64 << 20, err
+    assert got["ioprio"] >> 13 == 3, got      # idle (ionice may give a level too)
+    assert got == dict(nice=7, ioprio=got["ioprio"], cpus={cpu}), got
+    assert os.getpriority(os.PRIO_PROCESS, int((d / "agent.pid").read_text())) == 0
+    # a higher oom_score_adj: the worker's too, so the same refusal as in-process
+    # where lcr may not lower the target's back (without CAP_SYS_RESOURCE), or
+    # the same success where it may
+    n = _workers(d)
+    r = helpers.start_memhog(procs, bins, tmp_path, 4)     # the first one was checkpointed
+    args = ["choom", "-n", "200", "--", *helpers.LCR, "checkpoint", str(r.pid), "-o"]
+    via = subprocess.run([*args, "a.img", "--leave-running"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert _workers(d) == n + 1, _log(d)
+    here = subprocess.run([*args, "b.img", "--leave-running", "--no-agent"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (via.returncode, via.stderr) == (here.returncode, here.stderr), (via, here)
+    helpers.assert_running_untraced(r.pid)
+
+
+def test_chrooted_client_not_served(tmp_path):
+    """A client in another root directory resolves paths elsewhere: its
+    context differs from the agent's (worker._context), so it runs in-process."""
+    from linuxcr.agent.worker import _context
+    kids = []
+    for root in (None, tmp_path):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if root is not None:
+                    os.chroot(root)
+                os.write(w, b"x")
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        kids.append(pid)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        os.close(r)
+    try:
+        assert _context(kids[0]) == _context("self")
+        assert _context(kids[1]) != _context("self")
+    finally:
+        for pid in kids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_agent_killed_mid_checkpoint(agent, procs, bins, tmp_path):

@@ -16,6 +16,7 @@ from linuxcr import agent
 from linuxcr.errors import RollbackRefused
 from linuxcr.procfs import read_smaps
 from linuxcr.resources import guards, memory
+from linuxcr.sys.syscalls import ioprio_get
 
 pytestmark = [pytest.mark.e2e]
 PG = 4096
@@ -40,7 +41,7 @@ def _state(pid: int, at: dict[str, int]) -> dict:
         oom = int(f.read())
     with open(f"/proc/{pid}/timerslack_ns") as f:
         slack = int(f.read())
-    return dict(nice=os.getpriority(os.PRIO_PROCESS, pid), cpus=os.sched_getaffinity(pid),
+    return dict(nice=os.getpriority(os.PRIO_PROCESS, pid), ioprio=ioprio_get(pid), cpus=os.sched_getaffinity(pid),
                 oom=oom, nofile=resource.prlimit(pid, resource.RLIMIT_NOFILE), slack=slack,
                 flags={k: fl[a] & {"dd", "dc", "hg", "nh", "lo"} for k, a in at.items()},
                 guards=[g for g in guards.dump(pid, vmas) if at["G"] <= g[0] < at["G"] + 16 * PG])
@@ -63,7 +64,7 @@ def test_rollback_gives_attributes_back(bins, procs, tmp_path, agent_env, full):
     assert "dd" in before["flags"]["D"] and "nh" in before["flags"]["H"], before
     _change(pid, log)
     changed = _state(pid, at)
-    for k in ("nice", "oom", "nofile", "slack", "guards"):
+    for k in ("nice", "ioprio", "oom", "nofile", "slack", "guards"):
         assert changed[k] != before[k], (k, changed, before)
     assert changed["flags"] != before["flags"], changed
     res = agent.rollback(snap.crid, full=full)

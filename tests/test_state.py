@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
-from helpers import (assert_clean_error, assert_pass, kill_and_reap, lcr, reap, restart_image,
-                     wait_for_line)
+from helpers import (LCR, assert_clean_error, assert_pass, kill_and_reap, lcr,
+                     parse_restored_pid, reap, restart_image, wait_for_line)
 from rootless_helpers import find_user, lcr_as, user_can_run_lcr, user_workdir
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +54,30 @@ def test_state_comes_back(bins, procs, tmp_path):
     wait_for_line(log, rf"^PDEATH pid={child}$")
 
 
+def _ioprio(tid: int) -> int:
+    from linuxcr.sys.syscalls import ioprio_get
+    return ioprio_get(tid)
+
+
+def test_ioprio_not_inherited_from_lcr(bins, procs, tmp_path):
+    """A process in the default I/O class, restarted by an lcr under
+    `ionice -c3`, comes back in the default class, not in lcr's idle one."""
+    pid, child, log = _start(procs, bins, tmp_path, "plain")
+    assert _ioprio(pid) == 0
+    img = tmp_path / "img"
+    lcr("checkpoint", pid, "-o", img)
+    reap(pid)
+    reap(child)
+    cp = subprocess.run(["ionice", "-c3", *LCR, "restart", str(img)], capture_output=True,
+                        text=True, timeout=120)
+    if cp.returncode == 0:
+        procs.add(parse_restored_pid(cp.stdout))
+    assert cp.returncode == 0, cp.stderr
+    assert _ioprio(os.getpid()) == 0           # ionice applied to lcr only
+    assert _ioprio(pid) == 0, hex(_ioprio(pid))
+    assert_pass(pid, log, "state_attrs")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="sets a seccomp filter as root")
 def test_seccomp_filter_survives_rollback(bins, procs, tmp_path, agent_env):
     """A snapshot of a seccomp'd process: the dump's injected syscalls are
@@ -90,3 +115,20 @@ def test_user_refused_lower_nice(user, wd, bins, procs, tmp_path):
                              prefix=["nice", "-n", "-5", "prlimit", "--nice=0", *user.prefix])
     cp = lcr_as(user, "check", pid, check=False)
     assert cp.returncode != 0 and re.search(r"nice value -5.*CAP_SYS_NICE", cp.stdout), cp
+
+
+def test_user_refused_realtime_ioprio(user, wd, bins, procs, tmp_path):
+    """Started by root in the real-time I/O class and running as lcrtest:
+    lcrtest could not set that class again (CAP_SYS_NICE)."""
+    pid, child, log = _start(procs, bins, tmp_path, "plain",
+                             prefix=["ionice", "-c1", "-n4", *user.prefix])
+    assert _ioprio(pid) == (1 << 13 | 4)
+    cp = lcr_as(user, "check", pid, check=False)
+    assert cp.returncode != 0 and re.search(
+        rf"pid {pid} has the real-time I/O priority \(realtime: prio 4\).*CAP_SYS_NICE",
+        cp.stdout), cp
+    img = wd / "img"
+    cp = lcr_as(user, "checkpoint", pid, "-o", img, check=False)
+    assert_clean_error(cp, "NotCheckpointable", mentions=["I/O priority", str(pid)])
+    assert not img.exists()
+    assert_pass(pid, log, "state_attrs")

@@ -12,8 +12,11 @@ the CLI); the agent goes on serving.  The worker gets SIGINT if the agent
 dies (PR_SET_PDEATHSIG): it thaws its target and ends as on ^C; SIGTERM and
 SIGHUP (forwarded by the client) end it the same way (errors.Terminated),
 and so does the client's death (its connection closes: SIGHUP).
-It takes the client's umask and resource limits; a limit it cannot take (a
-hard one above the agent's) is a refusal: the client runs it in-process.
+It takes the client's umask, resource limits, scheduling (policy, nice),
+CPU affinity, I/O priority and oom_score_adj; one it cannot take (a hard
+limit above the agent's, a nice value below it without CAP_SYS_NICE) is a
+refusal: the client runs it in-process.  A client in another root
+directory (chroot) is refused too: its paths are not the agent's.
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ def _context(pid: int | str) -> tuple:
     st = (s.uid, s.gid, s.groups, s.cap_inh, s.cap_prm, s.cap_eff, s.cap_bnd, s.no_new_privs,
           s.seccomp)
     ns = tuple(os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "pid", "user", "net", "ipc", "uts"))
+    # the root directory: a chroot'ed client's paths lead elsewhere for us
+    root = os.stat(f"/proc/{pid}/root")
+    ns += ((root.st_dev, root.st_ino),)
     # a restarted tree is born in the worker's cgroup and audit session: the
     # client's must be the same (the kernel gives no way to move them after)
     extra = []
@@ -69,6 +75,54 @@ def _limits(pid: int) -> list[tuple[int, int]]:
     except (OSError, ValueError):
         raise PermissionDenied(f"cannot read the resource limits of pid {pid}",
                                "it runs in-process") from None
+
+
+def _sched(pid: int) -> dict:
+    """The client's scheduling, I/O priority, affinity and oom_score_adj:
+    `nice -n 19 lcr checkpoint`, `ionice -c3`, `taskset` or `chrt -i` on
+    the command hold for the worker that does it, and `lcr check`
+    compares nice values with the worker's (resources/sched.py)."""
+    from linuxcr.sys.syscalls import ioprio_get, sched_getattr
+    try:
+        a = sched_getattr(pid)
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            oom = int(f.read())
+        return dict(policy=a.sched_policy, nice=a.sched_nice, priority=a.sched_priority,
+                    cpus=sorted(os.sched_getaffinity(pid)), ioprio=ioprio_get(pid), oom=oom)
+    except (OSError, ValueError):
+        raise PermissionDenied(f"cannot read the scheduling of pid {pid}",
+                               "it runs in-process") from None
+
+
+def _apply_sched(want: dict) -> str:
+    """In the worker: the client's scheduling instead of the agent's
+    (lowering a priority is allowed; raising one may need privilege: then
+    the client runs the command itself).  What could not be applied, or ""."""
+    from linuxcr.sys.syscalls import ioprio_get, ioprio_set, sched_attr, sched_getattr, sched_setattr
+    steps = []
+    a = sched_getattr(0)
+    if (a.sched_policy, a.sched_nice, a.sched_priority) != (want["policy"], want["nice"],
+                                                             want["priority"]):
+        steps.append(("scheduling", lambda: sched_setattr(0, sched_attr(
+            sched_policy=want["policy"], sched_nice=want["nice"],
+            sched_priority=want["priority"]))))
+    if sorted(os.sched_getaffinity(0)) != want["cpus"]:
+        steps.append(("CPU affinity", lambda: os.sched_setaffinity(0, want["cpus"])))
+    if ioprio_get(0) != want["ioprio"]:
+        steps.append(("I/O priority", lambda: ioprio_set(0, want["ioprio"])))
+
+    def oom() -> None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(want["oom"]))
+    with open("/proc/self/oom_score_adj") as f:
+        if int(f.read()) != want["oom"]:
+            steps.append(("oom_score_adj", oom))
+    for what, step in steps:
+        try:
+            step()
+        except OSError as e:
+            return f"the lcr agent cannot take the client's {what}: {e.strerror or e}"
+    return ""
 
 
 def _apply_limits(limits: list[tuple[int, int]]) -> str:
@@ -138,6 +192,7 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
             or not isinstance(umask, int) or not 0 <= umask <= 0o777):
         raise AgentError("malformed run request")
     limits = _limits(peer_pid)
+    sched = _sched(peer_pid)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -158,7 +213,7 @@ def start(sock: socket.socket, peer_uid: int, peer_pid: int, req: dict, fds: lis
         # arms the same), from the first instant: cleanup as on ^C, 143/129
         Terminated.arm()
         os.umask(umask)               # the client's: the image and files made have its modes
-        refused = _apply_limits(limits)
+        refused = _apply_limits(limits) or _apply_sched(sched)
         if refused:                   # e.g. a higher hard limit than ours: the client runs it
             sock.setblocking(True)
             sock.sendall((json.dumps({"ok": False, "error": refused, "class": "PermissionDenied",

@@ -343,6 +343,9 @@ class ThreadAttrs(Struct, forbid_unknown_fields=True):
     period: U64 = 0
     affinity: Annotated[list[U64], Meta(max_length=128)] = []   # CPU mask, 64 CPUs a word
     timerslack: U64 = 0          # ns; 0: not saved (RT and DEADLINE threads have none)
+    # I/O priority (ioprio_get: class << 13 | level); -1: the default, which
+    # follows the nice value (or an image from before it was saved)
+    ioprio: Annotated[int, Meta(ge=-1, le=0xFFFF)] = -1
     no_new_privs: bool = False
     securebits: U32 = 0
     caps: Annotated[list[U64], Meta(max_length=5)] = []    # inh, prm, eff, bnd, amb

@@ -1,5 +1,5 @@
 """Scheduling of each thread: policy, priority, nice value, deadline
-parameters, CPU affinity, timer slack.
+parameters, CPU affinity, timer slack, I/O priority.
 
 Dump: read from outside (sched_getattr, sched_getaffinity) plus one injected
 prctl(PR_GET_TIMERSLACK) per thread.  Restore: lcr sets policy and affinity
@@ -7,7 +7,11 @@ of each new thread from outside and reads them back (a CPU missing here
 would silently narrow the mask); the timer slack is injected after the
 policy, because a change of policy resets it.  What an ordinary user could
 not give back (a lower nice value than RLIMIT_NICE allows, a real-time or
-deadline policy) is refused by `lcr check`, not found out at restart."""
+deadline policy, a real-time I/O class) is refused by `lcr check`, not
+found out at restart.  The I/O priority (ioprio_get/ioprio_set, from
+outside) is given back when it differs from what the new thread inherited
+from lcr (`ionice -c3 lcr restart` must not leave the restored program
+in the idle I/O class)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +20,7 @@ import resource
 from linuxcr.errors import RestoreError
 from linuxcr.procfs import read_status, thread_tids
 from linuxcr.remote.task import Tracee
-from linuxcr.sys.syscalls import sched_attr, sched_getattr, sched_setattr
+from linuxcr.sys.syscalls import ioprio_get, ioprio_set, sched_attr, sched_getattr, sched_setattr
 
 SCHED_OTHER, SCHED_FIFO, SCHED_RR, SCHED_BATCH, SCHED_IDLE, SCHED_DEADLINE = 0, 1, 2, 3, 5, 6
 POLICY_NAMES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH",
@@ -25,6 +29,16 @@ REAL_TIME = (SCHED_FIFO, SCHED_RR, SCHED_DEADLINE)
 SCHED_FLAGS_KEPT = 0x7          # RESET_ON_FORK, RECLAIM, DL_OVERRUN
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 CAP_SYS_NICE = 23
+CAP_SYS_ADMIN = 21
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_CLASSES = {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}
+IOPRIO_CLASS_RT = 1
+
+
+def ioprio_text(value: int) -> str:
+    """As ionice prints it: 'best-effort: prio 4'."""
+    cls = IOPRIO_CLASSES.get(value >> IOPRIO_CLASS_SHIFT, str(value >> IOPRIO_CLASS_SHIFT))
+    return f"{cls}: prio {value & 0xFF}"
 
 
 def _mask(cpus: set[int]) -> list[int]:
@@ -45,11 +59,24 @@ def dump(t: Tracee) -> dict:
     return dict(policy=a.sched_policy, sched_flags=a.sched_flags & SCHED_FLAGS_KEPT,
                 nice=a.sched_nice, priority=a.sched_priority, runtime=a.sched_runtime,
                 deadline=a.sched_deadline, period=a.sched_period,
-                affinity=_mask(os.sched_getaffinity(t.pid)), timerslack=slack)
+                affinity=_mask(os.sched_getaffinity(t.pid)), timerslack=slack,
+                ioprio=ioprio_get(t.pid))
 
 
-def _privileged() -> bool:
-    return bool(read_status(os.getpid()).cap_eff >> CAP_SYS_NICE & 1)
+def _privileged(cap: int = CAP_SYS_NICE) -> bool:
+    return bool(read_status(os.getpid()).cap_eff >> cap & 1)
+
+
+def _io_reason(who: str, tid: int) -> str | None:
+    """A real-time I/O class needs CAP_SYS_NICE or CAP_SYS_ADMIN to set."""
+    try:
+        prio = ioprio_get(tid)
+    except ProcessLookupError:
+        return None
+    if prio >> IOPRIO_CLASS_SHIFT != IOPRIO_CLASS_RT or _privileged(CAP_SYS_ADMIN):
+        return None
+    return (f"{who} has the real-time I/O priority ({ioprio_text(prio)}): restoring it needs "
+            f"CAP_SYS_NICE (checkpoint and restart as root, or first `ionice -c2 -p {tid}`)")
 
 
 def check(pid: int) -> list[str]:
@@ -81,6 +108,9 @@ def check(pid: int) -> list[str]:
             out.append(f"{who} has nice value {a.sched_nice}, lower than yours ({mine}) and than "
                        "its RLIMIT_NICE allows: restoring it needs CAP_SYS_NICE (checkpoint and "
                        "restart as root)")
+        io = _io_reason(who, tid)
+        if io:
+            out.append(io)
     return out
 
 
@@ -112,3 +142,17 @@ def restore(t: Tracee, a) -> None:
                                "restart on a machine (or cpuset) with those CPUs")
     if a.timerslack and a.policy not in REAL_TIME:
         t.syscall("prctl", PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
+    _restore_ioprio(t.pid, a.ioprio)
+
+
+def _restore_ioprio(tid: int, want: int) -> None:
+    """Only when it differs: the new thread inherited lcr's, the default
+    unless lcr runs under ionice (an explicit set would also detach it from
+    the nice value on kernels that derive one from the other)."""
+    if want < 0 or ioprio_get(tid) == want:
+        return
+    try:
+        ioprio_set(tid, want)
+    except OSError as e:
+        raise RestoreError(f"tid {tid}: cannot restore its I/O priority ({ioprio_text(want)}): "
+                           f"{e.strerror}", "restart as root (CAP_SYS_NICE)") from None

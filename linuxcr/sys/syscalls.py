@@ -31,7 +31,7 @@ NR = dict(
     timer_delete=226, connect=42, pause=34, tgkill=234,
     # process attributes (resources/sched.py, security.py, procattrs.py)
     getpriority=140, setpriority=141, mincore=27, mlock=149, munlock=150, mlockall=151, munlockall=152, mkdir=83, rmdir=84,
-    sched_setattr=314, sched_getattr=315, seccomp=317, membarrier=324, mlock2=325,
+    sched_setattr=314, sched_getattr=315, ioprio_set=251, ioprio_get=252, seccomp=317, membarrier=324, mlock2=325,
     shmat=30, shmdt=67,   # System V shared memory attached in a restored task (resources/sysvipc.py)
 )
 
@@ -290,3 +290,15 @@ def sched_getattr(tid: int) -> sched_attr:
 def sched_setattr(tid: int, attr: sched_attr) -> None:
     attr.size = ctypes.sizeof(attr)
     syscall(NR["sched_setattr"], tid, ctypes.byref(attr), 0)
+
+
+IOPRIO_WHO_PROCESS = 1       # one thread, by tid
+
+
+def ioprio_get(tid: int) -> int:
+    """The I/O priority of one thread (class << 13 | level)."""
+    return syscall(NR["ioprio_get"], IOPRIO_WHO_PROCESS, tid)
+
+
+def ioprio_set(tid: int, value: int) -> None:
+    syscall(NR["ioprio_set"], IOPRIO_WHO_PROCESS, tid, value)

@@ -7,7 +7,7 @@
  * Areas of 16 pages, each apart: D (MADV_DONTDUMP), F (no flag), H
  * (MADV_NOHUGEPAGE), L (not locked), G (a guard region on its first page).
  * Prints "READY pid=P D=0x.. F=0x.. H=0x.. L=0x.. G=0x..".
- * SIGUSR2 (change): nice +5, affinity {CPU 0}, oom_score_adj 300,
+ * SIGUSR2 (change): nice +5, I/O class idle, affinity {CPU 0}, oom_score_adj 300,
  * RLIMIT_NOFILE soft 100, timer slack 777777, subreaper, D MADV_DODUMP, F
  * MADV_DONTFORK, H MADV_HUGEPAGE, L mlock, G: guard moved to its second
  * page; prints "CHANGED pid=P".
@@ -90,6 +90,7 @@ int main(void)
 		if (change_req) {
 			change_req = 0;
 			setpriority(PRIO_PROCESS, 0, getpriority(PRIO_PROCESS, 0) + 5);
+			syscall(SYS_ioprio_set, 1, 0, 3 << 13);     /* IOPRIO_WHO_PROCESS, idle */
 			cpu_set_t one;
 			CPU_ZERO(&one);
 			CPU_SET(0, &one);

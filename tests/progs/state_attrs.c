@@ -8,7 +8,8 @@
  *   state_attrs CPU seccomp    only no_new_privs and the getppid filter
  *
  * Sets up: SCHED_BATCH nice 5 for the main thread, nice 7 for a second
- * thread, CPU affinity {CPU}, oom_score_adj 500, timer slack 123456 ns,
+ * thread, I/O priority idle for the main thread and best-effort 6 for the
+ * second, CPU affinity {CPU}, oom_score_adj 500, timer slack 123456 ns,
  * child subreaper, THP disabled, not dumpable, private expedited
  * membarrier registration, securebits NO_SETUID_FIXUP, CAP_SYS_BOOT dropped
  * from the bounding set, mlock'd area, mlockall(MCL_FUTURE), areas with
@@ -38,6 +39,9 @@
 #include "probe.h"
 
 #define NAME "state_attrs"
+#define IOPRIO_WHO_PROCESS 1
+#define IOPRIO_IDLE (3 << 13)
+#define IOPRIO_BE6 (2 << 13 | 6)
 #define AREA (4 << 20)
 
 struct sched_attr_ {
@@ -68,8 +72,10 @@ static int install_filter(int nr, int err)
 static void *thread_main(void *arg)
 {
 	(void)arg;
-	thread_tid = gettid();
 	setpriority(PRIO_PROCESS, 0, 7);
+	if (syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_BE6))
+		perror("ioprio_set thread");
+	thread_tid = gettid();
 	if (install_filter(SYS_getpgrp, EACCES))
 		perror("thread filter");
 	for (;;)
@@ -137,6 +143,8 @@ static void setup(void)
 	fprintf(f, "500\n");
 	fclose(f);
 	prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0);
+	if (syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_IDLE))
+		perror("ioprio_set");
 	prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 	prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
 	if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0))
@@ -186,6 +194,10 @@ static void check(void)
 	fclose(f);
 	if ((v = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)) != 123456)
 		fail("timer slack %d", v);
+	if ((v = syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0)) != IOPRIO_IDLE)
+		fail("I/O priority 0x%x, want 0x%x (idle)", v, IOPRIO_IDLE);
+	if ((v = syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, thread_tid)) != IOPRIO_BE6)
+		fail("thread I/O priority 0x%x, want 0x%x (best-effort 6)", v, IOPRIO_BE6);
 	v = 0;
 	prctl(PR_GET_CHILD_SUBREAPER, &v, 0, 0, 0);
 	if (v != 1)
