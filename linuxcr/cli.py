@@ -207,6 +207,11 @@ def restart(image: str, any_pid: bool, verify_key: str | None = None,
             fd_specs: tuple[str, ...] = (), shell_job: bool = False, wait: bool = False,
             lazy: bool = False, lazy_log: str | None = None, no_agent: bool = False) -> None:
     """Restart the process saved in IMAGE; prints its pid."""
+    # SIGTERM/SIGHUP mid-restart: the same teardown as ^C (every task made
+    # killed, lcr's files and objects gone), then one line and 143/129; once
+    # every task is finished they are held until the tree is let go
+    # (engine/restore.py), and --wait forwards them to the restored root.
+    Terminated.arm()
     code = [0]
 
     def go() -> None:

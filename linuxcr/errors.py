@@ -304,6 +304,27 @@ class Terminated(KeyboardInterrupt):
             pass
 
 
+_HOLD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def hold_signals() -> dict:
+    """The job is done but for letting go of the tasks (a checkpoint's
+    tree killed or thawed, a restart's restored tree detached), which ^C,
+    SIGTERM or SIGHUP must not cut short half-way through a tree: ignored
+    until release_signals (one arriving meanwhile is dropped: the job
+    finishes, exit 0).  The handlers replaced."""
+    try:
+        return {s: signal.signal(s, signal.SIG_IGN) for s in _HOLD}
+    except ValueError:      # not the main thread: no handler of ours runs here anyway
+        return {}
+
+
+def release_signals(held: dict) -> None:
+    for s, h in held.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
 def _terminated(signum: int, _frame: object) -> None:
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)

@@ -68,6 +68,7 @@ POINTS = {
     "restore.pages": "right after each PAGES record was poured into a task",
     "restore.cow_fork": "a tree sharing pages: a parent filled, its next child not yet forked",
     "restore.finished": "every task rebuilt, registers set, none detached yet",
+    "restore.release": "every task finished, ^C/SIGTERM/SIGHUP held, none detached yet",
 }
 
 _hits: dict[str, int] = {}

@@ -51,6 +51,8 @@ DUMP_POINTS = {
     "dump.kill": None,
 }
 RESTORE_POINTS = ["restore.spawned", "restore.tree", "restore.pages@2", "restore.finished"]
+# SIGKILL there: every task still attached, so all die with lcr (EXITKILL)
+KILL_ONLY_POINTS = ["restore.release"]
 
 
 def lcr_env(fault: str | None) -> dict:
@@ -397,6 +399,60 @@ def test_restart_interrupted(point, action, hog_image):
     else:
         assert_clean_error(cp, "LcrError", mentions=["fault injected", name], empty_stdout=True)
     _assert_nothing_left(before, exe, orig.pid)
+
+
+@pytest.mark.parametrize("point", KILL_ONLY_POINTS)
+def test_restart_killed_before_release(point, hog_image):
+    img, orig, exe = hog_image
+    before = live_children()
+    cp = lcr_fault(f"{point}:kill", "restart", img)
+    assert cp.returncode == -signal.SIGKILL, f"the fault did not fire: {cp.returncode} {cp.stderr}"
+    _assert_nothing_left(before, exe, orig.pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["TERM", "HUP", "INT"])
+@pytest.mark.parametrize("point", ["restore.tree", "restore.pages@2", "restore.finished"])
+def test_restart_signalled_mid_build(point, sig, hog_image):
+    """SIGTERM, SIGHUP or ^C while the tree is being made: every task made
+    is torn down, one line, 128 + the signal (as a shell reports that death)."""
+    img, orig, exe = hog_image
+    before = live_children()
+    p = _popen_lcr("restart", img, fault=f"{point.partition('@')[0]}:stop"
+                   + (f"@{point.partition('@')[2]}" if "@" in point else ""))
+    try:
+        _wait_stopped(p)
+        p.send_signal(sig)
+        os.kill(p.pid, signal.SIGCONT)
+        rc, out, err = _finish(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    name = "interrupted" if sig == signal.SIGINT else f"terminated by {signal.Signals(sig).name}"
+    assert (rc, err.strip(), out) == (128 + sig, f"lcr: {name}", ""), (rc, err)
+    _assert_nothing_left(before, exe, orig.pid)
+
+
+def test_restart_signalled_at_release_finishes(hog_image, procs):
+    """SIGTERM once every task is finished: held, the tree let go whole,
+    exit 0 -- never half a tree running and half killed with lcr."""
+    img, orig, exe = hog_image
+    p = _popen_lcr("restart", img, fault="restore.release:stop")
+    try:
+        _wait_stopped(p)
+        p.send_signal(signal.SIGTERM)
+        os.kill(p.pid, signal.SIGCONT)
+        rc, out, err = _finish(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 0, err
+    pid = procs.add(parse_restored_pid(out))
+    assert pid == orig.pid
+    assert probe_hog(pid, orig.log).ok
+    kill_and_reap(pid)
 
 
 def test_restart_after_the_faults(hog_image, procs):

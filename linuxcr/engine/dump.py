@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from linuxcr import __version__, faults
-from linuxcr.errors import LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, TaskGone
+from linuxcr.errors import (LcrError, NoSuchProcess, NotCheckpointable, PermissionDenied, TaskGone,
+                            hold_signals, release_signals)
 from linuxcr.image.schema import (
     ARCH, FORMAT_VERSION, MAGIC, CowRun, Header, PageMap, PageRun, RecType, Task, Tree, Vma, Zombie,
 )
@@ -341,7 +341,9 @@ def _checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: boo
         w.finish()
         if on_written:
             on_written()
-        held = _hold_signals()
+        # the job is done but for killing (or thawing) the tree, which ^C,
+        # SIGTERM or SIGHUP must not cut short half-way through a tree
+        held = hold_signals()
     except BaseException:
         tree.thaw()
         raise
@@ -352,30 +354,11 @@ def _checkpoint(pid: int, fd: int, *, leave_running: bool = False, compress: boo
         else:
             tree.kill()
     finally:
-        _release_signals(held)
+        release_signals(held)
     done = time.monotonic()
     return DumpResult(pid=pid, pages=pages, bytes_written=w.bytes_written, seconds=done - t0,
                       frozen_seconds=done - frozen_at, processes=len(tasks),
                       image_id=image_id, digest=w.digest, incremental=stats)
-
-
-_HOLD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _hold_signals() -> dict:
-    """The image is complete (and named): the job is done but for killing
-    (or thawing) the tree, which ^C, SIGTERM or SIGHUP must not cut short
-    half-way through a tree; ignored until then.  The handlers replaced."""
-    try:
-        return {s: signal.signal(s, signal.SIG_IGN) for s in _HOLD}
-    except ValueError:      # not the main thread: no handler of ours runs here anyway
-        return {}
-
-
-def _release_signals(held: dict) -> None:
-    for s, h in held.items():
-        if h is not None:
-            signal.signal(s, h)
 
 
 def _mark_shared(tree: FrozenTree, tasks: list[Task]) -> tuple[list[Task], dict]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from linuxcr import faults
 from linuxcr.engine import spawn
-from linuxcr.errors import ImageError, KernelError, LcrError, PidTaken, RestoreError
+from linuxcr.errors import (ImageError, KernelError, LcrError, PidTaken, RestoreError, hold_signals,
+                            release_signals)
 from linuxcr.image.chain import Chain
 from linuxcr.image.schema import Header, RecType, Task, Tree
 from linuxcr.image.stream import PAGE, ImageReader, Record
@@ -416,12 +417,20 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
         if isinstance(e, OSError):
             raise RestoreError(f"restore of pid {tasks[0].pid} failed: {e}") from None
         raise
-    for r in reversed(made):
-        warnings += jobstop.arm(r.t.pid, r.task)     # saved stopped: stops again once let go
-        for th in r.made:
-            th.detach()
-        r.t.detach()
-    warnings += jobstop.settle([r.t.pid for r in made if r.task.stopped])
+    # Every task finished: the job is done but for letting them go, which a
+    # ^C, SIGTERM or SIGHUP must not cut short half-way through the tree (the
+    # tasks still attached would die with lcr: PTRACE_O_EXITKILL)
+    held = hold_signals()
+    try:
+        faults.point("restore.release")
+        for r in reversed(made):
+            warnings += jobstop.arm(r.t.pid, r.task)     # saved stopped: stops again once let go
+            for th in r.made:
+                th.detach()
+            r.t.detach()
+        warnings += jobstop.settle([r.t.pid for r in made if r.task.stopped])
+    finally:
+        release_signals(held)
     return RestoreResult(pid=root.pid, original_pid=tasks[0].pid, pages=pages, seconds=0.0,
                          warnings=warnings, vpid=tasks[0].vpid or tasks[0].pid,
                          namespace=mode != "host", processes=len(tasks), lazy=lz)
