@@ -13,6 +13,7 @@ class it derives from, when it means the same thing to the user.
 # (not in sys.modules), where dataclasses cannot resolve string annotations.
 import re
 import signal
+from typing import Any
 from dataclasses import dataclass, replace
 
 
@@ -307,7 +308,7 @@ class Terminated(KeyboardInterrupt):
 _HOLD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def hold_signals() -> dict:
+def hold_signals() -> dict[int, Any]:
     """The job is done but for letting go of the tasks (a checkpoint's
     tree killed or thawed, a restart's restored tree detached), which ^C,
     SIGTERM or SIGHUP must not cut short half-way through a tree: ignored
@@ -319,7 +320,7 @@ def hold_signals() -> dict:
         return {}
 
 
-def release_signals(held: dict) -> None:
+def release_signals(held: dict[int, Any]) -> None:
     for s, h in held.items():
         if h is not None:
             signal.signal(s, h)
@@ -363,8 +364,8 @@ EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (22, "GraceExceeded", "lcr run --checkpoint-dir: the checkpoint did not finish within --grace"),
     (INTERNAL_ERROR, "-", "internal error (a bug: run with LCR_DEBUG=1 and report it)"),
     (INTERRUPTED, "-", "interrupted (^C)"),
-    (HUNG_UP, "-", "lcr checkpoint: hung up (SIGHUP), cleaned up as on ^C"),
-    (TERMINATED, "-", "lcr checkpoint: terminated (SIGTERM), cleaned up as on ^C"),
+    (HUNG_UP, "-", "lcr checkpoint or restart: hung up (SIGHUP), cleaned up as on ^C"),
+    (TERMINATED, "-", "lcr checkpoint or restart: terminated (SIGTERM), cleaned up as on ^C"),
 )
 
 
