@@ -410,6 +410,21 @@ def test_restart_killed_before_release(point, hog_image):
     _assert_nothing_left(before, exe, orig.pid)
 
 
+def _restart_signalled_at(img, fault: str, sig: int) -> tuple[int, str, str]:
+    """`lcr restart IMG` stopped at ``fault`` (point:stop), sent ``sig``,
+    continued: its exit code, stdout, stderr."""
+    p = _popen_lcr("restart", img, fault=fault)
+    try:
+        _wait_stopped(p)
+        p.send_signal(sig)
+        os.kill(p.pid, signal.SIGCONT)
+        return _finish(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
                          ids=["TERM", "HUP", "INT"])
 @pytest.mark.parametrize("point", ["restore.tree", "restore.pages@2", "restore.finished"])
@@ -418,17 +433,8 @@ def test_restart_signalled_mid_build(point, sig, hog_image):
     is torn down, one line, 128 + the signal (as a shell reports that death)."""
     img, orig, exe = hog_image
     before = live_children()
-    p = _popen_lcr("restart", img, fault=f"{point.partition('@')[0]}:stop"
-                   + (f"@{point.partition('@')[2]}" if "@" in point else ""))
-    try:
-        _wait_stopped(p)
-        p.send_signal(sig)
-        os.kill(p.pid, signal.SIGCONT)
-        rc, out, err = _finish(p)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    name, _, nth = point.partition("@")
+    rc, out, err = _restart_signalled_at(img, f"{name}:stop" + (f"@{nth}" if nth else ""), sig)
     name = "interrupted" if sig == signal.SIGINT else f"terminated by {signal.Signals(sig).name}"
     assert (rc, err.strip(), out) == (128 + sig, f"lcr: {name}", ""), (rc, err)
     _assert_nothing_left(before, exe, orig.pid)
@@ -438,16 +444,7 @@ def test_restart_signalled_at_release_finishes(hog_image, procs):
     """SIGTERM once every task is finished: held, the tree let go whole,
     exit 0 -- never half a tree running and half killed with lcr."""
     img, orig, exe = hog_image
-    p = _popen_lcr("restart", img, fault="restore.release:stop")
-    try:
-        _wait_stopped(p)
-        p.send_signal(signal.SIGTERM)
-        os.kill(p.pid, signal.SIGCONT)
-        rc, out, err = _finish(p)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    rc, out, err = _restart_signalled_at(img, "restore.release:stop", signal.SIGTERM)
     assert rc == 0, err
     pid = procs.add(parse_restored_pid(out))
     assert pid == orig.pid
