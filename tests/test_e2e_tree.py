@@ -346,8 +346,12 @@ def test_session_groups_zombie(bins, trees, tmp_path):
     assert pass_field(assert_pass(root, log, "tree_session"), "probes") == 2
 
 
-def test_session_signal_zombie(bins, trees, tmp_path):
-    ids, log = _start_session(bins, trees, tmp_path, "k")
+# SIGTERM and SIGINT: lcr catches them itself (a blank inherits the handler's
+# address); SIGPIPE: lcr ignores it (the zombie-to-be must still die of it)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGPIPE],
+                         ids=["TERM", "INT", "PIPE"])
+def test_session_signal_zombie(bins, trees, tmp_path, sig):
+    ids, log = _start_session(bins, trees, tmp_path, f"k{int(sig)}")
     root = ids["pid"]
     _check_session_layout(ids)
     checkpoint_tree(root, tmp_path / "img")
@@ -355,7 +359,7 @@ def test_session_signal_zombie(bins, trees, tmp_path):
     assert new == root
     assert helpers.alive(root), f"the restored leader died (state {helpers.proc_state(root)})"
     _check_session_layout(ids)
-    m = assert_pass(root, log, "tree_session")        # reaps Z (42) and K (SIGTERM)
+    m = assert_pass(root, log, "tree_session")        # reaps Z (42) and K (killed by sig)
     assert pass_field(m, "probes") == 1
 
 

@@ -435,10 +435,10 @@ class Tracee:
 
     def exit_now(self, status: int) -> None:
         """Make the task exit as a process that ended with wait-status ``status``
-        (exit code or deadly signal): it stays a zombie for its parent."""
+        (exit code or deadly signal): it stays a zombie for its parent.  A
+        signal's action must be the default already (pstree.make_zombies)."""
         sig = status & 0x7F
         if sig:
-            self.syscall("rt_sigaction", sig, 0, 0, 8, check=False)   # default action
             ptrace.set_sigmask(self.pid, 0)
             me = self.syscall("gettid")        # our tid as we see it (pid namespace)
             self._enter("tkill", (me, sig))    # only ourselves, not our process group

@@ -99,13 +99,20 @@ def make_zombies(zs: list[tuple[Tracee, Zombie]], scratch: list[int]) -> None:
     """Forked zombies-to-be (before set_groups): their names; session
     leaders become so first, so that the others can join their groups.
     ``scratch``: for each, an address of writable scratch it inherited
-    from its parent."""
+    from its parent.  One ended by a signal gets that signal's default
+    action (Tracee.exit_now sends it)."""
     for (t, z), at in zip(zs, scratch):
         if z.comm:
             t.write(at, z.comm.encode(errors="surrogateescape")[:15] + b"\0")
             t.syscall("prctl", PR_SET_NAME, at)
         if z.sid and z.sid == z.vpid:
             t.syscall("setsid")
+        sig = z.status & 0x7F
+        if sig:     # the default action, for exit_now's tkill: the blank has lcr's
+            # (Python catches SIGINT and SIGTERM: a handler address that is
+            # nothing in the blank; it ignores SIGPIPE: the task would not die)
+            t.write(at, bytes(32))                       # struct k_sigaction, SIG_DFL
+            t.syscall("rt_sigaction", sig, at, 0, 8)
 
 
 CLONE_FILES = 0x400

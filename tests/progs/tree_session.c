@@ -1,7 +1,7 @@
 /*
  * tree_session -- a session leader with process groups and zombies.
  *
- *   tree_session [k]
+ *   tree_session [k|kSIG]
  *
  * Becomes a session leader (setsid(), unless it already leads its session),
  * then forks:
@@ -11,8 +11,8 @@
  *   C  -- stays in the leader's own group;
  *   Z  -- exits at once with status 42 and stays a zombie (never reaped
  *         before the probe);
- *   K  -- (only with argument "k") killed by SIGTERM at once, and stays a
- *         zombie too.
+ *   K  -- (only with argument "k", or "kSIG": by signal number SIG) killed
+ *         by SIGTERM at once, and stays a zombie too.
  * A, A1, B, C sleep, and exit when their parent is gone.
  *
  * Prints "READY pid=P a=A a1=A1 b=B c=C z=Z k=K" once all is set up.  On
@@ -58,6 +58,7 @@ static void idle(pid_t parent)
 
 static pid_t a, a1, b, c, z, k;
 static int probes;
+static int ksig = SIGTERM;      /* what K is killed by */
 
 /* the state of pid p as in /proc/p/stat, or 0 */
 static char proc_state(pid_t p)
@@ -115,8 +116,8 @@ static void verify(void)
 			;
 		else if (r != k)
 			ADD("waitpid(K=%d) returned %d (%s); ", k, r, r < 0 ? strerror(errno) : "not exited");
-		else if (!WIFSIGNALED(st) || WTERMSIG(st) != SIGTERM)
-			ADD("K ended with wait status 0x%x, want killed by SIGTERM; ", st);
+		else if (!WIFSIGNALED(st) || WTERMSIG(st) != ksig)
+			ADD("K ended with wait status 0x%x, want killed by signal %d; ", st, ksig);
 	} else {
 		if (waitpid(z, &st, WNOHANG) != -1 || errno != ECHILD)
 			ADD("Z (pid %d) still waitable after it was reaped; ", z);
@@ -134,7 +135,9 @@ static void verify(void)
 
 int main(int argc, char **argv)
 {
-	int with_k = argc > 1 && strcmp(argv[1], "k") == 0;
+	int with_k = argc > 1 && argv[1][0] == 'k';
+	if (with_k && argv[1][1])
+		ksig = atoi(argv[1] + 1);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (getsid(0) != getpid() && setsid() < 0) {
 		perror("setsid");
@@ -181,8 +184,8 @@ int main(int argc, char **argv)
 		_exit(42);
 	k = with_k ? fork() : 0;
 	if (with_k && k == 0) {
-		signal(SIGTERM, SIG_DFL);
-		raise(SIGTERM);
+		signal(ksig, SIG_DFL);
+		raise(ksig);
 		_exit(1);
 	}
 	if (read(p[0], &a1, sizeof(a1)) != sizeof(a1)) { perror("read"); return 1; }
