@@ -3,11 +3,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from linuxcr.errors import (AgentError, AuthError, Busy, ImageError, ImageNotFound,  # noqa: E402
-                            ImageWriteError, KernelError, KeyFileError, LcrError, MigrationError,
-                            NoSuchProcess, NoSuchSnapshot, NotCheckpointable, NoTracker,
-                            PermissionDenied, PidTaken, Reason, RestoreError, RollbackRefused,
-                            RolledBack, SnapshotLimit, TaskGone, UsageError)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # at run time on first use (__getattr__): `lcr checkpoint` handed to the
+    # agent (handoff.py) imports this package, and errors costs ~10 ms (dataclasses, re)
+    from linuxcr.errors import (AgentError, AuthError, Busy, ImageError, ImageNotFound,
+                                ImageWriteError, KernelError, KeyFileError, LcrError,
+                                MigrationError, NoSuchProcess, NoSuchSnapshot, NotCheckpointable,
+                                NoTracker, PermissionDenied, PidTaken, Reason, RestoreError,
+                                RollbackRefused, RolledBack, SnapshotLimit, TaskGone, UsageError)
 
 _ERROR_NAMES = ["AgentError", "AuthError", "Busy", "ImageError", "ImageNotFound", "ImageWriteError",
                 "KernelError", "KeyFileError", "LcrError", "MigrationError", "NoSuchProcess",
@@ -26,6 +30,7 @@ __all__ = [*_FUNCTIONS, *_RESULTS, *_ERROR_NAMES, *_SELF, "__version__"]
 # `lcr` command imports this package, and api imports every engine and resource
 # module, which `lcr --version` or `lcr show` do not need (start-up time).
 _API = frozenset(_FUNCTIONS)
+_ERRORS = frozenset(_ERROR_NAMES)
 _SUBMODULES = frozenset({"agent", "api", "cli", "cli_common", "cli_migrate", "engine", "errors", "faults",
                          "image", "job", "migration", "periodic", "pipeline", "procfs", "remote",
                          "resources", "selfckpt", "sys"})
@@ -33,7 +38,9 @@ _SUBMODULES = frozenset({"agent", "api", "cli", "cli_common", "cli_migrate", "en
 
 def __getattr__(name: str) -> object:
     import importlib
-    if name in _API:
+    if name in _ERRORS:
+        value = getattr(importlib.import_module("linuxcr.errors"), name)
+    elif name in _API:
         value = getattr(importlib.import_module("linuxcr.api"), name)
     elif name in _RESULTS:
         value = getattr(importlib.import_module("linuxcr.results"), name)
@@ -48,4 +55,4 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _API | set(_RESULTS))
+    return sorted(set(globals()) | _API | set(_RESULTS) | _ERRORS)
