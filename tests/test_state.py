@@ -59,6 +59,18 @@ def _ioprio(tid: int) -> int:
     return ioprio_get(tid)
 
 
+def test_membarrier_sync_core_only(bins, procs, tmp_path):
+    """Registered for SYNC_CORE only (the kernel then reports the plain
+    private registration too): the plain barrier stays refused after restart."""
+    pid, child, log = _start(procs, bins, tmp_path, "sync")
+    assert_pass(pid, log, "state_attrs")
+    img = tmp_path / "img"
+    lcr("checkpoint", pid, "-o", img)
+    reap(pid)
+    assert restart_image(img, procs) == pid
+    assert_pass(pid, log, "state_attrs")
+
+
 def test_ioprio_not_inherited_from_lcr(bins, procs, tmp_path):
     """A process in the default I/O class, restarted by an lcr under
     `ionice -c3`, comes back in the default class, not in lcr's idle one."""

@@ -441,7 +441,9 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
     for th in frozen.threads.values():
         th.insn = insn
     frozen.block_signals()           # nothing gets delivered while we work
+    locked_before = procattrs.vmlck(pid)
     with t.scratch() as addr:
+        scratch_locked = procattrs.vmlck(pid) != locked_before     # mlockall(MCL_FUTURE)
         arena = Arena(t, addr, PAGE)
         actions = signals.dump_actions(t, arena, status.sig_cgt, status.sig_ign)
         faults.point("dump.inject")
@@ -451,7 +453,7 @@ def collect_task(frozen: Frozen, smaps, table: files.Table, files_with: int | No
         tinfo = process.dump_threadinfo(t, arena)
         others = [threads.dump_thread(pid, th, arena, frozen.masks[th.pid]) for th in frozen.others()]
         ptimers = posix_timers.dump(t, arena)
-        attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena)
+        attrs, proc = threads.dump_attrs(pid, t), procattrs.dump(t, arena, scratch_locked)
     memory.see_shared(t, smaps, vmas)   # no root: shared anonymous pages by mincore
     frozen.unblock_signals()         # masks and registers back: safe to die from here on
     cwd = os.readlink(f"/proc/{pid}/cwd")

@@ -3,11 +3,14 @@ child-subreaper flag, THP disable, the dumpable flag, membarrier
 registrations, mlockall(MCL_FUTURE) and the locked areas (mlock).
 
 Dump: prctl() queries injected into the frozen leader; membarrier
-registrations by asking for each private expedited barrier (EPERM: not
-registered; the barrier itself is harmless); MCL_FUTURE by mapping one page
-and seeing whether the kernel locks it (VmLck) and populates it (mincore:
-no, with MCL_ONFAULT).  The registration for *global* expedited membarrier
-cannot be seen from outside and is not restored.
+registrations by one MEMBARRIER_CMD_GET_REGISTRATIONS (Linux 6.3; global
+expedited included), or before that by asking for each private expedited
+barrier (EPERM: not registered; the barrier itself is harmless; the global
+registration then cannot be seen and is not restored); MCL_FUTURE by
+whether lcr's own scratch mapping came out locked (VmLck before and after
+it), and only then by mapping one page and seeing whether the kernel
+populates it (mincore: no, with MCL_ONFAULT).  Each injected call into a
+live task costs three ptrace stops: these two save 2-4 per process.
 
 Restore: restore() before the task takes its identity back (lowering
 oom_score_adj, locking memory may need privilege), after its pages and
@@ -34,6 +37,11 @@ CAP_SYS_RESOURCE = 24
 PAGE = 4096
 # MEMBARRIER_CMD_PRIVATE_EXPEDITED{,_SYNC_CORE,_RSEQ} -> its REGISTER_ command
 MEMBARRIER = {8: 16, 32: 64, 128: 256}
+MEMBARRIER_PRIVATE_EXPEDITED, MEMBARRIER_REGISTER_PRIVATE_EXPEDITED = 8, 16
+MEMBARRIER_REGISTER_GLOBAL_EXPEDITED = 4
+MEMBARRIER_GET_REGISTRATIONS = 512
+# every REGISTER_ command, in the order restore repeats them
+MEMBARRIER_REGISTERS = (4, 16, 64, 256)
 
 
 def _vmlck(pid: int) -> int:
@@ -63,23 +71,44 @@ def mlockall_now(t: Tracee) -> int:
     return _mlockall(t)
 
 
-def dump(t: Tracee, arena: Arena) -> ProcAttrs:
-    """``t``: the frozen leader."""
+def vmlck(pid: int) -> int:
+    """VmLck (kB): compared before and after lcr maps its scratch in the
+    frozen task (nothing else maps there meanwhile), it tells MCL_FUTURE."""
+    return _vmlck(pid)
+
+
+def membarrier_registrations(t: Tracee) -> int:
+    """The MEMBARRIER_CMD_REGISTER_* commands the task's process has made."""
+    got = t.syscall("membarrier", MEMBARRIER_GET_REGISTRATIONS, 0, 0, check=False)
+    if got < 0:            # before Linux 6.3: probe each private barrier
+        return sum(reg for cmd, reg in MEMBARRIER.items()
+                   if t.syscall("membarrier", cmd, 0, 0, check=False) == 0)
+    regs = got & sum(MEMBARRIER_REGISTERS)
+    # registering SYNC_CORE or RSEQ marks the plain private state too (the
+    # kernel reports REGISTER_PRIVATE_EXPEDITED) without making that barrier
+    # usable: whether it is, only the barrier says
+    if regs & (64 | 256) \
+            and regs & MEMBARRIER_REGISTER_PRIVATE_EXPEDITED \
+            and t.syscall("membarrier", MEMBARRIER_PRIVATE_EXPEDITED, 0, 0, check=False) != 0:
+        regs &= ~MEMBARRIER_REGISTER_PRIVATE_EXPEDITED
+    return regs
+
+
+def dump(t: Tracee, arena: Arena, scratch_locked: bool | None = None) -> ProcAttrs:
+    """``t``: the frozen leader.  ``scratch_locked``: whether lcr's scratch
+    mapping in it came out locked (None: not known; probe)."""
     out = arena.alloc(8)
 
     def get_int(option: int) -> int:
         t.syscall("prctl", option, out, 0, 0, 0)
         return int.from_bytes(t.read(out, 4), "little", signed=True)
 
-    registered = 0
-    for cmd, reg in MEMBARRIER.items():
-        if t.syscall("membarrier", cmd, 0, 0, check=False) == 0:
-            registered |= reg
     return ProcAttrs(oom_score_adj=read_oom_score_adj(t.pid), pdeathsig=get_int(PR_GET_PDEATHSIG),
                      subreaper=bool(get_int(PR_GET_CHILD_SUBREAPER)),
                      thp_disable=t.syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0),
                      dumpable=t.syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0),
-                     membarrier=registered, mlockall=_mlockall(t))
+                     membarrier=membarrier_registrations(t),
+                     mlockall=0 if scratch_locked is False else _mlockall(t))
 
 
 def _may_lower_oom() -> bool:
@@ -120,7 +149,7 @@ def restore(t: Tracee, p: ProcAttrs | None, vmas: list[Vma]) -> None:
         if p.thp_disable:
             t.syscall("prctl", PR_SET_THP_DISABLE, 1, p.thp_disable & PR_THP_DISABLE_EXCEPT_ADVISED,
                       0, 0)
-        for reg in MEMBARRIER.values():
+        for reg in MEMBARRIER_REGISTERS:
             what = f"membarrier registration {reg}"
             if p.membarrier & reg:
                 t.syscall("membarrier", reg, 0, 0)
@@ -183,11 +212,12 @@ def roll_back(t: Tracee, p: ProcAttrs | None) -> list[str]:
                       p.thp_disable & PR_THP_DISABLE_EXCEPT_ADVISED, 0, 0)
     except OSError as e:
         warnings.append(f"pid {t.pid}: {what} not rolled back: {e.strerror}")
-    for cmd, reg in MEMBARRIER.items():
-        if not p.membarrier & reg and t.syscall("membarrier", cmd, 0, 0, check=False) == 0:
+    now = membarrier_registrations(t)
+    for reg in MEMBARRIER_REGISTERS:
+        if not p.membarrier & reg and now & reg:
             warnings.append(f"pid {t.pid}: its membarrier registration {reg}, made since the "
                             "snapshot, stays (it cannot be undone)")
-        elif p.membarrier & reg:
+        elif p.membarrier & reg and not now & reg:
             t.syscall("membarrier", reg, 0, 0, check=False)
     return warnings
 

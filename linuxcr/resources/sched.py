@@ -1,8 +1,9 @@
 """Scheduling of each thread: policy, priority, nice value, deadline
 parameters, CPU affinity, timer slack, I/O priority.
 
-Dump: read from outside (sched_getattr, sched_getaffinity) plus one injected
-prctl(PR_GET_TIMERSLACK) per thread.  Restore: lcr sets policy and affinity
+Dump: read from outside (sched_getattr, sched_getaffinity, the timer slack
+from /proc/TID/timerslack_ns where lcr has CAP_SYS_NICE, else one injected
+prctl(PR_GET_TIMERSLACK) per thread).  Restore: lcr sets policy and affinity
 of each new thread from outside and reads them back (a CPU missing here
 would silently narrow the mask); the timer slack is injected after the
 policy, because a change of policy resets it.  What an ordinary user could
@@ -55,12 +56,22 @@ def _cpus(words: list[int]) -> set[int]:
 def dump(t: Tracee) -> dict:
     """The thread's scheduling, as ThreadAttrs fields; ``t`` frozen."""
     a = sched_getattr(t.pid)
-    slack = 0 if a.sched_policy in REAL_TIME else t.syscall("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    slack = 0 if a.sched_policy in REAL_TIME else _timerslack(t)
     return dict(policy=a.sched_policy, sched_flags=a.sched_flags & SCHED_FLAGS_KEPT,
                 nice=a.sched_nice, priority=a.sched_priority, runtime=a.sched_runtime,
                 deadline=a.sched_deadline, period=a.sched_period,
                 affinity=_mask(os.sched_getaffinity(t.pid)), timerslack=slack,
                 ioprio=ioprio_get(t.pid))
+
+
+def _timerslack(t: Tracee) -> int:
+    """/proc/TID/timerslack_ns (that thread's; reading another task's needs
+    CAP_SYS_NICE), else an injected prctl (three ptrace stops)."""
+    try:
+        with open(f"/proc/{t.pid}/timerslack_ns") as f:
+            return int(f.read())
+    except (PermissionError, FileNotFoundError, ValueError):
+        return t.syscall("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
 
 
 def _privileged(cap: int = CAP_SYS_NICE) -> bool:

@@ -6,6 +6,8 @@
  *   state_attrs CPU plain      nothing set up: for `lcr check` refusals of
  *                              state given by whoever started it (nice ...)
  *   state_attrs CPU seccomp    only no_new_privs and the getppid filter
+ *   state_attrs CPU sync       only the SYNC_CORE membarrier registration
+ *                              (the plain private barrier must stay refused)
  *
  * Sets up: SCHED_BATCH nice 5 for the main thread, nice 7 for a second
  * thread, I/O priority idle for the main thread and best-effort 6 for the
@@ -39,6 +41,9 @@
 #include "probe.h"
 
 #define NAME "state_attrs"
+#ifndef MEMBARRIER_GET_REGISTRATIONS
+#define MEMBARRIER_GET_REGISTRATIONS (1 << 9)
+#endif
 #define IOPRIO_WHO_PROCESS 1
 #define IOPRIO_IDLE (3 << 13)
 #define IOPRIO_BE6 (2 << 13 | 6)
@@ -147,7 +152,8 @@ static void setup(void)
 		perror("ioprio_set");
 	prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
 	prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
-	if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0))
+	if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) ||
+	    syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0))
 		perror("membarrier");
 	prctl(PR_SET_SECUREBITS, 1 << 2, 0, 0, 0);     /* SECBIT_NO_SETUID_FIXUP */
 	prctl(PR_CAPBSET_DROP, 22, 0, 0, 0);           /* CAP_SYS_BOOT */
@@ -162,7 +168,8 @@ static void setup(void)
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
-static int full = 1;      /* 0: "plain" or "seccomp" mode */
+static int full = 1;      /* 0: "plain", "seccomp" or "sync" mode */
+static int sync_core;
 static int filtered;
 
 static void check(void)
@@ -174,6 +181,13 @@ static void check(void)
 	long lck, lck2;
 	char *p;
 
+	if (sync_core) {
+		errno = 0;
+		if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0))
+			fail("membarrier SYNC_CORE: %s", strerror(errno));
+		if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != -1)
+			fail("membarrier private expedited works: never registered");
+	}
 	if (!full) {
 		errno = 0;
 		if (filtered && (syscall(SYS_getppid) != -1 || errno != EPERM))
@@ -208,6 +222,10 @@ static void check(void)
 		fail("dumpable %d", v);
 	if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0))
 		fail("membarrier private expedited: %s", strerror(errno));
+	v = syscall(SYS_membarrier, MEMBARRIER_GET_REGISTRATIONS, 0, 0);
+	if (v >= 0 && v != (MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED |
+			    MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED))
+		fail("membarrier registrations 0x%x, want private and global expedited", v);
 	if ((v = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)) != 1 << 2)
 		fail("securebits 0x%x", v);
 	if (prctl(PR_CAPBSET_READ, 22, 0, 0, 0) != 0 || prctl(PR_CAPBSET_READ, 21, 0, 0, 0) != 1)
@@ -281,6 +299,10 @@ int main(int argc, char **argv)
 	if (argc > 2 && strcmp(argv[2], "seccomp") == 0) {
 		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 		filtered = install_filter(SYS_getppid, EPERM) == 0;
+	} else if (argc > 2 && strcmp(argv[2], "sync") == 0) {
+		sync_core = 1;
+		if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0))
+			perror("membarrier");
 	} else if (argc <= 2)
 		setup();
 	printf("READY pid=%d child=%d\n", getpid(), child);
