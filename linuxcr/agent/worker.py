@@ -81,48 +81,27 @@ def _sched(pid: int) -> dict:
     """The client's scheduling, I/O priority, affinity and oom_score_adj:
     `nice -n 19 lcr checkpoint`, `ionice -c3`, `taskset` or `chrt -i` on
     the command hold for the worker that does it, and `lcr check`
-    compares nice values with the worker's (resources/sched.py)."""
-    from linuxcr.sys.syscalls import ioprio_get, sched_getattr
+    compares nice values and oom_score_adj with the worker's."""
+    from linuxcr.procfs import read_oom_score_adj
+    from linuxcr.resources import sched
     try:
-        a = sched_getattr(pid)
-        with open(f"/proc/{pid}/oom_score_adj") as f:
-            oom = int(f.read())
-        return dict(policy=a.sched_policy, nice=a.sched_nice, priority=a.sched_priority,
-                    cpus=sorted(os.sched_getaffinity(pid)), ioprio=ioprio_get(pid), oom=oom)
+        return dict(sched.of_caller(pid), oom=read_oom_score_adj(pid))
     except (OSError, ValueError):
         raise PermissionDenied(f"cannot read the scheduling of pid {pid}",
                                "it runs in-process") from None
 
 
 def _apply_sched(want: dict) -> str:
-    """In the worker: the client's scheduling instead of the agent's
-    (lowering a priority is allowed; raising one may need privilege: then
-    the client runs the command itself).  What could not be applied, or ""."""
-    from linuxcr.sys.syscalls import ioprio_get, ioprio_set, sched_attr, sched_getattr, sched_setattr
-    steps = []
-    a = sched_getattr(0)
-    if (a.sched_policy, a.sched_nice, a.sched_priority) != (want["policy"], want["nice"],
-                                                             want["priority"]):
-        steps.append(("scheduling", lambda: sched_setattr(0, sched_attr(
-            sched_policy=want["policy"], sched_nice=want["nice"],
-            sched_priority=want["priority"]))))
-    if sorted(os.sched_getaffinity(0)) != want["cpus"]:
-        steps.append(("CPU affinity", lambda: os.sched_setaffinity(0, want["cpus"])))
-    if ioprio_get(0) != want["ioprio"]:
-        steps.append(("I/O priority", lambda: ioprio_set(0, want["ioprio"])))
-
-    def oom() -> None:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(want["oom"]))
-    with open("/proc/self/oom_score_adj") as f:
-        if int(f.read()) != want["oom"]:
-            steps.append(("oom_score_adj", oom))
-    for what, step in steps:
+    """In the worker: the client's scheduling and oom_score_adj instead of
+    the agent's.  What could not be taken, or ""."""
+    from linuxcr.resources import procattrs, sched
+    refused = sched.take(want)
+    if not refused:
         try:
-            step()
+            procattrs.set_oom_score_adj(os.getpid(), want["oom"])
         except OSError as e:
-            return f"the lcr agent cannot take the client's {what}: {e.strerror or e}"
-    return ""
+            refused = f"oom_score_adj: {e.strerror or e}"
+    return f"the lcr agent cannot take the client's {refused}" if refused else ""
 
 
 def _apply_limits(limits: list[tuple[int, int]]) -> str:

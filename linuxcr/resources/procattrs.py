@@ -41,22 +41,24 @@ MEMBARRIER_PRIVATE_EXPEDITED, MEMBARRIER_REGISTER_PRIVATE_EXPEDITED = 8, 16
 MEMBARRIER_REGISTER_GLOBAL_EXPEDITED = 4
 MEMBARRIER_GET_REGISTRATIONS = 512
 # every REGISTER_ command, in the order restore repeats them
-MEMBARRIER_REGISTERS = (4, 16, 64, 256)
+MEMBARRIER_REGISTERS = (MEMBARRIER_REGISTER_GLOBAL_EXPEDITED, *MEMBARRIER.values())
 
 
-def _vmlck(pid: int) -> int:
+def vmlck(pid: int) -> int:
+    """VmLck (kB).  Compared before and after lcr maps its scratch in the
+    frozen task (nothing else maps there meanwhile), it tells MCL_FUTURE."""
     return int(read_status(pid).raw.get("VmLck", "0 kB").split()[0])
 
 
 def _mlockall(t: Tracee) -> int:
     """MCL_FUTURE (| MCL_ONFAULT) if the task locks what it maps from now on."""
-    before = _vmlck(t.pid)
+    before = vmlck(t.pid)
     try:
         addr = t.syscall("mmap", 0, PAGE, 3, 0x22, (1 << 64) - 1, 0)
     except OSError:
         return MCL_FUTURE        # EAGAIN: it would be locked, over RLIMIT_MEMLOCK
     try:
-        if _vmlck(t.pid) == before:
+        if vmlck(t.pid) == before:
             return 0
         vec = addr + PAGE - 1    # mincore writes one byte: the page's last
         t.syscall("mincore", addr, PAGE, vec)
@@ -69,12 +71,6 @@ def _mlockall(t: Tracee) -> int:
 def mlockall_now(t: Tracee) -> int:
     """mlockall()'s MCL_FUTURE (| MCL_ONFAULT) as the frozen task has it now."""
     return _mlockall(t)
-
-
-def vmlck(pid: int) -> int:
-    """VmLck (kB): compared before and after lcr maps its scratch in the
-    frozen task (nothing else maps there meanwhile), it tells MCL_FUTURE."""
-    return _vmlck(pid)
 
 
 def membarrier_registrations(t: Tracee) -> int:
@@ -128,7 +124,7 @@ def check(pid: int) -> list[str]:
     return []
 
 
-def _set_oom_score_adj(pid: int, adj: int) -> None:
+def set_oom_score_adj(pid: int, adj: int) -> None:
     """Write pid's oom_score_adj when it is not ``adj`` already (OSError)."""
     if read_oom_score_adj(pid) != adj:
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
@@ -141,7 +137,7 @@ def restore(t: Tracee, p: ProcAttrs | None, vmas: list[Vma]) -> None:
         return
     try:
         what = f"oom_score_adj {p.oom_score_adj}"
-        _set_oom_score_adj(t.pid, p.oom_score_adj)
+        set_oom_score_adj(t.pid, p.oom_score_adj)
         what = "the child-subreaper flag"
         if p.subreaper:
             t.syscall("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -203,7 +199,7 @@ def roll_back(t: Tracee, p: ProcAttrs | None) -> list[str]:
     warnings = []
     try:
         what = f"oom_score_adj {p.oom_score_adj}"
-        _set_oom_score_adj(t.pid, p.oom_score_adj)
+        set_oom_score_adj(t.pid, p.oom_score_adj)
         what = "the child-subreaper flag"
         t.syscall("prctl", PR_SET_CHILD_SUBREAPER, int(p.subreaper), 0, 0, 0)
         what = "PR_SET_THP_DISABLE"

@@ -156,6 +156,37 @@ def restore(t: Tracee, a) -> None:
     _restore_ioprio(t.pid, a.ioprio)
 
 
+def of_caller(pid: int) -> dict:
+    """Another process's scheduling as the agent's worker takes it for the
+    command it runs for that process (agent/worker.py): policy, nice,
+    priority, CPUs and I/O priority, read from outside."""
+    a = sched_getattr(pid)
+    return dict(policy=a.sched_policy, nice=a.sched_nice, priority=a.sched_priority,
+                cpus=sorted(os.sched_getaffinity(pid)), ioprio=ioprio_get(pid))
+
+
+def take(want: dict) -> str:
+    """This thread (and the threads it starts) scheduled as ``want``
+    (of_caller).  Lowering a priority is allowed, raising one may need
+    privilege: what could not be taken, or ""."""
+    a = sched_getattr(0)
+    try:
+        if (a.sched_policy, a.sched_nice, a.sched_priority) != \
+                (want["policy"], want["nice"], want["priority"]):
+            what = "scheduling"
+            sched_setattr(0, sched_attr(sched_policy=want["policy"], sched_nice=want["nice"],
+                                        sched_priority=want["priority"]))
+        if sorted(os.sched_getaffinity(0)) != want["cpus"]:
+            what = "CPU affinity"
+            os.sched_setaffinity(0, want["cpus"])
+        if ioprio_get(0) != want["ioprio"]:
+            what = "I/O priority"
+            ioprio_set(0, want["ioprio"])
+    except OSError as e:
+        return f"{what}: {e.strerror or e}"
+    return ""
+
+
 def _restore_ioprio(tid: int, want: int) -> None:
     """Only when it differs: the new thread inherited lcr's, the default
     unless lcr runs under ionice (an explicit set would also detach it from
