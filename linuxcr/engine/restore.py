@@ -408,6 +408,10 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
             warnings: list[str] = []
             for r in made:
                 warnings += finish_task(r, ours, tree)
+            # saved stopped: the signal that stops it again once let go, queued
+            # while a failure still tears the whole tree down
+            for r in reversed(made):
+                warnings += jobstop.arm(r.t.pid, r.task)
             faults.point("restore.finished")
         finally:
             os.close(blank.keep)
@@ -419,12 +423,12 @@ def restore_tree(blank: spawn.Blank, mode: str, any_pid: bool, tree: Tree, tasks
         raise
     # Every task finished: the job is done but for letting them go, which a
     # ^C, SIGTERM or SIGHUP must not cut short half-way through the tree (the
-    # tasks still attached would die with lcr: PTRACE_O_EXITKILL)
+    # tasks still attached would die with lcr: PTRACE_O_EXITKILL); nothing in
+    # this loop can fail but a detach of a task gone meanwhile (ignored)
     held = hold_signals()
     try:
         faults.point("restore.release")
         for r in reversed(made):
-            warnings += jobstop.arm(r.t.pid, r.task)     # saved stopped: stops again once let go
             for th in r.made:
                 th.detach()
             r.t.detach()
