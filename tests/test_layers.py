@@ -98,7 +98,7 @@ RANKS = {
     "periodic": 6,       # above the API, calling it: periodic.py (--interval), job.py
                          # (lcr run --checkpoint-dir), selfckpt.py (checkpoint_self)
     "api": 5,            # api.py, results.py
-    "agent server": 4,   # agent/server.py: drives the engine
+    "agent server": 4,   # agent/server.py: drives the engine; agent/worker.py, its forks
     "engine": 3,         # engine/*, migration/skeleton.py
     "resources": 2,
     "low": 1,            # image, remote, procfs, agent client, migration/protocol.py
@@ -124,9 +124,9 @@ def layer(mod: str) -> tuple[str | None, str]:
         return top, top
     if top == "results":          # the API's result types (and their JSON schemas)
         return "api", top
-    if top == "agent":
-        return ("agent server", "agent server") if mod == "linuxcr.agent.server" \
-            else ("low", "agent client")
+    if top == "agent":         # worker.py: forked by the server, runs commands for it
+        return ("agent server", "agent server") \
+            if mod in ("linuxcr.agent.server", "linuxcr.agent.worker") else ("low", "agent client")
     if top == "migration":
         return ("engine", "engine") if mod == "linuxcr.migration.skeleton" else ("low", "migration")
     if top in ("engine", "resources", "sys"):
