@@ -29,9 +29,9 @@ def children(pid: int) -> list[int]:
             try:
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     out += [int(x) for x in f.read().split()]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):   # ESRCH: the thread exiting
                 continue
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         pass
     return sorted(set(out))
 
